@@ -1,0 +1,1 @@
+"""Benchmark suites: each module defines ``cases(device, quick) -> list[BenchCase]``."""

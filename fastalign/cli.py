@@ -1,0 +1,81 @@
+"""The ``fastalign`` command.
+
+``fastalign bench``: run the benchmark suites on the device that is there (CUDA if available,
+otherwise CPU), print the comparison table, and write JSON + markdown under benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def _bench(args: argparse.Namespace) -> int:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("fastalign bench: TRITON_INTERPRET=1 is set; the CPU benchmarks time the torch path and are "
+              "unaffected, but unset it to benchmark real kernels on a GPU.", file=sys.stderr)
+    import torch
+
+    from fastalign.bench.core import discover_suites, run_cases
+    from fastalign.bench.report import console_table, machine_info, machine_line, write_results
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    suites = discover_suites()
+    if args.suite:
+        unknown = sorted(set(args.suite) - set(suites))
+        if unknown:
+            print(f"fastalign bench: unknown suite(s) {unknown}; available: {sorted(suites)}", file=sys.stderr)
+            return 2
+        suites = {k: v for k, v in suites.items() if k in args.suite}
+    cases = []
+    for name, mod in suites.items():
+        cases.extend(mod.cases(device, quick=args.quick))
+    if args.filter:
+        cases = [c for c in cases if args.filter in c.name]
+    if args.list:
+        for c in cases:
+            print(c.name)
+        return 0
+    info = machine_info(device)
+    print(f"fastalign bench on {machine_line(info)}: {len(cases)} cases", flush=True)
+    results = run_cases(cases, device, progress=not args.no_progress, budget_s=args.budget)
+    print(console_table(results))
+    if not args.no_write:
+        json_path, md_path = write_results(results, info, Path(args.out), tag=args.tag)
+        print(f"wrote {json_path} and {md_path}")
+        if not args.no_plot:
+            try:
+                from fastalign.bench.plot import plot_results
+
+                png = plot_results(results, info, Path(args.out), tag=args.tag)
+                if png:
+                    print(f"wrote {png}")
+            except ImportError as exc:  # matplotlib is in the bench extra
+                print(f"(no plot: {exc})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fastalign", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("bench", help="run the benchmark suites and print/write the comparison")
+    b.add_argument("--suite", action="append", help="run only this suite (repeatable)")
+    b.add_argument("--filter", help="run only cases whose name contains this string")
+    b.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    b.add_argument("--quick", action="store_true", help="smallest shapes only (smoke test)")
+    b.add_argument("--out", default="benchmarks/results", help="directory for JSON / markdown / plot")
+    b.add_argument("--tag", help="file name stem for the results (default: the device name)")
+    b.add_argument("--budget", type=float, default=1.0, help="seconds of timing per case (after warm-up)")
+    b.add_argument("--list", action="store_true", help="list the cases and exit")
+    b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--no-write", action="store_true")
+    b.add_argument("--no-plot", action="store_true")
+    b.set_defaults(func=_bench)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
