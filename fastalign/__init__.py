@@ -1,0 +1,18 @@
+"""fastalign: fused Triton kernels for LLM post-training (PPO, DPO, GRPO and their variants).
+
+The public functional API. Every op takes ``impl="auto" | "triton" | "torch"`` (see
+:mod:`fastalign._dispatch` for the rule ``auto`` follows).
+"""
+
+from fastalign._dispatch import select_impl, triton_interpret_enabled
+from fastalign._validation import set_index_checks
+from fastalign.ops.logprobs import logprobs_from_logits
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "logprobs_from_logits",
+    "select_impl",
+    "set_index_checks",
+    "triton_interpret_enabled",
+]

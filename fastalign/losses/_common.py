@@ -1,0 +1,82 @@
+"""Input checks and small helpers shared by the loss families."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from fastalign._validation import check_float, check_mask, check_same_device, result_dtype
+
+
+def as_compute(x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """Cast to the compute dtype (fp32, or fp64 for fp64 inputs); differentiable, no copy when already there."""
+    return None if x is None else x.to(dtype)
+
+
+def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    return result_dtype(*(t.dtype for t in tensors if t is not None and t.is_floating_point()))
+
+
+def check_float_vectors(op: str, names: Sequence[str], tensors: Sequence[torch.Tensor | None], *, length_of: str | None = None):
+    """Every given tensor is a float tensor of shape ``[B]`` with one shared ``B`` and device."""
+    ref_name, ref = None, None
+    for name, t in zip(names, tensors):
+        if t is None:
+            continue
+        check_float(t, name, op)
+        if t.dim() != 1:
+            raise ValueError(f"{op}: {name} must be 1-D (one value per sequence, shape [B]), got shape {tuple(t.shape)}")
+        if ref is None:
+            ref_name, ref = name, t
+        elif t.shape != ref.shape:
+            raise ValueError(
+                f"{op}: {name} must have the same shape as {ref_name} {tuple(ref.shape)}, got {tuple(t.shape)}"
+            )
+    check_same_device(op, **{n: t for n, t in zip(names, tensors) if t is not None})
+    return ref
+
+
+def check_lengths(op: str, name: str, lengths, like: torch.Tensor) -> torch.Tensor:
+    """Sequence lengths: numeric tensor of shape ``[B]`` (token counts; clamped to >= 1 where used)."""
+    if not isinstance(lengths, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor of shape [B], got {type(lengths).__name__}")
+    check_mask(lengths, name, op)
+    if lengths.shape != like.shape:
+        raise ValueError(f"{op}: {name} must have shape {tuple(like.shape)} (one count per sequence), got {tuple(lengths.shape)}")
+    if lengths.device != like.device:
+        raise ValueError(f"{op}: {name} must be on {like.device}, got {lengths.device}")
+    return lengths
+
+
+def check_number(value, name: str, op: str, *, lo: float | None = None, hi: float | None = None,
+                 lo_open: bool = False, hi_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{op}: {name} must be a Python number, got {type(value).__name__}")
+    v = float(value)
+    bad = (
+        (lo is not None and (v <= lo if lo_open else v < lo))
+        or (hi is not None and (v >= hi if hi_open else v > hi))
+        or v != v
+    )
+    if bad:
+        lb = "(" if lo_open else "["
+        rb = ")" if hi_open else "]"
+        raise ValueError(
+            f"{op}: {name} must be in {lb}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{rb}, got {value}"
+        )
+    return v
+
+
+def check_choice(value, name: str, op: str, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"{op}: {name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``x`` over ``mask`` (all elements when None); 0 for an empty mask, no host sync."""
+    if mask is None:
+        return x.mean() if x.numel() else x.sum()
+    m = mask.to(x.dtype)
+    return (x * m).sum() / m.sum().clamp(min=1.0)

@@ -1,0 +1,193 @@
+"""``logprobs_from_logits``: per-token log-prob of the target (and entropy) from ``[..., V]`` logits.
+
+input checks -> :class:`_LogprobsFromLogits` (thin autograd.Function) -> the Triton kernels
+(:mod:`fastalign.kernels.logprobs`) or the chunked torch path below, chosen by
+:func:`fastalign._dispatch.select_impl`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, overload
+
+import torch
+
+from fastalign._dispatch import Impl, select_impl
+from fastalign._validation import (
+    check_float,
+    check_int,
+    check_positive,
+    check_same_device,
+    index_checks_enabled,
+)
+from fastalign.kernels import tuning
+from fastalign.ops._rows import RowLayout, iter_row_chunks, rows_of
+
+_OP = "logprobs_from_logits"
+
+
+# ---- torch path (plain CPU, fp64, or forced) ----------------------------------------------------
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def torch_logprobs_forward(logits: torch.Tensor, layout: RowLayout, targets: torch.Tensor, inv_temp: float,
+                           ignore_index: int, with_entropy: bool):
+    """Chunked over rows: extra memory is a few ``rows_per_chunk x V`` fp32 buffers."""
+    V = logits.shape[-1]
+    acc = _acc_dtype(logits.dtype)
+    logp = torch.empty(layout.n_rows, dtype=acc, device=logits.device)
+    lse = torch.empty_like(logp)
+    entropy = torch.empty_like(logp) if with_entropy else None
+    valid = targets != ignore_index
+    safe_targets = torch.where(valid, targets, 0)
+    for start, chunk in iter_row_chunks(logits, layout, tuning.torch_rows_per_chunk(V)):
+        end = start + chunk.shape[0]
+        x = chunk.to(acc) * inv_temp  # a new buffer: never touches the caller's logits
+        lse_c = torch.logsumexp(x, dim=-1)
+        tgt = safe_targets[start:end, None]
+        v = valid[start:end]
+        logp[start:end] = torch.where(v, x.gather(-1, tgt).squeeze(-1) - lse_c, 0)
+        lse[start:end] = torch.where(v, lse_c, 0)
+        if with_entropy:
+            x.sub_(lse_c[:, None])  # x is now log p
+            p = torch.exp(x)
+            ent = -torch.where(p > 0, p * x, 0).sum(-1)
+            entropy[start:end] = torch.where(v, ent, 0)
+    return logp, entropy, lse
+
+
+def torch_logprobs_backward(logits: torch.Tensor, layout: RowLayout, targets: torch.Tensor, lse: torch.Tensor,
+                            entropy: torch.Tensor | None, grad_logp: torch.Tensor | None,
+                            grad_entropy: torch.Tensor | None, inv_temp: float, ignore_index: int) -> torch.Tensor:
+    V = logits.shape[-1]
+    acc = _acc_dtype(logits.dtype)
+    grad = torch.empty((layout.n_rows, V), dtype=logits.dtype, device=logits.device)
+    valid = targets != ignore_index
+    safe_targets = torch.where(valid, targets, 0)
+    for start, chunk in iter_row_chunks(logits, layout, tuning.torch_rows_per_chunk(V)):
+        end = start + chunk.shape[0]
+        v = valid[start:end, None]
+        logp_all = chunk.to(acc) * inv_temp
+        logp_all.sub_(lse[start:end, None])
+        p = torch.exp(logp_all)
+        d = torch.zeros_like(p)
+        if grad_logp is not None:
+            g = torch.where(v, grad_logp[start:end, None].to(acc), 0)
+            d.addcmul_(p, g, value=-1.0)
+            d.scatter_add_(1, safe_targets[start:end, None], g)
+        if grad_entropy is not None:
+            g_ent = torch.where(v, grad_entropy[start:end, None].to(acc), 0)
+            # dH/dx_j = -p_j (log p_j + H)
+            term = torch.where(p > 0, p * (logp_all + entropy[start:end, None]), 0)
+            d.addcmul_(term, g_ent, value=-1.0)
+        if inv_temp != 1.0:
+            d.mul_(inv_temp)
+        grad[start:end] = d
+    return grad
+
+
+# ---- autograd -------------------------------------------------------------------------------------
+
+class _LogprobsFromLogits(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, layout, targets, inv_temp, ignore_index, with_entropy, backend):
+        if backend == "triton":
+            from fastalign.kernels.logprobs import logprobs_forward
+
+            logp, entropy, lse = logprobs_forward(logits, layout.inner, layout.stride_outer, layout.stride_inner,
+                                                  targets, inv_temp, ignore_index, with_entropy)
+        else:
+            logp, entropy, lse = torch_logprobs_forward(logits, layout, targets, inv_temp, ignore_index, with_entropy)
+        # Saved for backward: the logits (by reference), the targets and O(N) row statistics only.
+        ctx.save_for_backward(logits, targets, lse, entropy)
+        ctx.layout, ctx.inv_temp, ctx.ignore_index, ctx.backend = layout, inv_temp, ignore_index, backend
+        ctx.set_materialize_grads(False)
+        if with_entropy:
+            return logp, entropy
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy=None):
+        logits, targets, lse, entropy = ctx.saved_tensors
+        if grad_logp is None and grad_entropy is None:
+            return (None,) * 7
+        out_dtype = lse.dtype
+        if grad_logp is not None:
+            grad_logp = grad_logp.reshape(-1).to(out_dtype).contiguous()
+        if grad_entropy is not None:
+            grad_entropy = grad_entropy.reshape(-1).to(out_dtype).contiguous()
+        args = (targets, lse, entropy, grad_logp, grad_entropy, ctx.inv_temp, ctx.ignore_index)
+        layout = ctx.layout
+        if ctx.backend == "triton":
+            from fastalign.kernels.logprobs import logprobs_backward
+
+            grad = logprobs_backward(logits, layout.inner, layout.stride_outer, layout.stride_inner, *args)
+        else:
+            grad = torch_logprobs_backward(logits, layout, *args)
+        return grad.view(logits.shape), None, None, None, None, None, None
+
+
+# ---- public function ----------------------------------------------------------------------------
+
+@overload
+def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = ...,
+                         ignore_index: int = ..., return_entropy: Literal[False] = ...,
+                         impl: Impl = ...) -> torch.Tensor: ...
+
+
+@overload
+def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = ...,
+                         ignore_index: int = ..., return_entropy: Literal[True],
+                         impl: Impl = ...) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def logprobs_from_logits(logits, targets, *, temperature=1.0, ignore_index=-100, return_entropy=False,
+                         impl="auto"):
+    """Log-probability of each target token (and the entropy) under ``softmax(logits / temperature)``.
+
+    Args:
+        logits: ``[..., V]`` fp16 / bf16 / fp32 / fp64, any leading shape. Leading dims may be strided
+            (e.g. ``logits[:, :-1]``) and are read in place; the vocabulary dim should have stride 1
+            (otherwise, or when the leading dims cannot be addressed with two strides, one
+            contiguous copy is made).
+        targets: ``[...]`` integer tensor (same leading shape), values in ``[0, V)`` or ``ignore_index``.
+            Checking the range costs one host sync; ``fastalign.set_index_checks(False)`` skips it.
+        temperature: > 0; the distribution is ``softmax(logits.float() / temperature)``.
+        ignore_index: targets equal to it get log-prob 0, entropy 0 and zero gradient.
+        return_entropy: also return the entropy of the same tempered distribution.
+        impl: "auto" | "triton" | "torch" (see :mod:`fastalign._dispatch`).
+
+    Returns:
+        ``logp[...]`` fp32 (fp64 for fp64 logits), or ``(logp, entropy)``; both differentiable
+        w.r.t. ``logits``. The forward saves only the logits (by reference) and per-row statistics;
+        no fp32 ``[..., V]`` copy is made, and the backward allocates only the gradient.
+    """
+    check_float(logits, "logits", _OP)
+    check_int(targets, "targets", _OP)
+    if logits.dim() < 1:
+        raise ValueError(f"{_OP}: logits must have at least 1 dim [..., V], got a 0-dim tensor")
+    if tuple(targets.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"{_OP}: targets must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, "
+                         f"got {tuple(targets.shape)}")
+    device = check_same_device(_OP, logits=logits, targets=targets)
+    temperature = check_positive(temperature, "temperature", _OP)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{_OP}: ignore_index must be an int, got {type(ignore_index).__name__}")
+    V = logits.shape[-1]
+    if V == 0:
+        raise ValueError(f"{_OP}: logits must have a non-empty vocabulary dim, got shape {tuple(logits.shape)}")
+    backend = select_impl(impl, device, op=_OP)
+    flat_targets = targets.reshape(-1).to(torch.int64)
+    if index_checks_enabled() and flat_targets.numel() > 0:
+        bad = ((flat_targets < 0) | (flat_targets >= V)) & (flat_targets != ignore_index)
+        if bool(bad.any()):  # one host sync; see set_index_checks
+            first = flat_targets[bad][0].item()
+            raise ValueError(f"{_OP}: targets must be in [0, {V}) or ignore_index={ignore_index}, got {first}")
+    rows, layout = rows_of(logits)
+    out = _LogprobsFromLogits.apply(rows, layout, flat_targets, 1.0 / temperature, ignore_index,
+                                    bool(return_entropy), backend)
+    lead = logits.shape[:-1]
+    if return_entropy:
+        return out[0].view(lead), out[1].view(lead)
+    return out.view(lead)
