@@ -45,3 +45,66 @@ TORCH_CHUNK_ELEMENTS = 1 << 21
 
 def torch_rows_per_chunk(vocab: int, budget_elements: int = TORCH_CHUNK_ELEMENTS) -> int:
     return max(1, budget_elements // max(vocab, 1))
+
+
+# ---- log-probs from hidden states and the lm_head weight (kernels/linear_logprobs.py) -----------
+# Backend choice, made without a GPU measurement in this session: cuBLAS GEMMs per (row, vocab) tile
+# with fused Triton epilogues. The GEMM is where the FLOPs are and cuBLAS reaches near peak on
+# [rows, D] x [D, chunk] tiles; the epilogues (online LSE / target / entropy, and the dlogits pass)
+# are memory-bound passes over one fp32 tile. A fully fused Triton GEMM + online-LSE kernel is the
+# alternative to measure against on an H100 before switching this.
+LINEAR_LOGPROBS_BACKEND = "cublas_chunks"
+
+# Vocabulary columns per tile (the public ``chunk_size`` default) and the most elements one fp32
+# logits tile may hold (rows per tile = budget // chunk_size): the chunk buffer stays bounded
+# whatever N is. CUDA: a [8192, 4096] fp32 tile is 128 MiB and keeps cuBLAS tiles large.
+# CPU: small tiles stay in cache-friendly sizes and bound the torch path's temporaries.
+LINEAR_LOGPROBS_CHUNK_SIZE = {"cuda": 4096, "cpu": 4096}
+LINEAR_LOGPROBS_TILE_ELEMENTS = {"cuda": 1 << 25, "cpu": 1 << 21}
+
+# Ignored tokens cost no FLOPs: valid rows are gathered (``hidden[targets != ignore_index]``), which
+# needs one device->host sync per call (a nonzero). With False, every row is processed and the
+# ignored rows get zero gradients through masked upstream gradients (no host sync; CUDA-graph and
+# torch.compile friendly, at the cost of FLOPs on ignored rows).
+LINEAR_LOGPROBS_COMPACT_IGNORED = True
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """An epilogue program over a [block_rows, block_cols] tile of a logits chunk."""
+
+    block_rows: int
+    block_cols: int
+    num_warps: int
+
+
+# Forward epilogue: one program per block of rows walks the whole vocabulary chunk.
+# Backward epilogue: one program per (row block, column block), one read and one write per element.
+LINEAR_LOGPROBS_FWD_CONFIGS = (TileConfig(16, 64, 4), TileConfig(4, 256, 4), TileConfig(1, 1024, 4),
+                               TileConfig(1, 2048, 8))
+LINEAR_LOGPROBS_BWD_CONFIGS = (TileConfig(16, 64, 4), TileConfig(4, 256, 4), TileConfig(1, 1024, 4))
+
+
+def _tile_covering(configs: tuple[TileConfig, ...], n: int) -> TileConfig:
+    for cfg in configs:
+        if cfg.block_cols >= n:
+            return cfg
+    return configs[-1]
+
+
+def linear_logprobs_fwd_config(chunk_cols: int) -> TileConfig:
+    return _tile_covering(LINEAR_LOGPROBS_FWD_CONFIGS, chunk_cols)
+
+
+def linear_logprobs_bwd_config(chunk_cols: int) -> TileConfig:
+    return _tile_covering(LINEAR_LOGPROBS_BWD_CONFIGS, chunk_cols)
+
+
+def linear_logprobs_chunking(device_type: str, vocab: int, n_rows: int, chunk_size: int | None = None
+                             ) -> tuple[int, int]:
+    """(rows per tile, vocabulary columns per tile) for one call."""
+    key = "cuda" if device_type == "cuda" else "cpu"
+    cols = chunk_size if chunk_size is not None else LINEAR_LOGPROBS_CHUNK_SIZE[key]
+    cols = max(1, min(cols, max(vocab, 1)))
+    rows = max(1, LINEAR_LOGPROBS_TILE_ELEMENTS[key] // cols)
+    return min(rows, max(n_rows, 1)), cols
