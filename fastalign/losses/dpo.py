@@ -1,0 +1,397 @@
+"""The DPO family of preference losses, from sequence log-probabilities.
+
+Every loss takes per-sequence log-probabilities ``[B]`` (the sum over the completion tokens of
+``log pi(y_t | x, y_<t)``; :func:`fastalign.linear_logprobs` / :func:`fastalign.logprobs_from_logits`
+give the per-token terms) and returns ``(loss, metrics)``: ``loss`` is a 0-d tensor (or ``[B]`` with
+``reduction="none"``), ``metrics`` a dict of detached 0-d tensors (no host sync anywhere).
+
+Computation runs in fp32 (fp64 when an input is fp64). The conventions follow the papers and
+TRL 1.16 (``DPOTrainer``, ``KTOTrainer``, ``CPOTrainer`` for SimPO, ``ORPOTrainer``,
+``RewardTrainer``); where they differ the docstring says which one is followed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from fastalign.losses._common import (
+    as_compute,
+    check_choice,
+    check_float_vectors,
+    check_lengths,
+    check_number,
+    compute_dtype,
+)
+
+DPOLossType = Literal["sigmoid", "ipo", "hinge", "robust"]
+Reduction = Literal["mean", "sum", "none"]
+
+_DPO_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _reduce(per_seq: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return per_seq
+    if reduction == "sum":
+        return per_seq.sum()
+    return per_seq.mean() if per_seq.numel() else per_seq.sum()
+
+
+def _mean0(x: torch.Tensor) -> torch.Tensor:
+    """Mean that is 0 (not NaN) for an empty batch; detached."""
+    x = x.detach()
+    return x.mean() if x.numel() else x.sum()
+
+
+def _preference_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps) -> dict[str, torch.Tensor]:
+    cr, rr = chosen_rewards.detach(), rejected_rewards.detach()
+    return {
+        "rewards/chosen": _mean0(cr),
+        "rewards/rejected": _mean0(rr),
+        "rewards/accuracies": _mean0((cr > rr).to(cr.dtype)),
+        "rewards/margins": _mean0(cr - rr),
+        "logps/chosen": _mean0(chosen_logps),
+        "logps/rejected": _mean0(rejected_logps),
+    }
+
+
+def dpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor | None = None,
+    ref_rejected_logps: torch.Tensor | None = None,
+    *,
+    beta: float = 0.1,
+    loss_type: DPOLossType = "sigmoid",
+    label_smoothing: float = 0.0,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+    reduction: Reduction = "mean",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Direct Preference Optimization (Rafailov et al. 2023) and its pairwise variants.
+
+    With ``h = (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)``
+    (a missing reference counts as 0: reference-free):
+
+    - ``"sigmoid"``: ``-(1 - eps) log sigma(beta h) - eps log sigma(-beta h)`` (``eps = label_smoothing``,
+      the conservative DPO of Mitchell 2023; ``eps = 0`` is DPO and TRL's ``"sigmoid"``).
+    - ``"hinge"``: ``relu(1 - beta h)`` (SLiC).
+    - ``"ipo"``: ``(h' - 1 / (2 beta))^2`` (Azar et al. 2024, ``beta`` is tau). Given
+      ``chosen_lengths`` / ``rejected_lengths``, ``h'`` uses per-token averages of the log-ratios
+      (each log-ratio divided by its length clamped to >= 1), as TRL's DPOTrainer does; without them
+      ``h' = h`` as in the paper.
+    - ``"robust"``: ``((1 - eps)(-log sigma(beta h)) + eps log sigma(-beta h)) / (1 - 2 eps)``
+      (Chowdhury et al. 2024), ``eps`` in ``[0, 0.5)``.
+
+    Args:
+        chosen_logps, rejected_logps: ``[B]`` float, policy log-probs of the chosen / rejected
+            completions (summed over their tokens). Differentiable.
+        ref_chosen_logps, ref_rejected_logps: ``[B]`` float or None (both or neither), reference
+            log-probs; treated as constants (detached).
+        beta: > 0.
+        loss_type: see above.
+        label_smoothing: used by ``"sigmoid"`` and ``"robust"``; must be 0 for the others.
+        chosen_lengths, rejected_lengths: ``[B]`` numeric token counts, used by ``"ipo"`` only.
+        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` (per-pair ``[B]``).
+
+    Returns:
+        ``(loss, metrics)``; metrics (detached 0-d): ``rewards/chosen``, ``rewards/rejected``
+        (``beta`` times the log-ratios), ``rewards/accuracies``, ``rewards/margins``,
+        ``logps/chosen``, ``logps/rejected``.
+    """
+    op = "dpo_loss"
+    like = check_float_vectors(
+        op,
+        ("chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps"),
+        (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps),
+    )
+    if (ref_chosen_logps is None) != (ref_rejected_logps is None):
+        raise ValueError(f"{op}: pass both ref_chosen_logps and ref_rejected_logps or neither, got only one")
+    beta = check_number(beta, "beta", op, lo=0.0, lo_open=True)
+    check_choice(loss_type, "loss_type", op, _DPO_TYPES)
+    check_choice(reduction, "reduction", op, _REDUCTIONS)
+    if loss_type == "robust":
+        eps = check_number(label_smoothing, "label_smoothing", op, lo=0.0, hi=0.5, hi_open=True)
+    elif loss_type == "sigmoid":
+        eps = check_number(label_smoothing, "label_smoothing", op, lo=0.0, hi=1.0)
+    else:
+        eps = check_number(label_smoothing, "label_smoothing", op)
+        if eps != 0.0:
+            raise ValueError(f"{op}: label_smoothing is only used by loss_type 'sigmoid' and 'robust', got {eps} with {loss_type!r}")
+    if (chosen_lengths is None) != (rejected_lengths is None):
+        raise ValueError(f"{op}: pass both chosen_lengths and rejected_lengths or neither, got only one")
+    if chosen_lengths is not None:
+        check_lengths(op, "chosen_lengths", chosen_lengths, like)
+        check_lengths(op, "rejected_lengths", rejected_lengths, like)
+
+    dt = compute_dtype(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    pc, pr = as_compute(chosen_logps, dt), as_compute(rejected_logps, dt)
+    if ref_chosen_logps is None:
+        chosen_lr, rejected_lr = pc, pr
+    else:
+        chosen_lr = pc - as_compute(ref_chosen_logps, dt).detach()
+        rejected_lr = pr - as_compute(ref_rejected_logps, dt).detach()
+
+    if loss_type == "ipo":
+        if chosen_lengths is not None:
+            h = chosen_lr / chosen_lengths.to(dt).clamp(min=1.0) - rejected_lr / rejected_lengths.to(dt).clamp(min=1.0)
+        else:
+            h = chosen_lr - rejected_lr
+        per_pair = (h - 1.0 / (2.0 * beta)) ** 2
+    else:
+        z = beta * (chosen_lr - rejected_lr)
+        if loss_type == "sigmoid":
+            per_pair = -F.logsigmoid(z) if eps == 0.0 else -(1.0 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
+        elif loss_type == "hinge":
+            per_pair = torch.relu(1.0 - z)
+        else:  # robust
+            per_pair = (-(1.0 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1.0 - 2.0 * eps)
+
+    metrics = _preference_metrics(beta * chosen_lr, beta * rejected_lr, pc, pr)
+    return _reduce(per_pair, reduction), metrics
+
+
+def simpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+    *,
+    beta: float = 2.0,
+    gamma: float = 1.0,
+    label_smoothing: float = 0.0,
+    reduction: Reduction = "mean",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """SimPO (Meng et al. 2024): reference-free, length-normalized, with a target margin.
+
+    ``z = beta * (chosen_logps / |y_w| - rejected_logps / |y_l|) - gamma``;
+    loss ``-(1 - eps) log sigma(z) - eps log sigma(-z)`` (TRL's CPOTrainer ``loss_type="simpo"``,
+    whose ``simpo_gamma`` is this ``gamma``). Defaults ``beta=2.0, gamma=1.0`` are the SimPO
+    repository's (``gamma_beta_ratio=0.5``).
+
+    Args:
+        chosen_logps, rejected_logps: ``[B]`` float, summed policy log-probs. Differentiable.
+        chosen_lengths, rejected_lengths: ``[B]`` numeric token counts (clamped to >= 1).
+        beta: > 0. gamma: the reward margin (any real). label_smoothing: in ``[0, 0.5]``.
+        reduction: ``"mean"`` | ``"sum"`` | ``"none"``.
+
+    Returns:
+        ``(loss, metrics)``; ``rewards/*`` are ``beta`` times the length-normalized log-probs.
+    """
+    op = "simpo_loss"
+    like = check_float_vectors(op, ("chosen_logps", "rejected_logps"), (chosen_logps, rejected_logps))
+    check_lengths(op, "chosen_lengths", chosen_lengths, like)
+    check_lengths(op, "rejected_lengths", rejected_lengths, like)
+    beta = check_number(beta, "beta", op, lo=0.0, lo_open=True)
+    gamma = check_number(gamma, "gamma", op)
+    eps = check_number(label_smoothing, "label_smoothing", op, lo=0.0, hi=0.5)
+    check_choice(reduction, "reduction", op, _REDUCTIONS)
+
+    dt = compute_dtype(chosen_logps, rejected_logps)
+    pc, pr = as_compute(chosen_logps, dt), as_compute(rejected_logps, dt)
+    avg_c = pc / chosen_lengths.to(dt).clamp(min=1.0)
+    avg_r = pr / rejected_lengths.to(dt).clamp(min=1.0)
+    z = beta * (avg_c - avg_r) - gamma
+    per_pair = -F.logsigmoid(z) if eps == 0.0 else -(1.0 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
+    metrics = _preference_metrics(beta * avg_c, beta * avg_r, pc, pr)
+    return _reduce(per_pair, reduction), metrics
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(x))`` for ``x < 0``, stable on both sides of ``-ln 2`` with finite gradients on each branch."""
+    t = -math.log(2.0)
+    near = x > t
+    # Evaluate each branch on inputs that are safe for it, so the unused branch cannot produce inf/NaN gradients.
+    x_near = torch.where(near, x, torch.full_like(x, t))
+    x_far = torch.where(near, torch.full_like(x, t), x)
+    return torch.where(near, torch.log(-torch.expm1(x_near)), torch.log1p(-torch.exp(x_far)))
+
+
+def orpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    reduction: Literal["mean", "sum"] = "mean",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """ORPO (Hong et al. 2024): the chosen completions' NLL plus an odds-ratio preference term.
+
+    With average log-probs ``a_w = chosen_logps / |y_w|``, ``a_l = rejected_logps / |y_l|``
+    (lengths clamped to >= 1) and ``log odds(a) = a - log(1 - exp(a))``:
+    ``L_OR = -log sigma(log odds(a_w) - log odds(a_l))`` and
+    ``loss = NLL - beta * mean(log sigma(...))`` where ``NLL = -sum(chosen_logps) / sum(|y_w|)`` is
+    the token-mean cross-entropy of the chosen completions (as TRL's ORPOTrainer, whose ``beta`` is
+    the paper's lambda). With ``reduction="sum"`` the odds-ratio term is summed over pairs instead.
+
+    Args:
+        chosen_logps, rejected_logps: ``[B]`` float, summed policy log-probs (each average must be
+            < 0, i.e. probability < 1). Differentiable.
+        chosen_lengths, rejected_lengths: ``[B]`` numeric token counts.
+        beta: >= 0, the weight of the odds-ratio term.
+
+    Returns:
+        ``(loss, metrics)``; metrics: ``nll_loss``, ``log_odds_ratio`` (mean log sigma term),
+        ``log_odds_chosen`` (mean log-odds difference), ``rewards/*`` (``beta`` times the averages).
+    """
+    op = "orpo_loss"
+    like = check_float_vectors(op, ("chosen_logps", "rejected_logps"), (chosen_logps, rejected_logps))
+    check_lengths(op, "chosen_lengths", chosen_lengths, like)
+    check_lengths(op, "rejected_lengths", rejected_lengths, like)
+    beta = check_number(beta, "beta", op, lo=0.0)
+    check_choice(reduction, "reduction", op, ("mean", "sum"))
+
+    dt = compute_dtype(chosen_logps, rejected_logps)
+    pc, pr = as_compute(chosen_logps, dt), as_compute(rejected_logps, dt)
+    len_c = chosen_lengths.to(dt).clamp(min=1.0)
+    avg_c = pc / len_c
+    avg_r = pr / rejected_lengths.to(dt).clamp(min=1.0)
+    log_odds = (avg_c - avg_r) - (_log1mexp(avg_c) - _log1mexp(avg_r))
+    ratio = F.logsigmoid(log_odds)
+    nll = -pc.sum() / len_c.sum().clamp(min=1.0)
+    or_term = _reduce(ratio, reduction)
+    loss = nll - beta * or_term
+    metrics = _preference_metrics(beta * avg_c, beta * avg_r, pc, pr)
+    metrics.update(
+        {"nll_loss": nll.detach(), "log_odds_ratio": _mean0(ratio), "log_odds_chosen": _mean0(log_odds)}
+    )
+    return loss, metrics
+
+
+def kto_loss(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    desirable: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    kl: torch.Tensor | float | None = None,
+    policy_kl_logps: torch.Tensor | None = None,
+    ref_kl_logps: torch.Tensor | None = None,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    reduction: Reduction = "mean",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """KTO (Ethayarajh et al. 2024): unpaired desirable / undesirable completions around a reference point.
+
+    With log-ratio ``r = policy_logps - ref_logps`` and reference point ``z0`` (a constant, no gradient):
+    desirable ``lambda_D (1 - sigma(beta (r - z0)))``, undesirable ``lambda_U (1 - sigma(beta (z0 - r)))``;
+    the loss is the mean over all ``B`` completions (as TRL's KTOTrainer ``loss_type="kto"``).
+
+    ``z0`` is ``kl`` when given; otherwise ``clamp(mean(policy_kl_logps - ref_kl_logps), min=0)``
+    (the KL estimate from mismatched prompt/completion pairs, TRL's convention, detached);
+    otherwise 0. Note ``z0`` is on the log-ratio scale (``beta`` multiplies it inside the sigmoid).
+
+    Args:
+        policy_logps, ref_logps: ``[B]`` float, summed log-probs (``ref_logps`` detached).
+        desirable: ``[B]`` bool or 0/1, True for desirable (thumbs-up) completions.
+        beta: > 0. kl: optional precomputed reference point (float or 0-d tensor; detached).
+        policy_kl_logps, ref_kl_logps: ``[K]`` float, log-probs of the mismatched KL completions.
+        desirable_weight, undesirable_weight: >= 0, ``lambda_D`` and ``lambda_U``.
+
+    Returns:
+        ``(loss, metrics)``; metrics: ``kl`` (``z0``), ``rewards/chosen``, ``rewards/rejected``
+        (mean ``beta r`` over desirable / undesirable completions; 0 when there are none),
+        ``logps/chosen``, ``logps/rejected``, ``count/chosen``, ``count/rejected``.
+    """
+    op = "kto_loss"
+    like = check_float_vectors(op, ("policy_logps", "ref_logps"), (policy_logps, ref_logps))
+    if not isinstance(desirable, torch.Tensor):
+        raise TypeError(f"{op}: desirable must be a torch.Tensor of shape [B], got {type(desirable).__name__}")
+    check_lengths(op, "desirable", desirable, like)
+    beta = check_number(beta, "beta", op, lo=0.0, lo_open=True)
+    wd = check_number(desirable_weight, "desirable_weight", op, lo=0.0)
+    wu = check_number(undesirable_weight, "undesirable_weight", op, lo=0.0)
+    check_choice(reduction, "reduction", op, _REDUCTIONS)
+    if (policy_kl_logps is None) != (ref_kl_logps is None):
+        raise ValueError(f"{op}: pass both policy_kl_logps and ref_kl_logps or neither, got only one")
+    if policy_kl_logps is not None:
+        check_float_vectors(op, ("policy_kl_logps", "ref_kl_logps"), (policy_kl_logps, ref_kl_logps))
+        if policy_kl_logps.device != like.device:
+            raise ValueError(f"{op}: policy_kl_logps must be on {like.device}, got {policy_kl_logps.device}")
+        if kl is not None:
+            raise ValueError(f"{op}: pass either kl or policy_kl_logps/ref_kl_logps, not both")
+
+    dt = compute_dtype(policy_logps, ref_logps)
+    p = as_compute(policy_logps, dt)
+    lr = p - as_compute(ref_logps, dt).detach()
+    if kl is not None:
+        if isinstance(kl, torch.Tensor):
+            if kl.numel() != 1:
+                raise ValueError(f"{op}: kl must be a scalar (0-d or one-element tensor), got shape {tuple(kl.shape)}")
+            z0 = kl.detach().to(device=p.device, dtype=dt).reshape(())
+        else:
+            z0 = torch.tensor(check_number(kl, "kl", op), device=p.device, dtype=dt)
+    elif policy_kl_logps is not None:
+        diff = (policy_kl_logps.detach().to(dt) - ref_kl_logps.detach().to(dt))
+        z0 = (diff.mean() if diff.numel() else diff.sum()).clamp(min=0.0)
+    else:
+        z0 = torch.zeros((), device=p.device, dtype=dt)
+
+    d = desirable.bool()
+    sign = torch.where(d, 1.0, -1.0).to(dt)
+    weight = torch.where(d, wd, wu).to(dt)
+    per_seq = weight * (1.0 - torch.sigmoid(beta * sign * (lr - z0)))
+
+    df = d.to(dt)
+    n_d, n_u = df.sum(), (1.0 - df).sum()
+    rewards = (beta * lr).detach()
+    pd = p.detach()
+    metrics = {
+        "kl": z0.detach(),
+        "rewards/chosen": (rewards * df).sum() / n_d.clamp(min=1.0),
+        "rewards/rejected": (rewards * (1.0 - df)).sum() / n_u.clamp(min=1.0),
+        "logps/chosen": (pd * df).sum() / n_d.clamp(min=1.0),
+        "logps/rejected": (pd * (1.0 - df)).sum() / n_u.clamp(min=1.0),
+        "count/chosen": n_d,
+        "count/rejected": n_u,
+    }
+    return _reduce(per_seq, reduction), metrics
+
+
+def reward_model_loss(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    *,
+    margin: torch.Tensor | None = None,
+    center_rewards_coefficient: float | None = None,
+    reduction: Literal["mean", "sum"] = "mean",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Bradley-Terry reward-model loss (InstructGPT; tutorial section 3.2).
+
+    ``-log sigma(r_w - r_l - margin)`` averaged over pairs, plus
+    ``center_rewards_coefficient * mean((r_w + r_l)^2)`` when given (TRL's RewardTrainer).
+
+    Args:
+        chosen_rewards, rejected_rewards: ``[B]`` float scalar rewards. Differentiable.
+        margin: optional ``[B]`` float per-pair margin (constant).
+        center_rewards_coefficient: optional >= 0 weight of the centering term (Eisenstein et al. 2023).
+
+    Returns:
+        ``(loss, metrics)``; metrics: ``accuracy``, ``margin`` (mean ``r_w - r_l``),
+        ``rewards/chosen``, ``rewards/rejected``.
+    """
+    op = "reward_model_loss"
+    check_float_vectors(op, ("chosen_rewards", "rejected_rewards", "margin"), (chosen_rewards, rejected_rewards, margin))
+    check_choice(reduction, "reduction", op, ("mean", "sum"))
+    if center_rewards_coefficient is not None:
+        center_rewards_coefficient = check_number(center_rewards_coefficient, "center_rewards_coefficient", op, lo=0.0)
+    dt = compute_dtype(chosen_rewards, rejected_rewards, margin)
+    rc, rr = as_compute(chosen_rewards, dt), as_compute(rejected_rewards, dt)
+    diff = rc - rr
+    z = diff if margin is None else diff - as_compute(margin, dt).detach()
+    loss = _reduce(-F.logsigmoid(z), reduction)
+    if center_rewards_coefficient is not None:
+        loss = loss + center_rewards_coefficient * _reduce((rc + rr) ** 2, "mean")
+    metrics = {
+        "accuracy": _mean0((diff > 0).to(dt)),
+        "margin": _mean0(diff),
+        "rewards/chosen": _mean0(rc),
+        "rewards/rejected": _mean0(rr),
+    }
+    return loss, metrics
