@@ -1,9 +1,11 @@
 """Losses built on fastalign's ops: each returns ``(loss, metrics)`` with detached metric tensors."""
 
 from fastalign.losses.dpo import dpo_loss, kto_loss, orpo_loss, reward_model_loss, simpo_loss
+from fastalign.losses.grpo import grpo_loss
 
 __all__ = [
     "dpo_loss",
+    "grpo_loss",
     "kto_loss",
     "orpo_loss",
     "reward_model_loss",

@@ -1,0 +1,193 @@
+"""GRPO-family loss against an fp64 per-token loop written from the formulas (tutorial 5.2, TRL 1.16)."""
+
+import math
+
+import pytest
+import torch
+
+from fastalign.losses import grpo_loss
+
+
+def _inputs(B=5, T=7, seed=0, adv_shape="B", dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    logp = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3
+    old = logp + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.3
+    ref = logp + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.3
+    if adv_shape == "B":
+        adv = torch.randn(B, generator=g, dtype=torch.float64)
+    elif adv_shape == "B1":
+        adv = torch.randn(B, 1, generator=g, dtype=torch.float64)
+    else:
+        adv = torch.randn(B, T, generator=g, dtype=torch.float64)
+    lengths = torch.randint(0, T + 1, (B,), generator=g)
+    lengths[0] = T
+    mask = torch.arange(T)[None, :] < lengths[:, None]
+    return [t.to(dtype) for t in (logp, old, ref, adv)] + [mask]
+
+
+def _reference(logp, old, ref, adv, mask, *, beta=0.04, eps_low=0.2, eps_high=None, delta=None, loss_type="grpo",
+               level="token", max_len=None, num_items=None, bias=False, iw=None):
+    """Plain loops over sequences and tokens."""
+    logp, old, ref, adv = (x.double() for x in (logp, old, ref, adv))
+    eps_high = eps_low if eps_high is None else eps_high
+    B, T = logp.shape
+    per_tok = [[0.0] * T for _ in range(B)]
+    for i in range(B):
+        valid = [t for t in range(T) if mask[i, t]]
+        if level == "sequence":
+            s = sum(float(logp[i, t] - old[i, t]) for t in valid) / max(len(valid), 1)
+        for t in range(T):
+            a = float(adv[i]) if adv.dim() == 1 else float(adv[i, 0] if adv.shape[1] == 1 else adv[i, t])
+            r = math.exp(float(logp[i, t] - old[i, t])) if level == "token" else math.exp(s)
+            if loss_type == "cispo":
+                pol = -min(r, eps_high) * a * float(logp[i, t])
+            else:
+                r2 = min(max(r, 1 - eps_low), 1 + eps_high)
+                r1 = r if delta is None else min(r, delta)
+                pol = -min(r1 * a, r2 * a)
+            if iw is not None:
+                pol *= float(iw[i, t])
+            kl = 0.0
+            if beta != 0.0:
+                d = float(ref[i, t] - logp[i, t])
+                kl = math.exp(d) - d - 1
+                if bias:
+                    kl *= r
+            per_tok[i][t] = pol + beta * kl
+    msum = [sum(1 for t in range(T) if mask[i, t]) for i in range(B)]
+    tot = sum(per_tok[i][t] for i in range(B) for t in range(T) if mask[i, t])
+    if loss_type == "grpo":
+        return sum(sum(per_tok[i][t] for t in range(T) if mask[i, t]) / max(msum[i], 1) for i in range(B)) / B
+    if loss_type == "bnpo":
+        return tot / max(sum(msum), 1)
+    if loss_type == "dr_grpo":
+        return tot / (B * (T if max_len is None else max_len))
+    return tot / (max(sum(msum), 1) if num_items is None else num_items)
+
+
+CASES = [
+    dict(),
+    dict(beta=0.0),
+    dict(eps_high=0.28),
+    dict(delta=1.5, eps_high=0.28),
+    dict(delta=1.1),
+    dict(loss_type="bnpo"),
+    dict(loss_type="dr_grpo", max_len=11),
+    dict(loss_type="dr_grpo"),
+    dict(loss_type="dapo", num_items=23.0),
+    dict(loss_type="dapo"),
+    dict(loss_type="cispo", eps_high=1.1, num_items=17.0),
+    dict(level="sequence"),
+    dict(level="sequence", loss_type="bnpo", bias=True),
+    dict(bias=True, beta=0.1),
+    dict(level="sequence", loss_type="cispo", eps_high=1.05),
+]
+
+
+def _call(logp, old, ref, adv, mask, c, iw=None):
+    return grpo_loss(
+        logp, old, adv, mask, ref_logp=ref, beta=c.get("beta", 0.04), eps_high=c.get("eps_high"), delta=c.get("delta"),
+        loss_type=c.get("loss_type", "grpo"), importance_sampling_level=c.get("level", "token"),
+        max_completion_length=c.get("max_len"), num_items=c.get("num_items"), kl_bias_correction=c.get("bias", False),
+        importance_weights=iw,
+    )
+
+
+@pytest.mark.parametrize("c", CASES, ids=[str(c) for c in CASES])
+@pytest.mark.parametrize("adv_shape", ["B", "BT"])
+def test_matches_loop_reference(c, adv_shape):
+    logp, old, ref, adv, mask = _inputs(adv_shape=adv_shape)
+    loss, metrics = _call(logp, old, ref, adv, mask, c)
+    expected = _reference(logp, old, ref, adv, mask, **{k: v for k, v in c.items()})
+    torch.testing.assert_close(loss, torch.tensor(expected, dtype=torch.float64), rtol=1e-10, atol=1e-12)
+    assert all(not v.requires_grad for v in metrics.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_inputs(dtype):
+    logp, old, ref, adv, mask = _inputs(dtype=dtype, adv_shape="B1")
+    loss, _ = grpo_loss(logp, old, adv, mask, ref_logp=ref, eps_high=0.28)
+    assert loss.dtype == torch.float32
+    expected = _reference(logp, old, ref, adv, mask, eps_high=0.28)
+    torch.testing.assert_close(loss.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+
+
+def test_importance_weights():
+    logp, old, ref, adv, mask = _inputs()
+    iw = torch.rand(logp.shape, dtype=torch.float64) + 0.5
+    loss, _ = _call(logp, old, ref, adv, mask, dict(loss_type="bnpo"), iw=iw)
+    torch.testing.assert_close(loss, torch.tensor(_reference(logp, old, ref, adv, mask, loss_type="bnpo", iw=iw),
+                                                  dtype=torch.float64))
+
+
+def test_tutorial_default_on_policy_gradient():
+    # on-policy (old = None): ratio 1, gradient of the policy term is -A m / |y| / B per token
+    logp, _, ref, adv, mask = _inputs()
+    lp = logp.clone().requires_grad_(True)
+    loss, m = grpo_loss(lp, None, adv, mask, beta=0.0)
+    loss.backward()
+    n = mask.sum(-1, keepdim=True).clamp(min=1).double()
+    torch.testing.assert_close(lp.grad, -(adv[:, None] * mask / n) / logp.shape[0])
+    assert m["clip_ratio/region_mean"].item() == 0.0
+
+
+@pytest.mark.parametrize("c", [dict(), dict(level="sequence", bias=True), dict(delta=1.2, loss_type="dapo")], ids=str)
+def test_gradcheck(c):
+    logp, old, ref, adv, mask = _inputs(B=3, T=4, seed=2)
+    lp = logp.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: _call(x, old, ref, adv, mask, c)[0], (lp,))
+
+
+def test_cispo_gradient_uses_stopped_ratio():
+    # CISPO: the capped ratio is a constant, so d loss / d logp = -min(r, cap) A m / sum(m)
+    logp, old, ref, adv, mask = _inputs()
+    lp = logp.clone().requires_grad_(True)
+    loss, _ = grpo_loss(lp, old, adv, mask, beta=0.0, loss_type="cispo", eps_high=1.1)
+    loss.backward()
+    r = torch.exp(logp - old).clamp(max=1.1)
+    torch.testing.assert_close(lp.grad, -r * adv[:, None] * mask / mask.sum())
+
+
+def test_metrics_match_definitions():
+    logp, old, ref, adv, mask = _inputs(adv_shape="B")
+    _, m = grpo_loss(logp, old, adv, mask, ref_logp=ref, beta=0.04, eps_low=0.1, eps_high=0.15)
+    r = torch.exp(logp - old)
+    mf = mask.double()
+    low = ((r < 0.9) & (adv[:, None] < 0)).double()
+    high = ((r > 1.15) & (adv[:, None] > 0)).double()
+    torch.testing.assert_close(m["clip_ratio/low_mean"], (low * mf).sum() / mf.sum())
+    torch.testing.assert_close(m["clip_ratio/high_mean"], (high * mf).sum() / mf.sum())
+    d = ref - logp
+    torch.testing.assert_close(m["kl"], ((torch.exp(d) - d - 1) * mf).sum() / mf.sum())
+
+
+def test_all_masked_is_finite():
+    logp, old, ref, adv, mask = _inputs()
+    lp = logp.clone().requires_grad_(True)
+    for lt in ("grpo", "bnpo", "dapo", "dr_grpo"):
+        loss, m = grpo_loss(lp, old, adv, torch.zeros_like(mask), ref_logp=ref, loss_type=lt)
+        assert loss.item() == 0.0 and all(torch.isfinite(v) for v in m.values())
+
+
+def test_bad_inputs():
+    logp, old, ref, adv, mask = _inputs()
+    with pytest.raises(ValueError, match="loss_type must be one of"):
+        grpo_loss(logp, old, adv, mask, beta=0.0, loss_type="ppo")
+    with pytest.raises(ValueError, match="needs ref_logp"):
+        grpo_loss(logp, old, adv, mask)
+    with pytest.raises(ValueError, match="cispo' needs eps_high"):
+        grpo_loss(logp, old, adv, mask, beta=0.0, loss_type="cispo")
+    with pytest.raises(ValueError, match="advantages must have shape"):
+        grpo_loss(logp, old, adv[:3], mask, beta=0.0)
+    with pytest.raises(ValueError, match="mask must have shape"):
+        grpo_loss(logp, old, adv, mask[:, :3], beta=0.0)
+    with pytest.raises(ValueError, match="old_logp must have shape"):
+        grpo_loss(logp, old[:, :2], adv, mask, beta=0.0)
+    with pytest.raises(ValueError, match="logp must be 2-D"):
+        grpo_loss(logp[0], None, adv, mask, beta=0.0)
+    with pytest.raises(ValueError, match="importance_sampling_level must be one of"):
+        grpo_loss(logp, old, adv, mask, beta=0.0, importance_sampling_level="tok")
+    with pytest.raises(ValueError, match="max_completion_length must be a positive int"):
+        grpo_loss(logp, old, adv, mask, beta=0.0, loss_type="dr_grpo", max_completion_length=0)
+    with pytest.raises(TypeError, match="mask must be a bool or numeric"):
+        grpo_loss(logp, old, adv, mask.to(torch.complex64), beta=0.0)
