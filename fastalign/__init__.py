@@ -6,11 +6,14 @@ The public functional API. Every op takes ``impl="auto" | "triton" | "torch"`` (
 
 from fastalign._dispatch import select_impl, triton_interpret_enabled
 from fastalign._validation import set_index_checks
+from fastalign.ops.kl import k3_kl, kl_penalty
 from fastalign.ops.logprobs import logprobs_from_logits
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "k3_kl",
+    "kl_penalty",
     "logprobs_from_logits",
     "select_impl",
     "set_index_checks",

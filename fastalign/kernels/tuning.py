@@ -43,8 +43,9 @@ def logprobs_bwd_config(vocab: int) -> RowConfig:
 TORCH_CHUNK_ELEMENTS = 1 << 21
 
 
-def torch_rows_per_chunk(vocab: int, budget_elements: int = TORCH_CHUNK_ELEMENTS) -> int:
-    return max(1, budget_elements // max(vocab, 1))
+def torch_rows_per_chunk(vocab: int, budget_elements: int | None = None) -> int:
+    budget = TORCH_CHUNK_ELEMENTS if budget_elements is None else budget_elements
+    return max(1, budget // max(vocab, 1))
 
 
 # ---- log-probs from hidden states and the lm_head weight (kernels/linear_logprobs.py) -----------
@@ -108,3 +109,56 @@ def linear_logprobs_chunking(device_type: str, vocab: int, n_rows: int, chunk_si
     cols = max(1, min(cols, max(vocab, 1)))
     rows = max(1, LINEAR_LOGPROBS_TILE_ELEMENTS[key] // cols)
     return min(rows, max(n_rows, 1)), cols
+
+
+# ---- token-level elementwise ops: KL estimators, clipped surrogate (kernels/kl.py, surrogate.py) ----
+# A token tensor is addressed as rows x time ([R, T], two strides each); one program covers a
+# BLOCK_R x BLOCK_T tile (about 2K elements: memory-bound, so enough bytes in flight per SM).
+@dataclass(frozen=True)
+class TileConfig:
+    block_r: int
+    block_t: int
+    num_warps: int
+
+
+TOKEN_TILE_CONFIGS = (
+    TileConfig(128, 16, 4), TileConfig(32, 64, 4), TileConfig(8, 256, 4), TileConfig(2, 1024, 4),
+    TileConfig(1, 2048, 4),
+)
+
+
+def token_tile_config(rows: int, cols: int) -> TileConfig:
+    """The tile whose time extent first covers ``cols``; a single row uses the 1 x 2048 tile."""
+    if rows <= 1:
+        return TOKEN_TILE_CONFIGS[-1]
+    for cfg in TOKEN_TILE_CONFIGS[:-1]:
+        if cfg.block_t >= cols:
+            return cfg
+    return TOKEN_TILE_CONFIGS[-2]
+
+
+# Sequence-level (GSPO) surrogate: one program per row, walking the row in blocks of BLOCK_T.
+SEQ_ROW_CONFIGS = (RowConfig(256, 2), RowConfig(1024, 4), RowConfig(4096, 8))
+
+
+def seq_row_config(cols: int) -> RowConfig:
+    return _smallest_covering(SEQ_ROW_CONFIGS, cols)
+
+
+# ---- group advantages (kernels/group_advantages.py) ----------------------------------------------
+# One program per BLOCK_I samples; it scans the candidate members j in blocks of BLOCK_J.
+GROUP_ADV_CONFIGS = (RowConfig(64, 4),)  # block = BLOCK_I = BLOCK_J
+
+
+def group_adv_config(n: int) -> RowConfig:
+    return GROUP_ADV_CONFIGS[0]
+
+
+# ---- GAE (kernels/gae.py) --------------------------------------------------------------------------
+# One program per row; the row is walked from the end in chunks of ``block`` steps, each chunk solved
+# by an associative scan of affine maps, the carry passed to the next chunk.
+GAE_CONFIGS = (RowConfig(128, 4), RowConfig(512, 4), RowConfig(2048, 8))
+
+
+def gae_config(T: int) -> RowConfig:
+    return _smallest_covering(GAE_CONFIGS, T)

@@ -1,0 +1,147 @@
+"""KL estimators k1 / k2 / k3 between per-token log-probs: one elementwise pass each way.
+
+With ``x = logp - ref_logp`` (clamped to ``[-lr_clamp, lr_clamp]`` first when asked):
+``k1 = x``, ``k2 = x^2 / 2``, ``k3 = exp(-x) + x - 1`` (= exp(ref - logp) - (ref - logp) - 1); the
+result is then clamped to ``[-out_clamp, out_clamp]`` when asked. Clamps are runtime fp32 args
+(+inf = off), and so is ``kind`` (1, 2 or 3): one compiled kernel per dtype and tile.
+Gradients follow torch.clamp: zero where a clamp is active (strictly outside its range).
+
+Tensors are addressed as ``[R, T]`` through two strides each (inputs and the upstream gradient are
+read in place, expanded stride-0 gradients included); outputs are written contiguous ``[R, T]``.
+fp64 inputs compute in fp64 (``FP64`` flag), everything else in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastalign.kernels import tuning
+from fastalign.kernels.aot import AotSpec
+from fastalign.ops._tokens import TRITON_DTYPE
+
+
+@triton.jit
+def _kl_value_and_slope(x, kind, out_clamp):
+    """(estimator value, d value / d x) for the runtime ``kind``; slope 0 where the result clamp bites."""
+    e = tl.exp(-x)
+    val = tl.where(kind == 1, x, tl.where(kind == 2, 0.5 * x * x, e + x - 1.0))
+    slope = tl.where(kind == 1, 1.0, tl.where(kind == 2, x, 1.0 - e))
+    inside = (val >= -out_clamp) & (val <= out_clamp)
+    val = tl.minimum(tl.maximum(val, -out_clamp), out_clamp)
+    slope = tl.where(inside, slope, 0.0)
+    return val, slope
+
+
+@triton.jit
+def _kl_fwd_kernel(
+    logp_ptr, ref_ptr, out_ptr,
+    R, T, s_lp_r, s_lp_t, s_ref_r, s_ref_t,
+    kind, lr_clamp, out_clamp,
+    FP64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
+    inb = (rows < R)[:, None] & (cols < T)[None, :]
+    if FP64:
+        acc = tl.float64
+    else:
+        acc = tl.float32
+    lp = tl.load(logp_ptr + rows[:, None] * s_lp_r + cols[None, :] * s_lp_t, mask=inb, other=0.0).to(acc)
+    ref = tl.load(ref_ptr + rows[:, None] * s_ref_r + cols[None, :] * s_ref_t, mask=inb, other=0.0).to(acc)
+    x = lp - ref
+    x = tl.minimum(tl.maximum(x, -lr_clamp), lr_clamp)
+    val, _ = _kl_value_and_slope(x, kind, out_clamp)
+    tl.store(out_ptr + rows[:, None] * T + cols[None, :], val, mask=inb)
+
+
+@triton.jit
+def _kl_bwd_kernel(
+    logp_ptr, ref_ptr, grad_ptr, dlogp_ptr, dref_ptr,
+    R, T, s_lp_r, s_lp_t, s_ref_r, s_ref_t, s_g_r, s_g_t,
+    kind, lr_clamp, out_clamp, want_dlogp, want_dref,
+    FP64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
+    inb = (rows < R)[:, None] & (cols < T)[None, :]
+    if FP64:
+        acc = tl.float64
+    else:
+        acc = tl.float32
+    lp = tl.load(logp_ptr + rows[:, None] * s_lp_r + cols[None, :] * s_lp_t, mask=inb, other=0.0).to(acc)
+    ref = tl.load(ref_ptr + rows[:, None] * s_ref_r + cols[None, :] * s_ref_t, mask=inb, other=0.0).to(acc)
+    g = tl.load(grad_ptr + rows[:, None] * s_g_r + cols[None, :] * s_g_t, mask=inb, other=0.0).to(acc)
+    x_raw = lp - ref
+    x_inside = (x_raw >= -lr_clamp) & (x_raw <= lr_clamp)
+    x = tl.minimum(tl.maximum(x_raw, -lr_clamp), lr_clamp)
+    _, slope = _kl_value_and_slope(x, kind, out_clamp)
+    dx = tl.where(x_inside, g * slope, 0.0)
+    out = rows[:, None] * T + cols[None, :]
+    # (scalar flags folded into the column bound: scalar & block masks trip the interpreter)
+    rows_ok = (rows < R)[:, None]
+    tl.store(dlogp_ptr + out, dx, mask=rows_ok & (cols < T * want_dlogp)[None, :])
+    tl.store(dref_ptr + out, -dx, mask=rows_ok & (cols < T * want_dref)[None, :])
+
+
+def _grid(R: int, T: int, cfg):
+    return (triton.cdiv(R, cfg.block_r), triton.cdiv(T, cfg.block_t))
+
+
+def kl_forward(logp: torch.Tensor, ref: torch.Tensor, kind: int, lr_clamp: float, out_clamp: float,
+               out_dtype: torch.dtype) -> torch.Tensor:
+    """``logp``, ``ref``: [R, T] (any strides). Returns the estimator, contiguous [R, T] ``out_dtype``."""
+    R, T = logp.shape
+    out = torch.empty((R, T), dtype=out_dtype, device=logp.device)
+    if R * T == 0:
+        return out
+    cfg = tuning.token_tile_config(R, T)
+    _kl_fwd_kernel[_grid(R, T, cfg)](
+        logp, ref, out, R, T, logp.stride(0), logp.stride(1), ref.stride(0), ref.stride(1),
+        kind, lr_clamp, out_clamp,
+        FP64=out_dtype == torch.float64, BLOCK_R=cfg.block_r, BLOCK_T=cfg.block_t, num_warps=cfg.num_warps)
+    return out
+
+
+def kl_backward(logp: torch.Tensor, ref: torch.Tensor, grad: torch.Tensor, kind: int, lr_clamp: float,
+                out_clamp: float, want_dlogp: bool, want_dref: bool, acc_dtype: torch.dtype):
+    """Gradients w.r.t. ``logp`` and ``ref`` (contiguous [R, T], in each input's dtype; None if not wanted)."""
+    R, T = logp.shape
+    dlogp = torch.empty((R, T), dtype=logp.dtype, device=logp.device) if want_dlogp else None
+    dref = torch.empty((R, T), dtype=ref.dtype, device=ref.device) if want_dref else None
+    if R * T == 0 or not (want_dlogp or want_dref):
+        return dlogp, dref
+    cfg = tuning.token_tile_config(R, T)
+    # An unwanted output gets the other buffer as a never-written placeholder pointer.
+    d1 = dlogp if dlogp is not None else dref
+    d2 = dref if dref is not None else dlogp
+    _kl_bwd_kernel[_grid(R, T, cfg)](
+        logp, ref, grad, d1, d2, R, T, logp.stride(0), logp.stride(1), ref.stride(0), ref.stride(1),
+        grad.stride(0), grad.stride(1), kind, lr_clamp, out_clamp, int(want_dlogp), int(want_dref),
+        FP64=acc_dtype == torch.float64, BLOCK_R=cfg.block_r, BLOCK_T=cfg.block_t, num_warps=cfg.num_warps)
+    return dlogp, dref
+
+
+def aot_specs() -> list[AotSpec]:
+    """Every tile config x input dtype (logp, ref_logp and the gradient share the dtype family)."""
+    specs = []
+    for dtype, ty in TRITON_DTYPE.items():
+        acc = "fp64" if dtype == torch.float64 else "fp32"
+        for cfg in tuning.TOKEN_TILE_CONFIGS:
+            const = {"FP64": dtype == torch.float64, "BLOCK_R": cfg.block_r, "BLOCK_T": cfg.block_t}
+            tag = f"{ty},{cfg.block_r}x{cfg.block_t}"
+            specs.append(AotSpec(
+                f"kl_fwd[{tag}]", _kl_fwd_kernel,
+                {"logp_ptr": f"*{ty}", "ref_ptr": f"*{ty}", "out_ptr": f"*{acc}", "R": "i64", "T": "i64",
+                 "s_lp_r": "i64", "s_lp_t": "i64", "s_ref_r": "i64", "s_ref_t": "i64",
+                 "kind": "i32", "lr_clamp": "fp32", "out_clamp": "fp32"},
+                const, num_warps=cfg.num_warps))
+            specs.append(AotSpec(
+                f"kl_bwd[{tag}]", _kl_bwd_kernel,
+                {"logp_ptr": f"*{ty}", "ref_ptr": f"*{ty}", "grad_ptr": f"*{acc}", "dlogp_ptr": f"*{ty}",
+                 "dref_ptr": f"*{ty}", "R": "i64", "T": "i64", "s_lp_r": "i64", "s_lp_t": "i64",
+                 "s_ref_r": "i64", "s_ref_t": "i64", "s_g_r": "i64", "s_g_t": "i64",
+                 "kind": "i32", "lr_clamp": "fp32", "out_clamp": "fp32", "want_dlogp": "i32", "want_dref": "i32"},
+                const, num_warps=cfg.num_warps))
+    return specs

@@ -1,0 +1,142 @@
+"""``kl_penalty`` / ``k3_kl``: per-token KL estimators between policy and reference log-probs.
+
+input checks -> :class:`_KLPenalty` (thin autograd.Function) -> :mod:`fastalign.kernels.kl` or the
+torch path below, chosen by :func:`fastalign._dispatch.select_impl`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+from fastalign._dispatch import Impl, select_impl
+from fastalign._validation import check_float, check_same_device, result_dtype
+from fastalign.ops._tokens import as_rows
+
+_OP = "kl_penalty"
+_KINDS = {"k1": 1, "k2": 2, "k3": 3}
+
+KLKind = Literal["k1", "k2", "k3"]
+
+
+# ---- torch path ---------------------------------------------------------------------------------
+
+def torch_kl_forward(logp, ref, kind: int, lr_clamp: float, out_clamp: float, acc: torch.dtype):
+    x = (logp.to(acc) - ref.to(acc)).clamp(-lr_clamp, lr_clamp)
+    if kind == 1:
+        val = x
+    elif kind == 2:
+        val = 0.5 * x * x
+    else:
+        val = torch.exp(-x) + x - 1.0
+    return val.clamp(-out_clamp, out_clamp) if math.isfinite(out_clamp) else val
+
+
+def torch_kl_backward(logp, ref, grad, kind: int, lr_clamp: float, out_clamp: float, acc: torch.dtype):
+    """d kl / d logp (d kl / d ref is its negative), with torch.clamp's gradient convention."""
+    x_raw = logp.to(acc) - ref.to(acc)
+    x = x_raw.clamp(-lr_clamp, lr_clamp)
+    if kind == 1:
+        val, slope = x, torch.ones_like(x)
+    elif kind == 2:
+        val, slope = 0.5 * x * x, x
+    else:
+        e = torch.exp(-x)
+        val, slope = e + x - 1.0, 1.0 - e
+    keep = (x_raw >= -lr_clamp) & (x_raw <= lr_clamp) & (val >= -out_clamp) & (val <= out_clamp)
+    return torch.where(keep, grad.to(acc) * slope, 0.0)
+
+
+# ---- autograd -------------------------------------------------------------------------------------
+
+class _KLPenalty(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logp, ref, kind, lr_clamp, out_clamp, backend):
+        acc = result_dtype(logp.dtype, ref.dtype)
+        if backend == "triton":
+            from fastalign.kernels.kl import kl_forward
+
+            out = kl_forward(logp, ref, kind, lr_clamp, out_clamp, acc)
+        else:
+            out = torch_kl_forward(logp, ref, kind, lr_clamp, out_clamp, acc)
+        ctx.save_for_backward(logp, ref)
+        ctx.args = (kind, lr_clamp, out_clamp, backend, acc)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        logp, ref = ctx.saved_tensors
+        kind, lr_clamp, out_clamp, backend, acc = ctx.args
+        want_lp, want_ref = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if backend == "triton":
+            from fastalign.kernels.kl import kl_backward
+
+            dlogp, dref = kl_backward(logp, ref, grad, kind, lr_clamp, out_clamp, want_lp, want_ref, acc)
+        else:
+            d = torch_kl_backward(logp, ref, grad, kind, lr_clamp, out_clamp, acc)
+            dlogp = d.to(logp.dtype) if want_lp else None
+            dref = (-d).to(ref.dtype) if want_ref else None
+        return dlogp, dref, None, None, None, None
+
+
+# ---- public functions ---------------------------------------------------------------------------
+
+def _check_clamp(value, name: str) -> float:
+    if value is None:
+        return math.inf
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{_OP}: {name} must be None or a positive number, got {type(value).__name__}")
+    if not value > 0:
+        raise ValueError(f"{_OP}: {name} must be None or > 0, got {value}")
+    return float(value)
+
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: KLKind = "k3", *,
+               clamp: float | None = None, log_ratio_clamp: float | None = None,
+               impl: Impl = "auto") -> torch.Tensor:
+    """Per-token KL estimator between the policy and the reference (Schulman's k1 / k2 / k3).
+
+    With ``x = logp - ref_logp``:
+      * ``"k1"``: ``x``  (unbiased, can be negative);
+      * ``"k2"``: ``x^2 / 2``;
+      * ``"k3"``: ``exp(ref - logp) - (ref - logp) - 1 = exp(-x) + x - 1``  (non-negative, low variance;
+        the GRPO / TRL / verl ``low_var_kl`` estimator).
+
+    Clamps (both off by default), in this order:
+      1. ``log_ratio_clamp=c``: ``x`` is clamped to ``[-c, c]`` *before* the estimator;
+      2. ``clamp=c``: the estimator's *result* is clamped to ``[-c, c]``.
+    verl's ``low_var_kl`` is ``kind="k3", log_ratio_clamp=20, clamp=10``. Gradients follow
+    ``torch.clamp``: zero where a clamp is active.
+
+    Args:
+        logp: ``[...]`` fp16 / bf16 / fp32 / fp64 log-probs of the sampled tokens under the policy.
+        ref_logp: ``[...]`` same shape, any float dtype: the reference model's log-probs.
+        kind: ``"k1" | "k2" | "k3"``.
+        clamp: ``None`` or ``c > 0``: clamp of the result.
+        log_ratio_clamp: ``None`` or ``c > 0``: clamp of ``logp - ref_logp`` before the estimator.
+        impl: ``"auto" | "triton" | "torch"``.
+
+    Returns:
+        ``[...]`` fp32 (fp64 when either input is fp64), differentiable w.r.t. ``logp`` and
+        ``ref_logp`` (gradients in each input's dtype).
+    """
+    check_float(logp, "logp", _OP)
+    check_float(ref_logp, "ref_logp", _OP)
+    if tuple(logp.shape) != tuple(ref_logp.shape):
+        raise ValueError(f"{_OP}: ref_logp must have the shape of logp {tuple(logp.shape)}, "
+                         f"got {tuple(ref_logp.shape)}")
+    if kind not in _KINDS:
+        raise ValueError(f"{_OP}: kind must be one of {tuple(_KINDS)}, got {kind!r}")
+    out_clamp = _check_clamp(clamp, "clamp")
+    lr_clamp = _check_clamp(log_ratio_clamp, "log_ratio_clamp")
+    device = check_same_device(_OP, logp=logp, ref_logp=ref_logp)
+    backend = select_impl(impl, device, op=_OP)
+    out = _KLPenalty.apply(as_rows(logp), as_rows(ref_logp), _KINDS[kind], lr_clamp, out_clamp, backend)
+    return out.view(logp.shape)
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, *, impl: Impl = "auto") -> torch.Tensor:
+    """``exp(ref - logp) - (ref - logp) - 1`` per token: :func:`kl_penalty` with ``kind="k3"``, no clamps."""
+    return kl_penalty(logp, ref_logp, "k3", impl=impl)
