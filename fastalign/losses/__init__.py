@@ -2,12 +2,16 @@
 
 from fastalign.losses.dpo import dpo_loss, kto_loss, orpo_loss, reward_model_loss, simpo_loss
 from fastalign.losses.grpo import grpo_loss
+from fastalign.losses.ppo import ppo_loss, ppo_policy_loss, value_loss
 
 __all__ = [
     "dpo_loss",
     "grpo_loss",
     "kto_loss",
     "orpo_loss",
+    "ppo_loss",
+    "ppo_policy_loss",
     "reward_model_loss",
     "simpo_loss",
+    "value_loss",
 ]

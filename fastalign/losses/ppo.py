@@ -1,0 +1,206 @@
+"""PPO losses (tutorial section 2.4): clipped policy surrogate (dual-clip optional), value loss
+(optionally clipped around the old values), entropy bonus; token-means over the action mask.
+
+``loss = policy + c_v * value - c_e * entropy`` with the tutorial's defaults ``eps = 0.2``,
+``c_v = 0.5``, ``c_e = 0.01``. The fused policy term from hidden states is
+:func:`fastalign.losses.linear_ppo_policy_loss`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from fastalign._validation import check_float, check_mask, check_same_device
+from fastalign.losses._common import as_compute, check_choice, check_number, compute_dtype
+
+
+def _check_bt(x, name, op, shape):
+    check_float(x, name, op)
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{op}: {name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+
+
+def _mmean(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    return (x * m).sum() / m.sum().clamp(min=1.0)
+
+
+def validate_ppo_policy_args(op, eps_low, eps_high, dual_clip, level):
+    eps_low = check_number(eps_low, "eps_low", op, lo=0.0)
+    eps_high = eps_low if eps_high is None else check_number(eps_high, "eps_high", op, lo=0.0)
+    if dual_clip is not None:
+        dual_clip = check_number(dual_clip, "dual_clip", op, lo=1.0, lo_open=True)
+    check_choice(level, "level", op, ("token", "sequence"))
+    return eps_low, eps_high, dual_clip
+
+
+def ppo_policy_per_token(lp, old, adv, m, *, eps_low, eps_high, dual_clip, level):
+    """Per-token clipped surrogate ``[B, T]`` and the ratio; inputs in the compute dtype."""
+    if adv.dim() == 1:
+        adv = adv.unsqueeze(1)
+    log_ratio = lp - old
+    if level == "sequence":
+        log_ratio = ((log_ratio * m).sum(-1) / m.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    ratio = torch.exp(log_ratio)
+    surr = torch.max(-ratio * adv, -torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv)
+    if dual_clip is not None:
+        # Dual-clip PPO (Ye et al. 2020): where A < 0 the loss is bounded by -c A.
+        surr = torch.where(adv < 0, torch.min(surr, -dual_clip * adv), surr)
+    return surr, ratio
+
+
+def ppo_policy_metrics(ratio, lp, old, m, eps_low, eps_high) -> dict[str, torch.Tensor]:
+    r = ratio.detach()
+    lr = (lp - old).detach()
+    mm = m if r.shape == m.shape else torch.ones_like(r)
+    return {
+        "approx_kl": _mmean(torch.exp(lr) - 1.0 - lr, m),
+        "clip_frac": _mmean(((r < 1.0 - eps_low) | (r > 1.0 + eps_high)).to(m.dtype), mm),
+    }
+
+
+def ppo_policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float | None = None,
+    dual_clip: float | None = None,
+    level: Literal["token", "sequence"] = "token",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO-Clip policy loss, token-mean over ``mask``.
+
+    ``r = exp(logp - old_logp)`` (``level="sequence"``: exp of the masked mean log-ratio per row);
+    per token ``max(-r A, -clip(r, 1 - eps_low, 1 + eps_high) A)``; with ``dual_clip=c`` (> 1) the
+    loss is additionally bounded by ``-c A`` where ``A < 0``; loss ``sum m l / max(sum m, 1)``.
+
+    Args:
+        logp: ``[B, T]`` float (differentiable). old_logp: ``[B, T]`` float (constant).
+        advantages: ``[B, T]``, ``[B]`` or ``[B, 1]`` float (constant). mask: ``[B, T]`` bool or 0/1.
+
+    Returns:
+        ``(loss, metrics)`` with ``approx_kl`` (``mean(r - 1 - log r)``) and ``clip_frac``.
+    """
+    op = "ppo_policy_loss"
+    check_float(logp, "logp", op)
+    if logp.dim() != 2:
+        raise ValueError(f"{op}: logp must be 2-D [B, T], got shape {tuple(logp.shape)}")
+    B, T = logp.shape
+    _check_bt(old_logp, "old_logp", op, logp.shape)
+    check_float(advantages, "advantages", op)
+    if advantages.shape not in ((B, T), (B,), (B, 1)):
+        raise ValueError(f"{op}: advantages must have shape {(B, T)}, ({B},) or ({B}, 1), got {tuple(advantages.shape)}")
+    check_mask(mask, "mask", op)
+    if tuple(mask.shape) != (B, T):
+        raise ValueError(f"{op}: mask must have shape {(B, T)}, got {tuple(mask.shape)}")
+    check_same_device(op, logp=logp, old_logp=old_logp, advantages=advantages, mask=mask)
+    eps_low, eps_high, dual_clip = validate_ppo_policy_args(op, eps_low, eps_high, dual_clip, level)
+    dt = compute_dtype(logp, old_logp, advantages)
+    lp = as_compute(logp, dt)
+    old = as_compute(old_logp, dt).detach()
+    adv = as_compute(advantages, dt).detach()
+    m = mask.to(dt)
+    per_token, ratio = ppo_policy_per_token(lp, old, adv, m, eps_low=eps_low, eps_high=eps_high,
+                                            dual_clip=dual_clip, level=level)
+    loss = _mmean(per_token, m)
+    return loss, ppo_policy_metrics(ratio, lp, old, m, eps_low, eps_high)
+
+
+def value_loss(
+    values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    old_values: torch.Tensor | None = None,
+    clip: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Value loss ``mean_m (V - R)^2`` (the tutorial's, without a 1/2 factor).
+
+    With ``clip`` (needs ``old_values``): ``mean_m max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2)``
+    (PPO2's clipped value loss).
+
+    Args:
+        values: ``[B, T]`` float (differentiable). returns: ``[B, T]`` float (constant).
+        mask: ``[B, T]`` bool or 0/1. old_values: ``[B, T]`` float. clip: > 0.
+
+    Returns:
+        ``(loss, metrics)`` with ``vf_clip_frac`` (share of tokens where the clipped term is larger).
+    """
+    op = "value_loss"
+    check_float(values, "values", op)
+    _check_bt(returns, "returns", op, values.shape)
+    check_mask(mask, "mask", op)
+    if mask.shape != values.shape:
+        raise ValueError(f"{op}: mask must have shape {tuple(values.shape)}, got {tuple(mask.shape)}")
+    if clip is not None:
+        clip = check_number(clip, "clip", op, lo=0.0, lo_open=True)
+        if old_values is None:
+            raise ValueError(f"{op}: clip={clip} needs old_values (the values at sampling time), got None")
+    if old_values is not None:
+        _check_bt(old_values, "old_values", op, values.shape)
+    check_same_device(op, values=values, returns=returns, mask=mask, old_values=old_values)
+    dt = compute_dtype(values, returns, old_values)
+    v = as_compute(values, dt)
+    R = as_compute(returns, dt).detach()
+    m = mask.to(dt)
+    err = (v - R) ** 2
+    metrics: dict[str, torch.Tensor] = {}
+    if clip is not None:
+        vo = as_compute(old_values, dt).detach()
+        v_clipped = vo + torch.clamp(v - vo, -clip, clip)
+        err_c = (v_clipped - R) ** 2
+        metrics["vf_clip_frac"] = _mmean((err_c > err).to(dt).detach(), m)
+        err = torch.max(err, err_c)
+    return _mmean(err, m), metrics
+
+
+def ppo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    values: torch.Tensor | None = None,
+    returns: torch.Tensor | None = None,
+    old_values: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+    eps_low: float = 0.2,
+    eps_high: float | None = None,
+    dual_clip: float | None = None,
+    value_clip: float | None = None,
+    vf_coef: float = 0.5,
+    ent_coef: float = 0.01,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Full PPO objective of the tutorial: ``policy + vf_coef * value - ent_coef * entropy``.
+
+    Each term is a token-mean over ``mask``. ``values``/``returns`` (both or neither) add the value
+    loss (:func:`value_loss`, clipped around ``old_values`` with ``value_clip``); ``entropy``
+    ``[B, T]`` (e.g. from ``linear_logprobs(..., return_entropy=True)``, differentiable) adds the
+    entropy bonus.
+
+    Returns:
+        ``(loss, metrics)``: ``policy``, ``value``, ``entropy`` (when given), ``approx_kl``,
+        ``clip_frac`` (and ``vf_clip_frac``), all detached.
+    """
+    op = "ppo_loss"
+    vf_coef = check_number(vf_coef, "vf_coef", op, lo=0.0)
+    ent_coef = check_number(ent_coef, "ent_coef", op, lo=0.0)
+    if (values is None) != (returns is None):
+        raise ValueError(f"{op}: pass both values and returns or neither, got only one")
+    pol, metrics = ppo_policy_loss(logp, old_logp, advantages, mask, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip)
+    loss = pol
+    metrics = {"policy": pol.detach(), **metrics}
+    if values is not None:
+        vl, vm = value_loss(values, returns, mask, old_values=old_values, clip=value_clip)
+        loss = loss + vf_coef * vl
+        metrics["value"] = vl.detach()
+        metrics.update(vm)
+    if entropy is not None:
+        _check_bt(entropy, "entropy", op, logp.shape)
+        ent = _mmean(as_compute(entropy, compute_dtype(entropy, logp)), mask.to(compute_dtype(entropy, logp)))
+        loss = loss - ent_coef * ent
+        metrics["entropy"] = ent.detach()
+    return loss, metrics
