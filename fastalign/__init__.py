@@ -9,10 +9,13 @@ from fastalign._validation import set_index_checks
 from fastalign.ops.kl import k3_kl, kl_penalty
 from fastalign.ops.linear_logprobs import linear_logprobs
 from fastalign.ops.logprobs import logprobs_from_logits
+from fastalign.ops.surrogate import clipped_surrogate, clipped_surrogate_with_stats
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "clipped_surrogate",
+    "clipped_surrogate_with_stats",
     "k3_kl",
     "kl_penalty",
     "linear_logprobs",

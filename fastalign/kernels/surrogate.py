@@ -1,0 +1,323 @@
+"""PPO / GRPO clipped surrogate per token, token level or sequence level (GSPO), with statistics.
+
+Per valid token (``mask`` 1), with ratio ``r`` and advantage ``A``:
+``loss1 = max(-r A, -clip(r, lo, hi) A)``; with dual-clip ``c``: ``loss = min(-c A, loss1)`` where
+``A < 0``. Masked tokens get loss 0 and gradient 0. ``dloss/dr = -A`` where the unclipped term is
+the active one (``r A <= clip(r) A``) and the dual bound is not, else 0; ``dr/dlogp = r``.
+
+Token level: ``r = exp(logp - old)`` per token; one program per ``BLOCK_R x BLOCK_T`` tile, forward
+and backward each one elementwise pass. Sequence level (GSPO): ``r_b = exp(sum_t m (logp - old) /
+max(sum_t m, 1))`` per row; one program per row, forward = reduction pass + loss pass, backward =
+reduction of ``sum_t g m dloss/dr`` + gradient pass (the row log-ratio and count come from forward).
+
+Each forward program also writes its partial sums of the monitoring statistics (``STAT_NAMES``)
+to a small ``[programs, 8]`` buffer; the caller sums it (no host sync). Advantages per sequence are
+read through a stride-0 time axis; an absent mask is a stride-0 ones tensor. dual_clip = +inf and
+clip bounds are runtime fp32 args. fp64 inputs compute in fp64 (``FP64`` flag).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastalign.kernels import tuning
+from fastalign.kernels.aot import AotSpec
+from fastalign.ops._tokens import TRITON_DTYPE
+
+# Order of the partial sums each forward program writes.
+STAT_NAMES = ("count", "loss", "ratio", "approx_kl", "clip_low", "clip_high", "dual_clip")
+N_STATS = 8
+# "No dual clip" as a finite fp32 bound (inf * 0 would make NaNs in lanes that are then discarded).
+_NO_DUAL = 3.0e38
+
+
+@triton.jit
+def _surrogate_terms(r, A, lo, hi, dual_c):
+    """Per-token loss, dloss/dr and the three clip indicators for ratio ``r`` and advantage ``A``."""
+    clip_r = tl.minimum(tl.maximum(r, lo), hi)
+    s1 = -r * A
+    s2 = -clip_r * A
+    loss1 = tl.maximum(s1, s2)
+    neg = A < 0
+    bound = -dual_c * A
+    dual = neg & (bound < loss1)
+    loss = tl.where(dual, bound, loss1)
+    active = (s1 >= s2) & (dual == 0)
+    slope = tl.where(active, -A, 0.0)
+    low = (r < lo) & neg
+    high = (r > hi) & (A > 0)
+    return loss, slope, low, high, dual
+
+
+@triton.jit
+def _store_stats(part_ptr, pid, count, loss_sum, ratio_sum, kl_sum, n_low, n_high, n_dual):
+    base = part_ptr + pid * 8
+    tl.store(base + 0, count)
+    tl.store(base + 1, loss_sum)
+    tl.store(base + 2, ratio_sum)
+    tl.store(base + 3, kl_sum)
+    tl.store(base + 4, n_low)
+    tl.store(base + 5, n_high)
+    tl.store(base + 6, n_dual)
+    tl.store(base + 7, count * 0)
+
+
+@triton.jit
+def _surr_tok_fwd_kernel(
+    logp_ptr, old_ptr, adv_ptr, mask_ptr, loss_ptr, part_ptr,
+    R, T, s_lp_r, s_lp_t, s_old_r, s_old_t, s_a_r, s_a_t, s_m_r, s_m_t,
+    lo, hi, dual_c,
+    FP64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    pid_r = tl.program_id(0).to(tl.int64)
+    pid_t = tl.program_id(1).to(tl.int64)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    cols = pid_t * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
+    inb = (rows < R)[:, None] & (cols < T)[None, :]
+    if FP64:
+        acc = tl.float64
+    else:
+        acc = tl.float32
+    r_ = rows[:, None]
+    c_ = cols[None, :]
+    lp = tl.load(logp_ptr + r_ * s_lp_r + c_ * s_lp_t, mask=inb, other=0.0).to(acc)
+    old = tl.load(old_ptr + r_ * s_old_r + c_ * s_old_t, mask=inb, other=0.0).to(acc)
+    A = tl.load(adv_ptr + r_ * s_a_r + c_ * s_a_t, mask=inb, other=0.0).to(acc)
+    valid = (tl.load(mask_ptr + r_ * s_m_r + c_ * s_m_t, mask=inb, other=0) != 0) & inb
+    lr = lp - old
+    r = tl.exp(lr)
+    loss, _, low, high, dual = _surrogate_terms(r, A, lo, hi, dual_c)
+    loss = tl.where(valid, loss, 0.0)
+    tl.store(loss_ptr + r_ * T + c_, loss, mask=inb)
+    zero = tl.zeros_like(loss)
+    one = zero + 1.0
+    count = tl.sum(tl.sum(tl.where(valid, one, zero), axis=1), axis=0)
+    loss_sum = tl.sum(tl.sum(loss, axis=1), axis=0)
+    ratio_sum = tl.sum(tl.sum(tl.where(valid, r, zero), axis=1), axis=0)
+    kl_sum = tl.sum(tl.sum(tl.where(valid, (r - 1.0) - lr, zero), axis=1), axis=0)
+    n_low = tl.sum(tl.sum(tl.where(valid & low, one, zero), axis=1), axis=0)
+    n_high = tl.sum(tl.sum(tl.where(valid & high, one, zero), axis=1), axis=0)
+    n_dual = tl.sum(tl.sum(tl.where(valid & dual, one, zero), axis=1), axis=0)
+    pid = pid_r * tl.num_programs(1) + pid_t
+    _store_stats(part_ptr, pid, count, loss_sum, ratio_sum, kl_sum, n_low, n_high, n_dual)
+
+
+@triton.jit
+def _surr_tok_bwd_kernel(
+    logp_ptr, old_ptr, adv_ptr, mask_ptr, grad_ptr, dlogp_ptr,
+    R, T, s_lp_r, s_lp_t, s_old_r, s_old_t, s_a_r, s_a_t, s_m_r, s_m_t, s_g_r, s_g_t,
+    lo, hi, dual_c,
+    FP64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
+    inb = (rows < R)[:, None] & (cols < T)[None, :]
+    if FP64:
+        acc = tl.float64
+    else:
+        acc = tl.float32
+    r_ = rows[:, None]
+    c_ = cols[None, :]
+    lp = tl.load(logp_ptr + r_ * s_lp_r + c_ * s_lp_t, mask=inb, other=0.0).to(acc)
+    old = tl.load(old_ptr + r_ * s_old_r + c_ * s_old_t, mask=inb, other=0.0).to(acc)
+    A = tl.load(adv_ptr + r_ * s_a_r + c_ * s_a_t, mask=inb, other=0.0).to(acc)
+    valid = (tl.load(mask_ptr + r_ * s_m_r + c_ * s_m_t, mask=inb, other=0) != 0) & inb
+    g = tl.load(grad_ptr + r_ * s_g_r + c_ * s_g_t, mask=inb, other=0.0).to(acc)
+    r = tl.exp(lp - old)
+    _, slope, _, _, _ = _surrogate_terms(r, A, lo, hi, dual_c)
+    d = tl.where(valid, g * slope * r, 0.0)
+    tl.store(dlogp_ptr + r_ * T + c_, d, mask=inb)
+
+
+@triton.jit
+def _surr_seq_fwd_kernel(
+    logp_ptr, old_ptr, adv_ptr, mask_ptr, loss_ptr, part_ptr, seq_lr_ptr, seq_n_ptr,
+    T, s_lp_r, s_lp_t, s_old_r, s_old_t, s_a_r, s_a_t, s_m_r, s_m_t,
+    lo, hi, dual_c,
+    FP64: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    if FP64:
+        acc = tl.float64
+    else:
+        acc = tl.float32
+    offs = tl.arange(0, BLOCK_T).to(tl.int64)
+    s_acc = tl.zeros((BLOCK_T,), acc)
+    n_acc = tl.zeros((BLOCK_T,), acc)
+    for start in range(0, T, BLOCK_T):
+        cols = start + offs
+        inb = cols < T
+        lp = tl.load(logp_ptr + row * s_lp_r + cols * s_lp_t, mask=inb, other=0.0).to(acc)
+        old = tl.load(old_ptr + row * s_old_r + cols * s_old_t, mask=inb, other=0.0).to(acc)
+        valid = (tl.load(mask_ptr + row * s_m_r + cols * s_m_t, mask=inb, other=0) != 0) & inb
+        s_acc += tl.where(valid, lp - old, 0.0)
+        n_acc += tl.where(valid, 1.0, 0.0)
+    n = tl.sum(n_acc, axis=0)
+    seq_lr = tl.sum(s_acc, axis=0) / tl.maximum(n, 1.0)
+    tl.store(seq_lr_ptr + row, seq_lr)
+    tl.store(seq_n_ptr + row, n)
+    r = tl.exp(seq_lr)
+    loss_acc = tl.zeros((BLOCK_T,), acc)
+    kl_acc = tl.zeros((BLOCK_T,), acc)
+    low_acc = tl.zeros((BLOCK_T,), acc)
+    high_acc = tl.zeros((BLOCK_T,), acc)
+    dual_acc = tl.zeros((BLOCK_T,), acc)
+    for start in range(0, T, BLOCK_T):
+        cols = start + offs
+        inb = cols < T
+        lp = tl.load(logp_ptr + row * s_lp_r + cols * s_lp_t, mask=inb, other=0.0).to(acc)
+        old = tl.load(old_ptr + row * s_old_r + cols * s_old_t, mask=inb, other=0.0).to(acc)
+        A = tl.load(adv_ptr + row * s_a_r + cols * s_a_t, mask=inb, other=0.0).to(acc)
+        valid = (tl.load(mask_ptr + row * s_m_r + cols * s_m_t, mask=inb, other=0) != 0) & inb
+        rv = tl.zeros_like(A) + r
+        loss, _, low, high, dual = _surrogate_terms(rv, A, lo, hi, dual_c)
+        loss = tl.where(valid, loss, 0.0)
+        tl.store(loss_ptr + row * T + cols, loss, mask=inb)
+        lr_tok = lp - old
+        loss_acc += loss
+        kl_acc += tl.where(valid, (tl.exp(lr_tok) - 1.0) - lr_tok, 0.0)
+        low_acc += tl.where(valid & low, 1.0, 0.0)
+        high_acc += tl.where(valid & high, 1.0, 0.0)
+        dual_acc += tl.where(valid & dual, 1.0, 0.0)
+    _store_stats(part_ptr, row, n, tl.sum(loss_acc, axis=0), r * n, tl.sum(kl_acc, axis=0),
+                 tl.sum(low_acc, axis=0), tl.sum(high_acc, axis=0), tl.sum(dual_acc, axis=0))
+
+
+@triton.jit
+def _surr_seq_bwd_kernel(
+    adv_ptr, mask_ptr, grad_ptr, seq_lr_ptr, seq_n_ptr, dlogp_ptr,
+    T, s_a_r, s_a_t, s_m_r, s_m_t, s_g_r, s_g_t,
+    lo, hi, dual_c,
+    FP64: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    if FP64:
+        acc = tl.float64
+    else:
+        acc = tl.float32
+    offs = tl.arange(0, BLOCK_T).to(tl.int64)
+    seq_lr = tl.load(seq_lr_ptr + row).to(acc)
+    n = tl.load(seq_n_ptr + row).to(acc)
+    r = tl.exp(seq_lr)
+    d_acc = tl.zeros((BLOCK_T,), acc)
+    for start in range(0, T, BLOCK_T):
+        cols = start + offs
+        inb = cols < T
+        A = tl.load(adv_ptr + row * s_a_r + cols * s_a_t, mask=inb, other=0.0).to(acc)
+        valid = (tl.load(mask_ptr + row * s_m_r + cols * s_m_t, mask=inb, other=0) != 0) & inb
+        g = tl.load(grad_ptr + row * s_g_r + cols * s_g_t, mask=inb, other=0.0).to(acc)
+        rv = tl.zeros_like(A) + r
+        _, slope, _, _, _ = _surrogate_terms(rv, A, lo, hi, dual_c)
+        d_acc += tl.where(valid, g * slope, 0.0)
+    # d loss / d seq_lr, spread over the row's valid tokens (seq_lr is their mean log-ratio)
+    d_tok = tl.sum(d_acc, axis=0) * r / tl.maximum(n, 1.0)
+    for start in range(0, T, BLOCK_T):
+        cols = start + offs
+        inb = cols < T
+        valid = (tl.load(mask_ptr + row * s_m_r + cols * s_m_t, mask=inb, other=0) != 0) & inb
+        tl.store(dlogp_ptr + row * T + cols, tl.where(valid, d_tok, 0.0), mask=inb)
+
+
+def _strides(x: torch.Tensor):
+    return x.stride(0), x.stride(1)
+
+
+def surrogate_forward(logp, old, adv, mask, lo: float, hi: float, dual_c: float, sequence: bool,
+                      acc: torch.dtype):
+    """All inputs [R, T] (any strides; adv / mask may have stride-0 axes; mask uint8).
+
+    Returns ``(loss [R, T] acc, partial stats [programs, 8] acc, seq_lr [R] or None, seq_n [R] or None)``.
+    """
+    R, T = logp.shape
+    dev = logp.device
+    dual_c = min(dual_c, _NO_DUAL)
+    loss = torch.empty((R, T), dtype=acc, device=dev)
+    fp64 = acc == torch.float64
+    if sequence:
+        parts = torch.zeros((max(R, 1), N_STATS), dtype=acc, device=dev)
+        seq_lr = torch.zeros(R, dtype=acc, device=dev)
+        seq_n = torch.zeros(R, dtype=acc, device=dev)
+        if R == 0:
+            return loss, parts, seq_lr, seq_n
+        cfg = tuning.seq_row_config(T)
+        _surr_seq_fwd_kernel[(R,)](
+            logp, old, adv, mask, loss, parts, seq_lr, seq_n, T, *_strides(logp), *_strides(old),
+            *_strides(adv), *_strides(mask), lo, hi, dual_c,
+            FP64=fp64, BLOCK_T=cfg.block, num_warps=cfg.num_warps)
+        return loss, parts, seq_lr, seq_n
+    if R * T == 0:
+        return loss, torch.zeros((1, N_STATS), dtype=acc, device=dev), None, None
+    cfg = tuning.token_tile_config(R, T)
+    grid = (triton.cdiv(R, cfg.block_r), triton.cdiv(T, cfg.block_t))
+    parts = torch.empty((grid[0] * grid[1], N_STATS), dtype=acc, device=dev)
+    _surr_tok_fwd_kernel[grid](
+        logp, old, adv, mask, loss, parts, R, T, *_strides(logp), *_strides(old), *_strides(adv),
+        *_strides(mask), lo, hi, dual_c,
+        FP64=fp64, BLOCK_R=cfg.block_r, BLOCK_T=cfg.block_t, num_warps=cfg.num_warps)
+    return loss, parts, None, None
+
+
+def surrogate_backward(logp, old, adv, mask, grad, seq_lr, seq_n, lo: float, hi: float, dual_c: float,
+                       sequence: bool, acc: torch.dtype) -> torch.Tensor:
+    """d loss / d logp as a contiguous [R, T] tensor in logp's dtype."""
+    R, T = logp.shape
+    dual_c = min(dual_c, _NO_DUAL)
+    dlogp = torch.empty((R, T), dtype=logp.dtype, device=logp.device)
+    if R * T == 0:
+        return dlogp
+    fp64 = acc == torch.float64
+    if sequence:
+        cfg = tuning.seq_row_config(T)
+        _surr_seq_bwd_kernel[(R,)](
+            adv, mask, grad, seq_lr, seq_n, dlogp, T, *_strides(adv), *_strides(mask), *_strides(grad),
+            lo, hi, dual_c, FP64=fp64, BLOCK_T=cfg.block, num_warps=cfg.num_warps)
+        return dlogp
+    cfg = tuning.token_tile_config(R, T)
+    grid = (triton.cdiv(R, cfg.block_r), triton.cdiv(T, cfg.block_t))
+    _surr_tok_bwd_kernel[grid](
+        logp, old, adv, mask, grad, dlogp, R, T, *_strides(logp), *_strides(old), *_strides(adv),
+        *_strides(mask), *_strides(grad), lo, hi, dual_c,
+        FP64=fp64, BLOCK_R=cfg.block_r, BLOCK_T=cfg.block_t, num_warps=cfg.num_warps)
+    return dlogp
+
+
+def aot_specs() -> list[AotSpec]:
+    """Every config x dtype (log-probs, old log-probs and advantages share the dtype; mask uint8)."""
+    specs = []
+    for dtype, ty in TRITON_DTYPE.items():
+        acc = "fp64" if dtype == torch.float64 else "fp32"
+        fp64 = dtype == torch.float64
+        strides = {k: "i64" for k in ("s_lp_r", "s_lp_t", "s_old_r", "s_old_t", "s_a_r", "s_a_t", "s_m_r", "s_m_t")}
+        clip = {"lo": "fp32", "hi": "fp32", "dual_c": "fp32"}
+        for cfg in tuning.TOKEN_TILE_CONFIGS:
+            const = {"FP64": fp64, "BLOCK_R": cfg.block_r, "BLOCK_T": cfg.block_t}
+            tag = f"{ty},{cfg.block_r}x{cfg.block_t}"
+            specs.append(AotSpec(
+                f"surrogate_tok_fwd[{tag}]", _surr_tok_fwd_kernel,
+                {"logp_ptr": f"*{ty}", "old_ptr": f"*{ty}", "adv_ptr": f"*{ty}", "mask_ptr": "*u8",
+                 "loss_ptr": f"*{acc}", "part_ptr": f"*{acc}", "R": "i64", "T": "i64", **strides, **clip},
+                const, num_warps=cfg.num_warps))
+            specs.append(AotSpec(
+                f"surrogate_tok_bwd[{tag}]", _surr_tok_bwd_kernel,
+                {"logp_ptr": f"*{ty}", "old_ptr": f"*{ty}", "adv_ptr": f"*{ty}", "mask_ptr": "*u8",
+                 "grad_ptr": f"*{acc}", "dlogp_ptr": f"*{ty}", "R": "i64", "T": "i64", **strides,
+                 "s_g_r": "i64", "s_g_t": "i64", **clip},
+                const, num_warps=cfg.num_warps))
+        for cfg in tuning.SEQ_ROW_CONFIGS:
+            const = {"FP64": fp64, "BLOCK_T": cfg.block}
+            tag = f"{ty},{cfg.block}"
+            specs.append(AotSpec(
+                f"surrogate_seq_fwd[{tag}]", _surr_seq_fwd_kernel,
+                {"logp_ptr": f"*{ty}", "old_ptr": f"*{ty}", "adv_ptr": f"*{ty}", "mask_ptr": "*u8",
+                 "loss_ptr": f"*{acc}", "part_ptr": f"*{acc}", "seq_lr_ptr": f"*{acc}", "seq_n_ptr": f"*{acc}",
+                 "T": "i64", **strides, **clip},
+                const, num_warps=cfg.num_warps))
+            specs.append(AotSpec(
+                f"surrogate_seq_bwd[{tag}]", _surr_seq_bwd_kernel,
+                {"adv_ptr": f"*{ty}", "mask_ptr": "*u8", "grad_ptr": f"*{acc}", "seq_lr_ptr": f"*{acc}",
+                 "seq_n_ptr": f"*{acc}", "dlogp_ptr": f"*{ty}", "T": "i64", "s_a_r": "i64", "s_a_t": "i64",
+                 "s_m_r": "i64", "s_m_t": "i64", "s_g_r": "i64", "s_g_t": "i64", **clip},
+                const, num_warps=cfg.num_warps))
+    return specs

@@ -1,0 +1,234 @@
+"""``clipped_surrogate`` / ``clipped_surrogate_with_stats``: the PPO / GRPO / GSPO policy loss per token.
+
+input checks -> :class:`_ClippedSurrogate` (thin autograd.Function) -> :mod:`fastalign.kernels.surrogate`
+or the torch path below, chosen by :func:`fastalign._dispatch.select_impl`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+from fastalign._dispatch import Impl, select_impl
+from fastalign._validation import check_float, check_same_device, result_dtype
+from fastalign.kernels.surrogate import N_STATS
+from fastalign.ops._tokens import as_rows, check_token_mask, mask_u8, ones_u8
+
+_OP = "clipped_surrogate"
+
+Level = Literal["token", "sequence"]
+
+
+# ---- torch path ---------------------------------------------------------------------------------
+
+def _terms(r, A, lo, hi, dual_c):
+    clip_r = r.clamp(lo, hi)
+    s1 = -r * A
+    s2 = -clip_r * A
+    loss1 = torch.maximum(s1, s2)
+    neg = A < 0
+    bound = -dual_c * A if math.isfinite(dual_c) else None
+    if bound is not None:
+        dual = neg & (bound < loss1)
+        loss = torch.where(dual, bound, loss1)
+    else:
+        dual = torch.zeros_like(neg)
+        loss = loss1
+    slope = torch.where((s1 >= s2) & ~dual, -A, 0.0)
+    return loss, slope, (r < lo) & neg, (r > hi) & (A > 0), dual
+
+
+def torch_surrogate_forward(logp, old, adv, mask, lo, hi, dual_c, sequence, acc):
+    valid = mask != 0
+    lr = logp.to(acc) - old.to(acc)
+    A = adv.to(acc)
+    seq_lr = seq_n = None
+    if sequence:
+        seq_n = valid.sum(-1).to(acc)
+        seq_lr = torch.where(valid, lr, 0.0).sum(-1) / seq_n.clamp(min=1.0)
+        r = torch.exp(seq_lr)[:, None].expand_as(lr)
+    else:
+        r = torch.exp(lr)
+    loss, _, low, high, dual = _terms(r, A, lo, hi, dual_c)
+    loss = torch.where(valid, loss, 0.0)
+    tok_r = torch.exp(lr) if sequence else r
+    stats = torch.stack([
+        valid.sum().to(acc), loss.sum(), torch.where(valid, r, 0.0).sum(),
+        torch.where(valid, (tok_r - 1.0) - lr, 0.0).sum(), (valid & low).sum().to(acc),
+        (valid & high).sum().to(acc), (valid & dual).sum().to(acc), torch.zeros((), dtype=acc, device=loss.device)])
+    return loss, stats[None, :], seq_lr, seq_n
+
+
+def torch_surrogate_backward(logp, old, adv, mask, grad, seq_lr, seq_n, lo, hi, dual_c, sequence, acc):
+    valid = mask != 0
+    A = adv.to(acc)
+    if sequence:
+        r = torch.exp(seq_lr)[:, None].expand_as(A)
+    else:
+        r = torch.exp(logp.to(acc) - old.to(acc))
+    _, slope, _, _, _ = _terms(r, A, lo, hi, dual_c)
+    g = grad.to(acc)
+    if sequence:
+        d_row = torch.where(valid, g * slope, 0.0).sum(-1) * torch.exp(seq_lr) / seq_n.clamp(min=1.0)
+        d = torch.where(valid, d_row[:, None].expand_as(A), 0.0)
+    else:
+        d = torch.where(valid, g * slope * r, 0.0)
+    return d.to(logp.dtype)
+
+
+# ---- autograd -------------------------------------------------------------------------------------
+
+class _ClippedSurrogate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logp, old, adv, mask, lo, hi, dual_c, sequence, backend):
+        acc = result_dtype(logp.dtype, old.dtype, adv.dtype)
+        args = (lo, hi, dual_c, sequence, acc)
+        if backend == "triton":
+            from fastalign.kernels.surrogate import surrogate_forward
+
+            loss, parts, seq_lr, seq_n = surrogate_forward(logp, old, adv, mask, *args)
+        else:
+            loss, parts, seq_lr, seq_n = torch_surrogate_forward(logp, old, adv, mask, *args)
+        stats = parts.sum(0)
+        ctx.mark_non_differentiable(stats)
+        ctx.save_for_backward(logp, old, adv, mask, seq_lr, seq_n)
+        ctx.args, ctx.backend = args, backend
+        return loss, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats):
+        logp, old, adv, mask, seq_lr, seq_n = ctx.saved_tensors
+        if grad_loss is None or not ctx.needs_input_grad[0]:
+            return (None,) * 9
+        if ctx.backend == "triton":
+            from fastalign.kernels.surrogate import surrogate_backward
+
+            d = surrogate_backward(logp, old, adv, mask, grad_loss, seq_lr, seq_n, *ctx.args)
+        else:
+            d = torch_surrogate_backward(logp, old, adv, mask, grad_loss, seq_lr, seq_n, *ctx.args)
+        return (d,) + (None,) * 8
+
+
+# ---- public functions ---------------------------------------------------------------------------
+
+def _number(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{_OP}: {name} must be a Python number, got {type(value).__name__}")
+    return float(value)
+
+
+def _prepare(logp, old_logp, advantages, eps_low, eps_high, dual_clip, mask, level, impl):
+    check_float(logp, "logp", _OP)
+    check_float(old_logp, "old_logp", _OP)
+    check_float(advantages, "advantages", _OP)
+    if logp.dim() < 1:
+        raise ValueError(f"{_OP}: logp must have at least 1 dim [..., T], got a 0-dim tensor")
+    shape = tuple(logp.shape)
+    if tuple(old_logp.shape) != shape:
+        raise ValueError(f"{_OP}: old_logp must have the shape of logp {shape}, got {tuple(old_logp.shape)}")
+    lead = shape[:-1]
+    adv_shape = tuple(advantages.shape)
+    if adv_shape not in (shape, lead, lead + (1,)):
+        raise ValueError(f"{_OP}: advantages must have shape {shape} (per token), {lead} or {lead + (1,)} "
+                         f"(per sequence), got {adv_shape}")
+    if mask is not None:
+        check_token_mask(mask, shape, "mask", _OP)
+    if level not in ("token", "sequence"):
+        raise ValueError(f"{_OP}: level must be 'token' or 'sequence', got {level!r}")
+    eps_low = _number(eps_low, "eps_low")
+    if not 0 <= eps_low <= 1:
+        raise ValueError(f"{_OP}: eps_low must be in [0, 1], got {eps_low}")
+    eps_high = eps_low if eps_high is None else _number(eps_high, "eps_high")
+    if not eps_high >= 0:
+        raise ValueError(f"{_OP}: eps_high must be >= 0, got {eps_high}")
+    if dual_clip is None:
+        dual_c = math.inf
+    else:
+        dual_c = _number(dual_clip, "dual_clip")
+        if not dual_c > 1:
+            raise ValueError(f"{_OP}: dual_clip must be None or > 1, got {dual_c}")
+    device = check_same_device(_OP, logp=logp, old_logp=old_logp, advantages=advantages, mask=mask)
+    backend = select_impl(impl, device, op=_OP)
+
+    lp2, old2 = as_rows(logp), as_rows(old_logp)
+    R, T = lp2.shape
+    if adv_shape == shape:
+        adv2 = as_rows(advantages)
+    else:
+        adv2 = advantages.reshape(-1, 1).expand(R, T)  # per-sequence: stride-0 time axis
+    m2 = ones_u8(R, T, device) if mask is None else as_rows(mask_u8(mask))
+    return lp2, old2, adv2, m2, 1.0 - eps_low, 1.0 + eps_high, dual_c, level == "sequence", backend
+
+
+def _stats_dict(stats: torch.Tensor) -> dict[str, torch.Tensor]:
+    count = stats[0]
+    denom = count.clamp(min=1.0)
+    low, high = stats[4] / denom, stats[5] / denom
+    return {
+        "loss_mean": stats[1] / denom,
+        "ratio_mean": stats[2] / denom,
+        "approx_kl": stats[3] / denom,
+        "clip_frac_low": low,
+        "clip_frac_high": high,
+        "clip_frac": low + high,
+        "dual_clip_frac": stats[6] / denom,
+        "n_tokens": count,
+    }
+
+
+def clipped_surrogate_with_stats(
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, *,
+    eps_low: float = 0.2, eps_high: float | None = None, dual_clip: float | None = None,
+    mask: torch.Tensor | None = None, level: Level = "token", impl: Impl = "auto",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`clipped_surrogate` plus its monitoring statistics, from the same pass (no host sync).
+
+    Returns ``(loss, stats)``: ``loss`` as in :func:`clipped_surrogate`; ``stats`` a dict of detached
+    0-dim tensors (fp32, fp64 for fp64 inputs), each a mean over the valid (mask 1) tokens of the
+    whole batch (0 when there are none):
+      * ``loss_mean``: the per-token loss;
+      * ``ratio_mean``: the ratio used in the loss (per token, or the row's sequence ratio);
+      * ``approx_kl``: ``(r - 1) - log r`` with the *token* ratio ``r = exp(logp - old_logp)``;
+      * ``clip_frac_low``: ``r < 1 - eps_low`` and ``A < 0`` (the lower clip zeroes the gradient);
+      * ``clip_frac_high``: ``r > 1 + eps_high`` and ``A > 0``; ``clip_frac`` is their sum;
+      * ``dual_clip_frac``: ``A < 0`` and the dual-clip bound ``-c A`` is the loss;
+      * ``n_tokens``: the number of valid tokens (a float tensor).
+    """
+    prepared = _prepare(logp, old_logp, advantages, eps_low, eps_high, dual_clip, mask, level, impl)
+    loss, stats = _ClippedSurrogate.apply(*prepared)
+    return loss.view(logp.shape), _stats_dict(stats)
+
+
+def clipped_surrogate(
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, *,
+    eps_low: float = 0.2, eps_high: float | None = None, dual_clip: float | None = None,
+    mask: torch.Tensor | None = None, level: Level = "token", impl: Impl = "auto",
+) -> torch.Tensor:
+    """PPO clipped surrogate per token: ``-min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)``.
+
+    Args:
+        logp: ``[..., T]`` float log-probs of the sampled tokens under the current policy
+            (differentiable; the gradient comes back in its dtype).
+        old_logp: ``[..., T]`` float log-probs under the sampling policy (a constant: no gradient).
+        advantages: per token ``[..., T]`` or per sequence ``[...]`` / ``[..., 1]``, any float dtype
+            (a constant: no gradient).
+        eps_low: lower clip, in ``[0, 1]``: the ratio is clipped below at ``1 - eps_low``.
+        eps_high: upper clip ``>= 0`` (default ``eps_low``; DAPO's clip-higher uses e.g. 0.28).
+        dual_clip: ``None`` or ``c > 1``: where ``A < 0`` the loss is bounded by ``-c A`` (dual-clip
+            PPO, as verl's ``clip_ratio_c``).
+        mask: ``[..., T]`` bool or 0/1 numeric, or None (all valid). Masked tokens get loss 0 and no
+            gradient (a numeric mask is converted to uint8 once).
+        level: ``"token"``: ``r = exp(logp - old_logp)`` per token; ``"sequence"`` (GSPO):
+            ``r_b = exp(sum_t m (logp - old) / max(sum_t m, 1))`` shared by the row's tokens, the
+            gradient flowing through the mean.
+        impl: ``"auto" | "triton" | "torch"``.
+
+    Returns:
+        ``[..., T]`` fp32 (fp64 when an input is fp64) per-token loss, 0 at masked positions.
+        Aggregate it with the normalizer of your trainer (token mean, sequence mean, ...).
+    """
+    prepared = _prepare(logp, old_logp, advantages, eps_low, eps_high, dual_clip, mask, level, impl)
+    loss, _ = _ClippedSurrogate.apply(*prepared)
+    return loss.view(logp.shape)
