@@ -54,15 +54,21 @@ def _ref_value(v, R, mask, vo=None, clip=None):
     return tot / max(n, 1)
 
 
+@pytest.mark.parametrize("impl", ["torch", "triton"])
 @pytest.mark.parametrize("eps_low,eps_high,dual", [(0.2, None, None), (0.1, 0.28, None), (0.2, None, 3.0), (0.2, 0.3, 1.5)])
-def test_policy(eps_low, eps_high, dual):
-    logp, old, adv, *_, mask = _inputs()
-    loss, m = ppo_policy_loss(logp, old, adv, mask, eps_low=eps_low, eps_high=eps_high, dual_clip=dual)
+def test_policy(eps_low, eps_high, dual, impl):
+    logp, old, adv, *_, mask = _inputs(dtype=torch.float32 if impl == "triton" else torch.float64)
+    loss, m = ppo_policy_loss(logp, old, adv, mask, eps_low=eps_low, eps_high=eps_high, dual_clip=dual, impl=impl)
+    logp, old, adv = logp.double(), old.double(), adv.double()
     ref = _ref_policy(logp, old, adv, mask, eps_low, eps_low if eps_high is None else eps_high, dual)
-    torch.testing.assert_close(loss, torch.tensor(ref, dtype=torch.float64))
+    tol = dict(rtol=1e-5, atol=1e-6) if impl == "triton" else dict(rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(loss.double(), torch.tensor(ref, dtype=torch.float64), **tol)
     r = torch.exp(logp - old)
     mf = mask.double()
-    torch.testing.assert_close(m["approx_kl"], (((r - 1) - torch.log(r)) * mf).sum() / mf.sum())
+    torch.testing.assert_close(m["approx_kl"].double(), (((r - 1) - torch.log(r)) * mf).sum() / mf.sum(), **tol)
+    el, eh = eps_low, eps_low if eps_high is None else eps_high
+    clipped = ((r < 1 - el) & (adv < 0)) | ((r > 1 + eh) & (adv > 0))
+    torch.testing.assert_close(m["clip_frac"].double(), (clipped.double() * mf).sum() / mf.sum(), **tol)
 
 
 def test_policy_sequence_level_and_1d_advantages():

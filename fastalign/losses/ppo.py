@@ -12,8 +12,10 @@ from typing import Literal
 
 import torch
 
+from fastalign._dispatch import Impl
 from fastalign._validation import check_float, check_mask, check_same_device
 from fastalign.losses._common import as_compute, check_choice, check_number, compute_dtype
+from fastalign.ops.surrogate import clipped_surrogate_with_stats
 
 
 def _check_bt(x, name, op, shape):
@@ -70,6 +72,7 @@ def ppo_policy_loss(
     eps_high: float | None = None,
     dual_clip: float | None = None,
     level: Literal["token", "sequence"] = "token",
+    impl: Impl = "auto",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO-Clip policy loss, token-mean over ``mask``.
 
@@ -81,8 +84,12 @@ def ppo_policy_loss(
         logp: ``[B, T]`` float (differentiable). old_logp: ``[B, T]`` float (constant).
         advantages: ``[B, T]``, ``[B]`` or ``[B, 1]`` float (constant). mask: ``[B, T]`` bool or 0/1.
 
+        impl: backend of the per-token surrogate (:func:`fastalign.clipped_surrogate`).
+
     Returns:
-        ``(loss, metrics)`` with ``approx_kl`` (``mean(r - 1 - log r)``) and ``clip_frac``.
+        ``(loss, metrics)`` with ``approx_kl`` (``mean(r - 1 - log r)``, token ratio), ``clip_frac``
+        (= ``clip_frac_low`` (``r < 1 - eps_low``, ``A < 0``) + ``clip_frac_high`` (``r > 1 + eps_high``,
+        ``A > 0``): the tokens whose gradient the clip zeroes) and, with dual-clip, ``dual_clip_frac``.
     """
     op = "ppo_policy_loss"
     check_float(logp, "logp", op)
@@ -98,15 +105,17 @@ def ppo_policy_loss(
         raise ValueError(f"{op}: mask must have shape {(B, T)}, got {tuple(mask.shape)}")
     check_same_device(op, logp=logp, old_logp=old_logp, advantages=advantages, mask=mask)
     eps_low, eps_high, dual_clip = validate_ppo_policy_args(op, eps_low, eps_high, dual_clip, level)
-    dt = compute_dtype(logp, old_logp, advantages)
-    lp = as_compute(logp, dt)
-    old = as_compute(old_logp, dt).detach()
-    adv = as_compute(advantages, dt).detach()
-    m = mask.to(dt)
-    per_token, ratio = ppo_policy_per_token(lp, old, adv, m, eps_low=eps_low, eps_high=eps_high,
-                                            dual_clip=dual_clip, level=level)
-    loss = _mmean(per_token, m)
-    return loss, ppo_policy_metrics(ratio, lp, old, m, eps_low, eps_high)
+    # the per-token surrogate is fastalign.clipped_surrogate (Triton on CUDA), stats from the same pass
+    per_token, stats = clipped_surrogate_with_stats(
+        logp, old_logp.detach(), advantages.detach(), eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip,
+        mask=mask, level=level, impl=impl)
+    m = mask.to(per_token.dtype)
+    loss = per_token.sum() / m.sum().clamp(min=1.0)
+    metrics = {"approx_kl": stats["approx_kl"], "clip_frac": stats["clip_frac"],
+               "clip_frac_low": stats["clip_frac_low"], "clip_frac_high": stats["clip_frac_high"]}
+    if dual_clip is not None:
+        metrics["dual_clip_frac"] = stats["dual_clip_frac"]
+    return loss, metrics
 
 
 def value_loss(
@@ -173,6 +182,7 @@ def ppo_loss(
     value_clip: float | None = None,
     vf_coef: float = 0.5,
     ent_coef: float = 0.01,
+    impl: Impl = "auto",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Full PPO objective of the tutorial: ``policy + vf_coef * value - ent_coef * entropy``.
 
@@ -190,7 +200,8 @@ def ppo_loss(
     ent_coef = check_number(ent_coef, "ent_coef", op, lo=0.0)
     if (values is None) != (returns is None):
         raise ValueError(f"{op}: pass both values and returns or neither, got only one")
-    pol, metrics = ppo_policy_loss(logp, old_logp, advantages, mask, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip)
+    pol, metrics = ppo_policy_loss(logp, old_logp, advantages, mask, eps_low=eps_low, eps_high=eps_high,
+                                   dual_clip=dual_clip, impl=impl)
     loss = pol
     metrics = {"policy": pol.detach(), **metrics}
     if values is not None:
