@@ -162,3 +162,19 @@ GAE_CONFIGS = (RowConfig(128, 4), RowConfig(512, 4), RowConfig(2048, 8))
 
 def gae_config(T: int) -> RowConfig:
     return _smallest_covering(GAE_CONFIGS, T)
+
+
+# ---- fused losses from hidden states (losses/fused.py) ---------------------------------------------
+# The one-pass fused loss walks the rows in blocks and holds one block's logits over the WHOLE
+# vocabulary (an fp32 [rows, V] tile, plus its dZ in the GEMM dtype): a token's loss gradient is known
+# as soon as its log-prob is, so dH and dW come from the same tile (6NDV FLOPs instead of 8NDV).
+# rows = max(FUSED_LOSS_MIN_ROWS, budget // V). CUDA: 2^28 fp32 elements = 1 GiB (about 1700 rows
+# of a 152k vocabulary: large enough GEMMs); CPU: 2^21.
+FUSED_LOSS_TILE_ELEMENTS = {"cuda": 1 << 28, "cpu": 1 << 21}
+FUSED_LOSS_MIN_ROWS = 16
+
+
+def fused_loss_rows(device_type: str, vocab: int, n_rows: int) -> int:
+    budget = FUSED_LOSS_TILE_ELEMENTS.get(device_type, FUSED_LOSS_TILE_ELEMENTS["cuda"])
+    rows = max(FUSED_LOSS_MIN_ROWS, budget // max(vocab, 1))
+    return max(1, min(rows, n_rows))
