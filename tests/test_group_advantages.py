@@ -1,0 +1,216 @@
+"""group_advantages against fp64 references from the formulas, the tutorial, TRL and verl."""
+
+import math
+
+import pytest
+import torch
+
+import fastalign
+from fastalign import group_advantages
+from fastalign.reference.tutorial_ops import tutorial_group_advantages
+
+IMPLS = ["torch", "triton"]
+
+
+def ref_group_adv(r, ids, baseline="mean", scale="group", unbiased=False, eps=1e-8, singleton="zero"):
+    """Python loop over groups, fp64."""
+    r = r.double()
+    out = torch.zeros_like(r)
+    valid = ~torch.isnan(r)
+    vals = r[valid]
+    if scale == "batch":
+        n = vals.numel()
+        bstd = math.sqrt(((vals - vals.mean()) ** 2).sum().item() / max(n - (1 if unbiased else 0), 1))
+    for g in torch.unique(ids).tolist():
+        members = [i for i in range(r.numel()) if ids[i].item() == g and valid[i]]
+        x = r[members]
+        n = len(members)
+        if n == 0:
+            continue
+        if n == 1:
+            if singleton == "zero":
+                continue
+            mean, std, base = 0.0, 1.0, torch.zeros(1, dtype=torch.float64)
+        else:
+            mean = x.mean()
+            std = math.sqrt(((x - mean) ** 2).sum().item() / (n - 1 if unbiased else n))
+            base = (x.sum() - x) / (n - 1) if baseline == "loo" else mean.expand(n)
+        a = x - base
+        if scale == "group":
+            a = a / (std + eps)
+        elif scale == "batch":
+            a = a / (bstd + eps)
+        out[members] = a
+    return out
+
+
+def _data(n_groups=7, seed=0, nan=False, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(1, 9, (n_groups,), generator=g)
+    sizes[0] = 1  # a singleton
+    raw_ids = torch.randint(-10**12, 10**12, (n_groups,), generator=g)  # arbitrary int64 values
+    ids = torch.repeat_interleave(raw_ids, sizes)
+    perm = torch.randperm(ids.numel(), generator=g)
+    ids = ids[perm]
+    r = torch.randn(ids.numel(), generator=g, dtype=torch.float64)
+    if nan:
+        r[torch.rand(ids.numel(), generator=g) < 0.2] = float("nan")
+    return r.to(dtype), ids
+
+
+OPTS = [
+    dict(),
+    dict(baseline="loo"),
+    dict(scale="batch"),
+    dict(scale="none"),
+    dict(unbiased=True, eps=1e-4),
+    dict(baseline="loo", scale="batch", unbiased=True),
+    dict(singleton="raw", unbiased=True, eps=1e-6),
+    dict(singleton="raw", scale="none"),
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("opts", OPTS)
+@pytest.mark.parametrize("nan", [False, True])
+def test_matches_reference_with_ids(impl, opts, nan):
+    r, ids = _data(n_groups=23, seed=1, nan=nan)  # ~100 samples: crosses the kernel's block
+    out = group_advantages(r, ids, impl=impl, **opts)
+    assert out.dtype == torch.float32 and out.shape == r.shape
+    torch.testing.assert_close(out.double(), ref_group_adv(r, ids, **opts), rtol=1e-5, atol=1e-5)
+    assert (out[torch.isnan(r)] == 0).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("opts", OPTS[:5])
+@pytest.mark.parametrize("group_size", [1, 4, 24])
+def test_group_size_path(impl, opts, group_size):
+    g = torch.Generator().manual_seed(group_size)
+    r = torch.randn(group_size * 6, generator=g)
+    r[3] = float("nan")
+    out = group_advantages(r, group_size=group_size, impl=impl, **opts)
+    ids = torch.arange(r.numel()) // group_size
+    torch.testing.assert_close(out.double(), ref_group_adv(r, ids, **opts), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, group_advantages(r, ids, impl=impl, **opts), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_equals_tutorial_scatter_formula(impl):
+    g = torch.Generator().manual_seed(3)
+    sizes = torch.randint(1, 8, (12,), generator=g)
+    gid = torch.repeat_interleave(torch.arange(12), sizes)[torch.randperm(int(sizes.sum()), generator=g)]
+    r = torch.randn(gid.numel(), generator=g)
+    torch.testing.assert_close(group_advantages(r, gid, impl=impl), tutorial_group_advantages(r, gid),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_trl_formula(impl):
+    """TRL: (r - nanmean_g) / (nanstd_g (Bessel) + 1e-4), contiguous groups of num_generations."""
+    G = 8
+    g = torch.Generator().manual_seed(4)
+    r = torch.randn(5 * G, generator=g)
+    r[[2, 17, 18]] = float("nan")
+    grouped = r.view(-1, G)
+    mean = torch.nanmean(grouped, dim=1, keepdim=True)
+    count = (~torch.isnan(grouped)).sum(1, keepdim=True)
+    var = torch.nanmean((grouped - mean) ** 2, dim=1, keepdim=True) * count / (count - 1)
+    expect = ((grouped - mean) / (var.sqrt() + 1e-4)).view(-1)
+    out = group_advantages(r, group_size=G, unbiased=True, eps=1e-4, impl=impl)
+    ok = ~torch.isnan(r)
+    torch.testing.assert_close(out[ok], expect[ok], rtol=1e-5, atol=1e-5)
+    assert (out[~ok] == 0).all()
+
+
+def verl_grpo_loop(scores, index, epsilon=1e-6, norm_adv_by_std_in_grpo=True):
+    """verl compute_grpo_outcome_advantage (loop form): singleton -> mean 0, std 1; torch.std (Bessel)."""
+    groups = {}
+    for i in range(len(index)):
+        groups.setdefault(index[i], []).append(scores[i])
+    mean, std = {}, {}
+    for k, v in groups.items():
+        if len(v) == 1:
+            mean[k], std[k] = torch.tensor(0.0), torch.tensor(1.0)
+        else:
+            t = torch.stack(v)
+            mean[k], std[k] = t.mean(), t.std()
+    out = scores.clone()
+    for i in range(len(index)):
+        k = index[i]
+        out[i] = (scores[i] - mean[k]) / (std[k] + epsilon) if norm_adv_by_std_in_grpo else scores[i] - mean[k]
+    return out
+
+
+def verl_grpo_vectorized(scores, g, epsilon=1e-6, norm_adv_by_std_in_grpo=True):
+    """verl's vectorized GRPO: index_add stats, std = sqrt(max(var_bessel, eps)), singleton mean 0 / std 1."""
+    G = int(g.max()) + 1
+    cnt = torch.zeros(G).index_add_(0, g, torch.ones_like(scores))
+    s1 = torch.zeros(G).index_add_(0, g, scores)
+    s2 = torch.zeros(G).index_add_(0, g, scores * scores)
+    mean = s1 / cnt.clamp_min(1.0)
+    var = (s2 - s1 * s1 / cnt.clamp_min(1.0)) / (cnt - 1.0).clamp_min(1.0)
+    std = torch.sqrt(torch.clamp(var, min=epsilon))
+    single = cnt <= 1
+    mean[single], std[single] = 0.0, 1.0
+    if norm_adv_by_std_in_grpo:
+        return (scores - mean[g]) / (std[g] + epsilon)
+    return scores - mean[g]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("norm", [True, False])
+def test_verl_grpo(impl, norm):
+    g = torch.Generator().manual_seed(5)
+    sizes = torch.tensor([1, 5, 3, 1, 8, 2])
+    index = torch.repeat_interleave(torch.arange(6), sizes)[torch.randperm(20, generator=g)]
+    scores = torch.randn(20, generator=g)  # group variances well above verl's 1e-6 floor
+    opts = dict(unbiased=True, eps=1e-6, singleton="raw", scale="group" if norm else "none")
+    out = group_advantages(scores, index, impl=impl, **opts)
+    torch.testing.assert_close(out, verl_grpo_loop(scores, index.tolist(), 1e-6, norm), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, verl_grpo_vectorized(scores, index, 1e-6, norm), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_constant_groups_all_nan_and_fp64(impl):
+    r = torch.tensor([1.0, 1.0, 1.0, float("nan"), float("nan"), 2.0, 5.0], dtype=torch.float64)
+    ids = torch.tensor([0, 0, 0, 1, 1, 2, 2])
+    out = group_advantages(r, ids, impl=impl)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, ref_group_adv(r, ids), rtol=1e-12, atol=1e-12)
+    assert (out[:5] == 0).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_empty_and_no_grad(impl):
+    assert group_advantages(torch.zeros(0), torch.zeros(0, dtype=torch.long), impl=impl).shape == (0,)
+    r = torch.randn(6, requires_grad=True)
+    assert not group_advantages(r, group_size=3, impl=impl).requires_grad
+
+
+def test_bad_input():
+    r = torch.randn(6)
+    ids = torch.arange(6) // 2
+    with pytest.raises(ValueError, match="group_ids must have shape"):
+        group_advantages(r, ids[:5])
+    with pytest.raises(TypeError, match="integer"):
+        group_advantages(r, ids.float())
+    with pytest.raises(TypeError, match="floating"):
+        group_advantages(r.long(), ids)
+    with pytest.raises(ValueError, match="exactly one"):
+        group_advantages(r)
+    with pytest.raises(ValueError, match="exactly one"):
+        group_advantages(r, ids, group_size=2)
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        group_advantages(r, group_size=4)
+    with pytest.raises(ValueError, match="eps"):
+        group_advantages(r, ids, eps=-1e-8)
+    with pytest.raises(ValueError, match="baseline"):
+        group_advantages(r, ids, baseline="median")
+    with pytest.raises(ValueError, match="scale"):
+        group_advantages(r, ids, scale="global")
+    with pytest.raises(ValueError, match="1-D"):
+        group_advantages(r.view(2, 3), group_size=3)
+
+
+def test_exported():
+    assert fastalign.group_advantages is group_advantages
