@@ -1,0 +1,449 @@
+"""Losses straight from hidden states and the lm_head weight: the ``[N, V]`` logits never exist.
+
+- :func:`linear_grpo_loss`, :func:`linear_ppo_policy_loss`: token-level ratios run **one pass**
+  over the vocabulary. A token's loss gradient depends only on its own log-prob (the normalizers
+  depend on the mask alone), so for each block of rows the full-vocabulary logits tile gives the
+  log-probs, the per-token loss gradients, then dZ, dH and dW from the same tile: 6NDV FLOPs
+  (GEMM forward 2NDV + dH 2NDV + dW 2NDV) instead of 8NDV for ``linear_logprobs`` + an unfused
+  loss (whose backward recomputes the logits). The gradients are computed in the forward and
+  scaled by the upstream gradient in the backward (as Liger's fused linear cross-entropy).
+  Sequence-level (GSPO) ratios need every log-prob of a row first: two passes (``linear_logprobs``
+  forward, then its backward) -- the unfused path.
+- :func:`linear_dpo_loss`: the sequence log-prob couples every token of a pair, so it is two passes
+  too: :func:`fastalign.linear_logprobs` + :func:`fastalign.losses.dpo_loss`.
+
+Results equal the unfused loss on :func:`fastalign.linear_logprobs` (tests).
+
+Memory of the one-pass form: one fp32 ``[rows, V]`` tile (``tuning.fused_loss_rows``), its dZ in
+the GEMM dtype, ``dH [N, D]`` (fp32 accumulation, cast once) and an fp32 ``[V, D]`` dW accumulator
+(cast to the weight dtype once; none when the weight is fp32), held from the forward to the backward.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from fastalign._dispatch import Impl, select_impl
+from fastalign._validation import (
+    check_float,
+    check_int,
+    check_mask,
+    check_positive,
+    check_same_device,
+    index_checks_enabled,
+)
+from fastalign.kernels import tuning
+from fastalign.losses._common import as_compute, check_choice, compute_dtype
+from fastalign.losses.dpo import DPOLossType, dpo_loss
+from fastalign.losses.grpo import (
+    GRPOLossType,
+    ISLevel,
+    _check_advantages,
+    grpo_loss,
+    grpo_normalize,
+    grpo_per_token,
+    validate_grpo_args,
+)
+from fastalign.losses.ppo import ppo_policy_loss, ppo_policy_per_token, validate_ppo_policy_args
+from fastalign.ops import linear_logprobs as _ll
+
+Mode = Literal["auto", "one_pass", "two_pass"]
+
+
+# ---- the one-pass engine ------------------------------------------------------------------------
+
+def _one_pass_grads(hidden2d, weight, bias, targets, token_grad, *, scale, inv_temp, softcap, compute_dtype,
+                    backend, need_hidden, need_weight, need_bias):
+    """Walk row blocks with a full-vocabulary tile. ``token_grad(rows_slice, logp_block) -> g`` gives
+    dLoss/dlogp for those rows (fp32/fp64 ``[n]``). Returns ``(logp [n], dH, dW, db)``."""
+    n, D = hidden2d.shape
+    V = weight.shape[0]
+    dev = hidden2d.device
+    acc = _ll._acc_dtype(compute_dtype)
+    logp = torch.zeros(n, dtype=acc, device=dev)
+    d_h = torch.zeros((n, D), dtype=acc, device=dev) if need_hidden else None
+    d_w_acc = torch.zeros((V, D), dtype=acc, device=dev) if need_weight else None
+    d_b = torch.zeros(V, dtype=acc, device=dev) if need_bias else None
+    if n == 0 or V == 0:
+        return logp, d_h, d_w_acc, d_b
+    fold, dlogits = _ll._epilogues(backend, acc)
+    torch_fold = fold is _ll.torch_fold_chunk  # the torch fold overwrites its tile
+    rows = tuning.fused_loss_rows(dev.type, V, n)
+    gd = _ll._gemm_dtype(compute_dtype, dev)
+    with torch.autocast(dev.type, enabled=False):
+        h = _ll._as_operand(hidden2d, compute_dtype, gd)
+        w = _ll._as_operand(weight, compute_dtype, gd)
+        b = None if bias is None else bias.to(compute_dtype).to(acc)
+        tile_buf = torch.empty((rows, V), dtype=acc, device=dev)
+        dz_buf = tile_buf if gd == acc else torch.empty((rows, V), dtype=gd, device=dev)
+        for r0 in range(0, n, rows):
+            r1 = min(r0 + rows, n)
+            k = r1 - r0
+            tile = tile_buf[:k]
+            _ll._mm_into(tile, h[r0:r1], w.t(), accumulate=False)
+            if b is not None:
+                tile.add_(b)
+            m = torch.full((k,), float("-inf"), dtype=acc, device=dev)
+            s = torch.zeros(k, dtype=acc, device=dev)
+            tgt = torch.zeros(k, dtype=acc, device=dev)
+            fold(tile.clone() if torch_fold else tile, targets[r0:r1], m, s, None, tgt, 0, scale, inv_temp, softcap)
+            lse = m + torch.log(s)
+            lp = tgt - lse
+            logp[r0:r1] = lp
+            g = token_grad(slice(r0, r1), lp).to(acc).contiguous()
+            dz = dlogits(tile, dz_buf[:k], targets[r0:r1], lse, None, g, None, 0, scale, inv_temp, softcap)
+            if need_hidden:
+                _ll._mm_into(d_h[r0:r1], dz, w, accumulate=False)
+            if need_weight:
+                _ll._mm_into(d_w_acc, dz.t(), h[r0:r1], accumulate=True)
+            if need_bias:
+                d_b += dz.sum(0, dtype=acc)
+    return logp, d_h, d_w_acc, d_b
+
+
+class _FusedTokenLoss(torch.autograd.Function):
+    """Forward computes the loss value *and* its gradients w.r.t. hidden / weight / bias in one pass;
+    backward scales them by the (scalar) upstream gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden2d, weight, bias, targets, token_grad, finalize, scale, inv_temp, softcap,
+                compute_dtype, backend):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        logp, d_h, d_w, d_b = _one_pass_grads(
+            hidden2d, weight, bias, targets, token_grad, scale=scale, inv_temp=inv_temp, softcap=softcap,
+            compute_dtype=compute_dtype, backend=backend, need_hidden=need_h, need_weight=need_w, need_bias=need_b)
+        loss = finalize(logp)
+        ctx.save_for_backward(
+            None if d_h is None else d_h.to(hidden2d.dtype),
+            None if d_w is None else d_w.to(weight.dtype),
+            None if d_b is None else d_b.to(bias.dtype),
+        )
+        ctx.mark_non_differentiable(logp)
+        return loss, logp
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_logp):
+        d_h, d_w, d_b = ctx.saved_tensors
+
+        def scaled(t):
+            return None if t is None else t * g_loss.to(t.dtype)
+
+        return scaled(d_h), scaled(d_w), scaled(d_b), None, None, None, None, None, None, None, None
+
+
+# ---- shared input handling -----------------------------------------------------------------------
+
+def _prep_head(op, hidden, weight, targets, mask, bias, temperature, softcap, impl):
+    check_float(hidden, "hidden", op)
+    check_float(weight, "weight", op)
+    check_int(targets, "targets", op)
+    check_mask(mask, "mask", op)
+    if bias is not None:
+        check_float(bias, "bias", op)
+    device = check_same_device(op, hidden=hidden, weight=weight, targets=targets, mask=mask, bias=bias)
+    if weight.dim() != 2:
+        raise ValueError(f"{op}: weight must have shape [V, D], got {tuple(weight.shape)}")
+    V, D = weight.shape
+    if hidden.dim() != 3 or hidden.shape[-1] != D:
+        raise ValueError(f"{op}: hidden must have shape [B, T, D] with D = weight.shape[1] = {D}, got {tuple(hidden.shape)}")
+    B, T = hidden.shape[:2]
+    if tuple(targets.shape) != (B, T):
+        raise ValueError(f"{op}: targets must have shape {(B, T)} (hidden.shape[:2]), got {tuple(targets.shape)}")
+    if tuple(mask.shape) != (B, T):
+        raise ValueError(f"{op}: mask must have shape {(B, T)} (hidden.shape[:2]), got {tuple(mask.shape)}")
+    if bias is not None and tuple(bias.shape) != (V,):
+        raise ValueError(f"{op}: bias must have shape ({V},), got {tuple(bias.shape)}")
+    inv_temp = 1.0 / check_positive(temperature, "temperature", op)
+    if softcap is not None:
+        softcap = check_positive(softcap, "softcap", op)
+    backend = select_impl(impl, device, op=op)
+    valid = mask.bool()
+    # masked positions are scored as ignored: log-prob 0, no FLOPs, no gradient
+    targets_ig = targets.long().masked_fill(~valid, -100)
+    if index_checks_enabled():  # one host sync
+        bad = (targets_ig >= V) | ((targets_ig < 0) & (targets_ig != -100))
+        if bool(bad.any()):
+            raise ValueError(f"{op}: targets at mask-1 positions must be in [0, {V}), got {targets_ig[bad][0].item()}")
+    return B, T, V, D, inv_temp, softcap, backend, valid, targets_ig
+
+
+def _unfused_logp(hidden, weight, targets_ig, bias, inv_temp, softcap, chunk_size, impl, scale=1.0):
+    """``linear_logprobs`` with masked positions ignored ([B, T], 0 there)."""
+    D = weight.shape[1]
+    backend = select_impl(impl, hidden.device, op="linear_logprobs")
+    logp, _ = _ll.apply_linear_logprobs(
+        hidden.reshape(-1, D), weight, bias, targets_ig.reshape(-1), scale=scale, inv_temp=inv_temp, softcap=softcap,
+        compute_dtype=_ll.compute_dtype_for(hidden, weight), with_entropy=False, chunk_size=chunk_size,
+        backend=backend, ignore_index=-100)
+    return logp.view(targets_ig.shape)
+
+
+def _one_pass(hidden, weight, bias, targets_ig, valid, per_token_fn, weights_bt, finalize_fn, *, scale, inv_temp,
+              softcap, backend):
+    """Run the engine on the valid rows. ``per_token_fn(idx, lp) -> per-token loss [n]`` is elementwise in
+    ``lp``; ``weights_bt [B, T]`` are the normalizer weights (loss = sum w * l); ``finalize_fn(logp_bt)``
+    gives ``(loss, metrics)`` from the full log-probs (no grad)."""
+    B, T = valid.shape
+    D = weight.shape[1]
+    idx = valid.reshape(-1).nonzero().squeeze(1)  # host sync (as linear_logprobs' compaction)
+    h_rows = hidden.reshape(-1, D).index_select(0, idx)
+    tg = targets_ig.reshape(-1).index_select(0, idx)
+    w_rows = weights_bt.reshape(-1).index_select(0, idx)
+
+    def token_grad(sl, lp):
+        with torch.enable_grad():
+            x = lp.detach().requires_grad_(True)
+            l = per_token_fn(idx[sl], x)
+            (g,) = torch.autograd.grad((l * w_rows[sl].to(l.dtype)).sum(), x)
+        return g
+
+    out: dict = {}
+
+    def finalize(logp_rows):
+        full = logp_rows.new_zeros(B * T).index_copy(0, idx, logp_rows).view(B, T)
+        with torch.no_grad():
+            loss, out["metrics"] = finalize_fn(full)
+        return loss.detach()
+
+    loss, _ = _FusedTokenLoss.apply(h_rows, weight, bias, tg, token_grad, finalize, scale, inv_temp, softcap,
+                                    _ll.compute_dtype_for(hidden, weight), backend)
+    return loss, out["metrics"]
+
+
+def _normalizer_weights(m: torch.Tensor, reduce_fn) -> torch.Tensor:
+    """d reduce(per_token) / d per_token: the weight of each token in a linear normalizer."""
+    with torch.enable_grad():
+        x = torch.ones_like(m, requires_grad=True)
+        (w,) = torch.autograd.grad(reduce_fn(x), x)
+    return w
+
+
+# ---- GRPO ----------------------------------------------------------------------------------------
+
+def linear_grpo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    old_logp: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    beta: float = 0.04,
+    eps_low: float = 0.2,
+    eps_high: float | None = None,
+    delta: float | None = None,
+    loss_type: GRPOLossType = "grpo",
+    importance_sampling_level: ISLevel = "token",
+    max_completion_length: int | None = None,
+    num_items: torch.Tensor | float | None = None,
+    kl_bias_correction: bool = False,
+    importance_weights: torch.Tensor | None = None,
+    mode: Mode = "auto",
+    chunk_size: int | None = None,
+    impl: Impl = "auto",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`fastalign.losses.grpo_loss` on the log-probs of ``softmax(f(hidden @ weight.T + bias) / T)``.
+
+    Args:
+        hidden: ``[B, T, D]`` float, the hidden state that scores each completion token (TRL:
+            ``last_hidden_state[:, -T - 1:-1]``). weight: ``[V, D]``; bias: ``[V]`` or None.
+        targets: ``[B, T]`` int, the completion tokens (any value where ``mask`` is 0).
+        mask: ``[B, T]`` bool or 0/1. advantages: ``[B]``, ``[B, 1]`` or ``[B, T]``.
+        old_logp: ``[B, T]`` or None (None: the detached current log-probs, ratio 1).
+        ref_logp: ``[B, T]``, needed when ``beta != 0``.
+        temperature, softcap, logit_scale: the head's transform
+            ``z = softcap * tanh(logit_scale * z / softcap) / temperature`` (as TRL's fused head).
+        beta ... importance_weights: as :func:`fastalign.losses.grpo_loss`.
+        mode: ``"one_pass"`` (token-level only), ``"two_pass"`` (``linear_logprobs`` + ``grpo_loss``),
+            ``"auto"``: one pass for token-level ratios, two for sequence-level.
+        chunk_size: vocabulary chunk of the two-pass form. impl: backend of the epilogues.
+
+    Returns:
+        ``(loss, metrics)`` as :func:`grpo_loss`; metrics also hold ``logp`` ``[B, T]`` (detached).
+    """
+    op = "linear_grpo_loss"
+    B, T, V, D, inv_temp, softcap, backend, valid, targets_ig = _prep_head(
+        op, hidden, weight, targets, mask, bias, temperature, softcap, impl)
+    scale = check_positive(logit_scale, "logit_scale", op)
+    check_choice(mode, "mode", op, ("auto", "one_pass", "two_pass"))
+    for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp)):
+        if t is not None:
+            check_float(t, name, op)
+            if tuple(t.shape) != (B, T):
+                raise ValueError(f"{op}: {name} must have shape {(B, T)}, got {tuple(t.shape)}")
+    _check_advantages(advantages, op, B, T)
+    beta, eps_low_, eps_high_, delta_ = validate_grpo_args(
+        op, beta=beta, eps_low=eps_low, eps_high=eps_high, delta=delta, loss_type=loss_type,
+        importance_sampling_level=importance_sampling_level, max_completion_length=max_completion_length,
+        num_items=num_items, T=T, has_ref=ref_logp is not None)
+    if mode == "one_pass" and importance_sampling_level == "sequence":
+        raise ValueError(f"{op}: mode='one_pass' needs token-level ratios; sequence-level (GSPO) ratios take two passes")
+    one_pass = mode == "one_pass" or (mode == "auto" and importance_sampling_level == "token")
+
+    loss_kw = dict(ref_logp=ref_logp, beta=beta, eps_low=eps_low, eps_high=eps_high, delta=delta, loss_type=loss_type,
+                   importance_sampling_level=importance_sampling_level, max_completion_length=max_completion_length,
+                   num_items=num_items, kl_bias_correction=kl_bias_correction, importance_weights=importance_weights)
+    if not one_pass:
+        logp = _unfused_logp(hidden, weight, targets_ig, bias, inv_temp, softcap, chunk_size, impl, scale)
+        loss, metrics = grpo_loss(logp, old_logp, advantages, mask, **loss_kw)
+        metrics["logp"] = logp.detach()
+        return loss, metrics
+
+    dt = compute_dtype(hidden, weight, old_logp, ref_logp, advantages)
+    m = valid.to(dt)
+    adv_bt = as_compute(advantages, dt).detach()
+    adv_bt = (adv_bt.reshape(B, 1) if adv_bt.dim() == 1 else adv_bt).expand(B, T)
+    flat = lambda t: None if t is None else as_compute(t, dt).detach().expand(B, T).reshape(-1)  # noqa: E731
+    old_f, ref_f, adv_f, iw_f = flat(old_logp), flat(ref_logp if beta != 0.0 else None), adv_bt.reshape(-1), \
+        flat(importance_weights)
+
+    def per_token_fn(idx, lp):
+        col = lambda t: None if t is None else t.index_select(0, idx).unsqueeze(1)  # noqa: E731
+        lp2 = lp.unsqueeze(1)
+        old = lp2.detach() if old_f is None else col(old_f)
+        per_tok, *_ = grpo_per_token(
+            lp2, old, col(adv_f), torch.ones_like(lp2), col(ref_f), beta=beta, eps_low=eps_low_, eps_high=eps_high_,
+            delta=delta_, loss_type=loss_type, importance_sampling_level="token", kl_bias_correction=kl_bias_correction,
+            importance_weights=col(iw_f))
+        return per_tok.squeeze(1)
+
+    w = _normalizer_weights(m, lambda x: grpo_normalize(x, m, loss_type, max_completion_length, num_items))
+
+    def finalize_fn(logp_bt):
+        loss, metrics = grpo_loss(logp_bt, old_logp, advantages, mask, **loss_kw)
+        metrics["logp"] = logp_bt
+        return loss, metrics
+
+    return _one_pass(hidden, weight, bias, targets_ig, valid, per_token_fn, w, finalize_fn, scale=scale,
+                     inv_temp=inv_temp, softcap=softcap, backend=backend)
+
+
+# ---- PPO -----------------------------------------------------------------------------------------
+
+def linear_ppo_policy_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    advantages: torch.Tensor,
+    old_logp: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    eps_low: float = 0.2,
+    eps_high: float | None = None,
+    dual_clip: float | None = None,
+    level: Literal["token", "sequence"] = "token",
+    mode: Mode = "auto",
+    chunk_size: int | None = None,
+    impl: Impl = "auto",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`fastalign.losses.ppo_policy_loss` (token-mean clipped surrogate, dual-clip optional) on the
+    log-probs of ``hidden [B, T, D]`` through ``weight [V, D]`` at ``targets [B, T]``.
+
+    ``mode`` as :func:`linear_grpo_loss` (``level="sequence"`` takes two passes).
+
+    Returns:
+        ``(loss, metrics)`` as :func:`ppo_policy_loss`, plus ``logp`` ``[B, T]`` (detached).
+    """
+    op = "linear_ppo_policy_loss"
+    B, T, V, D, inv_temp, softcap, backend, valid, targets_ig = _prep_head(
+        op, hidden, weight, targets, mask, bias, temperature, softcap, impl)
+    check_choice(mode, "mode", op, ("auto", "one_pass", "two_pass"))
+    check_float(old_logp, "old_logp", op)
+    if tuple(old_logp.shape) != (B, T):
+        raise ValueError(f"{op}: old_logp must have shape {(B, T)}, got {tuple(old_logp.shape)}")
+    _check_advantages(advantages, op, B, T)
+    eps_low_, eps_high_, dual_ = validate_ppo_policy_args(op, eps_low, eps_high, dual_clip, level)
+    if mode == "one_pass" and level == "sequence":
+        raise ValueError(f"{op}: mode='one_pass' needs token-level ratios; level='sequence' takes two passes")
+    one_pass = mode == "one_pass" or (mode == "auto" and level == "token")
+    kw = dict(eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, level=level, impl=impl)
+    if not one_pass:
+        logp = _unfused_logp(hidden, weight, targets_ig, bias, inv_temp, softcap, chunk_size, impl)
+        loss, metrics = ppo_policy_loss(logp, old_logp, advantages, mask, **kw)
+        metrics["logp"] = logp.detach()
+        return loss, metrics
+
+    dt = compute_dtype(hidden, weight, old_logp, advantages)
+    m = valid.to(dt)
+    adv = as_compute(advantages, dt).detach()
+    adv_f = (adv.reshape(B, 1) if adv.dim() == 1 else adv).expand(B, T).reshape(-1)
+    old_f = as_compute(old_logp, dt).detach().reshape(-1)
+
+    def per_token_fn(idx, lp):
+        lp2 = lp.unsqueeze(1)
+        per_tok, _ = ppo_policy_per_token(lp2, old_f.index_select(0, idx).unsqueeze(1),
+                                          adv_f.index_select(0, idx).unsqueeze(1), torch.ones_like(lp2),
+                                          eps_low=eps_low_, eps_high=eps_high_, dual_clip=dual_, level="token")
+        return per_tok.squeeze(1)
+
+    w = m / m.sum().clamp(min=1.0)
+
+    def finalize_fn(logp_bt):
+        loss, metrics = ppo_policy_loss(logp_bt, old_logp, advantages, mask, **kw)
+        metrics["logp"] = logp_bt
+        return loss, metrics
+
+    return _one_pass(hidden, weight, bias, targets_ig, valid, per_token_fn, w, finalize_fn, scale=1.0,
+                     inv_temp=inv_temp, softcap=softcap, backend=backend)
+
+
+# ---- DPO -----------------------------------------------------------------------------------------
+
+def linear_dpo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    ref_logps: torch.Tensor | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    beta: float = 0.1,
+    loss_type: DPOLossType = "sigmoid",
+    label_smoothing: float = 0.0,
+    chunk_size: int | None = None,
+    impl: Impl = "auto",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`fastalign.losses.dpo_loss` from hidden states: rows ``[:B]`` are the chosen completions,
+    rows ``[B:]`` the rejected ones (TRL's batch layout).
+
+    Args:
+        hidden: ``[2B, T, D]``; weight ``[V, D]``; targets ``[2B, T]``; mask ``[2B, T]`` (completion
+            tokens). ref_logps: ``[2B]`` summed reference log-probs (chosen first) or None
+            (reference-free).
+        beta, loss_type, label_smoothing: as :func:`dpo_loss` (``"ipo"`` uses the mask's lengths).
+
+    Two passes over the vocabulary (``linear_logprobs`` forward and backward): a sequence's
+    log-prob couples all of its tokens, so no token's gradient is known before the pass ends.
+
+    Returns:
+        ``(loss, metrics)`` as :func:`dpo_loss`.
+    """
+    op = "linear_dpo_loss"
+    B2, T, V, D, inv_temp, softcap, backend, valid, targets_ig = _prep_head(
+        op, hidden, weight, targets, mask, bias, temperature, softcap, impl)
+    if B2 % 2:
+        raise ValueError(f"{op}: hidden must hold chosen rows then rejected rows (an even count), got {B2} rows")
+    if ref_logps is not None:
+        check_float(ref_logps, "ref_logps", op)
+        if tuple(ref_logps.shape) != (B2,):
+            raise ValueError(f"{op}: ref_logps must have shape ({B2},), got {tuple(ref_logps.shape)}")
+    logp = _unfused_logp(hidden, weight, targets_ig, bias, inv_temp, softcap, chunk_size, impl)
+    seq = logp.sum(-1)
+    lengths = valid.sum(-1)
+    B = B2 // 2
+    rc, rr = (None, None) if ref_logps is None else (ref_logps[:B], ref_logps[B:])
+    return dpo_loss(seq[:B], seq[B:], rc, rr, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+                    chosen_lengths=lengths[:B], rejected_lengths=lengths[B:])

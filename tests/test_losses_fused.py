@@ -1,0 +1,231 @@
+"""Fused losses from hidden states against fp64 materialized-logits references (formulas written here)."""
+
+import pytest
+import torch
+
+from fastalign.kernels import tuning
+from fastalign.losses import (
+    dpo_loss,
+    grpo_loss,
+    linear_dpo_loss,
+    linear_grpo_loss,
+    linear_ppo_policy_loss,
+    ppo_policy_loss,
+)
+
+
+@pytest.fixture(autouse=True)
+def _small_tiles(monkeypatch):
+    # several row blocks even at test sizes
+    monkeypatch.setitem(tuning.FUSED_LOSS_TILE_ELEMENTS, "cpu", 4 * 37)
+    monkeypatch.setattr(tuning, "FUSED_LOSS_MIN_ROWS", 1)
+
+
+def _data(B=3, T=5, D=16, V=37, seed=0, dtype=torch.float64, with_bias=True):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(B, T, D, generator=g, dtype=torch.float64)
+    W = torch.randn(V, D, generator=g, dtype=torch.float64) * 0.5
+    b = torch.randn(V, generator=g, dtype=torch.float64) * 0.5 if with_bias else None
+    tgt = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.rand(B, T, generator=g) > 0.25
+    mask[0] = True
+    tgt[~mask] = -7  # garbage where masked: must be ignored
+    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    return cast(h), cast(W), cast(b), tgt, mask, adv
+
+
+def _ref_logp(h, W, b, tgt, mask, T=1.0, cap=None, scale=1.0):
+    z = h.double() @ W.double().t()
+    if b is not None:
+        z = z + b.double()
+    z = z * scale
+    if cap is not None:
+        z = cap * torch.tanh(z / cap)
+    lp = torch.log_softmax(z / T, -1).gather(-1, tgt.clamp(min=0)[..., None]).squeeze(-1)
+    return torch.where(mask, lp, torch.zeros_like(lp))
+
+
+def _ref_grpo(lp, old, ref, adv, mask, beta, el, eh, loss_type, bias_corr=False):
+    """Vectorized fp64 GRPO written from the formulas (token level)."""
+    m = mask.double()
+    r = torch.exp(lp - old)
+    A = adv[:, None]
+    pol = -torch.minimum(r * A, r.clamp(1 - el, 1 + eh) * A)
+    d = ref - lp
+    kl = torch.exp(d) - d - 1
+    if bias_corr:
+        kl = kl * r
+    l = (pol + beta * kl) * m
+    if loss_type == "grpo":
+        return (l.sum(-1) / m.sum(-1).clamp(min=1)).mean()
+    return l.sum() / m.sum()
+
+
+def _grads(loss, *ts):
+    return torch.autograd.grad(loss, [t for t in ts if t is not None])
+
+
+@pytest.mark.parametrize("mode", ["one_pass", "two_pass"])
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("loss_type,bias_corr,T,cap", [("grpo", False, 1.0, None), ("bnpo", True, 0.7, 2.0)])
+def test_linear_grpo_matches_reference(mode, impl, loss_type, bias_corr, T, cap):
+    dtype = torch.float32 if impl == "triton" else torch.float64
+    h, W, b, tgt, mask, adv = _data(dtype=dtype)
+    with torch.no_grad():
+        lp0 = _ref_logp(h, W, b, tgt, mask, T, cap)
+    g = torch.Generator().manual_seed(9)
+    old = (lp0 + torch.randn(lp0.shape, generator=g, dtype=torch.float64) * 0.2).to(dtype)
+    ref = (lp0 + torch.randn(lp0.shape, generator=g, dtype=torch.float64) * 0.2).to(dtype)
+    leaves = [t.clone().requires_grad_(True) for t in (h, W, b)]
+    loss, metrics = linear_grpo_loss(*leaves[:2], tgt, mask, adv.to(dtype), bias=leaves[2], old_logp=old, ref_logp=ref,
+                                     temperature=T, softcap=cap, beta=0.05, eps_high=0.28, loss_type=loss_type,
+                                     kl_bias_correction=bias_corr, mode=mode, impl=impl)
+    gd = _grads(loss, *leaves)
+    rl = [t.detach().double().requires_grad_(True) for t in (h, W, b)]
+    lp = _ref_logp(*rl, tgt, mask, T, cap)
+    expected = _ref_grpo(lp, old.double(), ref.double(), adv, mask, 0.05, 0.2, 0.28, loss_type, bias_corr)
+    ge = _grads(expected, *rl)
+    tol = dict(rtol=2e-5, atol=2e-6) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(loss.double(), expected.detach(), **tol)
+    for a, e in zip(gd, ge):
+        torch.testing.assert_close(a.double(), e, **tol)
+    torch.testing.assert_close(metrics["logp"].double(), lp.detach(), **tol)
+    assert "clip_ratio/region_mean" in metrics and not metrics["kl"].requires_grad
+
+
+def test_one_pass_equals_two_pass_and_unfused_all_options():
+    h, W, b, tgt, mask, adv = _data()
+    with torch.no_grad():
+        lp0 = _ref_logp(h, W, b, tgt, mask)
+    old = lp0 + 0.3 * torch.randn(lp0.shape, dtype=torch.float64)
+    ref = lp0 + 0.3 * torch.randn(lp0.shape, dtype=torch.float64)
+    iw = torch.rand(lp0.shape, dtype=torch.float64) + 0.5
+    advt = torch.randn(lp0.shape, dtype=torch.float64)
+    for kw in (dict(loss_type="dapo", num_items=11.0, delta=1.3), dict(loss_type="dr_grpo", max_completion_length=9),
+               dict(loss_type="cispo", eps_high=1.1, beta=0.0), dict(importance_weights=iw),
+               dict(old_logp=None, beta=0.0)):
+        kw = {"old_logp": old, "ref_logp": ref, **kw}
+        a_adv = advt if "importance_weights" in kw else adv
+        outs = []
+        for mode in ("one_pass", "two_pass"):
+            hh, WW = h.clone().requires_grad_(True), W.clone().requires_grad_(True)
+            loss, _ = linear_grpo_loss(hh, WW, tgt, mask, a_adv, bias=b, mode=mode, impl="torch", **kw)
+            outs.append((loss, *_grads(loss, hh, WW)))
+        hh, WW = h.clone().requires_grad_(True), W.clone().requires_grad_(True)
+        lp = _ref_logp(hh, WW, b, tgt, mask)
+        kw2 = dict(kw)
+        old_ = kw2.pop("old_logp")
+        loss_u, _ = grpo_loss(lp, old_, a_adv, mask, **kw2)
+        unf = (loss_u, *_grads(loss_u, hh, WW))
+        for x, y, z in zip(outs[0], outs[1], unf):
+            torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(x, z, rtol=1e-10, atol=1e-12)
+
+
+def test_sequence_level_uses_two_passes():
+    h, W, b, tgt, mask, adv = _data()
+    with torch.no_grad():
+        lp0 = _ref_logp(h, W, b, tgt, mask)
+    old = lp0 + 0.2
+    loss, _ = linear_grpo_loss(h, W, tgt, mask, adv, bias=b, old_logp=old, beta=0.0,
+                               importance_sampling_level="sequence", impl="torch")
+    exp_, _ = grpo_loss(lp0, old, adv, mask, beta=0.0, importance_sampling_level="sequence")
+    torch.testing.assert_close(loss, exp_)
+    with pytest.raises(ValueError, match="one_pass' needs token-level"):
+        linear_grpo_loss(h, W, tgt, mask, adv, old_logp=old, beta=0.0, importance_sampling_level="sequence",
+                         mode="one_pass")
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_linear_ppo_policy(impl):
+    dtype = torch.float32 if impl == "triton" else torch.float64
+    h, W, b, tgt, mask, adv = _data(dtype=dtype, with_bias=False)
+    with torch.no_grad():
+        lp0 = _ref_logp(h, W, None, tgt, mask)
+    old = (lp0 + 0.3 * torch.randn(lp0.shape, dtype=torch.float64)).to(dtype)
+    advt = torch.randn(lp0.shape, dtype=torch.float64).to(dtype)
+    hh, WW = h.clone().requires_grad_(True), W.clone().requires_grad_(True)
+    loss, m = linear_ppo_policy_loss(hh, WW, tgt, mask, advt, old, dual_clip=2.0, impl=impl)
+    got = (loss, *_grads(loss, hh, WW))
+    rh, rW = h.double().requires_grad_(True), W.double().requires_grad_(True)
+    lp = _ref_logp(rh, rW, None, tgt, mask)
+    r = torch.exp(lp - old.double())
+    A = advt.double()
+    per = torch.maximum(-r * A, -r.clamp(0.8, 1.2) * A)
+    per = torch.where(A < 0, torch.minimum(per, -2.0 * A), per)
+    mf = mask.double()
+    exp_ = (per * mf).sum() / mf.sum()
+    want = (exp_, *_grads(exp_, rh, rW))
+    tol = dict(rtol=2e-5, atol=2e-6) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-11)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a.double(), e.detach(), **tol)
+    assert "approx_kl" in m
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_linear_dpo(loss_type):
+    h, W, b, tgt, mask, _ = _data(B=4)
+    ref = -torch.rand(4, dtype=torch.float64) * 10
+    hh, WW = h.clone().requires_grad_(True), W.clone().requires_grad_(True)
+    loss, m = linear_dpo_loss(hh, WW, tgt, mask, ref, bias=b, beta=0.2, loss_type=loss_type, impl="torch")
+    got = (loss, *_grads(loss, hh, WW))
+    rh, rW = h.clone().requires_grad_(True), W.clone().requires_grad_(True)
+    seq = _ref_logp(rh, rW, b, tgt, mask).sum(-1)
+    n = mask.sum(-1).double()
+    hc = seq[:2] - ref[:2]
+    hr = seq[2:] - ref[2:]
+    if loss_type == "sigmoid":
+        exp_ = -torch.nn.functional.logsigmoid(0.2 * (hc - hr)).mean()
+    else:
+        exp_ = ((hc / n[:2] - hr / n[2:] - 1 / (2 * 0.2)) ** 2).mean()
+    want = (exp_, *_grads(exp_, rh, rW))
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e.detach(), rtol=1e-9, atol=1e-11)
+    l2, _ = dpo_loss(seq[:2].detach(), seq[2:].detach(), ref[:2], ref[2:], beta=0.2, loss_type=loss_type,
+                     chosen_lengths=n[:2], rejected_lengths=n[2:])
+    torch.testing.assert_close(loss, l2)
+
+
+def test_bf16_hidden_one_pass_close_to_fp64():
+    h, W, b, tgt, mask, adv = _data(dtype=torch.bfloat16)
+    hh, WW = h.clone().requires_grad_(True), W.clone().requires_grad_(True)
+    loss, _ = linear_grpo_loss(hh, WW, tgt, mask, adv.bfloat16(), bias=b, beta=0.0, impl="torch")
+    gh, gw = _grads(loss, hh, WW)
+    assert loss.dtype == torch.float32 and gh.dtype == torch.bfloat16 and gw.dtype == torch.bfloat16
+    rh, rW = h.double().requires_grad_(True), W.double().requires_grad_(True)
+    lp = _ref_logp(rh, rW, b, tgt, mask)
+    exp_ = _ref_grpo(lp, lp.detach(), lp.detach(), adv.bfloat16().double(), mask, 0.0, 0.2, 0.2, "grpo")
+    eh, ew = _grads(exp_, rh, rW)
+    torch.testing.assert_close(loss.double(), exp_.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gh.double(), eh, rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(gw.double(), ew, rtol=2e-2, atol=2e-3)
+
+
+def test_upstream_gradient_scales():
+    h, W, b, tgt, mask, adv = _data()
+    hh = h.clone().requires_grad_(True)
+    loss, _ = linear_grpo_loss(hh, W, tgt, mask, adv, beta=0.0, impl="torch")
+    (g1,) = torch.autograd.grad(loss * 3.5, hh)
+    hh2 = h.clone().requires_grad_(True)
+    loss2, _ = linear_grpo_loss(hh2, W, tgt, mask, adv, beta=0.0, impl="torch")
+    (g2,) = torch.autograd.grad(loss2, hh2)
+    torch.testing.assert_close(g1, 3.5 * g2)
+
+
+def test_bad_inputs():
+    h, W, b, tgt, mask, adv = _data()
+    with pytest.raises(ValueError, match="hidden must have shape"):
+        linear_grpo_loss(h[0], W, tgt, mask, adv, beta=0.0)
+    with pytest.raises(ValueError, match="targets must have shape"):
+        linear_grpo_loss(h, W, tgt[:, :2], mask, adv, beta=0.0)
+    with pytest.raises(ValueError, match=r"targets at mask-1 positions must be in \[0, 37\)"):
+        t2 = tgt.clone()
+        t2[0, 0] = 37
+        linear_grpo_loss(h, W, t2, mask, adv, beta=0.0)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        linear_grpo_loss(h, W, tgt, mask, adv, beta=0.0, mode="fast")
+    with pytest.raises(ValueError, match="an even count"):
+        linear_dpo_loss(h, W, tgt, mask)
+    with pytest.raises(ValueError, match="needs ref_logp"):
+        linear_grpo_loss(h, W, tgt, mask, adv)
