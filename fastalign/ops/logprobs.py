@@ -31,9 +31,16 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _chunk_log_softmax(chunk: torch.Tensor, inv_temp: float, acc: torch.dtype) -> torch.Tensor:
+    """log_softmax of one row chunk in ``acc`` precision: one fused kernel, one chunk-sized buffer."""
+    if inv_temp != 1.0:
+        chunk = chunk.to(acc) * inv_temp
+    return torch.log_softmax(chunk, dim=-1, dtype=acc)
+
+
 def torch_logprobs_forward(logits: torch.Tensor, layout: RowLayout, targets: torch.Tensor, inv_temp: float,
                            ignore_index: int, with_entropy: bool):
-    """Chunked over rows: extra memory is a few ``rows_per_chunk x V`` fp32 buffers."""
+    """Chunked over rows: extra memory is one or two ``rows_per_chunk x V`` fp32 buffers."""
     V = logits.shape[-1]
     acc = _acc_dtype(logits.dtype)
     logp = torch.empty(layout.n_rows, dtype=acc, device=logits.device)
@@ -43,16 +50,16 @@ def torch_logprobs_forward(logits: torch.Tensor, layout: RowLayout, targets: tor
     safe_targets = torch.where(valid, targets, 0)
     for start, chunk in iter_row_chunks(logits, layout, tuning.torch_rows_per_chunk(V)):
         end = start + chunk.shape[0]
-        x = chunk.to(acc) * inv_temp  # a new buffer: never touches the caller's logits
-        lse_c = torch.logsumexp(x, dim=-1)
         tgt = safe_targets[start:end, None]
         v = valid[start:end]
-        logp[start:end] = torch.where(v, x.gather(-1, tgt).squeeze(-1) - lse_c, 0)
-        lse[start:end] = torch.where(v, lse_c, 0)
+        logp_all = _chunk_log_softmax(chunk, inv_temp, acc)
+        lp = logp_all.gather(-1, tgt).squeeze(-1)
+        x_t = chunk.gather(-1, tgt).squeeze(-1).to(acc) * inv_temp
+        logp[start:end] = torch.where(v, lp, 0)
+        lse[start:end] = torch.where(v, x_t - lp, 0)  # lse = x_target - log p_target
         if with_entropy:
-            x.sub_(lse_c[:, None])  # x is now log p
-            p = torch.exp(x)
-            ent = -torch.where(p > 0, p * x, 0).sum(-1)
+            p = torch.exp(logp_all)
+            ent = -(p.mul_(logp_all).nan_to_num_(nan=0.0)).sum(-1)  # 0 * -inf (a -inf logit) counts 0
             entropy[start:end] = torch.where(v, ent, 0)
     return logp, entropy, lse
 
@@ -60,6 +67,7 @@ def torch_logprobs_forward(logits: torch.Tensor, layout: RowLayout, targets: tor
 def torch_logprobs_backward(logits: torch.Tensor, layout: RowLayout, targets: torch.Tensor, lse: torch.Tensor,
                             entropy: torch.Tensor | None, grad_logp: torch.Tensor | None,
                             grad_entropy: torch.Tensor | None, inv_temp: float, ignore_index: int) -> torch.Tensor:
+    """dlogits = (g_logp * (onehot - p) - g_ent * p * (log p + H)) / T, chunk by chunk, in place."""
     V = logits.shape[-1]
     acc = _acc_dtype(logits.dtype)
     grad = torch.empty((layout.n_rows, V), dtype=logits.dtype, device=logits.device)
@@ -68,22 +76,33 @@ def torch_logprobs_backward(logits: torch.Tensor, layout: RowLayout, targets: to
     for start, chunk in iter_row_chunks(logits, layout, tuning.torch_rows_per_chunk(V)):
         end = start + chunk.shape[0]
         v = valid[start:end, None]
-        logp_all = chunk.to(acc) * inv_temp
+        # log p from the saved lse (not a fresh log_softmax), so the gradient matches the forward exactly
+        # in fp32 / fp64 the gradient rows themselves are the work buffer: no chunk temporaries
+        out_rows = grad[start:end]
+        logp_all = out_rows if logits.dtype == acc else torch.empty(out_rows.shape, dtype=acc, device=grad.device)
+        if chunk.dtype == acc:
+            torch.mul(chunk, inv_temp, out=logp_all)
+        else:  # upcast before scaling: bf16 * (1/T) would round in bf16
+            logp_all.copy_(chunk).mul_(inv_temp)
         logp_all.sub_(lse[start:end, None])
-        p = torch.exp(logp_all)
-        d = torch.zeros_like(p)
-        if grad_logp is not None:
-            g = torch.where(v, grad_logp[start:end, None].to(acc), 0)
-            d.addcmul_(p, g, value=-1.0)
-            d.scatter_add_(1, safe_targets[start:end, None], g)
+        g = torch.where(v, grad_logp[start:end, None].to(acc), 0) if grad_logp is not None else None
         if grad_entropy is not None:
             g_ent = torch.where(v, grad_entropy[start:end, None].to(acc), 0)
-            # dH/dx_j = -p_j (log p_j + H)
-            term = torch.where(p > 0, p * (logp_all + entropy[start:end, None]), 0)
-            d.addcmul_(term, g_ent, value=-1.0)
+            p = torch.exp(logp_all)
+            # d = -g * p - g_ent * p * (log p + H) = -p * (g_ent * (log p + H) + g), built in place
+            d = logp_all.add_(entropy[start:end, None]).mul_(g_ent)
+            if g is not None:
+                d.add_(g)
+            d.mul_(p).neg_().masked_fill_(p == 0, 0.0)  # p == 0 (a -inf logit): no gradient
+            del p
+        else:
+            d = logp_all.exp_().mul_(-g)
+        if g is not None:
+            d.scatter_add_(1, safe_targets[start:end, None], g)
         if inv_temp != 1.0:
             d.mul_(inv_temp)
-        grad[start:end] = d
+        if d.data_ptr() != out_rows.data_ptr():
+            out_rows.copy_(d)
     return grad
 
 

@@ -1,0 +1,93 @@
+"""log-softmax-gather from logits: fastalign vs the materializing reference and installed peers.
+
+Baseline: ``torch.log_softmax(logits.float(), -1).gather(-1, targets[..., None])`` (what trainers do).
+Peers, each where installed and able to run on the device: TRL's ``selective_log_softmax``,
+Liger's cross entropy (reduction="none", the negated log-prob), flash-attn's Triton cross entropy.
+Ops: ``fwd`` (no autograd), ``bwd`` (backward only, graph kept), ``fwd+bwd``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+import fastalign
+from fastalign.bench.core import BenchCase
+
+CUDA_SHAPES = [  # (N tokens, V) of real heads, bf16
+    (8192, 152064),  # Qwen2.5
+    (8192, 128256),  # Llama-3
+    (4096, 256000),  # Gemma-2
+]
+CPU_SHAPES = [(1024, 32768)]
+QUICK_SHAPES = [(128, 4096)]
+
+
+def _reference(logits, targets):
+    return torch.log_softmax(logits.float(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def _peers(device: torch.device) -> dict[str, Callable]:
+    peers: dict[str, Callable] = {}
+    try:
+        from trl.trainer.utils import selective_log_softmax
+
+        peers["trl.selective_log_softmax"] = lambda x, t: selective_log_softmax(x, t)
+    except Exception:
+        pass
+    if device.type == "cuda":  # these peers are CUDA-only Triton kernels
+        try:
+            from liger_kernel.transformers.functional import liger_cross_entropy
+
+            peers["liger.cross_entropy"] = lambda x, t: -liger_cross_entropy(x, t, reduction="none")
+        except Exception:
+            pass
+        try:
+            from flash_attn.ops.triton.cross_entropy import cross_entropy_loss
+
+            peers["flash_attn.cross_entropy"] = lambda x, t: -cross_entropy_loss(x, t)[0]
+        except Exception:
+            pass
+    return peers
+
+
+def _make(fn: Callable, N: int, V: int, dtype, device, op: str):
+    def make():
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        logits = (torch.randn(N, V, generator=gen) * 2).to(device=device, dtype=dtype)
+        targets = torch.randint(0, V, (N,), generator=gen).to(device)
+        if op == "fwd":
+            def run():
+                with torch.no_grad():
+                    return fn(logits, targets)
+            return run
+        x = logits.requires_grad_()
+        grad_out = torch.randn(N, generator=gen).to(device)
+        if op == "bwd":
+            out = fn(x, targets)
+            return lambda: torch.autograd.grad(out, x, grad_out, retain_graph=True)[0]
+        return lambda: torch.autograd.grad(fn(x, targets), x, grad_out)[0]
+    return make
+
+
+def cases(device: torch.device, quick: bool = False) -> list[BenchCase]:
+    if device.type == "cuda":
+        shapes, dtype, impl = (QUICK_SHAPES if quick else CUDA_SHAPES), torch.bfloat16, "triton"
+    else:
+        shapes, dtype, impl = (QUICK_SHAPES if quick else CPU_SHAPES), torch.float32, "torch"
+    ours = lambda x, t: fastalign.logprobs_from_logits(x, t, impl=impl)  # noqa: E731
+    peers = _peers(device)
+    out = []
+    for N, V in shapes:
+        shape = f"N={N},V={V},{str(dtype).replace('torch.', '')}"
+        nbytes = N * V * dtype.itemsize
+        for op in ("fwd", "bwd", "fwd+bwd"):
+            moved = {"fwd": nbytes, "bwd": 2 * nbytes, "fwd+bwd": 3 * nbytes}[op]
+            out.append(BenchCase("logprobs", op, shape, "reference", "baseline", _make(_reference, N, V, dtype, device, op),
+                                 bytes=moved))
+            out.append(BenchCase("logprobs", op, shape, f"fastalign[{impl}]", "fastalign",
+                                 _make(ours, N, V, dtype, device, op), bytes=moved))
+            for name, fn in peers.items():
+                out.append(BenchCase("logprobs", op, shape, name, "peer", _make(fn, N, V, dtype, device, op), bytes=moved))
+    return out

@@ -1,0 +1,268 @@
+"""logprobs_from_logits against an fp64 reference written from the formula, on both backends."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from references import max_err, ref_logprobs
+
+import fastalign
+from fastalign.kernels import tuning
+from fastalign.utils.memory import AllocationTracker
+
+IMPLS = ["torch", "triton"]
+LOW = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def _torch_materialized(logits, targets, temperature, ignore_index=-100):
+    """What a trainer does today, in the input dtype: the error bar the kernels must meet."""
+    x = logits.detach().clone().requires_grad_()
+    logp_all = torch.log_softmax(x.float() / temperature, -1)
+    valid = targets != ignore_index
+    logp = logp_all.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1) * valid
+    ent = -(logp_all.exp() * logp_all).sum(-1) * valid
+    return x, logp, ent
+
+
+def _check(logits, targets, impl, temperature=1.0, ignore_index=-100, entropy=True, floor=1e-5):
+    logits = logits.detach().requires_grad_()
+    out = fastalign.logprobs_from_logits(logits, targets, temperature=temperature, ignore_index=ignore_index,
+                                         return_entropy=entropy, impl=impl)
+    logp, ent = out if entropy else (out, None)
+    ref_x = logits.detach().double().requires_grad_()
+    ref_lp, ref_ent = ref_logprobs(ref_x, targets, temperature, ignore_index)
+    tx, t_lp, t_ent = _torch_materialized(logits, targets, temperature, ignore_index)
+
+    assert logp.shape == targets.shape
+    assert logp.dtype == (torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    assert max_err(logp, ref_lp) <= 2 * max_err(t_lp, ref_lp) + floor
+    if entropy:
+        assert max_err(ent, ref_ent) <= 2 * max_err(t_ent, ref_ent) + floor
+
+    g_lp = torch.randn_like(ref_lp)
+    g_ent = torch.randn_like(ref_ent)
+    ref_loss = (ref_lp * g_lp).sum() + ((ref_ent * g_ent).sum() if entropy else 0)
+    ref_loss.backward()
+    t_loss = (t_lp * g_lp.float()).sum() + ((t_ent * g_ent.float()).sum() if entropy else 0)
+    t_loss.backward()
+    loss = (logp * g_lp.to(logp.dtype)).sum() + ((ent * g_ent.to(ent.dtype)).sum() if entropy else 0)
+    loss.backward()
+    assert logits.grad.dtype == logits.dtype and logits.grad.shape == logits.shape
+    # The interpreter casts fp32 -> bf16/fp16 by truncation (1 ulp) where torch rounds (0.5 ulp): 2x torch's error.
+    assert max_err(logits.grad, ref_x.grad) <= 2 * max_err(tx.grad, ref_x.grad) + floor
+    ignored = targets == ignore_index
+    if ignored.any():
+        assert logits.grad[ignored].abs().max() == 0
+        assert logp[ignored].abs().max() == 0
+    return logp
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("V", [1, 7, 500, 2053])
+def test_forward_backward_fp32_odd_vocab(impl, V):
+    logits = torch.randn(37, V) * 4
+    targets = torch.randint(0, V, (37,))
+    targets[::5] = -100
+    _check(logits, targets, impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_large_vocab_not_block_multiple(impl):
+    V = 32001
+    logits = torch.randn(3, V) * 2
+    targets = torch.tensor([0, V - 1, 12345])
+    _check(logits, targets, impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision(impl, dtype):
+    logits = (torch.randn(2, 9, 300) * 3).to(dtype)
+    targets = torch.randint(0, 300, (2, 9))
+    _check(logits, targets, impl, temperature=0.9)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("offset", [30.0, -30.0])
+@pytest.mark.parametrize("temperature", [0.7, 1.3])
+def test_offsets_and_temperature(impl, offset, temperature):
+    logits = torch.randn(4, 6, 257) * 3 + offset
+    targets = torch.randint(0, 257, (4, 6))
+    _check(logits, targets, impl, temperature=temperature)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_without_entropy_and_custom_ignore_index(impl):
+    logits = torch.randn(5, 4, 100)
+    targets = torch.randint(0, 100, (5, 4))
+    targets[1] = 7  # with ignore_index=7, row 1 is all ignored
+    _check(logits, targets, impl, ignore_index=7, entropy=False)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_all_ignored_and_empty(impl):
+    logits = torch.randn(3, 11, requires_grad=True)
+    targets = torch.full((3,), -100)
+    logp, ent = fastalign.logprobs_from_logits(logits, targets, return_entropy=True, impl=impl)
+    assert torch.equal(logp, torch.zeros(3)) and torch.equal(ent, torch.zeros(3))
+    (logp.sum() + ent.sum()).backward()
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+    for lead in [(0,), (0, 4), (1,)]:
+        x = torch.randn(*lead, 13, requires_grad=True)
+        t = torch.randint(0, 13, lead)
+        lp = fastalign.logprobs_from_logits(x, t, impl=impl)
+        assert lp.shape == lead
+        lp.sum().backward()
+        assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_strided_inputs(impl):
+    base = torch.randn(3, 8, 129)
+    targets = torch.randint(0, 129, (3, 8))
+    # the shifted slice every trainer takes: read in place through two strides
+    _check(base[:, :-1], targets[:, 1:], impl)
+    # leading dims permuted
+    _check(base.transpose(0, 1), targets.t(), impl)
+    # three leading groups that cannot be merged: one contiguous copy
+    base4 = torch.randn(4, 3, 5, 33)
+    _check(base4[::2, :, ::2], torch.randint(0, 33, (2, 3, 3)), impl)
+    # vocabulary dim with stride != 1
+    _check(torch.randn(33, 6).t(), torch.randint(0, 33, (6,)), impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_inputs_not_modified(impl):
+    logits = torch.randn(4, 50) * 5
+    targets = torch.randint(0, 50, (4,))
+    before_l, before_t = logits.clone(), targets.clone()
+    x = logits.clone().requires_grad_()
+    lp, ent = fastalign.logprobs_from_logits(x, targets, temperature=0.5, return_entropy=True, impl=impl)
+    (lp.sum() + ent.sum()).backward()
+    assert torch.equal(x.detach(), before_l) and torch.equal(targets, before_t)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_backends_agree(impl):
+    logits = torch.randn(6, 7, 333) * 2
+    targets = torch.randint(0, 333, (6, 7))
+    a = fastalign.logprobs_from_logits(logits, targets, return_entropy=True, impl=impl)
+    b = ref_logprobs(logits, targets)
+    for x, y in zip(a, b):
+        assert max_err(x, y) < 1e-5
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_gradcheck_fp64(impl, with_entropy):
+    logits = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 7, (2, 3))
+    targets[0, 1] = -100
+
+    def f(x):
+        # temperature 0.5 is exact in fp32 (the kernels take hyperparameters as fp32 arguments)
+        return fastalign.logprobs_from_logits(x, targets, temperature=0.5, return_entropy=with_entropy, impl=impl)
+
+    assert torch.autograd.gradcheck(f, (logits,), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_forward_saves_only_logits_and_row_stats(impl):
+    N, V = 64, 300
+    logits = torch.randn(N, V, requires_grad=True)
+    targets = torch.randint(0, V, (N,))
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        lp, ent = fastalign.logprobs_from_logits(logits, targets, return_entropy=True, impl=impl)
+    big = [t for t in saved if t.numel() > N]
+    assert len(big) == 1 and big[0].data_ptr() == logits.data_ptr()  # the logits, by reference
+    assert all(t.numel() <= N for t in saved if t is not big[0])
+
+
+# The Triton interpreter copies every tensor argument to host buffers, so allocation counts of the
+# Triton path are only meaningful on a real GPU.
+MEMORY_IMPLS = ["torch", pytest.param("triton", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("impl", MEMORY_IMPLS)
+def test_no_fp32_copy_of_logits(impl, monkeypatch, device):
+    """Forward allocates O(N); backward allocates the gradient plus bounded chunk buffers."""
+    N, V = 96, 1024
+    monkeypatch.setattr(tuning, "TORCH_CHUNK_ELEMENTS", 16 * V)  # torch path: 16-row chunks
+    logits = torch.randn(N, V, dtype=torch.bfloat16, device=device, requires_grad=True)
+    targets = torch.randint(0, V, (N,), device=device)
+    with AllocationTracker() as fwd:
+        lp, ent = fastalign.logprobs_from_logits(logits, targets, return_entropy=True, impl=impl)
+    assert fwd.largest_numel() <= 16 * V
+    with AllocationTracker() as bwd:
+        (lp.sum() + ent.sum()).backward()
+    full = [a for a in bwd.allocations if a.nbytes // a.dtype.itemsize >= N * V]
+    assert len(full) == 1 and full[0].dtype == torch.bfloat16  # only dlogits, in the logits' dtype
+    assert bwd.peak_bytes <= N * V * 2 + 5 * 16 * V * 4 + 64 * N  # dlogits + at most 5 fp32 chunk buffers
+
+
+def test_torch_path_peak_is_a_fraction_of_the_reference(monkeypatch):
+    N, V = 256, 2048
+    logits = torch.randn(N, V)
+    targets = torch.randint(0, V, (N,))
+    monkeypatch.setattr(tuning, "TORCH_CHUNK_ELEMENTS", 32 * V)
+    with AllocationTracker() as ref:
+        torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None])
+    with AllocationTracker() as ours:
+        fastalign.logprobs_from_logits(logits, targets, impl="torch")
+    assert ours.peak_bytes * 3 <= ref.peak_bytes
+
+
+def test_index_checks_can_be_disabled():
+    logits = torch.randn(2, 5)
+    with pytest.raises(ValueError, match=r"targets must be in \[0, 5\)"):
+        fastalign.logprobs_from_logits(logits, torch.tensor([1, 5]))
+    fastalign.set_index_checks(False)
+    try:
+        fastalign.logprobs_from_logits(logits, torch.tensor([1, 2]))
+    finally:
+        fastalign.set_index_checks(True)
+
+
+@pytest.mark.parametrize(
+    "logits, targets, kwargs, exc, match",
+    [
+        (torch.randn(3, 5), torch.randint(0, 5, (4,)), {}, ValueError, r"targets must have shape .*\(3,\).*got \(4,\)"),
+        (torch.randn(3, 5), torch.rand(3), {}, TypeError, "targets must be an integer tensor"),
+        (torch.randint(0, 5, (3, 5)), torch.randint(0, 5, (3,)), {}, TypeError, "logits must be a floating tensor"),
+        (torch.randn(3, 5), torch.tensor([0, -1, 2]), {}, ValueError, r"targets must be in \[0, 5\).*got -1"),
+        (torch.randn(3, 5), torch.tensor([0, 1, 2]), {"temperature": 0.0}, ValueError, "temperature must be > 0"),
+        (torch.randn(3, 5), torch.tensor([0, 1, 2]), {"temperature": -1}, ValueError, "temperature must be > 0"),
+        (torch.randn(3, 5), torch.tensor([0, 1, 2]), {"impl": "cuda"}, ValueError, "impl must be one of"),
+        (torch.randn(3, 5), torch.tensor([0, 1, 2]), {"ignore_index": 1.5}, TypeError, "ignore_index must be an int"),
+        (torch.randn(3, 0), torch.zeros(3, dtype=torch.long), {}, ValueError, "non-empty vocabulary"),
+        (torch.tensor(1.0), torch.tensor(0), {}, ValueError, "at least 1 dim"),
+        ([[1.0]], torch.tensor([0]), {}, TypeError, "logits must be a torch.Tensor"),
+    ],
+)
+def test_bad_input(logits, targets, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        fastalign.logprobs_from_logits(logits, targets, **kwargs)
+
+
+def test_different_devices():
+    with pytest.raises(ValueError, match="same device"):
+        fastalign.logprobs_from_logits(torch.randn(3, 5, device="meta"), torch.tensor([0, 1, 2]))
+
+
+def test_dispatch_rule(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert fastalign.select_impl("auto", cpu) == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert fastalign.select_impl("auto", cpu) == "torch"
+    assert fastalign.select_impl("torch", cpu) == "torch"
+    with pytest.raises(ValueError, match="impl='triton' needs a CUDA tensor"):
+        fastalign.select_impl("triton", cpu)
+    assert fastalign.select_impl("triton", torch.device("cuda")) == "triton"
+    assert fastalign.select_impl("auto", torch.device("cuda")) == "triton"
