@@ -191,3 +191,41 @@ def test_bad_inputs():
         grpo_loss(logp, old, adv, mask, beta=0.0, loss_type="dr_grpo", max_completion_length=0)
     with pytest.raises(TypeError, match="mask must be a bool or numeric"):
         grpo_loss(logp, old, adv, mask.to(torch.complex64), beta=0.0)
+
+
+# ---- advantages (RLOO / ReMax / GRPO presets) ------------------------------------------------------
+
+from fastalign.losses import grpo_advantages, remax_advantages, rloo_advantages  # noqa: E402
+
+
+def test_rloo_loop_reference():
+    g = torch.Generator().manual_seed(3)
+    r = torch.randn(12, generator=g, dtype=torch.float64)
+    ids = torch.tensor([5, 1, 5, 5, 1, 9, 2, 2, 2, 2, 1, 7])
+    a = rloo_advantages(r, ids, impl="torch")
+    for i in range(12):
+        others = [float(r[j]) for j in range(12) if ids[j] == ids[i] and j != i]
+        exp_ = float(r[i]) - sum(others) / len(others) if others else 0.0
+        assert abs(float(a[i]) - exp_) < 1e-12
+    a2 = rloo_advantages(r, group_size=4, impl="torch")
+    k = 4
+    rr = r.view(3, 4)
+    torch.testing.assert_close(a2.view(3, 4), rr - (rr.sum(1, keepdim=True) - rr) / (k - 1))
+
+
+def test_remax_and_grpo_presets():
+    r = torch.tensor([1.0, 0.0, 2.0, 5.0, 3.0, float("nan")], dtype=torch.float64)
+    greedy = torch.tensor([0.5, 4.0], dtype=torch.float64)
+    a = remax_advantages(r, greedy, group_size=3)
+    torch.testing.assert_close(a, torch.tensor([0.5, -0.5, 1.5, 1.0, -1.0, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(remax_advantages(r[:3], r[:3].flip(0)), r[:3] - r[:3].flip(0))
+    x = torch.tensor([1.0, 0.0, 2.0, 5.0, 3.0, 4.0], dtype=torch.float64)
+    v = x.view(2, 3)
+    trl = (v - v.mean(1, keepdim=True)) / (v.std(1, keepdim=True) + 1e-4)
+    torch.testing.assert_close(grpo_advantages(x, group_size=3, preset="trl", impl="torch").view(2, 3), trl)
+    tut = (v - v.mean(1, keepdim=True)) / (v.std(1, unbiased=False, keepdim=True) + 1e-8)
+    torch.testing.assert_close(grpo_advantages(x, group_size=3, impl="torch").view(2, 3), tut)
+    with pytest.raises(ValueError, match="preset must be one of"):
+        grpo_advantages(x, group_size=3, preset="x")
+    with pytest.raises(ValueError, match="group_size must be a positive int dividing"):
+        remax_advantages(x, greedy, group_size=4)
