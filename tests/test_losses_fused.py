@@ -229,3 +229,17 @@ def test_bad_inputs():
         linear_dpo_loss(h, W, tgt, mask)
     with pytest.raises(ValueError, match="needs ref_logp"):
         linear_grpo_loss(h, W, tgt, mask, adv)
+
+
+@pytest.mark.parametrize("mode,impl", [("one_pass", "torch"), ("two_pass", "torch"), ("one_pass", "triton")])
+def test_entropy_by_product(mode, impl):
+    dtype = torch.float32 if impl == "triton" else torch.float64
+    h, W, b, tgt, mask, adv = _data(dtype=dtype)
+    _, m = linear_grpo_loss(h, W, tgt, mask, adv.to(dtype), bias=b, beta=0.0, temperature=0.8, softcap=3.0,
+                            mode=mode, return_entropy=True, impl=impl)
+    z = h.double() @ W.double().t() + b.double()
+    x = 3.0 * torch.tanh(z / 3.0) / 0.8
+    ent = -(torch.softmax(x, -1) * torch.log_softmax(x, -1)).sum(-1) * mask
+    tol = dict(rtol=2e-5, atol=2e-6) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(m["entropies"].double(), ent, **tol)
+    torch.testing.assert_close(m["entropy"].double(), ent.sum() / mask.sum(), **tol)

@@ -55,19 +55,21 @@ Mode = Literal["auto", "one_pass", "two_pass"]
 # ---- the one-pass engine ------------------------------------------------------------------------
 
 def _one_pass_grads(hidden2d, weight, bias, targets, token_grad, *, scale, inv_temp, softcap, compute_dtype,
-                    backend, need_hidden, need_weight, need_bias):
+                    backend, need_hidden, need_weight, need_bias, with_entropy=False):
     """Walk row blocks with a full-vocabulary tile. ``token_grad(rows_slice, logp_block) -> g`` gives
-    dLoss/dlogp for those rows (fp32/fp64 ``[n]``). Returns ``(logp [n], dH, dW, db)``."""
+    dLoss/dlogp for those rows (fp32/fp64 ``[n]``). Returns ``(logp [n], entropy [n] or None, dH, dW, db)``
+    (the entropy is a by-product of the same fold, for monitoring: no gradient flows through it)."""
     n, D = hidden2d.shape
     V = weight.shape[0]
     dev = hidden2d.device
     acc = _ll._acc_dtype(compute_dtype)
     logp = torch.zeros(n, dtype=acc, device=dev)
+    ent = torch.zeros(n, dtype=acc, device=dev) if with_entropy else None
     d_h = torch.zeros((n, D), dtype=acc, device=dev) if need_hidden else None
     d_w_acc = torch.zeros((V, D), dtype=acc, device=dev) if need_weight else None
     d_b = torch.zeros(V, dtype=acc, device=dev) if need_bias else None
     if n == 0 or V == 0:
-        return logp, d_h, d_w_acc, d_b
+        return logp, ent, d_h, d_w_acc, d_b
     fold, dlogits = _ll._epilogues(backend, acc)
     torch_fold = fold is _ll.torch_fold_chunk  # the torch fold overwrites its tile
     rows = tuning.fused_loss_rows(dev.type, V, n)
@@ -88,9 +90,13 @@ def _one_pass_grads(hidden2d, weight, bias, targets, token_grad, *, scale, inv_t
             m = torch.full((k,), float("-inf"), dtype=acc, device=dev)
             s = torch.zeros(k, dtype=acc, device=dev)
             tgt = torch.zeros(k, dtype=acc, device=dev)
-            fold(tile.clone() if torch_fold else tile, targets[r0:r1], m, s, None, tgt, 0, scale, inv_temp, softcap)
-            lse = m + torch.log(s)
+            t = torch.zeros(k, dtype=acc, device=dev) if with_entropy else None
+            fold(tile.clone() if torch_fold else tile, targets[r0:r1], m, s, t, tgt, 0, scale, inv_temp, softcap)
+            log_s = torch.log(s)
+            lse = m + log_s
             lp = tgt - lse
+            if with_entropy:
+                ent[r0:r1] = log_s - t / s
             logp[r0:r1] = lp
             g = token_grad(slice(r0, r1), lp).to(acc).contiguous()
             dz = dlogits(tile, dz_buf[:k], targets[r0:r1], lse, None, g, None, 0, scale, inv_temp, softcap)
@@ -100,7 +106,7 @@ def _one_pass_grads(hidden2d, weight, bias, targets, token_grad, *, scale, inv_t
                 _ll._mm_into(d_w_acc, dz.t(), h[r0:r1], accumulate=True)
             if need_bias:
                 d_b += dz.sum(0, dtype=acc)
-    return logp, d_h, d_w_acc, d_b
+    return logp, ent, d_h, d_w_acc, d_b
 
 
 class _FusedTokenLoss(torch.autograd.Function):
@@ -109,13 +115,14 @@ class _FusedTokenLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden2d, weight, bias, targets, token_grad, finalize, scale, inv_temp, softcap,
-                compute_dtype, backend):
+                compute_dtype, backend, with_entropy):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
-        logp, d_h, d_w, d_b = _one_pass_grads(
+        logp, ent, d_h, d_w, d_b = _one_pass_grads(
             hidden2d, weight, bias, targets, token_grad, scale=scale, inv_temp=inv_temp, softcap=softcap,
-            compute_dtype=compute_dtype, backend=backend, need_hidden=need_h, need_weight=need_w, need_bias=need_b)
-        loss = finalize(logp)
+            compute_dtype=compute_dtype, backend=backend, need_hidden=need_h, need_weight=need_w, need_bias=need_b,
+            with_entropy=with_entropy)
+        loss = finalize(logp, ent)
         ctx.save_for_backward(
             None if d_h is None else d_h.to(hidden2d.dtype),
             None if d_w is None else d_w.to(weight.dtype),
@@ -131,7 +138,7 @@ class _FusedTokenLoss(torch.autograd.Function):
         def scaled(t):
             return None if t is None else t * g_loss.to(t.dtype)
 
-        return scaled(d_h), scaled(d_w), scaled(d_b), None, None, None, None, None, None, None, None
+        return scaled(d_h), scaled(d_w), scaled(d_b), None, None, None, None, None, None, None, None, None
 
 
 # ---- shared input handling -----------------------------------------------------------------------
@@ -170,19 +177,28 @@ def _prep_head(op, hidden, weight, targets, mask, bias, temperature, softcap, im
     return B, T, V, D, inv_temp, softcap, backend, valid, targets_ig
 
 
-def _unfused_logp(hidden, weight, targets_ig, bias, inv_temp, softcap, chunk_size, impl, scale=1.0):
-    """``linear_logprobs`` with masked positions ignored ([B, T], 0 there)."""
+def _unfused_logp(hidden, weight, targets_ig, bias, inv_temp, softcap, chunk_size, impl, scale=1.0,
+                  with_entropy=False):
+    """``linear_logprobs`` with masked positions ignored ([B, T], 0 there); ``(logp, entropy or None)``."""
     D = weight.shape[1]
     backend = select_impl(impl, hidden.device, op="linear_logprobs")
-    logp, _ = _ll.apply_linear_logprobs(
+    logp, ent = _ll.apply_linear_logprobs(
         hidden.reshape(-1, D), weight, bias, targets_ig.reshape(-1), scale=scale, inv_temp=inv_temp, softcap=softcap,
-        compute_dtype=_ll.compute_dtype_for(hidden, weight), with_entropy=False, chunk_size=chunk_size,
+        compute_dtype=_ll.compute_dtype_for(hidden, weight), with_entropy=with_entropy, chunk_size=chunk_size,
         backend=backend, ignore_index=-100)
-    return logp.view(targets_ig.shape)
+    return logp.view(targets_ig.shape), None if ent is None else ent.detach().view(targets_ig.shape)
+
+
+def _entropy_metrics(metrics, ent_bt, valid):
+    if ent_bt is not None:
+        m = valid.to(ent_bt.dtype)
+        metrics["entropies"] = ent_bt
+        metrics["entropy"] = (ent_bt * m).sum() / m.sum().clamp(min=1.0)
+    return metrics
 
 
 def _one_pass(hidden, weight, bias, targets_ig, valid, per_token_fn, weights_bt, finalize_fn, *, scale, inv_temp,
-              softcap, backend):
+              softcap, backend, with_entropy=False):
     """Run the engine on the valid rows. ``per_token_fn(idx, lp) -> per-token loss [n]`` is elementwise in
     ``lp``; ``weights_bt [B, T]`` are the normalizer weights (loss = sum w * l); ``finalize_fn(logp_bt)``
     gives ``(loss, metrics)`` from the full log-probs (no grad)."""
@@ -202,14 +218,16 @@ def _one_pass(hidden, weight, bias, targets_ig, valid, per_token_fn, weights_bt,
 
     out: dict = {}
 
-    def finalize(logp_rows):
+    def finalize(logp_rows, ent_rows):
         full = logp_rows.new_zeros(B * T).index_copy(0, idx, logp_rows).view(B, T)
         with torch.no_grad():
-            loss, out["metrics"] = finalize_fn(full)
+            loss, metrics = finalize_fn(full)
+        ent = None if ent_rows is None else ent_rows.new_zeros(B * T).index_copy(0, idx, ent_rows).view(B, T)
+        out["metrics"] = _entropy_metrics(metrics, ent, valid)
         return loss.detach()
 
     loss, _ = _FusedTokenLoss.apply(h_rows, weight, bias, tg, token_grad, finalize, scale, inv_temp, softcap,
-                                    _ll.compute_dtype_for(hidden, weight), backend)
+                                    _ll.compute_dtype_for(hidden, weight), backend, with_entropy)
     return loss, out["metrics"]
 
 
@@ -247,6 +265,7 @@ def linear_grpo_loss(
     kl_bias_correction: bool = False,
     importance_weights: torch.Tensor | None = None,
     mode: Mode = "auto",
+    return_entropy: bool = False,
     chunk_size: int | None = None,
     impl: Impl = "auto",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -264,6 +283,8 @@ def linear_grpo_loss(
         beta ... importance_weights: as :func:`fastalign.losses.grpo_loss`.
         mode: ``"one_pass"`` (token-level only), ``"two_pass"`` (``linear_logprobs`` + ``grpo_loss``),
             ``"auto"``: one pass for token-level ratios, two for sequence-level.
+        return_entropy: also report the token entropies (a by-product of the same pass, for
+            monitoring: ``metrics["entropies"]`` ``[B, T]`` and their masked mean ``metrics["entropy"]``).
         chunk_size: vocabulary chunk of the two-pass form. impl: backend of the epilogues.
 
     Returns:
@@ -292,10 +313,11 @@ def linear_grpo_loss(
                    importance_sampling_level=importance_sampling_level, max_completion_length=max_completion_length,
                    num_items=num_items, kl_bias_correction=kl_bias_correction, importance_weights=importance_weights)
     if not one_pass:
-        logp = _unfused_logp(hidden, weight, targets_ig, bias, inv_temp, softcap, chunk_size, impl, scale)
+        logp, ent = _unfused_logp(hidden, weight, targets_ig, bias, inv_temp, softcap, chunk_size, impl, scale,
+                                  with_entropy=return_entropy)
         loss, metrics = grpo_loss(logp, old_logp, advantages, mask, **loss_kw)
         metrics["logp"] = logp.detach()
-        return loss, metrics
+        return loss, _entropy_metrics(metrics, ent, valid)
 
     dt = compute_dtype(hidden, weight, old_logp, ref_logp, advantages)
     m = valid.to(dt)
@@ -323,7 +345,7 @@ def linear_grpo_loss(
         return loss, metrics
 
     return _one_pass(hidden, weight, bias, targets_ig, valid, per_token_fn, w, finalize_fn, scale=scale,
-                     inv_temp=inv_temp, softcap=softcap, backend=backend)
+                     inv_temp=inv_temp, softcap=softcap, backend=backend, with_entropy=return_entropy)
 
 
 # ---- PPO -----------------------------------------------------------------------------------------
@@ -369,7 +391,7 @@ def linear_ppo_policy_loss(
     one_pass = mode == "one_pass" or (mode == "auto" and level == "token")
     kw = dict(eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, level=level, impl=impl)
     if not one_pass:
-        logp = _unfused_logp(hidden, weight, targets_ig, bias, inv_temp, softcap, chunk_size, impl)
+        logp, _ = _unfused_logp(hidden, weight, targets_ig, bias, inv_temp, softcap, chunk_size, impl)
         loss, metrics = ppo_policy_loss(logp, old_logp, advantages, mask, **kw)
         metrics["logp"] = logp.detach()
         return loss, metrics
@@ -440,7 +462,7 @@ def linear_dpo_loss(
         check_float(ref_logps, "ref_logps", op)
         if tuple(ref_logps.shape) != (B2,):
             raise ValueError(f"{op}: ref_logps must have shape ({B2},), got {tuple(ref_logps.shape)}")
-    logp = _unfused_logp(hidden, weight, targets_ig, bias, inv_temp, softcap, chunk_size, impl)
+    logp, _ = _unfused_logp(hidden, weight, targets_ig, bias, inv_temp, softcap, chunk_size, impl)
     seq = logp.sum(-1)
     lengths = valid.sum(-1)
     B = B2 // 2
