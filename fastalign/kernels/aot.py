@@ -61,42 +61,65 @@ def compile_spec(spec: AotSpec, cap: int):
                           options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
 
 
-def check_all(archs=ARCHS, verbose: bool = False, name_filter: str | None = None) -> list[str]:
-    """Compile every spec for every arch; return a list of failures (empty when all pass)."""
+def _check_one(job: tuple[str, int]) -> tuple[str, str | None]:
+    """Compile the spec named ``job[0]`` for sm_``job[1]``; returns (report line, failure or None)."""
+    name, cap = job
+    spec = next(s for s in collect_specs() if s.name == name)
+    t0 = time.perf_counter()
+    try:
+        smem = compile_spec(spec, cap).metadata.shared
+    except Exception as exc:
+        msg = f"{name} sm_{cap}: {type(exc).__name__}: {str(exc)[:500]}"
+        return f"FAIL {msg}", msg
+    line = f"sm_{cap} {name} smem={smem}B warps={spec.num_warps} ({time.perf_counter() - t0:.1f}s)"
+    if smem > SMEM_LIMIT[cap]:
+        msg = f"{name} sm_{cap}: shared memory {smem} B > limit {SMEM_LIMIT[cap]} B"
+        return f"FAIL {line}", msg
+    return f"ok   {line}", None
+
+
+def check_all(archs=ARCHS, verbose: bool = False, name_filter: str | None = None, jobs: int = 1) -> list[str]:
+    """Compile every spec for every arch (``jobs`` processes); return the failures (empty when all pass)."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("the AOT compile check must run without TRITON_INTERPRET=1")
-    failures = []
     specs = collect_specs()
+    names = [s.name for s in specs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        return [f"duplicate AOT spec names: {dupes}"]
     if name_filter:
         specs = [s for s in specs if name_filter in s.name]
     if not specs:
         return ["no kernels found to compile"]
-    for spec in specs:
-        for cap in archs:
-            t0 = time.perf_counter()
-            try:
-                compiled = compile_spec(spec, cap)
-                smem = compiled.metadata.shared
-                ok = smem <= SMEM_LIMIT[cap]
-                if not ok:
-                    failures.append(f"{spec.name} sm_{cap}: shared memory {smem} B > limit {SMEM_LIMIT[cap]} B")
+    work = [(s.name, cap) for s in specs for cap in archs]
+    if jobs > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("fork").Pool(jobs) as pool:
+            outcomes = pool.imap_unordered(_check_one, work)
+            results = []
+            for line, failure in outcomes:
                 if verbose:
-                    print(f"{'ok  ' if ok else 'FAIL'} sm_{cap} {spec.name} smem={smem}B warps={spec.num_warps} "
-                          f"({time.perf_counter() - t0:.1f}s)", flush=True)
-            except Exception as exc:
-                failures.append(f"{spec.name} sm_{cap}: {type(exc).__name__}: {str(exc)[:500]}")
-                if verbose:
-                    print(f"FAIL sm_{cap} {spec.name}: {type(exc).__name__}: {str(exc)[:500]}", flush=True)
-    return failures
+                    print(line, flush=True)
+                results.append(failure)
+    else:
+        results = []
+        for job in work:
+            line, failure = _check_one(job)
+            if verbose:
+                print(line, flush=True)
+            results.append(failure)
+    return [f for f in results if f]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="compile every fastalign kernel for sm_80 / sm_90")
     parser.add_argument("--filter", help="only specs whose name contains this")
     parser.add_argument("-q", "--quiet", action="store_true")
+    parser.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
-    failures = check_all(verbose=not args.quiet, name_filter=args.filter)
+    failures = check_all(verbose=not args.quiet, name_filter=args.filter, jobs=args.jobs)
     n = len(collect_specs())
     print(f"AOT compile check: {n} kernel configs x {len(ARCHS)} archs, {len(failures)} failures "
           f"({time.perf_counter() - t0:.0f}s)")
