@@ -6,6 +6,7 @@ The public functional API. Every op takes ``impl="auto" | "triton" | "torch"`` (
 
 from fastalign._dispatch import select_impl, triton_interpret_enabled
 from fastalign._validation import set_index_checks
+from fastalign.ops.gae import gae, masked_whiten
 from fastalign.ops.group_advantages import group_advantages
 from fastalign.ops.kl import k3_kl, kl_penalty
 from fastalign.ops.linear_logprobs import linear_logprobs
@@ -17,11 +18,13 @@ __version__ = "0.1.0"
 __all__ = [
     "clipped_surrogate",
     "clipped_surrogate_with_stats",
+    "gae",
     "group_advantages",
     "k3_kl",
     "kl_penalty",
     "linear_logprobs",
     "logprobs_from_logits",
+    "masked_whiten",
     "select_impl",
     "set_index_checks",
     "triton_interpret_enabled",

@@ -16,7 +16,10 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
         return x.reshape(1, 1)
     if x.dim() == 1:
         return x.unsqueeze(0)
-    return x.reshape(-1, x.shape[-1])
+    rows = 1
+    for n in x.shape[:-1]:
+        rows *= n
+    return x.reshape(rows, x.shape[-1])
 
 
 def mask_u8(mask: torch.Tensor) -> torch.Tensor:

@@ -157,7 +157,7 @@ def _prepare(logp, old_logp, advantages, eps_low, eps_high, dual_clip, mask, lev
     if adv_shape == shape:
         adv2 = as_rows(advantages)
     else:
-        adv2 = advantages.reshape(-1, 1).expand(R, T)  # per-sequence: stride-0 time axis
+        adv2 = advantages.reshape(R, 1).expand(R, T)  # per-sequence: stride-0 time axis
     m2 = ones_u8(R, T, device) if mask is None else as_rows(mask_u8(mask))
     return lp2, old2, adv2, m2, 1.0 - eps_low, 1.0 + eps_high, dual_c, level == "sequence", backend
 

@@ -1,0 +1,190 @@
+"""``gae`` (generalized advantage estimation with masks and dones) and ``masked_whiten``.
+
+gae: input checks -> :mod:`fastalign.kernels.gae` (one launch, scan over time) or the torch path below
+(a blocked reverse scan: no Python loop over tokens), chosen by :func:`fastalign._dispatch.select_impl`.
+Neither op is an autograd op for GAE (advantages are targets: computed without gradient).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastalign._dispatch import Impl, select_impl
+from fastalign._validation import check_float, check_in_range, check_mask, check_same_device, result_dtype
+from fastalign.ops._tokens import as_rows, check_token_mask, mask_u8
+
+_OP = "gae"
+
+# Torch path: the time axis is solved in blocks of this many steps (a doubling scan inside a block,
+# then a doubling scan over the blocks' carries): O(log T) vectorized steps, fp32-accurate.
+TORCH_GAE_BLOCK = 64
+
+
+# ---- torch path ---------------------------------------------------------------------------------
+
+def _reverse_scan_doubling(c: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Along the last dim: maps composed right-to-left, ``(C_j, D_j)`` with ``X_j = D_j + C_j X_end``
+    solving ``X_j = d_j + c_j X_{j+1}``. Modifies ``c`` / ``d`` (our own buffers) in place."""
+    n = c.shape[-1]
+    s = 1
+    while s < n:
+        d[..., : n - s] = d[..., : n - s] + c[..., : n - s] * d[..., s:]
+        c[..., : n - s] = c[..., : n - s] * c[..., s:]
+        s *= 2
+    return c, d
+
+
+def reverse_linear_scan(c: torch.Tensor, d: torch.Tensor, block: int = TORCH_GAE_BLOCK) -> torch.Tensor:
+    """``X_t = d_t + c_t X_{t+1}`` over the last dim of ``[B, T]`` tensors, ``X_T = 0``. Consumes c / d."""
+    B, T = c.shape
+    nb = -(-T // block)
+    pad = nb * block - T
+    if pad:  # identity maps past the end
+        c = torch.cat([c, c.new_ones(B, pad)], 1)
+        d = torch.cat([d, d.new_zeros(B, pad)], 1)
+    c3, d3 = _reverse_scan_doubling(c.view(B, nb, block), d.view(B, nb, block))
+    # carry into block k = X at the first step of block k + 1
+    cb, db = _reverse_scan_doubling(c3[:, :, 0].clone(), d3[:, :, 0].clone())
+    carry = torch.cat([db[:, 1:], db.new_zeros(B, 1)], 1)
+    x = d3 + c3 * carry[:, :, None]
+    return x.view(B, nb * block)[:, :T]
+
+
+def torch_gae(rewards, values, mask, dones, next_values, gamma, lam, acc):
+    B, T = rewards.shape
+    if B * T == 0:
+        return rewards.new_zeros((B, T), dtype=acc), rewards.new_zeros((B, T), dtype=acc)
+    r = rewards.to(acc)
+    v = values.to(acc)
+    valid = mask != 0
+    not_done = (dones == 0).to(acc)
+    pos = torch.arange(T, device=r.device)
+    idx = torch.where(valid, pos, T)
+    # index of the next valid step strictly after t (T when none)
+    suffix_min = torch.flip(torch.cummin(torch.flip(idx, [1]), dim=1).values, [1])
+    nxt = torch.cat([suffix_min[:, 1:], suffix_min.new_full((B, 1), T)], 1)
+    nv = torch.where(nxt < T, v.gather(1, nxt.clamp(max=max(T - 1, 0))), next_values.to(acc)[:, None])
+    delta = r + gamma * nv * not_done - v
+    c = torch.where(valid, (gamma * lam) * not_done, 1.0)
+    d = torch.where(valid, delta, 0.0)
+    a = reverse_linear_scan(c, d)
+    adv = torch.where(valid, a, 0.0)
+    ret = torch.where(valid, a + v, 0.0)
+    return adv, ret
+
+
+# ---- public functions ---------------------------------------------------------------------------
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None, *,
+        gamma: float = 1.0, lam: float = 0.95, dones: torch.Tensor | None = None,
+        next_values: torch.Tensor | None = None, impl: Impl = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation per row, with a token mask and episode ends.
+
+    Reverse recurrence per row from ``nv = next_values`` (default 0), ``A = 0``: at a valid step
+    (``mask`` 1) ``delta = r_t + gamma nv (1 - done_t) - V_t``, ``A = delta + gamma lam (1 - done_t) A``,
+    ``nv = V_t``; a masked step carries ``nv`` and ``A`` unchanged and outputs 0 (so the "next value"
+    of a step is the value of the next *valid* step: verl's mask-skip over multi-turn observation tokens).
+    Equals the tutorial's ``compute_gae`` with ``values = V[:, :T]``, ``next_values = V[:, T]``, and verl's
+    ``compute_gae_advantage_return`` (before whitening) at valid steps.
+
+    Args:
+        rewards: ``[..., T]`` float per-token rewards.
+        values: ``[..., T]`` float value estimates ``V(s_t)``.
+        mask: ``[..., T]`` bool or 0/1 numeric, or None (all valid).
+        gamma: discount in ``[0, 1]``.
+        lam: GAE lambda in ``[0, 1]``.
+        dones: ``[..., T]`` bool or 0/1 numeric, or None: 1 where the episode ends at step t (no
+            bootstrap from the next value, no carry of A across it).
+        next_values: ``[...]`` or ``[..., 1]`` float, or None (0): the bootstrap value past the last step.
+        impl: ``"auto" | "triton" | "torch"`` (Triton: one launch; torch: blocked scan, no Python
+            loop over tokens).
+
+    Returns:
+        ``(advantages, returns)``, each ``[..., T]`` fp32 (fp64 for fp64 inputs); ``returns = A + V``
+        at valid steps; both 0 at masked steps. Not differentiable.
+    """
+    check_float(rewards, "rewards", _OP)
+    check_float(values, "values", _OP)
+    if rewards.dim() < 1:
+        raise ValueError(f"{_OP}: rewards must have at least 1 dim [..., T], got a 0-dim tensor")
+    shape = tuple(rewards.shape)
+    if tuple(values.shape) != shape:
+        raise ValueError(f"{_OP}: values must have the shape of rewards {shape}, got {tuple(values.shape)} "
+                         f"(pass values[:, :T] and next_values=values[:, T] for [B, T+1] values)")
+    if mask is not None:
+        check_token_mask(mask, shape, "mask", _OP)
+    if dones is not None:
+        check_token_mask(dones, shape, "dones", _OP)
+    lead = shape[:-1]
+    if next_values is not None:
+        check_float(next_values, "next_values", _OP)
+        if tuple(next_values.shape) not in (lead, lead + (1,)):
+            raise ValueError(f"{_OP}: next_values must have shape {lead} or {lead + (1,)}, "
+                             f"got {tuple(next_values.shape)}")
+    gamma = check_in_range(gamma, "gamma", _OP, 0.0, 1.0)
+    lam = check_in_range(lam, "lam", _OP, 0.0, 1.0)
+    device = check_same_device(_OP, rewards=rewards, values=values, mask=mask, dones=dones,
+                               next_values=next_values)
+    backend = select_impl(impl, device, op=_OP)
+    acc = result_dtype(rewards.dtype, values.dtype)
+
+    r2, v2 = as_rows(rewards.detach()), as_rows(values.detach())
+    B, T = r2.shape
+    one_byte = torch.ones(1, 1, dtype=torch.uint8, device=device)
+    m2 = one_byte.expand(B, T) if mask is None else as_rows(mask_u8(mask))
+    d2 = (one_byte * 0).expand(B, T) if dones is None else as_rows(mask_u8(dones))
+    if next_values is None:
+        nv = torch.zeros(1, dtype=acc, device=device).expand(B)
+    else:
+        nv = next_values.detach().reshape(B).to(acc)
+    with torch.no_grad():
+        if backend == "triton":
+            from fastalign.kernels.gae import gae_triton
+
+            adv, ret = gae_triton(r2, v2, m2, d2, nv, gamma, lam, acc)
+        else:
+            adv, ret = torch_gae(r2, v2, m2, d2, nv, gamma, lam, acc)
+    return adv.view(shape), ret.view(shape)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, unbiased: bool = True, eps: float = 1e-8,
+                  shift_mean: bool = True) -> torch.Tensor:
+    """``(x - mean_m) * rsqrt(var_m + eps)`` with the mean / variance over the elements where ``mask`` is 1.
+
+    As TRL's and verl's ``masked_whiten``: the formula is applied to *every* element (multiply by the
+    mask afterwards if masked positions must be 0); ``shift_mean=False`` adds ``mean_m`` back;
+    ``unbiased`` applies the Bessel factor ``n / (n - 1)``. Unlike them it never raises for ``n <= 1``
+    (that check would need a host sync): with ``n = 0`` the mean is 0, with ``n <= 1`` no Bessel factor.
+    Torch ops on every device (two reductions and one elementwise pass); differentiable w.r.t. ``x``.
+
+    Args:
+        x: ``[...]`` float tensor.
+        mask: ``[...]`` bool or 0/1 numeric, same shape.
+        unbiased: Bessel-corrected variance (TRL / verl default).
+        eps: ``>= 0``, added to the variance.
+        shift_mean: False keeps the mean (whitens the scale only).
+
+    Returns:
+        ``[...]`` fp32 (fp64 for fp64 ``x``).
+    """
+    op = "masked_whiten"
+    check_float(x, "x", op)
+    check_mask(mask, "mask", op)
+    if tuple(mask.shape) != tuple(x.shape):
+        raise ValueError(f"{op}: mask must have the shape of x {tuple(x.shape)}, got {tuple(mask.shape)}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"{op}: eps must be a Python number, got {type(eps).__name__}")
+    if not eps >= 0:
+        raise ValueError(f"{op}: eps must be >= 0, got {eps}")
+    check_same_device(op, x=x, mask=mask)
+    acc = result_dtype(x.dtype)
+    xf = x.to(acc)
+    m = mask != 0
+    n = m.sum().to(acc)
+    mean = torch.where(m, xf, 0.0).sum() / n.clamp(min=1.0)
+    centered = xf - mean
+    var = torch.where(m, centered * centered, 0.0).sum() / n.clamp(min=1.0)
+    if unbiased:
+        var = var * torch.where(n > 1, n / (n - 1.0).clamp(min=1.0), 1.0)
+    out = centered * torch.rsqrt(var + eps)
+    return out + mean if not shift_mean else out
