@@ -1,0 +1,284 @@
+"""Drop-in subclasses of TRL 1.16's GRPOTrainer and DPOTrainer whose losses run on fastalign.
+
+- :class:`FastAlignGRPOTrainer`: ``_compute_loss`` runs the policy's backbone, then
+  :func:`fastalign.losses.linear_grpo_loss` on its final hidden states and lm_head (one pass over
+  the vocabulary for token-level ratios: the loss gradient of each token is formed as soon as its
+  log-prob is). It reproduces ``GRPOTrainer._compute_loss`` for ``loss_type`` in ``grpo``, ``bnpo``,
+  ``dr_grpo``, ``dapo``, ``cispo`` (normalizers, gradient-accumulation scaling, ``delta``,
+  ``use_bias_correction_kl``, token/sequence importance sampling, the vLLM importance-sampling
+  ratio) and logs the same ``kl`` / ``entropy`` / ``clip_ratio/*`` metrics.
+- :class:`FastAlignDPOTrainer`: ``_compute_loss`` takes the per-token log-probs from the backbone's
+  hidden states through :func:`fastalign.linear_logprobs` and applies
+  :func:`fastalign.losses.dpo_loss` for ``loss_type`` in ``sigmoid``, ``ipo``, ``hinge``, ``robust``
+  (weighted combinations included), as ``DPOTrainer._compute_loss``.
+
+What they cannot reproduce is refused with a ``ValueError`` at construction (or at the first batch
+for per-batch inputs), never silently changed: GRPO's entropy mask (``top_entropy_quantile < 1``),
+entropy bonus, off-policy sequence mask, other loss types, MoE aux loss, vision inputs; DPO's other
+loss types, f-divergences, WPO weighting, LD-DPO, MoE aux loss, vision inputs, ``return_outputs``.
+
+Numerics: with bf16 autocast, TRL rounds each logits tile to bf16 before its fp32 reduction;
+fastalign keeps the GEMM output in fp32 (``linear_logprobs``), so bf16 runs agree to bf16 rounding
+of the logits, fp32 runs to fp32 rounding. Single-process or FSDP/DeepSpeed ZeRO: the backbone is
+called directly (not through a DDP wrapper's forward), so plain multi-GPU DDP is not supported.
+"""
+
+from __future__ import annotations
+
+
+import torch
+
+from fastalign.integrations.transformers import final_hidden_states, hidden_logprobs, lm_head_of
+from fastalign.losses import dpo_loss, linear_grpo_loss
+
+try:  # TRL is an optional dependency of fastalign
+    from trl import DPOTrainer, GRPOTrainer
+    from trl.trainer.utils import nanmax, nanmin
+except ImportError as e:  # pragma: no cover
+    raise ImportError("fastalign.integrations.trl_trainers needs trl (pip install trl)") from e
+
+try:
+    from accelerate.utils import is_peft_model
+except ImportError:  # pragma: no cover
+    def is_peft_model(model):  # type: ignore[no-redef]
+        return False
+
+
+_MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+def _unwrapped_lm(trainer, model):
+    m = trainer.accelerator.unwrap_model(model)
+    return m.get_base_model() if is_peft_model(m) else m
+
+
+def _world_devices(trainer) -> int:
+    return trainer.accelerator.num_processes
+
+
+class FastAlignGRPOTrainer(GRPOTrainer):
+    """``trl.GRPOTrainer`` whose loss is :func:`fastalign.losses.linear_grpo_loss`.
+
+    Extra keyword arguments: ``fastalign_mode`` (``"auto" | "one_pass" | "two_pass"``, see
+    :func:`linear_grpo_loss`) and ``fastalign_impl`` (``"auto" | "triton" | "torch"``).
+    """
+
+    SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
+
+    def __init__(self, *args, fastalign_mode: str = "auto", fastalign_impl: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fastalign_mode = fastalign_mode
+        self.fastalign_impl = fastalign_impl
+        self._fastalign_check_config()
+
+    def _fastalign_check_config(self) -> None:
+        name = type(self).__name__
+        if self.loss_type not in self.SUPPORTED_LOSS_TYPES:
+            raise ValueError(f"{name}: loss_type={self.loss_type!r} is not supported (supported: "
+                             f"{self.SUPPORTED_LOSS_TYPES}); use trl.GRPOTrainer for it")
+        if self.top_entropy_quantile < 1.0:
+            raise ValueError(f"{name}: top_entropy_quantile={self.top_entropy_quantile} (the high-entropy token mask) "
+                             "is not supported; set it to 1.0 or use trl.GRPOTrainer")
+        if getattr(self, "_entropy_bonus_enabled", False):
+            raise ValueError(f"{name}: the entropy bonus (entropy_coef != 0 or use_adaptive_entropy) is not supported; "
+                             "use trl.GRPOTrainer for it")
+        if self.off_policy_mask_threshold is not None:
+            raise ValueError(f"{name}: off_policy_mask_threshold={self.off_policy_mask_threshold} (off-policy sequence "
+                             "masking) is not supported; use trl.GRPOTrainer for it")
+        if self.aux_loss_enabled:
+            raise ValueError(f"{name}: MoE router aux loss (router_aux_loss_coef != 0) is not supported")
+
+    def _compute_loss(self, model, inputs):
+        name = type(self).__name__
+        extra = [k for k in ("pixel_values", "image_grid_thw", "token_type_ids", "mm_token_type_ids") if inputs.get(k) is not None]
+        if extra:
+            raise ValueError(f"{name}: multimodal / token-type inputs {extra} are not supported; use trl.GRPOTrainer")
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        T = completion_ids.size(1)
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        mode = "train" if self.model.training else "eval"
+
+        lm = _unwrapped_lm(self, model)
+        head = lm_head_of(lm)
+        with self.accelerator.autocast():
+            hidden = final_hidden_states(lm, input_ids, attention_mask)[:, -T - 1:-1]
+        cast_fp32 = getattr(self.args, "cast_lm_head_to_fp32", False)
+        if cast_fp32:
+            hidden = hidden.float()
+
+        loss_type = self.loss_type
+        num_items = None
+        if loss_type in ("dapo", "cispo"):
+            num_items = inputs["num_items_in_batch"].clamp(min=1.0) / _world_devices(self)
+            if mode == "train":
+                num_items = num_items * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+        iw = None
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            iw = inputs["importance_sampling_ratio"]
+        ctx = torch.autocast(hidden.device.type, enabled=False) if cast_fp32 else self.accelerator.autocast()
+        with ctx:
+            loss, metrics = linear_grpo_loss(
+                hidden, head.weight, completion_ids, mask, inputs["advantages"],
+                old_logp=inputs.get("old_per_token_logps"),
+                ref_logp=inputs["ref_per_token_logps"] if self.beta != 0.0 else None,
+                bias=head.bias, temperature=self.temperature, softcap=head.softcap, logit_scale=head.logit_scale,
+                beta=self.beta, eps_low=self.epsilon_low, eps_high=self.epsilon_high,
+                delta=None if loss_type == "cispo" else self.args.delta, loss_type=loss_type,
+                importance_sampling_level=self.importance_sampling_level,
+                max_completion_length=self.max_completion_length, num_items=num_items,
+                kl_bias_correction=bool(self.args.use_bias_correction_kl), importance_weights=iw,
+                mode=self.fastalign_mode, return_entropy=True, impl=self.fastalign_impl,
+            )
+        if loss_type in ("grpo", "bnpo", "dr_grpo") and mode == "train":
+            loss = loss / self.current_gradient_accumulation_steps
+        self._fastalign_log(metrics, inputs, mask, mode)
+        return loss
+
+    @torch.no_grad()
+    def _fastalign_log(self, metrics, inputs, mask, mode) -> None:
+        """TRL's logged statistics, from the detached log-probs the loss returned."""
+        logp = metrics["logp"]
+        old = inputs.get("old_per_token_logps")
+        old = logp if old is None else old
+        adv = inputs["advantages"]
+        adv = adv.unsqueeze(1) if adv.dim() == 1 else adv
+        m = mask.to(logp.dtype)
+        log_ratio = logp - old
+        if self.importance_sampling_level == "sequence":
+            log_ratio = ((log_ratio * m).sum(-1) / m.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+        coef_1 = torch.exp(log_ratio)
+
+        def global_masked_mean(x):
+            if x.shape[1] == 1:
+                local = torch.stack([x.sum(), torch.tensor(float(x.shape[0]), device=x.device)])
+            else:
+                local = torch.stack([(x * m).sum(), m.sum().float()])
+            tot = self.accelerator.reduce(local, reduction="sum")
+            return (tot[0] / tot[1].clamp(min=1.0)).item()
+
+        def masked_seq_mean(x):
+            return x.squeeze(1) if x.shape[1] == 1 else (x * m).sum(-1) / m.sum(-1)
+
+        if self.beta != 0.0:
+            ref = inputs["ref_per_token_logps"]
+            kl = torch.exp(ref - logp) - (ref - logp) - 1
+            if self.args.use_bias_correction_kl:
+                kl = kl * coef_1
+            self._metrics[mode]["kl"].append(global_masked_mean(kl))
+        self._metrics[mode]["entropy"].append(global_masked_mean(metrics["entropies"]))
+        if self.loss_type == "cispo":
+            clipped = ((coef_1 > self.epsilon_high) & (adv > 0)).float()
+            self._metrics[mode]["cispo_clip_ratio"].append(global_masked_mean(clipped))
+            return
+        if self.args.delta is not None:
+            coef_1 = torch.clamp(coef_1, max=self.args.delta)
+        low = (coef_1 < 1 - self.epsilon_low) & (adv < 0)
+        high = (coef_1 > 1 + self.epsilon_high) & (adv > 0)
+        self._metrics[mode]["clip_ratio/low_mean"].append(global_masked_mean(low.float()))
+        self._metrics[mode]["clip_ratio/high_mean"].append(global_masked_mean(high.float()))
+        self._metrics[mode]["clip_ratio/region_mean"].append(global_masked_mean((low | high).float()))
+        self._metrics[mode]["clip_ratio/low_min"].append(
+            nanmin(self.accelerator.gather(masked_seq_mean(low.float()))).item())
+        self._metrics[mode]["clip_ratio/high_max"].append(
+            nanmax(self.accelerator.gather(masked_seq_mean(high.float()))).item())
+
+
+class FastAlignDPOTrainer(DPOTrainer):
+    """``trl.DPOTrainer`` whose policy log-probs come from :func:`fastalign.linear_logprobs` and whose loss is
+    :func:`fastalign.losses.dpo_loss` (``sigmoid``, ``ipo``, ``hinge``, ``robust``; weighted sums of them).
+
+    ``fastalign_impl``: ``"auto" | "triton" | "torch"``. The reference log-probs come from TRL's own path
+    (precomputed, or ``compute_ref_log_probs`` without gradient).
+    """
+
+    SUPPORTED_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+
+    def __init__(self, *args, fastalign_impl: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fastalign_impl = fastalign_impl
+        name = type(self).__name__
+        bad = [t for t in self.loss_types if t not in self.SUPPORTED_LOSS_TYPES]
+        if bad:
+            raise ValueError(f"{name}: loss_type {bad} not supported (supported: {self.SUPPORTED_LOSS_TYPES}); "
+                             "use trl.DPOTrainer for it")
+        if self.f_divergence_type != "reverse_kl":
+            raise ValueError(f"{name}: f_divergence_type={self.f_divergence_type!r} is not supported (only 'reverse_kl')")
+        if self.use_weighting:
+            raise ValueError(f"{name}: use_weighting=True (WPO) is not supported")
+        if self.ld_alpha is not None:
+            raise ValueError(f"{name}: ld_alpha={self.ld_alpha} (LD-DPO) is not supported")
+        if self.aux_loss_enabled:
+            raise ValueError(f"{name}: MoE router aux loss (router_aux_loss_coef != 0) is not supported")
+        if getattr(self, "_is_vision_dataset", False):
+            raise ValueError(f"{name}: vision datasets are not supported; use trl.DPOTrainer")
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        name = type(self).__name__
+        if return_outputs:
+            raise ValueError(f"{name}: return_outputs=True (logits for compute_metrics) is not supported: "
+                             "fastalign never builds the logits")
+        non_model = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
+        extra = [k for k in inputs if k not in non_model and k not in _MODEL_INPUTS]
+        if extra:
+            raise ValueError(f"{name}: model inputs {extra} are not supported; use trl.DPOTrainer")
+        mode = "train" if self.model.training else "eval"
+        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+        completion_mask = inputs["completion_mask"]
+        shift_mask = completion_mask[..., 1:]
+        labels = input_ids.masked_fill(completion_mask == 0, -100)[:, 1:]
+
+        lm = _unwrapped_lm(self, model)
+        head = lm_head_of(lm)
+        kw = {k: inputs[k] for k in ("position_ids",) if k in inputs}
+        with self.accelerator.autocast():
+            hidden = final_hidden_states(lm, input_ids, attention_mask, **kw)[:, :-1]
+            per_token, entropy = hidden_logprobs(hidden, head, labels, return_entropy=True, impl=self.fastalign_impl)
+        logps = per_token.sum(dim=1)
+        chosen_logps, rejected_logps = logps.chunk(2, dim=0)
+
+        if self.precompute_ref_logps:
+            ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        else:
+            ref_model = self.model if self.ref_model is None else self.ref_model
+            ref_inputs = {k: v for k, v in inputs.items() if k not in ("ref_chosen_logps", "ref_rejected_logps")}
+            with torch.no_grad():
+                ref_chosen, ref_rejected = self.compute_ref_log_probs(ref_model, ref_inputs)
+
+        lengths = completion_mask.sum(dim=1)
+        chosen_len, rejected_len = lengths.chunk(2, dim=0)
+        loss = 0.0
+        metrics = None
+        for loss_type, weight in zip(self.loss_types, self.loss_weights, strict=True):
+            part, metrics = dpo_loss(
+                chosen_logps, rejected_logps, ref_chosen, ref_rejected, beta=self.beta, loss_type=loss_type,
+                label_smoothing=self.label_smoothing if loss_type == "robust" else 0.0,
+                chosen_lengths=chosen_len, rejected_lengths=rejected_len)
+            loss = loss + part * weight
+
+        self._fastalign_log(metrics, entropy, shift_mask, inputs, chosen_logps, rejected_logps,
+                            ref_chosen, ref_rejected, mode)
+        return loss
+
+    @torch.no_grad()
+    def _fastalign_log(self, metrics, entropy, mask, inputs, chosen_logps, rejected_logps, ref_chosen, ref_rejected,
+                       mode) -> None:
+        acc = self.accelerator
+        ent_sum = acc.gather_for_metrics((entropy.detach() * mask).sum()).sum()
+        n_tok = acc.gather_for_metrics(mask.sum()).sum()
+        self._metrics[mode]["entropy"].append((ent_sum / n_tok).item() if n_tok > 0 else 0.0)
+        if mode == "train":
+            num_tokens = acc.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+            self._total_train_tokens += num_tokens // getattr(self, "_tp_size", 1)
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        chosen_rewards = self.beta * (chosen_logps.detach() - ref_chosen)
+        rejected_rewards = self.beta * (rejected_logps.detach() - ref_rejected)
+        cr, rr = acc.gather(chosen_rewards), acc.gather(rejected_rewards)
+        self._metrics[mode]["rewards/chosen"].append(cr.mean().item())
+        self._metrics[mode]["rewards/rejected"].append(rr.mean().item())
+        self._metrics[mode]["rewards/accuracies"].append(acc.gather((chosen_rewards > rejected_rewards).float()).mean().item())
+        self._metrics[mode]["rewards/margins"].append(acc.gather(chosen_rewards - rejected_rewards).mean().item())
+        self._metrics[mode]["logps/chosen"].append(acc.gather(chosen_logps.detach()).mean().item())
+        self._metrics[mode]["logps/rejected"].append(acc.gather(rejected_logps.detach()).mean().item())
