@@ -8,6 +8,6 @@ bash scripts/setup.sh
 . "${VENV:-.venv}/bin/activate"
 export TRITON_DEFAULT_FP_FUSION="${TRITON_DEFAULT_FP_FUSION:-1}"
 echo "== AOT compile check (sm_80, sm_90) =="
-env -u TRITON_INTERPRET python -m fastalign.kernels.aot -q
+env -u TRITON_INTERPRET fastalign check-kernels -q
 echo "== tests =="
 python -m pytest tests/ -q -p no:cacheprovider "$@"

@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     failures = check_all(verbose=not args.quiet, name_filter=args.filter, jobs=args.jobs)
-    n = len(collect_specs())
+    n = len([s for s in collect_specs() if not args.filter or args.filter in s.name])
     print(f"AOT compile check: {n} kernel configs x {len(ARCHS)} archs, {len(failures)} failures "
           f"({time.perf_counter() - t0:.0f}s)")
     for f in failures:
