@@ -194,6 +194,7 @@ def linear_logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: to
     if n == 0 or V == 0:
         return tgt, m, t
     fold, _ = _epilogues(backend, acc)
+    targets = targets.contiguous()
     rows, cols = tuning.linear_logprobs_chunking(dev.type, V, n, chunk_size)
     gd = _gemm_dtype(compute_dtype, dev)
     with torch.autocast(dev.type, enabled=False):
@@ -236,6 +237,10 @@ def linear_logprobs_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: t
     if n == 0 or V == 0 or (g_logp is None and g_ent is None) or not (need_hidden or need_weight or need_bias):
         return (None if d_h is None else d_h.to(hidden.dtype), d_w, None if d_b is None else d_b.to(bias.dtype))
     _, dlogits = _epilogues(backend, acc)
+    # per-row vectors are read with unit stride by the kernels (an upstream grad may be an expanded scalar)
+    targets = targets.contiguous()
+    g_logp = None if g_logp is None else g_logp.contiguous()
+    g_ent = None if g_ent is None else g_ent.contiguous()
     rows, cols = tuning.linear_logprobs_chunking(dev.type, V, n, chunk_size)
     gd = _gemm_dtype(compute_dtype, dev)
     with torch.autocast(dev.type, enabled=False):
