@@ -24,53 +24,67 @@ TORCH_GAE_BLOCK = 64
 
 def _reverse_scan_doubling(c: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Along the last dim: maps composed right-to-left, ``(C_j, D_j)`` with ``X_j = D_j + C_j X_end``
-    solving ``X_j = d_j + c_j X_{j+1}``. Modifies ``c`` / ``d`` (our own buffers) in place."""
+    solving ``X_j = d_j + c_j X_{j+1}`` (Hillis-Steele doubling, ping-ponging two buffer pairs)."""
     n = c.shape[-1]
+    c2, d2 = torch.empty_like(c), torch.empty_like(d)
     s = 1
     while s < n:
-        d[..., : n - s] = d[..., : n - s] + c[..., : n - s] * d[..., s:]
-        c[..., : n - s] = c[..., : n - s] * c[..., s:]
+        torch.addcmul(d[..., : n - s], c[..., : n - s], d[..., s:], out=d2[..., : n - s])
+        torch.mul(c[..., : n - s], c[..., s:], out=c2[..., : n - s])
+        d2[..., n - s:] = d[..., n - s:]  # already complete: carried over
+        c2[..., n - s:] = c[..., n - s:]
+        c, d, c2, d2 = c2, d2, c, d
         s *= 2
     return c, d
 
 
 def reverse_linear_scan(c: torch.Tensor, d: torch.Tensor, block: int = TORCH_GAE_BLOCK) -> torch.Tensor:
-    """``X_t = d_t + c_t X_{t+1}`` over the last dim of ``[B, T]`` tensors, ``X_T = 0``. Consumes c / d."""
+    """``X_t = d_t + c_t X_{t+1}`` over the last dim of ``[B, T]`` tensors, ``X_T = 0``."""
     B, T = c.shape
     nb = -(-T // block)
     pad = nb * block - T
     if pad:  # identity maps past the end
         c = torch.cat([c, c.new_ones(B, pad)], 1)
         d = torch.cat([d, d.new_zeros(B, pad)], 1)
-    c3, d3 = _reverse_scan_doubling(c.view(B, nb, block), d.view(B, nb, block))
+    c3, d3 = _reverse_scan_doubling(c.reshape(B, nb, block), d.reshape(B, nb, block))
     # carry into block k = X at the first step of block k + 1
-    cb, db = _reverse_scan_doubling(c3[:, :, 0].clone(), d3[:, :, 0].clone())
+    cb, db = _reverse_scan_doubling(c3[:, :, 0].contiguous(), d3[:, :, 0].contiguous())
     carry = torch.cat([db[:, 1:], db.new_zeros(B, 1)], 1)
-    x = d3 + c3 * carry[:, :, None]
+    x = torch.addcmul(d3, c3, carry[:, :, None])
     return x.view(B, nb * block)[:, :T]
 
 
-def torch_gae(rewards, values, mask, dones, next_values, gamma, lam, acc):
+def torch_gae(rewards, values, mask, dones, next_values, gamma, lam, acc, *, has_mask=True, has_dones=True):
     B, T = rewards.shape
     if B * T == 0:
         return rewards.new_zeros((B, T), dtype=acc), rewards.new_zeros((B, T), dtype=acc)
     r = rewards.to(acc)
     v = values.to(acc)
-    valid = mask != 0
-    not_done = (dones == 0).to(acc)
-    pos = torch.arange(T, device=r.device)
-    idx = torch.where(valid, pos, T)
-    # index of the next valid step strictly after t (T when none)
-    suffix_min = torch.flip(torch.cummin(torch.flip(idx, [1]), dim=1).values, [1])
-    nxt = torch.cat([suffix_min[:, 1:], suffix_min.new_full((B, 1), T)], 1)
-    nv = torch.where(nxt < T, v.gather(1, nxt.clamp(max=max(T - 1, 0))), next_values.to(acc)[:, None])
-    delta = r + gamma * nv * not_done - v
-    c = torch.where(valid, (gamma * lam) * not_done, 1.0)
+    nv0 = next_values.to(acc)[:, None]
+    if has_mask:
+        valid = mask != 0
+        pos = torch.arange(T, device=r.device)
+        idx = torch.where(valid, pos, T)
+        # index of the next valid step strictly after t (T when none)
+        suffix_min = torch.flip(torch.cummin(torch.flip(idx, [1]), dim=1).values, [1])
+        nxt = torch.cat([suffix_min[:, 1:], suffix_min.new_full((B, 1), T)], 1)
+        nv = torch.where(nxt < T, v.gather(1, nxt.clamp(max=T - 1)), nv0)
+    else:  # every step valid: the next value is simply V_{t+1}
+        nv = torch.cat([v[:, 1:], nv0.expand(B, 1)], 1)
+    if has_dones:
+        not_done = (dones == 0).to(acc)
+        delta = torch.addcmul(r - v, nv, not_done, value=gamma)
+        c = not_done * (gamma * lam)
+    else:
+        delta = torch.add(r - v, nv, alpha=gamma)
+        c = torch.full_like(delta, gamma * lam)
+    if not has_mask:
+        a = reverse_linear_scan(c, delta)
+        return a, a + v
+    c = torch.where(valid, c, 1.0)
     d = torch.where(valid, delta, 0.0)
     a = reverse_linear_scan(c, d)
-    adv = torch.where(valid, a, 0.0)
-    ret = torch.where(valid, a + v, 0.0)
-    return adv, ret
+    return torch.where(valid, a, 0.0), torch.where(valid, a + v, 0.0)
 
 
 # ---- public functions ---------------------------------------------------------------------------
@@ -143,7 +157,8 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None =
 
             adv, ret = gae_triton(r2, v2, m2, d2, nv, gamma, lam, acc)
         else:
-            adv, ret = torch_gae(r2, v2, m2, d2, nv, gamma, lam, acc)
+            adv, ret = torch_gae(r2, v2, m2, d2, nv, gamma, lam, acc, has_mask=mask is not None,
+                                 has_dones=dones is not None)
     return adv.view(shape), ret.view(shape)
 
 

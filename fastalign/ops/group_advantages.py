@@ -28,9 +28,14 @@ def torch_group_advantages(rewards, ids, group_size, eps, loo, scale_mode, unbia
         inv = torch.arange(N, device=r.device) // group_size
         G = N // group_size if group_size else 0
     else:
-        # Dense 0..G-1 labels for arbitrary int64 ids (on a CUDA tensor this costs a host sync).
-        uniq, inv = torch.unique(ids, return_inverse=True)
-        G = uniq.numel()
+        # Dense labels for arbitrary int64 ids (on a CUDA tensor this costs a host sync): ids in a
+        # compact range are shifted to 0.., others relabelled by torch.unique (a sort).
+        lo, hi = (int(x) for x in ids.aminmax()) if N else (0, -1)
+        if hi - lo < 4 * N + 64:
+            inv, G = ids - lo, hi - lo + 1
+        else:
+            uniq, inv = torch.unique(ids, return_inverse=True)
+            G = uniq.numel()
     valid = ~torch.isnan(r)
     r0 = torch.where(valid, r, 0.0)
     cnt = torch.zeros(G, dtype=acc, device=r.device).index_add_(0, inv, valid.to(acc))

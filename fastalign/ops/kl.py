@@ -23,30 +23,32 @@ KLKind = Literal["k1", "k2", "k3"]
 
 # ---- torch path ---------------------------------------------------------------------------------
 
-def torch_kl_forward(logp, ref, kind: int, lr_clamp: float, out_clamp: float, acc: torch.dtype):
-    x = (logp.to(acc) - ref.to(acc)).clamp(-lr_clamp, lr_clamp)
+def torch_kl_forward(logp, ref, kind: int, lr_clamp: float, out_clamp: float, acc: torch.dtype,
+                     want_grad: bool = True):
+    """(estimator, d estimator / d logp or None); d / d ref is the negative. torch.clamp's gradient
+    convention: zero where a clamp is active."""
+    x = logp.to(acc) - ref.to(acc)
+    keep = None
+    if math.isfinite(lr_clamp):
+        keep = (x >= -lr_clamp) & (x <= lr_clamp)
+        x = x.clamp(-lr_clamp, lr_clamp)
     if kind == 1:
         val = x
+        slope = torch.ones_like(x) if want_grad else None
     elif kind == 2:
         val = 0.5 * x * x
-    else:
-        val = torch.exp(-x) + x - 1.0
-    return val.clamp(-out_clamp, out_clamp) if math.isfinite(out_clamp) else val
-
-
-def torch_kl_backward(logp, ref, grad, kind: int, lr_clamp: float, out_clamp: float, acc: torch.dtype):
-    """d kl / d logp (d kl / d ref is its negative), with torch.clamp's gradient convention."""
-    x_raw = logp.to(acc) - ref.to(acc)
-    x = x_raw.clamp(-lr_clamp, lr_clamp)
-    if kind == 1:
-        val, slope = x, torch.ones_like(x)
-    elif kind == 2:
-        val, slope = 0.5 * x * x, x
+        slope = x if want_grad else None
     else:
         e = torch.exp(-x)
-        val, slope = e + x - 1.0, 1.0 - e
-    keep = (x_raw >= -lr_clamp) & (x_raw <= lr_clamp) & (val >= -out_clamp) & (val <= out_clamp)
-    return torch.where(keep, grad.to(acc) * slope, 0.0)
+        val = (e + x).sub_(1.0)
+        slope = torch.sub(1.0, e) if want_grad else None
+    if math.isfinite(out_clamp):
+        inside = (val >= -out_clamp) & (val <= out_clamp)
+        keep = inside if keep is None else keep & inside
+        val = val.clamp(-out_clamp, out_clamp)
+    if want_grad and keep is not None:
+        slope = torch.where(keep, slope, 0.0)
+    return val, slope
 
 
 # ---- autograd -------------------------------------------------------------------------------------
@@ -59,25 +61,29 @@ class _KLPenalty(torch.autograd.Function):
             from fastalign.kernels.kl import kl_forward
 
             out = kl_forward(logp, ref, kind, lr_clamp, out_clamp, acc)
+            ctx.save_for_backward(logp, ref)
         else:
-            out = torch_kl_forward(logp, ref, kind, lr_clamp, out_clamp, acc)
-        ctx.save_for_backward(logp, ref)
-        ctx.args = (kind, lr_clamp, out_clamp, backend, acc)
+            # the torch path keeps the slope (one [R, T] tensor) instead of recomputing it
+            want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+            out, slope = torch_kl_forward(logp, ref, kind, lr_clamp, out_clamp, acc, want_grad)
+            ctx.save_for_backward(slope)
+        ctx.args = (kind, lr_clamp, out_clamp, backend, acc, logp.dtype, ref.dtype)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        logp, ref = ctx.saved_tensors
-        kind, lr_clamp, out_clamp, backend, acc = ctx.args
+        kind, lr_clamp, out_clamp, backend, acc, lp_dtype, ref_dtype = ctx.args
         want_lp, want_ref = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if backend == "triton":
             from fastalign.kernels.kl import kl_backward
 
+            logp, ref = ctx.saved_tensors
             dlogp, dref = kl_backward(logp, ref, grad, kind, lr_clamp, out_clamp, want_lp, want_ref, acc)
         else:
-            d = torch_kl_backward(logp, ref, grad, kind, lr_clamp, out_clamp, acc)
-            dlogp = d.to(logp.dtype) if want_lp else None
-            dref = (-d).to(ref.dtype) if want_ref else None
+            (slope,) = ctx.saved_tensors
+            d = grad.to(acc) * slope
+            dlogp = d.to(lp_dtype) if want_lp else None
+            dref = d.neg().to(ref_dtype) if want_ref else None
         return dlogp, dref, None, None, None, None
 
 

@@ -24,23 +24,26 @@ Level = Literal["token", "sequence"]
 # ---- torch path ---------------------------------------------------------------------------------
 
 def _terms(r, A, lo, hi, dual_c):
-    clip_r = r.clamp(lo, hi)
-    s1 = -r * A
-    s2 = -clip_r * A
-    loss1 = torch.maximum(s1, s2)
-    neg = A < 0
-    bound = -dual_c * A if math.isfinite(dual_c) else None
-    if bound is not None:
-        dual = neg & (bound < loss1)
-        loss = torch.where(dual, bound, loss1)
-    else:
-        dual = torch.zeros_like(neg)
-        loss = loss1
-    slope = torch.where((s1 >= s2) & ~dual, -A, 0.0)
-    return loss, slope, (r < lo) & neg, (r > hi) & (A > 0), dual
+    """(loss, unclipped-term-active mask, dual-bound-active mask or None) per token."""
+    rA = r * A
+    cA = r.clamp(lo, hi) * A
+    loss = torch.minimum(rA, cA).neg_()
+    active = rA <= cA
+    dual = None
+    if math.isfinite(dual_c):
+        bound = A * -dual_c
+        dual = (A < 0) & (bound < loss)
+        loss = torch.where(dual, bound, loss)
+        active = active & ~dual
+    return loss, active, dual
 
 
-def torch_surrogate_forward(logp, old, adv, mask, lo, hi, dual_c, sequence, acc):
+def torch_surrogate_forward(logp, old, adv, mask, lo, hi, dual_c, sequence, acc, want_grad=True, want_stats=True):
+    """Returns (loss, stats [1, 8] or None, seq_lr, seq_n, grad factor or None).
+
+    The grad factor makes the backward one multiply: token level ``dlogp = g * factor``;
+    sequence level ``dlogp_t = m_t * sum_t' g_t' factor_t'``.
+    """
     valid = mask != 0
     lr = logp.to(acc) - old.to(acc)
     A = adv.to(acc)
@@ -51,64 +54,71 @@ def torch_surrogate_forward(logp, old, adv, mask, lo, hi, dual_c, sequence, acc)
         r = torch.exp(seq_lr)[:, None].expand_as(lr)
     else:
         r = torch.exp(lr)
-    loss, _, low, high, dual = _terms(r, A, lo, hi, dual_c)
+    loss, active, dual = _terms(r, A, lo, hi, dual_c)
     loss = torch.where(valid, loss, 0.0)
-    tok_r = torch.exp(lr) if sequence else r
-    stats = torch.stack([
-        valid.sum().to(acc), loss.sum(), torch.where(valid, r, 0.0).sum(),
-        torch.where(valid, (tok_r - 1.0) - lr, 0.0).sum(), (valid & low).sum().to(acc),
-        (valid & high).sum().to(acc), (valid & dual).sum().to(acc), torch.zeros((), dtype=acc, device=loss.device)])
-    return loss, stats[None, :], seq_lr, seq_n
+    factor = None
+    if want_grad:
+        keep = active & valid
+        if sequence:
+            factor = torch.where(keep, -A, 0.0) * (r[:, :1] / seq_n.clamp(min=1.0)[:, None])
+        else:
+            factor = torch.where(keep, (r * A).neg_(), 0.0)
+    stats = None
+    if want_stats:
+        tok_r = torch.exp(lr) if sequence else r
+        n_dual = (valid & dual).sum().to(acc) if dual is not None else loss.new_zeros(())
+        stats = torch.stack([
+            valid.sum().to(acc), loss.sum(), torch.where(valid, r, 0.0).sum(),
+            torch.where(valid, (tok_r - 1.0) - lr, 0.0).sum(), (valid & (r < lo) & (A < 0)).sum().to(acc),
+            (valid & (r > hi) & (A > 0)).sum().to(acc), n_dual, loss.new_zeros(())])[None, :]
+    return loss, stats, seq_lr, seq_n, factor
 
 
-def torch_surrogate_backward(logp, old, adv, mask, grad, seq_lr, seq_n, lo, hi, dual_c, sequence, acc):
-    valid = mask != 0
-    A = adv.to(acc)
+def torch_surrogate_backward(mask, grad, factor, sequence, dtype):
     if sequence:
-        r = torch.exp(seq_lr)[:, None].expand_as(A)
-    else:
-        r = torch.exp(logp.to(acc) - old.to(acc))
-    _, slope, _, _, _ = _terms(r, A, lo, hi, dual_c)
-    g = grad.to(acc)
-    if sequence:
-        d_row = torch.where(valid, g * slope, 0.0).sum(-1) * torch.exp(seq_lr) / seq_n.clamp(min=1.0)
-        d = torch.where(valid, d_row[:, None].expand_as(A), 0.0)
-    else:
-        d = torch.where(valid, g * slope * r, 0.0)
-    return d.to(logp.dtype)
+        d_row = (grad.to(factor.dtype) * factor).sum(-1)
+        return torch.where(mask != 0, d_row[:, None], 0.0).to(dtype)
+    return (grad.to(factor.dtype) * factor).to(dtype)
 
 
 # ---- autograd -------------------------------------------------------------------------------------
 
 class _ClippedSurrogate(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logp, old, adv, mask, lo, hi, dual_c, sequence, backend):
+    def forward(ctx, logp, old, adv, mask, lo, hi, dual_c, sequence, backend, want_stats):
         acc = result_dtype(logp.dtype, old.dtype, adv.dtype)
         args = (lo, hi, dual_c, sequence, acc)
+        want_grad = ctx.needs_input_grad[0]
+        factor = None
         if backend == "triton":
             from fastalign.kernels.surrogate import surrogate_forward
 
             loss, parts, seq_lr, seq_n = surrogate_forward(logp, old, adv, mask, *args)
+            stats = parts.sum(0)
+            ctx.save_for_backward(logp, old, adv, mask, seq_lr, seq_n)
         else:
-            loss, parts, seq_lr, seq_n = torch_surrogate_forward(logp, old, adv, mask, *args)
-        stats = parts.sum(0)
+            # the torch path saves one [R, T] gradient factor instead of recomputing in backward
+            loss, parts, seq_lr, seq_n, factor = torch_surrogate_forward(logp, old, adv, mask, *args,
+                                                                         want_grad=want_grad, want_stats=want_stats)
+            stats = parts.sum(0) if parts is not None else loss.new_zeros(N_STATS)
+            ctx.save_for_backward(mask, factor)
         ctx.mark_non_differentiable(stats)
-        ctx.save_for_backward(logp, old, adv, mask, seq_lr, seq_n)
-        ctx.args, ctx.backend = args, backend
+        ctx.args, ctx.backend, ctx.logp_dtype = args, backend, logp.dtype
         return loss, stats
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
-        logp, old, adv, mask, seq_lr, seq_n = ctx.saved_tensors
         if grad_loss is None or not ctx.needs_input_grad[0]:
-            return (None,) * 9
+            return (None,) * 10
         if ctx.backend == "triton":
             from fastalign.kernels.surrogate import surrogate_backward
 
+            logp, old, adv, mask, seq_lr, seq_n = ctx.saved_tensors
             d = surrogate_backward(logp, old, adv, mask, grad_loss, seq_lr, seq_n, *ctx.args)
         else:
-            d = torch_surrogate_backward(logp, old, adv, mask, grad_loss, seq_lr, seq_n, *ctx.args)
-        return (d,) + (None,) * 8
+            mask, factor = ctx.saved_tensors
+            d = torch_surrogate_backward(mask, grad_loss, factor, ctx.args[3], ctx.logp_dtype)
+        return (d,) + (None,) * 9
 
 
 # ---- public functions ---------------------------------------------------------------------------
@@ -197,7 +207,7 @@ def clipped_surrogate_with_stats(
       * ``n_tokens``: the number of valid tokens (a float tensor).
     """
     prepared = _prepare(logp, old_logp, advantages, eps_low, eps_high, dual_clip, mask, level, impl)
-    loss, stats = _ClippedSurrogate.apply(*prepared)
+    loss, stats = _ClippedSurrogate.apply(*prepared, True)
     return loss.view(logp.shape), _stats_dict(stats)
 
 
@@ -230,5 +240,5 @@ def clipped_surrogate(
         Aggregate it with the normalizer of your trainer (token mean, sequence mean, ...).
     """
     prepared = _prepare(logp, old_logp, advantages, eps_low, eps_high, dual_clip, mask, level, impl)
-    loss, _ = _ClippedSurrogate.apply(*prepared)
+    loss, _ = _ClippedSurrogate.apply(*prepared, False)
     return loss.view(logp.shape)
