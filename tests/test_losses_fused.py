@@ -243,3 +243,20 @@ def test_entropy_by_product(mode, impl):
     tol = dict(rtol=2e-5, atol=2e-6) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(m["entropies"].double(), ent, **tol)
     torch.testing.assert_close(m["entropy"].double(), ent.sum() / mask.sum(), **tol)
+
+
+def test_one_pass_never_materializes_n_by_v():
+    from fastalign.utils.memory import AllocationTracker
+
+    B, T, D, V = 8, 32, 16, 2048  # N = 256 rows
+    h, W, b, tgt, mask, adv = _data(B=B, T=T, D=D, V=V, dtype=torch.float32)
+    mask[:] = True
+    tgt = tgt.clamp(min=0)
+    hh, WW = h.clone().requires_grad_(True), W.clone().requires_grad_(True)
+    rows = 4
+    tuning.FUSED_LOSS_TILE_ELEMENTS["cpu"] = rows * V  # restored by the autouse fixture's monkeypatch
+    with AllocationTracker() as tr:
+        loss, _ = linear_grpo_loss(hh, WW, tgt, mask, adv.float(), beta=0.0, mode="one_pass", impl="torch")
+        torch.autograd.grad(loss, (hh, WW))
+    # the largest tensors are the weight-sized dW and one [rows, V] tile, never [N, V] = 256 x V
+    assert tr.largest_numel() <= max(V * D, rows * V, B * T * D)
