@@ -52,16 +52,6 @@ def ppo_policy_per_token(lp, old, adv, m, *, eps_low, eps_high, dual_clip, level
     return surr, ratio
 
 
-def ppo_policy_metrics(ratio, lp, old, m, eps_low, eps_high) -> dict[str, torch.Tensor]:
-    r = ratio.detach()
-    lr = (lp - old).detach()
-    mm = m if r.shape == m.shape else torch.ones_like(r)
-    return {
-        "approx_kl": _mmean(torch.exp(lr) - 1.0 - lr, m),
-        "clip_frac": _mmean(((r < 1.0 - eps_low) | (r > 1.0 + eps_high)).to(m.dtype), mm),
-    }
-
-
 def ppo_policy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
