@@ -99,7 +99,7 @@ def _train_dpo(cls, path, tmp, **kw):
 
 
 DPO_KEYS = ("loss", "grad_norm", "entropy", "rewards/chosen", "rewards/rejected", "rewards/margins",
-            "rewards/accuracies", "logps/chosen", "logps/rejected", "num_tokens")
+            "rewards/accuracies", "logps/chosen", "logps/rejected", "num_tokens", "logits/chosen", "logits/rejected")
 
 
 @pytest.mark.parametrize("kw", [

@@ -16,6 +16,8 @@ What they cannot reproduce is refused with a ``ValueError`` at construction (or 
 for per-batch inputs), never silently changed: GRPO's entropy mask (``top_entropy_quantile < 1``),
 entropy bonus, off-policy sequence mask, other loss types, MoE aux loss, vision inputs; DPO's other
 loss types, f-divergences, WPO weighting, LD-DPO, MoE aux loss, vision inputs, ``return_outputs``.
+The DPO drop-in logs TRL's metrics except ``mean_token_accuracy`` (an argmax over the vocabulary:
+another pass) and, for softcapped heads, ``logits/*``.
 
 Numerics: with bf16 autocast, TRL rounds each logits tile to bf16 before its fp32 reduction;
 fastalign keeps the GEMM output in fp32 (``linear_logprobs``), so bf16 runs agree to bf16 rounding
@@ -260,7 +262,26 @@ class FastAlignDPOTrainer(DPOTrainer):
 
         self._fastalign_log(metrics, entropy, shift_mask, inputs, chosen_logps, rejected_logps,
                             ref_chosen, ref_rejected, mode)
+        self._fastalign_log_mean_logits(hidden, head, shift_mask, mode)
         return loss
+
+    @torch.no_grad()
+    def _fastalign_log_mean_logits(self, hidden, head, mask, mode) -> None:
+        """TRL's ``logits/chosen`` / ``logits/rejected``: the vocabulary-mean logit is linear in the hidden
+        state (``scale * (h . mean_v W_v + mean_v b_v)``) without softcapping, so it costs O(N D).
+        With softcapping it is not logged (it would need another pass over the vocabulary)."""
+        if head.softcap is not None:
+            return
+        w_mean = head.weight.float().mean(0)
+        z = hidden.float() @ w_mean
+        if head.bias is not None:
+            z = z + head.bias.float().mean()
+        z = z * head.logit_scale
+        acc = self.accelerator
+        for part, zs, ms in zip(("chosen", "rejected"), z.chunk(2, dim=0), mask.chunk(2, dim=0)):
+            total = acc.gather_for_metrics((zs * ms).sum()).sum().item()
+            count = acc.gather_for_metrics(ms.sum()).sum().item()
+            self._metrics[mode][f"logits/{part}"].append(total / count if count > 0 else 0.0)
 
     @torch.no_grad()
     def _fastalign_log(self, metrics, entropy, mask, inputs, chosen_logps, rejected_logps, ref_chosen, ref_rejected,
