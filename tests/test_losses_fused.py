@@ -260,3 +260,45 @@ def test_one_pass_never_materializes_n_by_v():
         torch.autograd.grad(loss, (hh, WW))
     # the largest tensors are the weight-sized dW and one [rows, V] tile, never [N, V] = 256 x V
     assert tr.largest_numel() <= max(V * D, rows * V, B * T * D)
+
+
+@pytest.mark.parametrize("mode,impl", [("one_pass", "torch"), ("two_pass", "torch"), ("one_pass", "triton")])
+def test_entropy_bonus_gradient(mode, impl):
+    """PPO policy + entropy bonus (tutorial 2.4) and GRPO + TRL's entropy_coef, gradients included."""
+    dtype = torch.float32 if impl == "triton" else torch.float64
+    h, W, b, tgt, mask, adv = _data(dtype=dtype)
+    with torch.no_grad():
+        lp0 = _ref_logp(h, W, b, tgt, mask, 0.9, 2.5)
+    old = (lp0 + 0.3 * torch.randn(lp0.shape, dtype=torch.float64)).to(dtype)
+    advt = torch.randn(lp0.shape, dtype=torch.float64).to(dtype)
+    tol = dict(rtol=2e-5, atol=2e-6) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-11)
+    mf = mask.double()
+
+    def ref_parts(rh, rW, rb):
+        z = rh @ rW.t() + rb
+        x = 2.5 * torch.tanh(z / 2.5) / 0.9
+        logp_all = torch.log_softmax(x, -1)
+        lp = torch.where(mask, logp_all.gather(-1, tgt.clamp(min=0)[..., None]).squeeze(-1), torch.zeros(()).double())
+        ent = -(logp_all.exp() * logp_all).sum(-1)
+        return lp, (ent * mf).sum() / mf.sum()
+
+    for which in ("ppo", "grpo"):
+        leaves = [t.clone().requires_grad_(True) for t in (h, W, b)]
+        if which == "ppo":
+            loss, m = linear_ppo_policy_loss(leaves[0], leaves[1], tgt, mask, advt, old, bias=leaves[2], temperature=0.9,
+                                             softcap=2.5, ent_coef=0.05, mode=mode, impl=impl)
+        else:
+            loss, m = linear_grpo_loss(leaves[0], leaves[1], tgt, mask, adv.to(dtype), old_logp=old, bias=leaves[2],
+                                       temperature=0.9, softcap=2.5, beta=0.0, loss_type="dapo", entropy_coef=0.05,
+                                       mode=mode, impl=impl)
+        got = (loss, *_grads(loss, *leaves))
+        rl = [t.detach().double().requires_grad_(True) for t in (h, W, b)]
+        lp, ent_mean = ref_parts(*rl)
+        r = torch.exp(lp - old.double())
+        A = advt.double() if which == "ppo" else adv[:, None]
+        per = -torch.minimum(r * A, r.clamp(0.8, 1.2) * A)
+        exp_ = (per * mf).sum() / mf.sum() - 0.05 * ent_mean
+        want = (exp_, *_grads(exp_, *rl))
+        for a, e in zip(got, want):
+            torch.testing.assert_close(a.double(), e.detach(), **tol)
+        torch.testing.assert_close(m["entropy"].double(), ent_mean.detach(), **tol)

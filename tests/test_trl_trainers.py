@@ -72,7 +72,7 @@ def test_grpo_dropin_equals_stock(tiny_path, tmp_path, kw):
 def test_grpo_dropin_refuses_what_it_cannot_reproduce(tiny_path, tmp_path):
     ds = datasets.Dataset.from_dict({"prompt": ["a b"] * 4})
     for kw, msg in ((dict(top_entropy_quantile=0.2), "top_entropy_quantile"),
-                    (dict(entropy_coef=0.01), "entropy bonus"),
+                    (dict(entropy_coef=0.01, use_adaptive_entropy=True), "use_adaptive_entropy"),
                     (dict(loss_type="sapo"), "loss_type='sapo' is not supported"),
                     (dict(off_policy_mask_threshold=0.5), "off_policy_mask_threshold")):
         with pytest.raises(ValueError, match=msg):
@@ -164,6 +164,8 @@ SETTINGS = [
     dict(loss_type="cispo", epsilon_high=1.1, beta=0.0),
     dict(loss_type="grpo", importance_sampling_level="sequence", use_bias_correction_kl=True, beta=0.3),
     dict(loss_type="dapo", old=None),
+    dict(loss_type="grpo", entropy_coef=0.05),
+    dict(loss_type="dapo", entropy_coef=0.05),
 ]
 
 
@@ -179,6 +181,9 @@ def test_grpo_compute_loss_equals_trl(grpo_pair, setting, monkeypatch):
     monkeypatch.setattr(tr, "vllm_importance_sampling_correction", True)
     monkeypatch.setattr(tr.args, "delta", s.pop("delta", None))
     monkeypatch.setattr(tr.args, "use_bias_correction_kl", s.pop("use_bias_correction_kl", False))
+    coef = s.pop("entropy_coef", 0.0)
+    monkeypatch.setattr(tr, "entropy_coef", coef)
+    monkeypatch.setattr(tr, "_entropy_bonus_enabled", coef != 0.0)
     inputs = _synthetic_batch(tr)
     if "old" in s and s.pop("old") is None:
         inputs.pop("old_per_token_logps")

@@ -6,7 +6,8 @@
   log-prob is). It reproduces ``GRPOTrainer._compute_loss`` for ``loss_type`` in ``grpo``, ``bnpo``,
   ``dr_grpo``, ``dapo``, ``cispo`` (normalizers, gradient-accumulation scaling, ``delta``,
   ``use_bias_correction_kl``, token/sequence importance sampling, the vLLM importance-sampling
-  ratio) and logs the same ``kl`` / ``entropy`` / ``clip_ratio/*`` metrics.
+  ratio, a static ``entropy_coef`` bonus, its gradient formed in the same pass) and logs the same
+  ``kl`` / ``entropy`` / ``clip_ratio/*`` / ``policy_loss`` / ``entropy_coef`` metrics.
 - :class:`FastAlignDPOTrainer`: ``_compute_loss`` takes the per-token log-probs from the backbone's
   hidden states through :func:`fastalign.linear_logprobs` and applies
   :func:`fastalign.losses.dpo_loss` for ``loss_type`` in ``sigmoid``, ``ipo``, ``hinge``, ``robust``
@@ -14,7 +15,7 @@
 
 What they cannot reproduce is refused with a ``ValueError`` at construction (or at the first batch
 for per-batch inputs), never silently changed: GRPO's entropy mask (``top_entropy_quantile < 1``),
-entropy bonus, off-policy sequence mask, other loss types, MoE aux loss, vision inputs; DPO's other
+adaptive entropy control, off-policy sequence mask, other loss types, MoE aux loss, vision inputs; DPO's other
 loss types, f-divergences, WPO weighting, LD-DPO, MoE aux loss, vision inputs, ``return_outputs``.
 The DPO drop-in logs TRL's metrics except ``mean_token_accuracy`` (an argmax over the vocabulary:
 another pass) and, for softcapped heads, ``logits/*``.
@@ -81,9 +82,9 @@ class FastAlignGRPOTrainer(GRPOTrainer):
         if self.top_entropy_quantile < 1.0:
             raise ValueError(f"{name}: top_entropy_quantile={self.top_entropy_quantile} (the high-entropy token mask) "
                              "is not supported; set it to 1.0 or use trl.GRPOTrainer")
-        if getattr(self, "_entropy_bonus_enabled", False):
-            raise ValueError(f"{name}: the entropy bonus (entropy_coef != 0 or use_adaptive_entropy) is not supported; "
-                             "use trl.GRPOTrainer for it")
+        if getattr(self, "use_adaptive_entropy", False):
+            raise ValueError(f"{name}: use_adaptive_entropy=True (the adaptive entropy controller) is not supported; "
+                             "a static entropy_coef is; use trl.GRPOTrainer for it")
         if self.off_policy_mask_threshold is not None:
             raise ValueError(f"{name}: off_policy_mask_threshold={self.off_policy_mask_threshold} (off-policy sequence "
                              "masking) is not supported; use trl.GRPOTrainer for it")
@@ -120,6 +121,11 @@ class FastAlignGRPOTrainer(GRPOTrainer):
         iw = None
         if self.use_vllm and self.vllm_importance_sampling_correction:
             iw = inputs["importance_sampling_ratio"]
+        # TRL's bonus is - coef * mean_mask(H) / accumulation steps; grpo/bnpo/dr_grpo divide everything below
+        accum = self.current_gradient_accumulation_steps if mode == "train" else 1
+        entropy_coef = float(getattr(self, "entropy_coef", 0.0)) if getattr(self, "_entropy_bonus_enabled", False) else 0.0
+        if loss_type in ("dapo", "cispo"):
+            entropy_coef = entropy_coef / accum
         ctx = torch.autocast(hidden.device.type, enabled=False) if cast_fp32 else self.accelerator.autocast()
         with ctx:
             loss, metrics = linear_grpo_loss(
@@ -132,10 +138,14 @@ class FastAlignGRPOTrainer(GRPOTrainer):
                 importance_sampling_level=self.importance_sampling_level,
                 max_completion_length=self.max_completion_length, num_items=num_items,
                 kl_bias_correction=bool(self.args.use_bias_correction_kl), importance_weights=iw,
-                mode=self.fastalign_mode, return_entropy=True, impl=self.fastalign_impl,
+                entropy_coef=entropy_coef, mode=self.fastalign_mode, return_entropy=True, impl=self.fastalign_impl,
             )
         if loss_type in ("grpo", "bnpo", "dr_grpo") and mode == "train":
             loss = loss / self.current_gradient_accumulation_steps
+        if getattr(self, "_entropy_bonus_enabled", False):
+            self._metrics[mode]["policy_loss"].append(self.accelerator.gather(metrics["policy_loss"]).nanmean().item())
+            if mode == "train" and self.accelerator.sync_gradients:
+                self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
         self._fastalign_log(metrics, inputs, mask, mode)
         return loss
 

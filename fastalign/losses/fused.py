@@ -56,9 +56,9 @@ Mode = Literal["auto", "one_pass", "two_pass"]
 
 def _one_pass_grads(hidden2d, weight, bias, targets, token_grad, *, scale, inv_temp, softcap, compute_dtype,
                     backend, need_hidden, need_weight, need_bias, with_entropy=False):
-    """Walk row blocks with a full-vocabulary tile. ``token_grad(rows_slice, logp_block) -> g`` gives
-    dLoss/dlogp for those rows (fp32/fp64 ``[n]``). Returns ``(logp [n], entropy [n] or None, dH, dW, db)``
-    (the entropy is a by-product of the same fold, for monitoring: no gradient flows through it)."""
+    """Walk row blocks with a full-vocabulary tile. ``token_grad(rows_slice, logp_block) -> (g, g_ent)`` gives
+    dLoss/dlogp and dLoss/dentropy (or None) for those rows (``[n]``); the entropy of each row is a
+    by-product of the same fold. Returns ``(logp [n], entropy [n] or None, dH, dW, db)``."""
     n, D = hidden2d.shape
     V = weight.shape[0]
     dev = hidden2d.device
@@ -98,8 +98,12 @@ def _one_pass_grads(hidden2d, weight, bias, targets, token_grad, *, scale, inv_t
             if with_entropy:
                 ent[r0:r1] = log_s - t / s
             logp[r0:r1] = lp
-            g = token_grad(slice(r0, r1), lp).to(acc).contiguous()
-            dz = dlogits(tile, dz_buf[:k], targets[r0:r1], lse, None, g, None, 0, scale, inv_temp, softcap)
+            g, g_ent = token_grad(slice(r0, r1), lp)
+            g = g.to(acc).contiguous()
+            if g_ent is not None:
+                g_ent = g_ent.to(acc).contiguous()
+            dz = dlogits(tile, dz_buf[:k], targets[r0:r1], lse, None if g_ent is None else ent[r0:r1], g, g_ent, 0,
+                         scale, inv_temp, softcap)
             if need_hidden:
                 _ll._mm_into(d_h[r0:r1], dz, w, accumulate=False)
             if need_weight:
@@ -186,35 +190,52 @@ def _unfused_logp(hidden, weight, targets_ig, bias, inv_temp, softcap, chunk_siz
         hidden.reshape(-1, D), weight, bias, targets_ig.reshape(-1), scale=scale, inv_temp=inv_temp, softcap=softcap,
         compute_dtype=_ll.compute_dtype_for(hidden, weight), with_entropy=with_entropy, chunk_size=chunk_size,
         backend=backend, ignore_index=-100)
-    return logp.view(targets_ig.shape), None if ent is None else ent.detach().view(targets_ig.shape)
+    return logp.view(targets_ig.shape), None if ent is None else ent.view(targets_ig.shape)
+
+
+def _masked_mean(x, valid):
+    m = valid.to(x.dtype)
+    return (x * m).sum() / m.sum().clamp(min=1.0)
 
 
 def _entropy_metrics(metrics, ent_bt, valid):
     if ent_bt is not None:
-        m = valid.to(ent_bt.dtype)
+        ent_bt = ent_bt.detach()
         metrics["entropies"] = ent_bt
-        metrics["entropy"] = (ent_bt * m).sum() / m.sum().clamp(min=1.0)
+        metrics["entropy"] = _masked_mean(ent_bt, valid)
     return metrics
 
 
+def _check_coef(value, name, op) -> float:
+    from fastalign.losses._common import check_number
+
+    return check_number(value, name, op, lo=0.0)
+
+
 def _one_pass(hidden, weight, bias, targets_ig, valid, per_token_fn, weights_bt, finalize_fn, *, scale, inv_temp,
-              softcap, backend, with_entropy=False):
+              softcap, backend, with_entropy=False, entropy_coef=0.0):
     """Run the engine on the valid rows. ``per_token_fn(idx, lp) -> per-token loss [n]`` is elementwise in
     ``lp``; ``weights_bt [B, T]`` are the normalizer weights (loss = sum w * l); ``finalize_fn(logp_bt)``
-    gives ``(loss, metrics)`` from the full log-probs (no grad)."""
+    gives ``(loss, metrics)`` from the full log-probs (no grad). ``entropy_coef`` adds
+    ``- entropy_coef * mean_mask(entropy)`` (an entropy bonus), its gradient formed in the same pass."""
     B, T = valid.shape
     D = weight.shape[1]
     idx = valid.reshape(-1).nonzero().squeeze(1)  # host sync (as linear_logprobs' compaction)
     h_rows = hidden.reshape(-1, D).index_select(0, idx)
     tg = targets_ig.reshape(-1).index_select(0, idx)
     w_rows = weights_bt.reshape(-1).index_select(0, idx)
+    n_valid = valid.sum().clamp(min=1).to(w_rows.dtype)
+    g_ent_rows = None
+    if entropy_coef != 0.0:
+        with_entropy = True
+        g_ent_rows = torch.full_like(w_rows, -entropy_coef) / n_valid  # d(-c * mean H) / dH_t
 
     def token_grad(sl, lp):
         with torch.enable_grad():
             x = lp.detach().requires_grad_(True)
             l = per_token_fn(idx[sl], x)
             (g,) = torch.autograd.grad((l * w_rows[sl].to(l.dtype)).sum(), x)
-        return g
+        return g, None if g_ent_rows is None else g_ent_rows[sl]
 
     out: dict = {}
 
@@ -224,6 +245,8 @@ def _one_pass(hidden, weight, bias, targets_ig, valid, per_token_fn, weights_bt,
             loss, metrics = finalize_fn(full)
         ent = None if ent_rows is None else ent_rows.new_zeros(B * T).index_copy(0, idx, ent_rows).view(B, T)
         out["metrics"] = _entropy_metrics(metrics, ent, valid)
+        if entropy_coef != 0.0:
+            loss = loss - entropy_coef * out["metrics"]["entropy"].to(loss.dtype)
         return loss.detach()
 
     loss, _ = _FusedTokenLoss.apply(h_rows, weight, bias, tg, token_grad, finalize, scale, inv_temp, softcap,
@@ -264,6 +287,7 @@ def linear_grpo_loss(
     num_items: torch.Tensor | float | None = None,
     kl_bias_correction: bool = False,
     importance_weights: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
     mode: Mode = "auto",
     return_entropy: bool = False,
     chunk_size: int | None = None,
@@ -281,6 +305,9 @@ def linear_grpo_loss(
         temperature, softcap, logit_scale: the head's transform
             ``z = softcap * tanh(logit_scale * z / softcap) / temperature`` (as TRL's fused head).
         beta ... importance_weights: as :func:`fastalign.losses.grpo_loss`.
+        entropy_coef: >= 0; adds ``- entropy_coef * mean_mask(entropy)`` (an entropy bonus, the
+            token mean over the mask whatever the loss type, as TRL's ``entropy_coef``); in the
+            one-pass form its gradient is formed in the same pass.
         mode: ``"one_pass"`` (token-level only), ``"two_pass"`` (``linear_logprobs`` + ``grpo_loss``),
             ``"auto"``: one pass for token-level ratios, two for sequence-level.
         return_entropy: also report the token entropies (a by-product of the same pass, for
@@ -309,13 +336,16 @@ def linear_grpo_loss(
         raise ValueError(f"{op}: mode='one_pass' needs token-level ratios; sequence-level (GSPO) ratios take two passes")
     one_pass = mode == "one_pass" or (mode == "auto" and importance_sampling_level == "token")
 
+    entropy_coef = _check_coef(entropy_coef, "entropy_coef", op)
     loss_kw = dict(ref_logp=ref_logp, beta=beta, eps_low=eps_low, eps_high=eps_high, delta=delta, loss_type=loss_type,
                    importance_sampling_level=importance_sampling_level, max_completion_length=max_completion_length,
                    num_items=num_items, kl_bias_correction=kl_bias_correction, importance_weights=importance_weights)
     if not one_pass:
         logp, ent = _unfused_logp(hidden, weight, targets_ig, bias, inv_temp, softcap, chunk_size, impl, scale,
-                                  with_entropy=return_entropy)
+                                  with_entropy=return_entropy or entropy_coef != 0.0)
         loss, metrics = grpo_loss(logp, old_logp, advantages, mask, **loss_kw)
+        if entropy_coef != 0.0:
+            loss = loss - entropy_coef * _masked_mean(ent, valid)
         metrics["logp"] = logp.detach()
         return loss, _entropy_metrics(metrics, ent, valid)
 
@@ -345,7 +375,8 @@ def linear_grpo_loss(
         return loss, metrics
 
     return _one_pass(hidden, weight, bias, targets_ig, valid, per_token_fn, w, finalize_fn, scale=scale,
-                     inv_temp=inv_temp, softcap=softcap, backend=backend, with_entropy=return_entropy)
+                     inv_temp=inv_temp, softcap=softcap, backend=backend, with_entropy=return_entropy,
+                     entropy_coef=entropy_coef)
 
 
 # ---- PPO -----------------------------------------------------------------------------------------
@@ -365,17 +396,22 @@ def linear_ppo_policy_loss(
     eps_high: float | None = None,
     dual_clip: float | None = None,
     level: Literal["token", "sequence"] = "token",
+    ent_coef: float = 0.0,
     mode: Mode = "auto",
+    return_entropy: bool = False,
     chunk_size: int | None = None,
     impl: Impl = "auto",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """:func:`fastalign.losses.ppo_policy_loss` (token-mean clipped surrogate, dual-clip optional) on the
-    log-probs of ``hidden [B, T, D]`` through ``weight [V, D]`` at ``targets [B, T]``.
+    log-probs of ``hidden [B, T, D]`` through ``weight [V, D]`` at ``targets [B, T]``, minus
+    ``ent_coef * mean_mask(entropy)`` (the tutorial's entropy bonus; its gradient in the same pass).
 
-    ``mode`` as :func:`linear_grpo_loss` (``level="sequence"`` takes two passes).
+    ``mode`` as :func:`linear_grpo_loss` (``level="sequence"`` takes two passes). Add the value loss
+    (:func:`fastalign.losses.value_loss`) for the tutorial's full PPO objective.
 
     Returns:
-        ``(loss, metrics)`` as :func:`ppo_policy_loss`, plus ``logp`` ``[B, T]`` (detached).
+        ``(loss, metrics)`` as :func:`ppo_policy_loss`, plus ``logp`` ``[B, T]`` (detached) and, with an
+        entropy term or ``return_entropy``, ``entropy`` / ``entropies``.
     """
     op = "linear_ppo_policy_loss"
     B, T, V, D, inv_temp, softcap, backend, valid, targets_ig = _prep_head(
@@ -389,12 +425,16 @@ def linear_ppo_policy_loss(
     if mode == "one_pass" and level == "sequence":
         raise ValueError(f"{op}: mode='one_pass' needs token-level ratios; level='sequence' takes two passes")
     one_pass = mode == "one_pass" or (mode == "auto" and level == "token")
+    ent_coef = _check_coef(ent_coef, "ent_coef", op)
     kw = dict(eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, level=level, impl=impl)
     if not one_pass:
-        logp, _ = _unfused_logp(hidden, weight, targets_ig, bias, inv_temp, softcap, chunk_size, impl)
+        logp, ent = _unfused_logp(hidden, weight, targets_ig, bias, inv_temp, softcap, chunk_size, impl,
+                                  with_entropy=return_entropy or ent_coef != 0.0)
         loss, metrics = ppo_policy_loss(logp, old_logp, advantages, mask, **kw)
+        if ent_coef != 0.0:
+            loss = loss - ent_coef * _masked_mean(ent, valid)
         metrics["logp"] = logp.detach()
-        return loss, metrics
+        return loss, _entropy_metrics(metrics, ent, valid)
 
     dt = compute_dtype(hidden, weight, old_logp, advantages)
     m = valid.to(dt)
@@ -417,7 +457,8 @@ def linear_ppo_policy_loss(
         return loss, metrics
 
     return _one_pass(hidden, weight, bias, targets_ig, valid, per_token_fn, w, finalize_fn, scale=1.0,
-                     inv_temp=inv_temp, softcap=softcap, backend=backend)
+                     inv_temp=inv_temp, softcap=softcap, backend=backend, with_entropy=return_entropy,
+                     entropy_coef=ent_coef)
 
 
 # ---- DPO -----------------------------------------------------------------------------------------

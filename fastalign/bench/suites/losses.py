@@ -5,8 +5,8 @@ the tutorial's materializing reference against fastalign's fused losses, and ins
   loss (GRPO section 5.4, DPO 4.5, PPO 2.5 with its entropy bonus), ``[N, V]`` materialized.
 - fastalign: ``linear_grpo_loss`` (one pass over the vocabulary, and the two-pass form =
   ``linear_logprobs`` + ``grpo_loss``, the 1.25x target's comparison), ``linear_dpo_loss``,
-  ``linear_logprobs(return_entropy=True)`` + ``ppo_loss`` (PPO with the entropy bonus) and
-  ``linear_ppo_policy_loss`` (policy term alone, one pass).
+  ``linear_ppo_policy_loss(ent_coef=0.01)`` + ``value_loss`` (PPO with the entropy bonus, one and
+  two passes) and ``linear_ppo_policy_loss`` (policy term alone, one pass).
 - peers (CUDA, where installed): TRL 1.16's fused LM head (``ChunkedLogProbFunction``) + the GRPO
   formula, what ``GRPOTrainer`` runs; Liger's ``LigerFusedLinearGRPOLoss`` / ``LigerFusedLinearDPOLoss``.
 
@@ -174,8 +174,7 @@ def _dpo_cases(shape, B, T, D, V, dtype, device, impl, flops) -> list[BenchCase]
 # ---- PPO ------------------------------------------------------------------------------------------
 
 def _ppo_cases(shape, B, T, D, V, dtype, device, impl, flops) -> list[BenchCase]:
-    from fastalign import linear_logprobs
-    from fastalign.losses import linear_ppo_policy_loss, ppo_loss
+    from fastalign.losses import linear_ppo_policy_loss, value_loss
 
     def make_with(fn: Callable):
         def make():
@@ -197,10 +196,12 @@ def _ppo_cases(shape, B, T, D, V, dtype, device, impl, flops) -> list[BenchCase]
         loss = pol + 0.5 * val - 0.01 * (ent * m).sum() / n
         return torch.autograd.grad(loss, (h, W, values))
 
-    def ours(h, W, tgt, mask, adv, old, values, returns):
-        lp, ent = linear_logprobs(h, W, tgt.masked_fill(~mask, -100), return_entropy=True, impl=impl)
-        loss, _ = ppo_loss(lp, old, adv, mask, values=values, returns=returns, entropy=ent, impl=impl)
-        return torch.autograd.grad(loss, (h, W, values))
+    def ours(mode):
+        def run(h, W, tgt, mask, adv, old, values, returns):
+            pol, _ = linear_ppo_policy_loss(h, W, tgt, mask, adv, old, ent_coef=0.01, mode=mode, impl=impl)
+            val, _ = value_loss(values, returns, mask)
+            return torch.autograd.grad(pol + 0.5 * val, (h, W, values))
+        return run
 
     def reference_policy(h, W, tgt, mask, adv, old, values, returns):
         lp = _materialized_logp(h, W, tgt)
@@ -214,7 +215,10 @@ def _ppo_cases(shape, B, T, D, V, dtype, device, impl, flops) -> list[BenchCase]
 
     return [
         BenchCase("losses", "ppo", shape, "reference", "baseline", make_with(reference), flops=flops),
-        BenchCase("losses", "ppo", shape, f"fastalign[{impl}]", "fastalign", make_with(ours), flops=flops),
+        BenchCase("losses", "ppo", shape, f"fastalign[{impl},one-pass]", "fastalign", make_with(ours("one_pass")),
+                  flops=flops),
+        BenchCase("losses", "ppo", shape, f"fastalign[{impl},two-pass]", "fastalign", make_with(ours("two_pass")),
+                  flops=flops),
         BenchCase("losses", "ppo_policy", shape, "reference", "baseline", make_with(reference_policy), flops=flops),
         BenchCase("losses", "ppo_policy", shape, f"fastalign[{impl},one-pass]", "fastalign", make_with(ours_policy),
                   flops=flops),
