@@ -9,7 +9,22 @@ import fastalign
 from fastalign import group_advantages
 from fastalign.reference.tutorial_ops import tutorial_group_advantages
 
-IMPLS = ["torch", "triton"]
+IMPLS = ["torch", "triton", "triton-sorted"]
+
+
+@pytest.fixture
+def run(monkeypatch):
+    """group_advantages with impl "triton-sorted" = the Triton kernel forced onto its sort-first path."""
+    from fastalign.kernels import tuning
+
+    def call(*args, impl, **kwargs):
+        if impl == "triton-sorted":
+            monkeypatch.setattr(tuning, "GROUP_ADV_PAIRWISE_MAX_N", 0)
+            impl = "triton"
+        else:
+            monkeypatch.setattr(tuning, "GROUP_ADV_PAIRWISE_MAX_N", 4096)
+        return group_advantages(*args, impl=impl, **kwargs)
+    return call
 
 
 def ref_group_adv(r, ids, baseline="mean", scale="group", unbiased=False, eps=1e-8, singleton="zero"):
@@ -73,9 +88,9 @@ OPTS = [
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("opts", OPTS)
 @pytest.mark.parametrize("nan", [False, True])
-def test_matches_reference_with_ids(impl, opts, nan):
+def test_matches_reference_with_ids(run, impl, opts, nan):
     r, ids = _data(n_groups=23, seed=1, nan=nan)  # ~100 samples: crosses the kernel's block
-    out = group_advantages(r, ids, impl=impl, **opts)
+    out = run(r, ids, impl=impl, **opts)
     assert out.dtype == torch.float32 and out.shape == r.shape
     torch.testing.assert_close(out.double(), ref_group_adv(r, ids, **opts), rtol=1e-5, atol=1e-5)
     assert (out[torch.isnan(r)] == 0).all()
@@ -84,28 +99,28 @@ def test_matches_reference_with_ids(impl, opts, nan):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("opts", OPTS[:5])
 @pytest.mark.parametrize("group_size", [1, 4, 24])
-def test_group_size_path(impl, opts, group_size):
+def test_group_size_path(run, impl, opts, group_size):
     g = torch.Generator().manual_seed(group_size)
     r = torch.randn(group_size * 6, generator=g)
     r[3] = float("nan")
-    out = group_advantages(r, group_size=group_size, impl=impl, **opts)
+    out = run(r, group_size=group_size, impl=impl, **opts)
     ids = torch.arange(r.numel()) // group_size
     torch.testing.assert_close(out.double(), ref_group_adv(r, ids, **opts), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out, group_advantages(r, ids, impl=impl, **opts), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out, run(r, ids, impl=impl, **opts), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_equals_tutorial_scatter_formula(impl):
+def test_equals_tutorial_scatter_formula(run, impl):
     g = torch.Generator().manual_seed(3)
     sizes = torch.randint(1, 8, (12,), generator=g)
     gid = torch.repeat_interleave(torch.arange(12), sizes)[torch.randperm(int(sizes.sum()), generator=g)]
     r = torch.randn(gid.numel(), generator=g)
-    torch.testing.assert_close(group_advantages(r, gid, impl=impl), tutorial_group_advantages(r, gid),
+    torch.testing.assert_close(run(r, gid, impl=impl), tutorial_group_advantages(r, gid),
                                rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_trl_formula(impl):
+def test_trl_formula(run, impl):
     """TRL: (r - nanmean_g) / (nanstd_g (Bessel) + 1e-4), contiguous groups of num_generations."""
     G = 8
     g = torch.Generator().manual_seed(4)
@@ -116,7 +131,7 @@ def test_trl_formula(impl):
     count = (~torch.isnan(grouped)).sum(1, keepdim=True)
     var = torch.nanmean((grouped - mean) ** 2, dim=1, keepdim=True) * count / (count - 1)
     expect = ((grouped - mean) / (var.sqrt() + 1e-4)).view(-1)
-    out = group_advantages(r, group_size=G, unbiased=True, eps=1e-4, impl=impl)
+    out = run(r, group_size=G, unbiased=True, eps=1e-4, impl=impl)
     ok = ~torch.isnan(r)
     torch.testing.assert_close(out[ok], expect[ok], rtol=1e-5, atol=1e-5)
     assert (out[~ok] == 0).all()
@@ -159,32 +174,32 @@ def verl_grpo_vectorized(scores, g, epsilon=1e-6, norm_adv_by_std_in_grpo=True):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("norm", [True, False])
-def test_verl_grpo(impl, norm):
+def test_verl_grpo(run, impl, norm):
     g = torch.Generator().manual_seed(5)
     sizes = torch.tensor([1, 5, 3, 1, 8, 2])
     index = torch.repeat_interleave(torch.arange(6), sizes)[torch.randperm(20, generator=g)]
     scores = torch.randn(20, generator=g)  # group variances well above verl's 1e-6 floor
     opts = dict(unbiased=True, eps=1e-6, singleton="raw", scale="group" if norm else "none")
-    out = group_advantages(scores, index, impl=impl, **opts)
+    out = run(scores, index, impl=impl, **opts)
     torch.testing.assert_close(out, verl_grpo_loop(scores, index.tolist(), 1e-6, norm), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out, verl_grpo_vectorized(scores, index, 1e-6, norm), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_constant_groups_all_nan_and_fp64(impl):
+def test_constant_groups_all_nan_and_fp64(run, impl):
     r = torch.tensor([1.0, 1.0, 1.0, float("nan"), float("nan"), 2.0, 5.0], dtype=torch.float64)
     ids = torch.tensor([0, 0, 0, 1, 1, 2, 2])
-    out = group_advantages(r, ids, impl=impl)
+    out = run(r, ids, impl=impl)
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, ref_group_adv(r, ids), rtol=1e-12, atol=1e-12)
     assert (out[:5] == 0).all()
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_empty_and_no_grad(impl):
-    assert group_advantages(torch.zeros(0), torch.zeros(0, dtype=torch.long), impl=impl).shape == (0,)
+def test_empty_and_no_grad(run, impl):
+    assert run(torch.zeros(0), torch.zeros(0, dtype=torch.long), impl=impl).shape == (0,)
     r = torch.randn(6, requires_grad=True)
-    assert not group_advantages(r, group_size=3, impl=impl).requires_grad
+    assert not run(r, group_size=3, impl=impl).requires_grad
 
 
 def test_bad_input():
@@ -214,3 +229,14 @@ def test_bad_input():
 
 def test_exported():
     assert fastalign.group_advantages is group_advantages
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_groups_larger_than_a_block(run, impl):
+    g = torch.Generator().manual_seed(8)
+    ids = torch.cat([torch.full((150,), 7), torch.full((70,), -3), torch.arange(100, 105)])
+    ids = ids[torch.randperm(ids.numel(), generator=g)]
+    r = torch.randn(ids.numel(), generator=g)
+    for opts in (dict(), dict(baseline="loo", unbiased=True)):
+        out = run(r, ids, impl=impl, **opts)
+        torch.testing.assert_close(out.double(), ref_group_adv(r, ids, **opts), rtol=1e-5, atol=1e-5)

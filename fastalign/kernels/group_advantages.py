@@ -1,12 +1,17 @@
-"""Group-relative advantages (GRPO / RLOO / Dr.GRPO) over unsorted groups of unequal size: one launch.
+"""Group-relative advantages (GRPO / RLOO / Dr.GRPO) over unsorted groups of unequal size.
 
-Each program owns ``BLOCK`` samples i and scans the candidate members j in blocks of ``BLOCK``,
-comparing ids (``HAS_IDS``: any int64 values, equal id = same group; otherwise contiguous groups of
-``group_size`` and only the j's of the program's own groups are scanned). Per sample it gathers its
-group's valid count, sum, then (second scan) the centred sum of squares, so the variance is a
-two-pass one; with batch scaling it also reduces all valid rewards (count, sum, centred squares).
-NaN rewards are left out of every statistic and get 0. No sorting, no atomics, no host sync:
-deterministic, at O(N^2) compares with ids (fine up to N ~ 1e5) or O(N * group_size) without.
+Each program owns ``BLOCK`` samples and scans their candidate group members in blocks of ``BLOCK``,
+gathering per sample its group's valid count and sum, then (second scan) the centred sum of
+squares: a two-pass variance. With batch scaling it also reduces all valid rewards (count, sum,
+centred squares). NaN rewards are left out of every statistic and get 0. Deterministic: no atomics.
+Three ways to find the members (``MODE``):
+
+* ``MODE_PAIRWISE`` (ids, one launch, no host sync): every j is compared with the program's ids;
+  any int64 values; O(N^2) compares, the choice for small N;
+* ``MODE_SORTED`` (ids, after one ``torch.sort`` of the ids; no host sync): samples are taken in
+  sorted order (``perm``), a program's members are the run of equal ids around its block, found by
+  binary search; O(N log N); results are scattered back through ``perm``;
+* ``MODE_CONTIGUOUS`` (``group_size``): groups are ``[k g, (k + 1) g)``; O(N g).
 
 Runtime int flags: ``loo`` (leave-one-out baseline), ``scale_mode`` (0 none, 1 group, 2 batch),
 ``unbiased`` (Bessel), ``singleton_raw`` (a group of one keeps ``r`` with mean 0 / std 1, verl's
@@ -23,81 +28,95 @@ from fastalign.kernels import tuning
 from fastalign.kernels.aot import AotSpec
 from fastalign.ops._tokens import TRITON_DTYPE
 
+MODE_PAIRWISE, MODE_SORTED, MODE_CONTIGUOUS = 0, 1, 2
+
+
+@triton.jit
+def _sample(rewards_ptr, ids_ptr, perm_ptr, k, in_k, group_size, MODE: tl.constexpr, acc: tl.constexpr):
+    """(reward, valid, group key) of the samples at positions ``k`` (sorted positions in MODE_SORTED)."""
+    if MODE == 1:
+        src = tl.load(perm_ptr + k, mask=in_k, other=0)
+    else:
+        src = k
+    r = tl.load(rewards_ptr + src, mask=in_k, other=0.0).to(acc)
+    if MODE == 2:
+        key = k // group_size
+    else:
+        key = tl.load(ids_ptr + k, mask=in_k, other=0)
+    return r, in_k & (r == r), key
+
+
+@triton.jit
+def _run_bound(ids_ptr, key, lo, hi, n_iter, UPPER: tl.constexpr):
+    """First position in sorted ``[lo, hi)`` whose id is > key (UPPER) or >= key (lower bound)."""
+    for _ in range(n_iter):
+        mid = (lo + hi) // 2
+        v = tl.load(ids_ptr + tl.minimum(mid, hi - 1))
+        if UPPER:
+            go_right = (v <= key) & (mid < hi)
+        else:
+            go_right = (v < key) & (mid < hi)
+        lo = tl.where(go_right, mid + 1, lo)
+        hi = tl.where(go_right, hi, mid)
+    return lo
+
 
 @triton.jit
 def _group_adv_kernel(
-    rewards_ptr, ids_ptr, out_ptr, N, group_size, eps,
+    rewards_ptr, ids_ptr, perm_ptr, out_ptr, N, group_size, n_search, eps,
     loo, scale_mode, unbiased, singleton_raw,
-    HAS_IDS: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr,
+    MODE: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    if FP64:
-        acc = tl.float64
-    else:
-        acc = tl.float32
+    acc: tl.constexpr = tl.float64 if FP64 else tl.float32
     lanes = tl.arange(0, BLOCK).to(tl.int64)
     i = pid * BLOCK + lanes
     in_i = i < N
-    r_i = tl.load(rewards_ptr + i, mask=in_i, other=0.0).to(acc)
-    valid_i = in_i & (r_i == r_i)
-    if HAS_IDS:
-        id_i = tl.load(ids_ptr + i, mask=in_i, other=0)
-        j_lo = 0
-        j_hi = N
+    r_i, valid_i, key_i = _sample(rewards_ptr, ids_ptr, perm_ptr, i, in_i, group_size, MODE, acc)
+    first = pid * BLOCK
+    last = tl.minimum(first + BLOCK, N) - 1
+    if MODE == 0:
+        j_lo = first * 0
+        j_hi = first * 0 + N
+    elif MODE == 1:
+        j_lo = _run_bound(ids_ptr, tl.load(ids_ptr + first), first * 0, first + 1, n_search, False)
+        j_hi = _run_bound(ids_ptr, tl.load(ids_ptr + last), last, first * 0 + N, n_search, True)
     else:
-        id_i = i // group_size
-        first = pid * BLOCK
-        last = tl.minimum(first + BLOCK, N) - 1
         j_lo = (first // group_size) * group_size
         j_hi = tl.minimum(N, (last // group_size + 1) * group_size)
 
-    cnt = tl.zeros((BLOCK,), acc)
-    tot = tl.zeros((BLOCK,), acc)
+    zero = tl.zeros((BLOCK,), acc)
+    cnt = zero
+    tot = zero
     for j0 in range(j_lo, j_hi, BLOCK):
         j = j0 + lanes
-        in_j = j < j_hi
-        r_j = tl.load(rewards_ptr + j, mask=in_j, other=0.0).to(acc)
-        ok_j = in_j & (r_j == r_j)
-        if HAS_IDS:
-            id_j = tl.load(ids_ptr + j, mask=in_j, other=0)
-        else:
-            id_j = j // group_size
-        same = (id_i[:, None] == id_j[None, :]) & ok_j[None, :]
+        r_j, ok_j, key_j = _sample(rewards_ptr, ids_ptr, perm_ptr, j, j < j_hi, group_size, MODE, acc)
+        same = (key_i[:, None] == key_j[None, :]) & ok_j[None, :]
         cnt += tl.sum(tl.where(same, 1.0, 0.0), axis=1)
         tot += tl.sum(tl.where(same, r_j[None, :], 0.0), axis=1)
     mean = tot / tl.maximum(cnt, 1.0)
-    sq = tl.zeros((BLOCK,), acc)
+    sq = zero
     for j0 in range(j_lo, j_hi, BLOCK):
         j = j0 + lanes
-        in_j = j < j_hi
-        r_j = tl.load(rewards_ptr + j, mask=in_j, other=0.0).to(acc)
-        ok_j = in_j & (r_j == r_j)
-        if HAS_IDS:
-            id_j = tl.load(ids_ptr + j, mask=in_j, other=0)
-        else:
-            id_j = j // group_size
-        same = (id_i[:, None] == id_j[None, :]) & ok_j[None, :]
+        r_j, ok_j, key_j = _sample(rewards_ptr, ids_ptr, perm_ptr, j, j < j_hi, group_size, MODE, acc)
+        same = (key_i[:, None] == key_j[None, :]) & ok_j[None, :]
         dev = r_j[None, :] - mean[:, None]
         sq += tl.sum(tl.where(same, dev * dev, 0.0), axis=1)
 
-    # Whole-batch statistics, only for scale_mode == 2 (the loop is empty otherwise).
+    # Whole-batch statistics, only for scale_mode == 2 (the loops are empty otherwise).
     n_batch = tl.where(scale_mode == 2, N, 0)
-    b_cnt = tl.zeros((BLOCK,), acc)
-    b_tot = tl.zeros((BLOCK,), acc)
+    b_cnt = zero
+    b_tot = zero
     for j0 in range(0, n_batch, BLOCK):
-        j = j0 + lanes
-        r_j = tl.load(rewards_ptr + j, mask=j < N, other=float("nan")).to(acc)
-        ok_j = r_j == r_j
-        b_cnt += tl.where(ok_j, 1.0, 0.0)
-        b_tot += tl.where(ok_j, r_j, 0.0)
+        r_j = tl.load(rewards_ptr + j0 + lanes, mask=j0 + lanes < N, other=float("nan")).to(acc)
+        b_cnt += tl.where(r_j == r_j, 1.0, 0.0)
+        b_tot += tl.where(r_j == r_j, r_j, 0.0)
     bn = tl.sum(b_cnt, axis=0)
     b_mean = tl.sum(b_tot, axis=0) / tl.maximum(bn, 1.0)
-    b_sq = tl.zeros((BLOCK,), acc)
+    b_sq = zero
     for j0 in range(0, n_batch, BLOCK):
-        j = j0 + lanes
-        r_j = tl.load(rewards_ptr + j, mask=j < N, other=float("nan")).to(acc)
-        d = r_j - b_mean
-        b_sq += tl.where(r_j == r_j, d * d, 0.0)
+        r_j = tl.load(rewards_ptr + j0 + lanes, mask=j0 + lanes < N, other=float("nan")).to(acc)
+        b_sq += tl.where(r_j == r_j, (r_j - b_mean) * (r_j - b_mean), 0.0)
     b_std = tl.sqrt(tl.sum(b_sq, axis=0) / tl.maximum(bn - unbiased, 1.0))
 
     single = cnt <= 1.0
@@ -109,7 +128,11 @@ def _group_adv_kernel(
     adv = tl.where(scale_mode == 1, adv / (std + eps), adv)
     adv = tl.where(scale_mode == 2, adv / (b_std + eps), adv)
     keep = valid_i & ((single == 0) | (singleton_raw != 0))
-    tl.store(out_ptr + i, tl.where(keep, adv, 0.0), mask=in_i)
+    if MODE == 1:
+        dst = tl.load(perm_ptr + i, mask=in_i, other=0)
+    else:
+        dst = i
+    tl.store(out_ptr + dst, tl.where(keep, adv, 0.0), mask=in_i)
 
 
 def group_advantages_triton(rewards: torch.Tensor, ids: torch.Tensor | None, group_size: int, eps: float,
@@ -121,11 +144,20 @@ def group_advantages_triton(rewards: torch.Tensor, ids: torch.Tensor | None, gro
     if N == 0:
         return out
     cfg = tuning.group_adv_config(N)
-    grid = (triton.cdiv(N, cfg.block),)
-    _group_adv_kernel[grid](
-        rewards, ids if ids is not None else rewards, out, N, max(group_size, 1), eps,
+    perm = None
+    if ids is None:
+        mode = MODE_CONTIGUOUS
+    elif tuning.group_adv_sorted(N):
+        mode = MODE_SORTED
+        ids, perm = torch.sort(ids, stable=True)
+    else:
+        mode = MODE_PAIRWISE
+    dummy = rewards
+    _group_adv_kernel[(triton.cdiv(N, cfg.block),)](
+        rewards, ids if ids is not None else dummy, perm if perm is not None else dummy, out,
+        N, max(group_size, 1), N.bit_length() + 1, eps,
         int(loo), scale_mode, int(unbiased), int(singleton_raw),
-        HAS_IDS=ids is not None, FP64=out_dtype == torch.float64, BLOCK=cfg.block, num_warps=cfg.num_warps)
+        MODE=mode, FP64=out_dtype == torch.float64, BLOCK=cfg.block, num_warps=cfg.num_warps)
     return out
 
 
@@ -134,12 +166,13 @@ def aot_specs() -> list[AotSpec]:
     for dtype, ty in TRITON_DTYPE.items():
         acc = "fp64" if dtype == torch.float64 else "fp32"
         for cfg in tuning.GROUP_ADV_CONFIGS:
-            for has_ids in (True, False):
+            for mode in (MODE_PAIRWISE, MODE_SORTED, MODE_CONTIGUOUS):
+                idx = f"*{ty}" if mode == MODE_CONTIGUOUS else "*i64"
                 specs.append(AotSpec(
-                    f"group_advantages[{ty},ids={has_ids},BLOCK={cfg.block}]", _group_adv_kernel,
-                    {"rewards_ptr": f"*{ty}", "ids_ptr": "*i64" if has_ids else f"*{ty}", "out_ptr": f"*{acc}",
-                     "N": "i64", "group_size": "i64", "eps": "fp32", "loo": "i32", "scale_mode": "i32",
-                     "unbiased": "i32", "singleton_raw": "i32"},
-                    {"HAS_IDS": has_ids, "FP64": dtype == torch.float64, "BLOCK": cfg.block},
+                    f"group_advantages[{ty},mode={mode},BLOCK={cfg.block}]", _group_adv_kernel,
+                    {"rewards_ptr": f"*{ty}", "ids_ptr": idx, "perm_ptr": "*i64" if mode == MODE_SORTED else idx,
+                     "out_ptr": f"*{acc}", "N": "i64", "group_size": "i64", "n_search": "i32", "eps": "fp32",
+                     "loo": "i32", "scale_mode": "i32", "unbiased": "i32", "singleton_raw": "i32"},
+                    {"MODE": mode, "FP64": dtype == torch.float64, "BLOCK": cfg.block},
                     num_warps=cfg.num_warps))
     return specs

@@ -19,6 +19,7 @@ import triton.language as tl
 
 from fastalign.kernels import tuning
 from fastalign.kernels.aot import AotSpec
+from fastalign.kernels.token_tiles import load_tile, tile_coords
 from fastalign.ops._tokens import TRITON_DTYPE
 
 
@@ -41,19 +42,13 @@ def _kl_fwd_kernel(
     kind, lr_clamp, out_clamp,
     FP64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
-    inb = (rows < R)[:, None] & (cols < T)[None, :]
-    if FP64:
-        acc = tl.float64
-    else:
-        acc = tl.float32
-    lp = tl.load(logp_ptr + rows[:, None] * s_lp_r + cols[None, :] * s_lp_t, mask=inb, other=0.0).to(acc)
-    ref = tl.load(ref_ptr + rows[:, None] * s_ref_r + cols[None, :] * s_ref_t, mask=inb, other=0.0).to(acc)
-    x = lp - ref
+    rows, cols, inb = tile_coords(R, T, BLOCK_R, BLOCK_T)
+    acc: tl.constexpr = tl.float64 if FP64 else tl.float32
+    x = (load_tile(logp_ptr, rows, cols, s_lp_r, s_lp_t, inb, acc)
+         - load_tile(ref_ptr, rows, cols, s_ref_r, s_ref_t, inb, acc))
     x = tl.minimum(tl.maximum(x, -lr_clamp), lr_clamp)
     val, _ = _kl_value_and_slope(x, kind, out_clamp)
-    tl.store(out_ptr + rows[:, None] * T + cols[None, :], val, mask=inb)
+    tl.store(out_ptr + rows * T + cols, val, mask=inb)
 
 
 @triton.jit
@@ -63,26 +58,19 @@ def _kl_bwd_kernel(
     kind, lr_clamp, out_clamp, want_dlogp, want_dref,
     FP64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
-    inb = (rows < R)[:, None] & (cols < T)[None, :]
-    if FP64:
-        acc = tl.float64
-    else:
-        acc = tl.float32
-    lp = tl.load(logp_ptr + rows[:, None] * s_lp_r + cols[None, :] * s_lp_t, mask=inb, other=0.0).to(acc)
-    ref = tl.load(ref_ptr + rows[:, None] * s_ref_r + cols[None, :] * s_ref_t, mask=inb, other=0.0).to(acc)
-    g = tl.load(grad_ptr + rows[:, None] * s_g_r + cols[None, :] * s_g_t, mask=inb, other=0.0).to(acc)
-    x_raw = lp - ref
+    rows, cols, inb = tile_coords(R, T, BLOCK_R, BLOCK_T)
+    acc: tl.constexpr = tl.float64 if FP64 else tl.float32
+    g = load_tile(grad_ptr, rows, cols, s_g_r, s_g_t, inb, acc)
+    x_raw = (load_tile(logp_ptr, rows, cols, s_lp_r, s_lp_t, inb, acc)
+             - load_tile(ref_ptr, rows, cols, s_ref_r, s_ref_t, inb, acc))
     x_inside = (x_raw >= -lr_clamp) & (x_raw <= lr_clamp)
     x = tl.minimum(tl.maximum(x_raw, -lr_clamp), lr_clamp)
     _, slope = _kl_value_and_slope(x, kind, out_clamp)
     dx = tl.where(x_inside, g * slope, 0.0)
-    out = rows[:, None] * T + cols[None, :]
+    out = rows * T + cols
     # (scalar flags folded into the column bound: scalar & block masks trip the interpreter)
-    rows_ok = (rows < R)[:, None]
-    tl.store(dlogp_ptr + out, dx, mask=rows_ok & (cols < T * want_dlogp)[None, :])
-    tl.store(dref_ptr + out, -dx, mask=rows_ok & (cols < T * want_dref)[None, :])
+    tl.store(dlogp_ptr + out, dx, mask=(rows < R) & (cols < T * want_dlogp))
+    tl.store(dref_ptr + out, -dx, mask=(rows < R) & (cols < T * want_dref))
 
 
 def _grid(R: int, T: int, cfg):

@@ -24,6 +24,7 @@ import triton.language as tl
 
 from fastalign.kernels import tuning
 from fastalign.kernels.aot import AotSpec
+from fastalign.kernels.token_tiles import load_mask_tile, load_tile, tile_coords
 from fastalign.ops._tokens import TRITON_DTYPE
 
 # Order of the partial sums each forward program writes.
@@ -65,43 +66,40 @@ def _store_stats(part_ptr, pid, count, loss_sum, ratio_sum, kl_sum, n_low, n_hig
 
 
 @triton.jit
+def _load_inputs(logp_ptr, old_ptr, adv_ptr, mask_ptr, rows, cols, inb,
+                 s_lp_r, s_lp_t, s_old_r, s_old_t, s_a_r, s_a_t, s_m_r, s_m_t, acc: tl.constexpr):
+    """(log-ratio, advantage, valid) at (rows, cols): a 2-D tile or one row's block."""
+    lr = load_tile(logp_ptr, rows, cols, s_lp_r, s_lp_t, inb, acc) - load_tile(old_ptr, rows, cols, s_old_r, s_old_t,
+                                                                               inb, acc)
+    A = load_tile(adv_ptr, rows, cols, s_a_r, s_a_t, inb, acc)
+    return lr, A, load_mask_tile(mask_ptr, rows, cols, s_m_r, s_m_t, inb)
+
+
+@triton.jit
+def _count(flags, zero):
+    return tl.sum(tl.where(flags, zero + 1.0, zero))
+
+
+@triton.jit
 def _surr_tok_fwd_kernel(
     logp_ptr, old_ptr, adv_ptr, mask_ptr, loss_ptr, part_ptr,
     R, T, s_lp_r, s_lp_t, s_old_r, s_old_t, s_a_r, s_a_t, s_m_r, s_m_t,
     lo, hi, dual_c,
     FP64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    pid_r = tl.program_id(0).to(tl.int64)
-    pid_t = tl.program_id(1).to(tl.int64)
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    cols = pid_t * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
-    inb = (rows < R)[:, None] & (cols < T)[None, :]
-    if FP64:
-        acc = tl.float64
-    else:
-        acc = tl.float32
-    r_ = rows[:, None]
-    c_ = cols[None, :]
-    lp = tl.load(logp_ptr + r_ * s_lp_r + c_ * s_lp_t, mask=inb, other=0.0).to(acc)
-    old = tl.load(old_ptr + r_ * s_old_r + c_ * s_old_t, mask=inb, other=0.0).to(acc)
-    A = tl.load(adv_ptr + r_ * s_a_r + c_ * s_a_t, mask=inb, other=0.0).to(acc)
-    valid = (tl.load(mask_ptr + r_ * s_m_r + c_ * s_m_t, mask=inb, other=0) != 0) & inb
-    lr = lp - old
+    rows, cols, inb = tile_coords(R, T, BLOCK_R, BLOCK_T)
+    acc: tl.constexpr = tl.float64 if FP64 else tl.float32
+    lr, A, valid = _load_inputs(logp_ptr, old_ptr, adv_ptr, mask_ptr, rows, cols, inb,
+                                s_lp_r, s_lp_t, s_old_r, s_old_t, s_a_r, s_a_t, s_m_r, s_m_t, acc)
     r = tl.exp(lr)
     loss, _, low, high, dual = _surrogate_terms(r, A, lo, hi, dual_c)
-    loss = tl.where(valid, loss, 0.0)
-    tl.store(loss_ptr + r_ * T + c_, loss, mask=inb)
     zero = tl.zeros_like(loss)
-    one = zero + 1.0
-    count = tl.sum(tl.sum(tl.where(valid, one, zero), axis=1), axis=0)
-    loss_sum = tl.sum(tl.sum(loss, axis=1), axis=0)
-    ratio_sum = tl.sum(tl.sum(tl.where(valid, r, zero), axis=1), axis=0)
-    kl_sum = tl.sum(tl.sum(tl.where(valid, (r - 1.0) - lr, zero), axis=1), axis=0)
-    n_low = tl.sum(tl.sum(tl.where(valid & low, one, zero), axis=1), axis=0)
-    n_high = tl.sum(tl.sum(tl.where(valid & high, one, zero), axis=1), axis=0)
-    n_dual = tl.sum(tl.sum(tl.where(valid & dual, one, zero), axis=1), axis=0)
-    pid = pid_r * tl.num_programs(1) + pid_t
-    _store_stats(part_ptr, pid, count, loss_sum, ratio_sum, kl_sum, n_low, n_high, n_dual)
+    loss = tl.where(valid, loss, zero)
+    tl.store(loss_ptr + rows * T + cols, loss, mask=inb)
+    pid = tl.program_id(0).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
+    _store_stats(part_ptr, pid, _count(valid, zero), tl.sum(loss), tl.sum(tl.where(valid, r, zero)),
+                 tl.sum(tl.where(valid, (r - 1.0) - lr, zero)), _count(valid & low, zero),
+                 _count(valid & high, zero), _count(valid & dual, zero))
 
 
 @triton.jit
@@ -111,24 +109,14 @@ def _surr_tok_bwd_kernel(
     lo, hi, dual_c,
     FP64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
-    inb = (rows < R)[:, None] & (cols < T)[None, :]
-    if FP64:
-        acc = tl.float64
-    else:
-        acc = tl.float32
-    r_ = rows[:, None]
-    c_ = cols[None, :]
-    lp = tl.load(logp_ptr + r_ * s_lp_r + c_ * s_lp_t, mask=inb, other=0.0).to(acc)
-    old = tl.load(old_ptr + r_ * s_old_r + c_ * s_old_t, mask=inb, other=0.0).to(acc)
-    A = tl.load(adv_ptr + r_ * s_a_r + c_ * s_a_t, mask=inb, other=0.0).to(acc)
-    valid = (tl.load(mask_ptr + r_ * s_m_r + c_ * s_m_t, mask=inb, other=0) != 0) & inb
-    g = tl.load(grad_ptr + r_ * s_g_r + c_ * s_g_t, mask=inb, other=0.0).to(acc)
-    r = tl.exp(lp - old)
+    rows, cols, inb = tile_coords(R, T, BLOCK_R, BLOCK_T)
+    acc: tl.constexpr = tl.float64 if FP64 else tl.float32
+    lr, A, valid = _load_inputs(logp_ptr, old_ptr, adv_ptr, mask_ptr, rows, cols, inb,
+                                s_lp_r, s_lp_t, s_old_r, s_old_t, s_a_r, s_a_t, s_m_r, s_m_t, acc)
+    g = load_tile(grad_ptr, rows, cols, s_g_r, s_g_t, inb, acc)
+    r = tl.exp(lr)
     _, slope, _, _, _ = _surrogate_terms(r, A, lo, hi, dual_c)
-    d = tl.where(valid, g * slope * r, 0.0)
-    tl.store(dlogp_ptr + r_ * T + c_, d, mask=inb)
+    tl.store(dlogp_ptr + rows * T + cols, tl.where(valid, g * slope * r, 0.0), mask=inb)
 
 
 @triton.jit
@@ -139,50 +127,42 @@ def _surr_seq_fwd_kernel(
     FP64: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    if FP64:
-        acc = tl.float64
-    else:
-        acc = tl.float32
+    acc: tl.constexpr = tl.float64 if FP64 else tl.float32
     offs = tl.arange(0, BLOCK_T).to(tl.int64)
-    s_acc = tl.zeros((BLOCK_T,), acc)
-    n_acc = tl.zeros((BLOCK_T,), acc)
+    zero = tl.zeros((BLOCK_T,), acc)
+    s_acc = zero
+    n_acc = zero
     for start in range(0, T, BLOCK_T):
         cols = start + offs
-        inb = cols < T
-        lp = tl.load(logp_ptr + row * s_lp_r + cols * s_lp_t, mask=inb, other=0.0).to(acc)
-        old = tl.load(old_ptr + row * s_old_r + cols * s_old_t, mask=inb, other=0.0).to(acc)
-        valid = (tl.load(mask_ptr + row * s_m_r + cols * s_m_t, mask=inb, other=0) != 0) & inb
-        s_acc += tl.where(valid, lp - old, 0.0)
-        n_acc += tl.where(valid, 1.0, 0.0)
-    n = tl.sum(n_acc, axis=0)
-    seq_lr = tl.sum(s_acc, axis=0) / tl.maximum(n, 1.0)
+        lr, _, valid = _load_inputs(logp_ptr, old_ptr, adv_ptr, mask_ptr, row, cols, cols < T,
+                                    s_lp_r, s_lp_t, s_old_r, s_old_t, s_a_r, s_a_t, s_m_r, s_m_t, acc)
+        s_acc += tl.where(valid, lr, zero)
+        n_acc += tl.where(valid, zero + 1.0, zero)
+    n = tl.sum(n_acc)
+    seq_lr = tl.sum(s_acc) / tl.maximum(n, 1.0)
     tl.store(seq_lr_ptr + row, seq_lr)
     tl.store(seq_n_ptr + row, n)
     r = tl.exp(seq_lr)
-    loss_acc = tl.zeros((BLOCK_T,), acc)
-    kl_acc = tl.zeros((BLOCK_T,), acc)
-    low_acc = tl.zeros((BLOCK_T,), acc)
-    high_acc = tl.zeros((BLOCK_T,), acc)
-    dual_acc = tl.zeros((BLOCK_T,), acc)
+    loss_acc = zero
+    kl_acc = zero
+    low_acc = zero
+    high_acc = zero
+    dual_acc = zero
     for start in range(0, T, BLOCK_T):
         cols = start + offs
         inb = cols < T
-        lp = tl.load(logp_ptr + row * s_lp_r + cols * s_lp_t, mask=inb, other=0.0).to(acc)
-        old = tl.load(old_ptr + row * s_old_r + cols * s_old_t, mask=inb, other=0.0).to(acc)
-        A = tl.load(adv_ptr + row * s_a_r + cols * s_a_t, mask=inb, other=0.0).to(acc)
-        valid = (tl.load(mask_ptr + row * s_m_r + cols * s_m_t, mask=inb, other=0) != 0) & inb
-        rv = tl.zeros_like(A) + r
-        loss, _, low, high, dual = _surrogate_terms(rv, A, lo, hi, dual_c)
-        loss = tl.where(valid, loss, 0.0)
+        lr, A, valid = _load_inputs(logp_ptr, old_ptr, adv_ptr, mask_ptr, row, cols, inb,
+                                    s_lp_r, s_lp_t, s_old_r, s_old_t, s_a_r, s_a_t, s_m_r, s_m_t, acc)
+        loss, _, low, high, dual = _surrogate_terms(zero + r, A, lo, hi, dual_c)
+        loss = tl.where(valid, loss, zero)
         tl.store(loss_ptr + row * T + cols, loss, mask=inb)
-        lr_tok = lp - old
         loss_acc += loss
-        kl_acc += tl.where(valid, (tl.exp(lr_tok) - 1.0) - lr_tok, 0.0)
-        low_acc += tl.where(valid & low, 1.0, 0.0)
-        high_acc += tl.where(valid & high, 1.0, 0.0)
-        dual_acc += tl.where(valid & dual, 1.0, 0.0)
-    _store_stats(part_ptr, row, n, tl.sum(loss_acc, axis=0), r * n, tl.sum(kl_acc, axis=0),
-                 tl.sum(low_acc, axis=0), tl.sum(high_acc, axis=0), tl.sum(dual_acc, axis=0))
+        kl_acc += tl.where(valid, (tl.exp(lr) - 1.0) - lr, zero)
+        low_acc += tl.where(valid & low, zero + 1.0, zero)
+        high_acc += tl.where(valid & high, zero + 1.0, zero)
+        dual_acc += tl.where(valid & dual, zero + 1.0, zero)
+    _store_stats(part_ptr, row, n, tl.sum(loss_acc), r * n, tl.sum(kl_acc),
+                 tl.sum(low_acc), tl.sum(high_acc), tl.sum(dual_acc))
 
 
 @triton.jit
@@ -193,31 +173,27 @@ def _surr_seq_bwd_kernel(
     FP64: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    if FP64:
-        acc = tl.float64
-    else:
-        acc = tl.float32
+    acc: tl.constexpr = tl.float64 if FP64 else tl.float32
     offs = tl.arange(0, BLOCK_T).to(tl.int64)
-    seq_lr = tl.load(seq_lr_ptr + row).to(acc)
+    zero = tl.zeros((BLOCK_T,), acc)
+    r = tl.exp(tl.load(seq_lr_ptr + row).to(acc))
     n = tl.load(seq_n_ptr + row).to(acc)
-    r = tl.exp(seq_lr)
-    d_acc = tl.zeros((BLOCK_T,), acc)
+    d_acc = zero
     for start in range(0, T, BLOCK_T):
         cols = start + offs
         inb = cols < T
-        A = tl.load(adv_ptr + row * s_a_r + cols * s_a_t, mask=inb, other=0.0).to(acc)
-        valid = (tl.load(mask_ptr + row * s_m_r + cols * s_m_t, mask=inb, other=0) != 0) & inb
-        g = tl.load(grad_ptr + row * s_g_r + cols * s_g_t, mask=inb, other=0.0).to(acc)
-        rv = tl.zeros_like(A) + r
-        _, slope, _, _, _ = _surrogate_terms(rv, A, lo, hi, dual_c)
-        d_acc += tl.where(valid, g * slope, 0.0)
+        A = load_tile(adv_ptr, row, cols, s_a_r, s_a_t, inb, acc)
+        valid = load_mask_tile(mask_ptr, row, cols, s_m_r, s_m_t, inb)
+        g = load_tile(grad_ptr, row, cols, s_g_r, s_g_t, inb, acc)
+        _, slope, _, _, _ = _surrogate_terms(zero + r, A, lo, hi, dual_c)
+        d_acc += tl.where(valid, g * slope, zero)
     # d loss / d seq_lr, spread over the row's valid tokens (seq_lr is their mean log-ratio)
-    d_tok = tl.sum(d_acc, axis=0) * r / tl.maximum(n, 1.0)
+    d_tok = tl.sum(d_acc) * r / tl.maximum(n, 1.0)
     for start in range(0, T, BLOCK_T):
         cols = start + offs
         inb = cols < T
-        valid = (tl.load(mask_ptr + row * s_m_r + cols * s_m_t, mask=inb, other=0) != 0) & inb
-        tl.store(dlogp_ptr + row * T + cols, tl.where(valid, d_tok, 0.0), mask=inb)
+        valid = load_mask_tile(mask_ptr, row, cols, s_m_r, s_m_t, inb)
+        tl.store(dlogp_ptr + row * T + cols, tl.where(valid, zero + d_tok, zero), mask=inb)
 
 
 def _strides(x: torch.Tensor):

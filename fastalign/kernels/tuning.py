@@ -154,6 +154,15 @@ def group_adv_config(n: int) -> RowConfig:
     return GROUP_ADV_CONFIGS[0]
 
 
+# With group ids, up to this many samples compare every pair in one launch (O(N^2), no sort);
+# above it the ids are sorted first (torch.sort) and each block scans only its own runs.
+GROUP_ADV_PAIRWISE_MAX_N = 4096
+
+
+def group_adv_sorted(n: int) -> bool:
+    return n > GROUP_ADV_PAIRWISE_MAX_N
+
+
 # ---- GAE (kernels/gae.py) --------------------------------------------------------------------------
 # One program per row; the row is walked from the end in chunks of ``block`` steps, each chunk solved
 # by an associative scan of affine maps, the carry passed to the next chunk.

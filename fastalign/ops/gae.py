@@ -2,7 +2,8 @@
 
 gae: input checks -> :mod:`fastalign.kernels.gae` (one launch, scan over time) or the torch path below
 (a blocked reverse scan: no Python loop over tokens), chosen by :func:`fastalign._dispatch.select_impl`.
-Neither op is an autograd op for GAE (advantages are targets: computed without gradient).
+gae is not differentiable (advantages and returns are targets); masked_whiten is plain torch ops,
+differentiable w.r.t. its input.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ TORCH_GAE_BLOCK = 64
 
 def _reverse_scan_doubling(c: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Along the last dim: maps composed right-to-left, ``(C_j, D_j)`` with ``X_j = D_j + C_j X_end``
-    solving ``X_j = d_j + c_j X_{j+1}`` (Hillis-Steele doubling, ping-ponging two buffer pairs)."""
+    solving ``X_j = d_j + c_j X_{j+1}`` (Hillis-Steele doubling, ping-ponging two buffer pairs: the
+    inputs are overwritten)."""
     n = c.shape[-1]
     c2, d2 = torch.empty_like(c), torch.empty_like(d)
     s = 1
@@ -39,7 +41,7 @@ def _reverse_scan_doubling(c: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tens
 
 
 def reverse_linear_scan(c: torch.Tensor, d: torch.Tensor, block: int = TORCH_GAE_BLOCK) -> torch.Tensor:
-    """``X_t = d_t + c_t X_{t+1}`` over the last dim of ``[B, T]`` tensors, ``X_T = 0``."""
+    """``X_t = d_t + c_t X_{t+1}`` over the last dim of ``[B, T]`` tensors, ``X_T = 0`` (c, d are overwritten)."""
     B, T = c.shape
     nb = -(-T // block)
     pad = nb * block - T
@@ -48,10 +50,11 @@ def reverse_linear_scan(c: torch.Tensor, d: torch.Tensor, block: int = TORCH_GAE
         d = torch.cat([d, d.new_zeros(B, pad)], 1)
     c3, d3 = _reverse_scan_doubling(c.reshape(B, nb, block), d.reshape(B, nb, block))
     # carry into block k = X at the first step of block k + 1
-    cb, db = _reverse_scan_doubling(c3[:, :, 0].contiguous(), d3[:, :, 0].contiguous())
+    cb, db = _reverse_scan_doubling(c3[:, :, 0].clone(), d3[:, :, 0].clone())  # (it reuses its inputs)
     carry = torch.cat([db[:, 1:], db.new_zeros(B, 1)], 1)
     x = torch.addcmul(d3, c3, carry[:, :, None])
-    return x.view(B, nb * block)[:, :T]
+    x = x.view(B, nb * block)
+    return x[:, :T].contiguous() if pad else x
 
 
 def torch_gae(rewards, values, mask, dones, next_values, gamma, lam, acc, *, has_mask=True, has_dones=True):
