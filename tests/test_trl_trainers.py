@@ -71,10 +71,8 @@ def test_grpo_dropin_equals_stock(tiny_path, tmp_path, kw):
 
 def test_grpo_dropin_refuses_what_it_cannot_reproduce(tiny_path, tmp_path):
     ds = datasets.Dataset.from_dict({"prompt": ["a b"] * 4})
-    for kw, msg in ((dict(top_entropy_quantile=0.2), "top_entropy_quantile"),
-                    (dict(entropy_coef=0.01, use_adaptive_entropy=True), "use_adaptive_entropy"),
-                    (dict(loss_type="sapo"), "loss_type='sapo' is not supported"),
-                    (dict(off_policy_mask_threshold=0.5), "off_policy_mask_threshold")):
+    for kw, msg in ((dict(entropy_coef=0.01, use_adaptive_entropy=True), "use_adaptive_entropy"),
+                    (dict(loss_type="sapo"), "loss_type='sapo' is not supported")):
         with pytest.raises(ValueError, match=msg):
             FastAlignGRPOTrainer(model=tiny_path, reward_funcs=_reward, args=_grpo_args(tmp_path, **kw),
                                  train_dataset=ds, processing_class=make_tokenizer())
@@ -166,6 +164,9 @@ SETTINGS = [
     dict(loss_type="dapo", old=None),
     dict(loss_type="grpo", entropy_coef=0.05),
     dict(loss_type="dapo", entropy_coef=0.05),
+    dict(loss_type="bnpo", top_entropy_quantile=0.4, entropy_coef=0.05, use_vllm=True),
+    dict(loss_type="grpo", off_policy_mask_threshold=0.05, importance_sampling_level="sequence"),
+    dict(loss_type="dapo", off_policy_mask_threshold=0.02, top_entropy_quantile=0.5),
 ]
 
 
@@ -181,6 +182,8 @@ def test_grpo_compute_loss_equals_trl(grpo_pair, setting, monkeypatch):
     monkeypatch.setattr(tr, "vllm_importance_sampling_correction", True)
     monkeypatch.setattr(tr.args, "delta", s.pop("delta", None))
     monkeypatch.setattr(tr.args, "use_bias_correction_kl", s.pop("use_bias_correction_kl", False))
+    monkeypatch.setattr(tr, "top_entropy_quantile", s.pop("top_entropy_quantile", 1.0))
+    monkeypatch.setattr(tr, "off_policy_mask_threshold", s.pop("off_policy_mask_threshold", None))
     coef = s.pop("entropy_coef", 0.0)
     monkeypatch.setattr(tr, "entropy_coef", coef)
     monkeypatch.setattr(tr, "_entropy_bonus_enabled", coef != 0.0)

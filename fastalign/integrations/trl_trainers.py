@@ -6,7 +6,8 @@
   log-prob is). It reproduces ``GRPOTrainer._compute_loss`` for ``loss_type`` in ``grpo``, ``bnpo``,
   ``dr_grpo``, ``dapo``, ``cispo`` (normalizers, gradient-accumulation scaling, ``delta``,
   ``use_bias_correction_kl``, token/sequence importance sampling, the vLLM importance-sampling
-  ratio, a static ``entropy_coef`` bonus, its gradient formed in the same pass) and logs the same
+  ratio, a static ``entropy_coef`` bonus, its gradient formed in the same pass; the high-entropy token
+  mask and the off-policy sequence mask, which need all log-probs first, in two passes) and logs the same
   ``kl`` / ``entropy`` / ``clip_ratio/*`` / ``policy_loss`` / ``entropy_coef`` metrics.
 - :class:`FastAlignDPOTrainer`: ``_compute_loss`` takes the per-token log-probs from the backbone's
   hidden states through :func:`fastalign.linear_logprobs` and applies
@@ -14,8 +15,7 @@
   (weighted combinations included), as ``DPOTrainer._compute_loss``.
 
 What they cannot reproduce is refused with a ``ValueError`` at construction (or at the first batch
-for per-batch inputs), never silently changed: GRPO's entropy mask (``top_entropy_quantile < 1``),
-adaptive entropy control, off-policy sequence mask, other loss types, MoE aux loss, vision inputs; DPO's other
+for per-batch inputs), never silently changed: GRPO's adaptive entropy control, other loss types, MoE aux loss, vision inputs; DPO's other
 loss types, f-divergences, WPO weighting, LD-DPO, MoE aux loss, vision inputs, ``return_outputs``.
 The DPO drop-in logs TRL's metrics except ``mean_token_accuracy`` (an argmax over the vocabulary:
 another pass) and, for softcapped heads, ``logits/*``.
@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from fastalign.integrations.transformers import final_hidden_states, hidden_logprobs, lm_head_of
-from fastalign.losses import dpo_loss, linear_grpo_loss
+from fastalign.losses import dpo_loss, grpo_loss, linear_grpo_loss
 
 try:  # TRL is an optional dependency of fastalign
     from trl import DPOTrainer, GRPOTrainer
@@ -79,15 +79,9 @@ class FastAlignGRPOTrainer(GRPOTrainer):
         if self.loss_type not in self.SUPPORTED_LOSS_TYPES:
             raise ValueError(f"{name}: loss_type={self.loss_type!r} is not supported (supported: "
                              f"{self.SUPPORTED_LOSS_TYPES}); use trl.GRPOTrainer for it")
-        if self.top_entropy_quantile < 1.0:
-            raise ValueError(f"{name}: top_entropy_quantile={self.top_entropy_quantile} (the high-entropy token mask) "
-                             "is not supported; set it to 1.0 or use trl.GRPOTrainer")
         if getattr(self, "use_adaptive_entropy", False):
             raise ValueError(f"{name}: use_adaptive_entropy=True (the adaptive entropy controller) is not supported; "
                              "a static entropy_coef is; use trl.GRPOTrainer for it")
-        if self.off_policy_mask_threshold is not None:
-            raise ValueError(f"{name}: off_policy_mask_threshold={self.off_policy_mask_threshold} (off-policy sequence "
-                             "masking) is not supported; use trl.GRPOTrainer for it")
         if self.aux_loss_enabled:
             raise ValueError(f"{name}: MoE router aux loss (router_aux_loss_coef != 0) is not supported")
 
@@ -127,19 +121,17 @@ class FastAlignGRPOTrainer(GRPOTrainer):
         if loss_type in ("dapo", "cispo"):
             entropy_coef = entropy_coef / accum
         ctx = torch.autocast(hidden.device.type, enabled=False) if cast_fp32 else self.accelerator.autocast()
+        token_masks = self.top_entropy_quantile < 1.0 or self.off_policy_mask_threshold is not None
         with ctx:
-            loss, metrics = linear_grpo_loss(
-                hidden, head.weight, completion_ids, mask, inputs["advantages"],
-                old_logp=inputs.get("old_per_token_logps"),
-                ref_logp=inputs["ref_per_token_logps"] if self.beta != 0.0 else None,
-                bias=head.bias, temperature=self.temperature, softcap=head.softcap, logit_scale=head.logit_scale,
-                beta=self.beta, eps_low=self.epsilon_low, eps_high=self.epsilon_high,
-                delta=None if loss_type == "cispo" else self.args.delta, loss_type=loss_type,
-                importance_sampling_level=self.importance_sampling_level,
-                max_completion_length=self.max_completion_length, num_items=num_items,
-                kl_bias_correction=bool(self.args.use_bias_correction_kl), importance_weights=iw,
-                entropy_coef=entropy_coef, mode=self.fastalign_mode, return_entropy=True, impl=self.fastalign_impl,
-            )
+            if token_masks:
+                loss, metrics = self._fastalign_masked_loss(hidden, head, completion_ids, mask, inputs, iw, num_items,
+                                                            entropy_coef)
+            else:
+                loss, metrics = linear_grpo_loss(
+                    hidden, head.weight, completion_ids, mask, inputs["advantages"], **self._fastalign_grpo_kwargs(
+                        inputs, num_items, iw), bias=head.bias, temperature=self.temperature, softcap=head.softcap,
+                    logit_scale=head.logit_scale, entropy_coef=entropy_coef, mode=self.fastalign_mode,
+                    return_entropy=True, impl=self.fastalign_impl)
         if loss_type in ("grpo", "bnpo", "dr_grpo") and mode == "train":
             loss = loss / self.current_gradient_accumulation_steps
         if getattr(self, "_entropy_bonus_enabled", False):
@@ -148,6 +140,52 @@ class FastAlignGRPOTrainer(GRPOTrainer):
                 self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
         self._fastalign_log(metrics, inputs, mask, mode)
         return loss
+
+    def _fastalign_grpo_kwargs(self, inputs, num_items, importance_weights) -> dict:
+        loss_type = self.loss_type
+        return dict(
+            old_logp=inputs.get("old_per_token_logps"),
+            ref_logp=inputs["ref_per_token_logps"] if self.beta != 0.0 else None,
+            beta=self.beta, eps_low=self.epsilon_low, eps_high=self.epsilon_high,
+            delta=None if loss_type == "cispo" else self.args.delta, loss_type=loss_type,
+            importance_sampling_level=self.importance_sampling_level,
+            max_completion_length=self.max_completion_length, num_items=num_items,
+            kl_bias_correction=bool(self.args.use_bias_correction_kl), importance_weights=importance_weights)
+
+    def _fastalign_masked_loss(self, hidden, head, completion_ids, mask, inputs, iw, num_items, entropy_coef):
+        """The entropy mask and the off-policy sequence mask need every token's entropy / log-prob before
+        any gradient: two passes (``linear_logprobs`` forward, then its backward). Both masks multiply the
+        policy term as TRL applies them (with the vLLM ratio: one product of token weights)."""
+        targets = completion_ids.masked_fill(mask == 0, -100)
+        logp, ent = hidden_logprobs(hidden, head, targets, temperature=self.temperature, return_entropy=True,
+                                    impl=self.fastalign_impl)
+        adv = inputs["advantages"]
+        adv2 = adv.unsqueeze(1) if adv.dim() == 1 else adv
+        weights = iw
+        if self.off_policy_mask_threshold is not None:
+            old = inputs.get("old_per_token_logps")
+            old = logp.detach() if old is None else old
+            sampling = inputs.get("sampling_per_token_logps", old)
+            opsm = self.get_off_policy_mask(advantages=adv2, per_token_logps=logp, sampling_per_token_logps=sampling,
+                                            mask=mask, off_policy_threshold=self.off_policy_mask_threshold)
+            opsm = opsm.to(logp.dtype)
+            weights = opsm if weights is None else opsm * weights
+        entropy_mask = None
+        if self.top_entropy_quantile < 1.0:
+            entropy_mask = self.get_high_entropy_mask(ent.detach(), mask, 1 - self.top_entropy_quantile)
+            em = entropy_mask.to(logp.dtype)
+            weights = em if weights is None else weights * em
+        if weights is not None and weights.shape != logp.shape:
+            weights = weights.expand_as(logp)
+        kw = self._fastalign_grpo_kwargs(inputs, num_items, weights)
+        loss, metrics = grpo_loss(logp, kw.pop("old_logp"), adv, mask, **kw)
+        if entropy_coef != 0.0:
+            eff = mask if entropy_mask is None else mask * entropy_mask
+            eff = eff.to(ent.dtype)
+            loss = loss - entropy_coef * (ent * eff).sum() / eff.sum().clamp(min=1.0)
+        metrics["logp"] = logp.detach()
+        metrics["entropies"] = ent.detach()
+        return loss, metrics
 
     @torch.no_grad()
     def _fastalign_log(self, metrics, inputs, mask, mode) -> None:
