@@ -302,3 +302,16 @@ def test_entropy_bonus_gradient(mode, impl):
         for a, e in zip(got, want):
             torch.testing.assert_close(a.double(), e.detach(), **tol)
         torch.testing.assert_close(m["entropy"].double(), ent_mean.detach(), **tol)
+
+
+def test_dw_accumulation_in_weight_dtype(monkeypatch):
+    h, W, b, tgt, mask, adv = _data(dtype=torch.bfloat16)
+    grads = {}
+    for flag in (True, False):
+        monkeypatch.setattr(tuning, "FUSED_LOSS_DW_FP32", flag)
+        WW = W.clone().requires_grad_(True)
+        loss, _ = linear_grpo_loss(h, WW, tgt, mask, adv.bfloat16(), beta=0.0, mode="one_pass", impl="torch")
+        (grads[flag],) = torch.autograd.grad(loss, (WW,))
+    assert grads[False].dtype == torch.bfloat16
+    # bf16 accumulation over the row blocks: within a few bf16 ulps of the fp32-accumulated gradient
+    torch.testing.assert_close(grads[False].float(), grads[True].float(), rtol=3e-2, atol=1e-3)

@@ -181,6 +181,9 @@ def gae_config(T: int) -> RowConfig:
 # of a 152k vocabulary: large enough GEMMs); CPU: 2^21.
 FUSED_LOSS_TILE_ELEMENTS = {"cuda": 1 << 28, "cpu": 1 << 21}
 FUSED_LOSS_MIN_ROWS = 16
+# dW of the one-pass loss sums one product per row block: in an fp32 [V, D] buffer cast once (True, the
+# DESIGN rule), or straight into the weight dtype (False: saves 4VD bytes, 2.2 GB on a 7B head).
+FUSED_LOSS_DW_FP32 = True
 
 
 def fused_loss_rows(device_type: str, vocab: int, n_rows: int) -> int:

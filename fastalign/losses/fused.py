@@ -16,7 +16,8 @@ Results equal the unfused loss on :func:`fastalign.linear_logprobs` (tests).
 
 Memory of the one-pass form: one fp32 ``[rows, V]`` tile (``tuning.fused_loss_rows``), its dZ in
 the GEMM dtype, ``dH [N, D]`` (fp32 accumulation, cast once) and an fp32 ``[V, D]`` dW accumulator
-(cast to the weight dtype once; none when the weight is fp32), held from the forward to the backward.
+(cast to the weight dtype once; ``tuning.FUSED_LOSS_DW_FP32 = False`` accumulates the row blocks in the
+weight dtype instead, as Liger does, saving that buffer), the gradients held from forward to backward.
 """
 
 from __future__ import annotations
@@ -66,7 +67,10 @@ def _one_pass_grads(hidden2d, weight, bias, targets, token_grad, *, scale, inv_t
     logp = torch.zeros(n, dtype=acc, device=dev)
     ent = torch.zeros(n, dtype=acc, device=dev) if with_entropy else None
     d_h = torch.zeros((n, D), dtype=acc, device=dev) if need_hidden else None
-    d_w_acc = torch.zeros((V, D), dtype=acc, device=dev) if need_weight else None
+    # dW: fp32 accumulation across row blocks (cast once), or -- tuning.FUSED_LOSS_DW_FP32 = False -- straight
+    # into the weight dtype (each block's product still fp32-accumulated; saves a [V, D] fp32 buffer)
+    dw_dtype = acc if tuning.FUSED_LOSS_DW_FP32 else weight.dtype
+    d_w_acc = torch.zeros((V, D), dtype=dw_dtype, device=dev) if need_weight else None
     d_b = torch.zeros(V, dtype=acc, device=dev) if need_bias else None
     if n == 0 or V == 0:
         return logp, ent, d_h, d_w_acc, d_b
@@ -107,7 +111,11 @@ def _one_pass_grads(hidden2d, weight, bias, targets, token_grad, *, scale, inv_t
             if need_hidden:
                 _ll._mm_into(d_h[r0:r1], dz, w, accumulate=False)
             if need_weight:
-                _ll._mm_into(d_w_acc, dz.t(), h[r0:r1], accumulate=True)
+                if d_w_acc.dtype == acc:
+                    _ll._mm_into(d_w_acc, dz.t(), h[r0:r1], accumulate=True)
+                else:
+                    d_w_acc.add_(torch.mm(dz.t().to(acc), h[r0:r1].to(acc)) if dev.type != "cuda"
+                                 else torch.mm(dz.t(), h[r0:r1], out_dtype=acc))
             if need_bias:
                 d_b += dz.sum(0, dtype=acc)
     return logp, ent, d_h, d_w_acc, d_b
