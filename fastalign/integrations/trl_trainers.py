@@ -22,8 +22,8 @@ another pass) and, for softcapped heads, ``logits/*``.
 
 Numerics: with bf16 autocast, TRL rounds each logits tile to bf16 before its fp32 reduction;
 fastalign keeps the GEMM output in fp32 (``linear_logprobs``), so bf16 runs agree to bf16 rounding
-of the logits, fp32 runs to fp32 rounding. Single-process or FSDP/DeepSpeed ZeRO: the backbone is
-called directly (not through a DDP wrapper's forward), so plain multi-GPU DDP is not supported.
+of the logits, fp32 runs to fp32 rounding. One process only (refused otherwise): the backbone and the
+lm_head weight are used directly, not through a DDP / FSDP / DeepSpeed wrapper's forward and hooks.
 """
 
 from __future__ import annotations
@@ -59,6 +59,13 @@ def _world_devices(trainer) -> int:
     return trainer.accelerator.num_processes
 
 
+def _check_single_process(trainer) -> None:
+    n = trainer.accelerator.num_processes
+    if n > 1:
+        raise ValueError(f"{type(trainer).__name__}: runs in one process only (the backbone and the lm_head weight are "
+                         f"used outside the DDP / FSDP / DeepSpeed wrapper), got num_processes={n}; use the TRL trainer")
+
+
 class FastAlignGRPOTrainer(GRPOTrainer):
     """``trl.GRPOTrainer`` whose loss is :func:`fastalign.losses.linear_grpo_loss`.
 
@@ -76,6 +83,7 @@ class FastAlignGRPOTrainer(GRPOTrainer):
 
     def _fastalign_check_config(self) -> None:
         name = type(self).__name__
+        _check_single_process(self)
         if self.loss_type not in self.SUPPORTED_LOSS_TYPES:
             raise ValueError(f"{name}: loss_type={self.loss_type!r} is not supported (supported: "
                              f"{self.SUPPORTED_LOSS_TYPES}); use trl.GRPOTrainer for it")
@@ -250,6 +258,7 @@ class FastAlignDPOTrainer(DPOTrainer):
         super().__init__(*args, **kwargs)
         self.fastalign_impl = fastalign_impl
         name = type(self).__name__
+        _check_single_process(self)
         bad = [t for t in self.loss_types if t not in self.SUPPORTED_LOSS_TYPES]
         if bad:
             raise ValueError(f"{name}: loss_type {bad} not supported (supported: {self.SUPPORTED_LOSS_TYPES}); "
