@@ -40,8 +40,8 @@ def torch_kl_forward(logp, ref, kind: int, lr_clamp: float, out_clamp: float, ac
         slope = x if want_grad else None
     else:
         e = torch.exp(-x)
-        val = (e + x).sub_(1.0)
-        slope = torch.sub(1.0, e) if want_grad else None
+        val = e.add(x).sub_(1.0)
+        slope = e.neg_().add_(1.0) if want_grad else None  # 1 - exp(-x), reusing e's buffer
     if math.isfinite(out_clamp):
         inside = (val >= -out_clamp) & (val <= out_clamp)
         keep = inside if keep is None else keep & inside
