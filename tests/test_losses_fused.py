@@ -315,3 +315,37 @@ def test_dw_accumulation_in_weight_dtype(monkeypatch):
     assert grads[False].dtype == torch.bfloat16
     # bf16 accumulation over the row blocks: within a few bf16 ulps of the fp32-accumulated gradient
     torch.testing.assert_close(grads[False].float(), grads[True].float(), rtol=3e-2, atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dw_fp32", [True, False])
+def test_cuda_bf16_one_pass_matches_two_pass_and_fp64(monkeypatch, dw_fp32):
+    """On CUDA the one-pass form runs cuBLAS bf16 GEMMs with fp32 outputs and a bf16 dZ tile."""
+    monkeypatch.setitem(tuning.FUSED_LOSS_TILE_ELEMENTS, "cuda", 64 * 4099)  # several row blocks
+    monkeypatch.setattr(tuning, "FUSED_LOSS_DW_FP32", dw_fp32)
+    dev = torch.device("cuda")
+    g = torch.Generator().manual_seed(0)
+    B, T, D, V = 4, 96, 256, 4099
+    h = (torch.randn(B, T, D, generator=g) * 0.5).to(dev, torch.bfloat16)
+    W = (torch.randn(V, D, generator=g) * D ** -0.5).to(dev, torch.bfloat16)
+    tgt = torch.randint(0, V, (B, T), generator=g).to(dev)
+    mask = (torch.rand(B, T, generator=g) > 0.2).to(dev)
+    adv = torch.randn(B, generator=g).to(dev)
+    with torch.no_grad():
+        lp0 = torch.log_softmax((h.double() @ W.double().t()), -1).gather(-1, tgt[..., None]).squeeze(-1)
+    old = (lp0 + 0.1 * torch.randn(B, T, generator=g, dtype=torch.float64).to(dev)).float()
+    ref = (lp0 + 0.1 * torch.randn(B, T, generator=g, dtype=torch.float64).to(dev)).float()
+    out = {}
+    for mode in ("one_pass", "two_pass"):
+        hh, WW = h.clone().requires_grad_(True), W.clone().requires_grad_(True)
+        loss, m = linear_grpo_loss(hh, WW, tgt, mask, adv, old_logp=old, ref_logp=ref, eps_high=0.28, mode=mode,
+                                   return_entropy=True, impl="triton")
+        out[mode] = (loss, *_grads(loss, hh, WW), m["entropy"])
+    hh, WW = h.double().requires_grad_(True), W.double().requires_grad_(True)
+    lp = torch.where(mask, torch.log_softmax(hh @ WW.t(), -1).gather(-1, tgt[..., None]).squeeze(-1), 0.0)
+    exp_ = _ref_grpo(lp, old.double(), ref.double(), adv.double(), mask, 0.04, 0.2, 0.28, "grpo")
+    want = (exp_, *_grads(exp_, hh, WW))
+    for a, b, e in zip(out["one_pass"], out["two_pass"], want):
+        torch.testing.assert_close(a.double(), b.double(), rtol=2e-2, atol=2e-4)
+        torch.testing.assert_close(a.double(), e.detach().double(), rtol=2e-2, atol=2e-4)
+    torch.testing.assert_close(out["one_pass"][3], out["two_pass"][3], rtol=1e-4, atol=1e-4)
