@@ -111,7 +111,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None =
         gamma: discount in ``[0, 1]``.
         lam: GAE lambda in ``[0, 1]``.
         dones: ``[..., T]`` bool or 0/1 numeric, or None: 1 where the episode ends at step t (no
-            bootstrap from the next value, no carry of A across it).
+            bootstrap from the next value, no carry of A across it). Ignored at masked steps.
         next_values: ``[...]`` or ``[..., 1]`` float, or None (0): the bootstrap value past the last step.
         impl: ``"auto" | "triton" | "torch"`` (Triton: one launch; torch: blocked scan, no Python
             loop over tokens).

@@ -3,7 +3,7 @@
 * ``gae``: the tutorial's Python loop over T (``compute_gae``: values ``[B, T+1]``, dones) vs
   :func:`fastalign.gae` (values ``[:, :T]``, ``next_values = values[:, T]``, same dones);
 * ``group_advantages``: the tutorial's scatter-add group normalization (unsorted ids, unequal groups)
-  vs :func:`fastalign.group_advantages`;
+  vs :func:`fastalign.group_advantages` (and verl's vectorized GRPO advantage as a peer, where installed);
 * ``k3_kl fwd+bwd``: eager K3 with autograd vs :func:`fastalign.k3_kl`;
 * ``clipped_surrogate fwd+bwd``: the eager PPO-clip (masked) vs :func:`fastalign.clipped_surrogate`;
 * ``surrogate+k3 fwd+bwd``: the tutorial's GRPO per-token objective (clip + beta K3, masked
@@ -92,8 +92,21 @@ def _group_cases(N, device, impl):
         return lambda: fastalign.group_advantages(r, ids, impl=impl)
 
     nbytes = N * (4 + 8 + 4)
-    return [BenchCase(SUITE, "group_advantages", shape, "tutorial.scatter", "baseline", make_base, bytes=nbytes),
-            BenchCase(SUITE, "group_advantages", shape, impl, "fastalign", make_ours, bytes=nbytes)]
+    out = [BenchCase(SUITE, "group_advantages", shape, "tutorial.scatter", "baseline", make_base, bytes=nbytes),
+           BenchCase(SUITE, "group_advantages", shape, impl, "fastalign", make_ours, bytes=nbytes)]
+    try:  # verl's vectorized GRPO advantage, where verl is installed
+        from verl.trainer.ppo.core_algos import compute_grpo_vectorized_outcome_advantage as verl_grpo
+
+        def make_verl():
+            r, ids = data()
+            token_rewards, response_mask, index = r[:, None], torch.ones_like(r[:, None]), ids.cpu().numpy()
+            return lambda: verl_grpo(token_rewards, response_mask, index)[0]
+
+        out.append(BenchCase(SUITE, "group_advantages", shape, "verl.grpo_vectorized", "peer", make_verl,
+                             bytes=nbytes))
+    except Exception:
+        pass
+    return out
 
 
 def _fwd_bwd(fn, x, grad):
