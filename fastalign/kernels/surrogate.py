@@ -12,8 +12,9 @@ reduction of ``sum_t g m dloss/dr`` + gradient pass (the row log-ratio and count
 
 Each forward program also writes its partial sums of the monitoring statistics (``STAT_NAMES``)
 to a small ``[programs, 8]`` buffer; the caller sums it (no host sync). Advantages per sequence are
-read through a stride-0 time axis; an absent mask is a stride-0 ones tensor. dual_clip = +inf and
-clip bounds are runtime fp32 args. fp64 inputs compute in fp64 (``FP64`` flag).
+read through a stride-0 time axis; an absent mask is a stride-0 ones tensor. The clip bounds and
+the dual-clip constant are runtime fp32 args ("no dual clip" is a 3e38 bound, never active).
+fp64 inputs compute in fp64 (``FP64`` flag).
 """
 
 from __future__ import annotations
