@@ -104,7 +104,8 @@ def test_one_pass_equals_two_pass_and_unfused_all_options():
     advt = torch.randn(lp0.shape, dtype=torch.float64)
     for kw in (dict(loss_type="dapo", num_items=11.0, delta=1.3), dict(loss_type="dr_grpo", max_completion_length=9),
                dict(loss_type="cispo", eps_high=1.1, beta=0.0), dict(importance_weights=iw),
-               dict(old_logp=None, beta=0.0)):
+               dict(old_logp=None, beta=0.0), dict(loss_type="sapo", sapo_temperature_neg=2.0),
+               dict(loss_type="luspo", delta=1.2)):
         kw = {"old_logp": old, "ref_logp": ref, **kw}
         a_adv = advt if "importance_weights" in kw else adv
         outs = []

@@ -229,3 +229,31 @@ def test_remax_and_grpo_presets():
         grpo_advantages(x, group_size=3, preset="x")
     with pytest.raises(ValueError, match="group_size must be a positive int dividing"):
         remax_advantages(x, greedy, group_size=4)
+
+
+def test_sapo_and_luspo_formulas():
+    logp, old, ref, adv, mask = _inputs()
+    m = mask.double()
+    r = torch.exp(logp - old)
+    A = adv[:, None]
+    tau = torch.where(A > 0, 1.3, 0.7)
+    per = -(torch.sigmoid(tau * (r - 1)) * 4 / tau) * A
+    d = ref - logp
+    per = per + 0.04 * (torch.exp(d) - d - 1)
+    expected = ((per * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
+    loss, metrics = grpo_loss(logp, old, adv, mask, ref_logp=ref, loss_type="sapo", sapo_temperature_pos=1.3,
+                              sapo_temperature_neg=0.7)
+    torch.testing.assert_close(loss, expected)
+    assert "clip_ratio/low_mean" not in metrics
+    # luspo: sum over each sequence's tokens, mean over sequences (sequence-level ratio)
+    s = ((logp - old) * m).sum(-1) / m.sum(-1).clamp(min=1)
+    rs = torch.exp(s)[:, None]
+    per = -torch.minimum(rs * A, rs.clamp(0.8, 1.2) * A)
+    loss, _ = grpo_loss(logp, old, adv, mask, beta=0.0, loss_type="luspo", importance_sampling_level="sequence")
+    torch.testing.assert_close(loss, (per * m).sum(-1).mean())
+    lp = logp.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: grpo_loss(x, old, adv, mask, ref_logp=ref, loss_type="sapo")[0], (lp,))
+    with pytest.raises(ValueError, match="delta .* does not apply to loss_type='sapo'"):
+        grpo_loss(logp, old, adv, mask, beta=0.0, loss_type="sapo", delta=1.5)
+    with pytest.raises(ValueError, match="sapo_temperature_neg must be in"):
+        grpo_loss(logp, old, adv, mask, beta=0.0, loss_type="sapo", sapo_temperature_neg=0.0)

@@ -72,7 +72,7 @@ def test_grpo_dropin_equals_stock(tiny_path, tmp_path, kw):
 def test_grpo_dropin_refuses_what_it_cannot_reproduce(tiny_path, tmp_path):
     ds = datasets.Dataset.from_dict({"prompt": ["a b"] * 4})
     for kw, msg in ((dict(entropy_coef=0.01, use_adaptive_entropy=True), "use_adaptive_entropy"),
-                    (dict(loss_type="sapo"), "loss_type='sapo' is not supported")):
+                    (dict(loss_type="vespo"), "loss_type='vespo' is not supported")):
         with pytest.raises(ValueError, match=msg):
             FastAlignGRPOTrainer(model=tiny_path, reward_funcs=_reward, args=_grpo_args(tmp_path, **kw),
                                  train_dataset=ds, processing_class=make_tokenizer())
@@ -167,6 +167,8 @@ SETTINGS = [
     dict(loss_type="bnpo", top_entropy_quantile=0.4, entropy_coef=0.05, use_vllm=True),
     dict(loss_type="grpo", off_policy_mask_threshold=0.05, importance_sampling_level="sequence"),
     dict(loss_type="dapo", off_policy_mask_threshold=0.02, top_entropy_quantile=0.5),
+    dict(loss_type="sapo", use_vllm=True),
+    dict(loss_type="luspo", importance_sampling_level="sequence", delta=1.1),
 ]
 
 

@@ -4,7 +4,7 @@
   :func:`fastalign.losses.linear_grpo_loss` on its final hidden states and lm_head (one pass over
   the vocabulary for token-level ratios: the loss gradient of each token is formed as soon as its
   log-prob is). It reproduces ``GRPOTrainer._compute_loss`` for ``loss_type`` in ``grpo``, ``bnpo``,
-  ``dr_grpo``, ``dapo``, ``cispo`` (normalizers, gradient-accumulation scaling, ``delta``,
+  ``dr_grpo``, ``dapo``, ``cispo``, ``sapo``, ``luspo`` (normalizers, gradient-accumulation scaling, ``delta``,
   ``use_bias_correction_kl``, token/sequence importance sampling, the vLLM importance-sampling
   ratio, a static ``entropy_coef`` bonus, its gradient formed in the same pass; the high-entropy token
   mask and the off-policy sequence mask, which need all log-probs first, in two passes) and logs the same
@@ -73,7 +73,7 @@ class FastAlignGRPOTrainer(GRPOTrainer):
     :func:`linear_grpo_loss`) and ``fastalign_impl`` (``"auto" | "triton" | "torch"``).
     """
 
-    SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
+    SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
 
     def __init__(self, *args, fastalign_mode: str = "auto", fastalign_impl: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
@@ -123,7 +123,7 @@ class FastAlignGRPOTrainer(GRPOTrainer):
         iw = None
         if self.use_vllm and self.vllm_importance_sampling_correction:
             iw = inputs["importance_sampling_ratio"]
-        # TRL's bonus is - coef * mean_mask(H) / accumulation steps; grpo/bnpo/dr_grpo divide everything below
+        # TRL's bonus is - coef * mean_mask(H) / accumulation steps; the non-dapo/cispo types divide everything below
         accum = self.current_gradient_accumulation_steps if mode == "train" else 1
         entropy_coef = float(getattr(self, "entropy_coef", 0.0)) if getattr(self, "_entropy_bonus_enabled", False) else 0.0
         if loss_type in ("dapo", "cispo"):
@@ -140,7 +140,7 @@ class FastAlignGRPOTrainer(GRPOTrainer):
                         inputs, num_items, iw), bias=head.bias, temperature=self.temperature, softcap=head.softcap,
                     logit_scale=head.logit_scale, entropy_coef=entropy_coef, mode=self.fastalign_mode,
                     return_entropy=True, impl=self.fastalign_impl)
-        if loss_type in ("grpo", "bnpo", "dr_grpo") and mode == "train":
+        if loss_type in ("grpo", "bnpo", "dr_grpo", "sapo", "luspo") and mode == "train":
             loss = loss / self.current_gradient_accumulation_steps
         if getattr(self, "_entropy_bonus_enabled", False):
             self._metrics[mode]["policy_loss"].append(self.accelerator.gather(metrics["policy_loss"]).nanmean().item())
@@ -155,10 +155,11 @@ class FastAlignGRPOTrainer(GRPOTrainer):
             old_logp=inputs.get("old_per_token_logps"),
             ref_logp=inputs["ref_per_token_logps"] if self.beta != 0.0 else None,
             beta=self.beta, eps_low=self.epsilon_low, eps_high=self.epsilon_high,
-            delta=None if loss_type == "cispo" else self.args.delta, loss_type=loss_type,
+            delta=None if loss_type in ("cispo", "sapo") else self.args.delta, loss_type=loss_type,
             importance_sampling_level=self.importance_sampling_level,
             max_completion_length=self.max_completion_length, num_items=num_items,
-            kl_bias_correction=bool(self.args.use_bias_correction_kl), importance_weights=importance_weights)
+            kl_bias_correction=bool(self.args.use_bias_correction_kl), importance_weights=importance_weights,
+            sapo_temperature_pos=self.args.sapo_temperature_pos, sapo_temperature_neg=self.args.sapo_temperature_neg)
 
     def _fastalign_masked_loss(self, hidden, head, completion_ids, mask, inputs, iw, num_items, entropy_coef):
         """The entropy mask and the off-policy sequence mask need every token's entropy / log-prob before
@@ -230,6 +231,8 @@ class FastAlignGRPOTrainer(GRPOTrainer):
         if self.loss_type == "cispo":
             clipped = ((coef_1 > self.epsilon_high) & (adv > 0)).float()
             self._metrics[mode]["cispo_clip_ratio"].append(global_masked_mean(clipped))
+            return
+        if self.loss_type == "sapo":
             return
         if self.args.delta is not None:
             coef_1 = torch.clamp(coef_1, max=self.args.delta)

@@ -36,7 +36,7 @@ from fastalign._validation import (
     index_checks_enabled,
 )
 from fastalign.kernels import tuning
-from fastalign.losses._common import as_compute, check_choice, compute_dtype
+from fastalign.losses._common import as_compute, check_choice, check_number, compute_dtype
 from fastalign.losses.dpo import DPOLossType, dpo_loss
 from fastalign.losses.grpo import (
     GRPOLossType,
@@ -295,6 +295,8 @@ def linear_grpo_loss(
     num_items: torch.Tensor | float | None = None,
     kl_bias_correction: bool = False,
     importance_weights: torch.Tensor | None = None,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
     entropy_coef: float = 0.0,
     mode: Mode = "auto",
     return_entropy: bool = False,
@@ -312,7 +314,7 @@ def linear_grpo_loss(
         ref_logp: ``[B, T]``, needed when ``beta != 0``.
         temperature, softcap, logit_scale: the head's transform
             ``z = softcap * tanh(logit_scale * z / softcap) / temperature`` (as TRL's fused head).
-        beta ... importance_weights: as :func:`fastalign.losses.grpo_loss`.
+        beta ... sapo_temperature_neg: as :func:`fastalign.losses.grpo_loss`.
         entropy_coef: >= 0; adds ``- entropy_coef * mean_mask(entropy)`` (an entropy bonus, the
             token mean over the mask whatever the loss type, as TRL's ``entropy_coef``); in the
             one-pass form its gradient is formed in the same pass.
@@ -345,9 +347,12 @@ def linear_grpo_loss(
     one_pass = mode == "one_pass" or (mode == "auto" and importance_sampling_level == "token")
 
     entropy_coef = _check_coef(entropy_coef, "entropy_coef", op)
+    for name, v in (("sapo_temperature_pos", sapo_temperature_pos), ("sapo_temperature_neg", sapo_temperature_neg)):
+        check_number(v, name, op, lo=0.0, lo_open=True)
     loss_kw = dict(ref_logp=ref_logp, beta=beta, eps_low=eps_low, eps_high=eps_high, delta=delta, loss_type=loss_type,
                    importance_sampling_level=importance_sampling_level, max_completion_length=max_completion_length,
-                   num_items=num_items, kl_bias_correction=kl_bias_correction, importance_weights=importance_weights)
+                   num_items=num_items, kl_bias_correction=kl_bias_correction, importance_weights=importance_weights,
+                   sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg)
     if not one_pass:
         logp, ent = _unfused_logp(hidden, weight, targets_ig, bias, inv_temp, softcap, chunk_size, impl, scale,
                                   with_entropy=return_entropy or entropy_coef != 0.0)
@@ -372,7 +377,8 @@ def linear_grpo_loss(
         per_tok, *_ = grpo_per_token(
             lp2, old, col(adv_f), torch.ones_like(lp2), col(ref_f), beta=beta, eps_low=eps_low_, eps_high=eps_high_,
             delta=delta_, loss_type=loss_type, importance_sampling_level="token", kl_bias_correction=kl_bias_correction,
-            importance_weights=col(iw_f))
+            importance_weights=col(iw_f), sapo_temperature_pos=float(sapo_temperature_pos),
+            sapo_temperature_neg=float(sapo_temperature_neg))
         return per_tok.squeeze(1)
 
     w = _normalizer_weights(m, lambda x: grpo_normalize(x, m, loss_type, max_completion_length, num_items))

@@ -16,10 +16,10 @@ import torch
 from fastalign._validation import check_float, check_mask, check_same_device
 from fastalign.losses._common import as_compute, check_choice, check_number, compute_dtype
 
-GRPOLossType = Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo"]
+GRPOLossType = Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"]
 ISLevel = Literal["token", "sequence"]
 
-GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
 IS_LEVELS = ("token", "sequence")
 
 
@@ -54,8 +54,8 @@ def validate_grpo_args(op: str, *, beta, eps_low, eps_high, delta, loss_type, im
     else:
         eps_high = eps_low if eps_high is None else check_number(eps_high, "eps_high", op, lo=0.0)
     if delta is not None:
-        if loss_type == "cispo":
-            raise ValueError(f"{op}: delta (two-sided clipping) does not apply to loss_type='cispo', got delta={delta}")
+        if loss_type in ("cispo", "sapo"):
+            raise ValueError(f"{op}: delta (two-sided clipping) does not apply to loss_type={loss_type!r}, got delta={delta}")
         delta = check_number(delta, "delta", op, lo=0.0, lo_open=True)
     if max_completion_length is not None:
         if isinstance(max_completion_length, bool) or not isinstance(max_completion_length, int) or max_completion_length < 1:
@@ -75,8 +75,11 @@ def grpo_normalize(per_token: torch.Tensor, m: torch.Tensor, loss_type: str, max
     """Reduce a masked ``[B, T]`` (or broadcastable) per-token loss the way each loss type does."""
     B, T = m.shape
     masked = per_token * m
-    if loss_type == "grpo":
+    if loss_type in ("grpo", "sapo"):
         per_seq = masked.sum(-1) / m.sum(-1).clamp(min=1.0)
+        return per_seq.mean() if B else per_seq.sum()
+    if loss_type == "luspo":
+        per_seq = masked.sum(-1)
         return per_seq.mean() if B else per_seq.sum()
     if loss_type == "bnpo":
         return masked.sum() / m.sum().clamp(min=1.0)
@@ -108,6 +111,8 @@ def grpo_per_token(
     importance_sampling_level: str,
     kl_bias_correction: bool,
     importance_weights: torch.Tensor | None,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
 ):
     """Per-token GRPO loss ``[B, T]`` (or ``[B, 1]``-broadcast) and the tensors its metrics need.
 
@@ -132,6 +137,11 @@ def grpo_per_token(
     if loss_type == "cispo":
         capped = torch.clamp(coef_1, max=eps_high).detach()
         per_token = -capped * advantages * logp
+        ratio_for_metrics = coef_1
+    elif loss_type == "sapo":
+        # soft gate instead of a hard clip: sigmoid(tau (r - 1)) * 4 / tau, tau by the advantage's sign
+        tau = torch.where(advantages > 0, sapo_temperature_pos, sapo_temperature_neg).to(coef_1.dtype)
+        per_token = -(torch.sigmoid(tau * (coef_1 - 1.0)) * 4.0 / tau) * advantages
         ratio_for_metrics = coef_1
     else:
         coef_2 = torch.clamp(coef_1, 1.0 - eps_low, 1.0 + eps_high)
@@ -162,6 +172,8 @@ def grpo_metrics(per_token_kl, coef_1, advantages, m, *, loss_type, eps_low, eps
     a = advantages.detach()
     if loss_type == "cispo":
         out["cispo_clip_ratio"] = gmean(((c > eps_high) & (a > 0)).to(m.dtype))
+    elif loss_type == "sapo":
+        pass  # no hard clip to report (TRL logs none)
     else:
         low = (c < 1.0 - eps_low) & (a < 0)
         high = (c > 1.0 + eps_high) & (a > 0)
@@ -188,6 +200,8 @@ def grpo_loss(
     num_items: torch.Tensor | float | None = None,
     kl_bias_correction: bool = False,
     importance_weights: torch.Tensor | None = None,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO-family policy loss from per-token log-probabilities.
 
@@ -195,11 +209,15 @@ def grpo_loss(
     GSPO); ``coef_2 = clamp(coef_1, 1 - eps_low, 1 + eps_high)``; with ``delta``, ``coef_1`` is then
     capped at ``delta`` (INTELLECT-2 two-sided clipping); per-token loss ``-min(coef_1 A, coef_2 A)``.
     ``"cispo"``: ``-sg(min(coef_1, eps_high)) A logp`` (``eps_high`` is an absolute cap here).
+    ``"sapo"``: ``-sigmoid(tau (coef_1 - 1)) * 4 / tau * A`` with ``tau = sapo_temperature_pos`` where
+    ``A > 0`` else ``sapo_temperature_neg`` (SAPO's soft gate; no clip, no delta).
     ``importance_weights`` (e.g. TRL's vLLM importance-sampling ratio) multiply the policy term.
     KL (when ``beta != 0``): k3 ``exp(ref - logp) - (ref - logp) - 1``, times ``coef_1`` when
     ``kl_bias_correction``; added as ``+ beta * kl``. Normalizers over the mask ``m``:
 
-    - ``"grpo"``: ``mean_i (sum_t m l / max(sum_t m, 1))`` (the tutorial's formula)
+    - ``"grpo"``, ``"sapo"``: ``mean_i (sum_t m l / max(sum_t m, 1))`` (the tutorial's formula)
+    - ``"luspo"``: ``mean_i sum_t m l`` (each sequence's loss scaled by its length; meant for
+      sequence-level ratios)
     - ``"bnpo"``: ``sum m l / max(sum m, 1)``
     - ``"dr_grpo"``: ``sum m l / (B * max_completion_length)`` (``T`` when None)
     - ``"dapo"``, ``"cispo"``: ``sum m l / num_items`` (the accumulated batch's token count; the
@@ -218,6 +236,7 @@ def grpo_loss(
             (number or one-element tensor; no host sync).
         kl_bias_correction: TRL's ``use_bias_correction_kl``.
         importance_weights: optional ``[B, T]`` or ``[B, 1]`` float multiplier of the policy term.
+        sapo_temperature_pos, sapo_temperature_neg: SAPO's gate temperatures (> 0).
 
     Returns:
         ``(loss, metrics)``: metrics (detached 0-d) ``policy_loss`` (the loss itself), ``kl`` (when
@@ -249,6 +268,8 @@ def grpo_loss(
         num_items=num_items, T=T, has_ref=ref_logp is not None,
     )
 
+    sapo_temperature_pos = check_number(sapo_temperature_pos, "sapo_temperature_pos", op, lo=0.0, lo_open=True)
+    sapo_temperature_neg = check_number(sapo_temperature_neg, "sapo_temperature_neg", op, lo=0.0, lo_open=True)
     dt = compute_dtype(logp, old_logp, advantages, ref_logp)
     lp = as_compute(logp, dt)
     old = lp.detach() if old_logp is None else as_compute(old_logp, dt).detach()
@@ -260,7 +281,7 @@ def grpo_loss(
     per_token, per_token_kl, coef_1, adv2 = grpo_per_token(
         lp, old, adv, m, ref, beta=beta, eps_low=eps_low, eps_high=eps_high, delta=delta, loss_type=loss_type,
         importance_sampling_level=importance_sampling_level, kl_bias_correction=kl_bias_correction,
-        importance_weights=iw,
+        importance_weights=iw, sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
     )
     loss = grpo_normalize(per_token, m, loss_type, max_completion_length, num_items)
     metrics = {"policy_loss": loss.detach()}
