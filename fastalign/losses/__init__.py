@@ -1,4 +1,21 @@
-"""Losses built on fastalign's ops: each returns ``(loss, metrics)`` with detached metric tensors."""
+"""Losses built on fastalign's ops: each returns ``(loss, metrics)`` with detached metric tensors
+(no host sync inside a loss).
+
+From log-probs:
+  * GRPO family -- :func:`grpo_loss` (grpo / bnpo / dr_grpo / dapo / cispo / sapo / luspo; token or
+    sequence (GSPO) ratios; delta; bias-corrected k3 KL; importance weights): TRL 1.16's
+    ``GRPOTrainer._compute_loss``; the defaults are the tutorial's GRPO.
+  * PPO -- :func:`ppo_loss` = :func:`ppo_policy_loss` (clip, dual-clip) + :func:`value_loss`
+    (optionally clipped) - entropy bonus; token means; the tutorial's defaults.
+  * DPO family -- :func:`dpo_loss` (sigmoid / cDPO, ipo, hinge, robust), :func:`simpo_loss`,
+    :func:`orpo_loss`, :func:`kto_loss`, :func:`reward_model_loss` (Bradley-Terry).
+  * Advantages -- :func:`grpo_advantages` (tutorial / TRL / verl / OpenRLHF presets),
+    :func:`rloo_advantages`, :func:`remax_advantages`.
+
+Fused from hidden states + lm_head weight (no ``[N, V]`` logits): :func:`linear_grpo_loss`,
+:func:`linear_ppo_policy_loss` (one pass over the vocabulary for token-level ratios),
+:func:`linear_dpo_loss`.
+"""
 
 from fastalign.losses.advantages import grpo_advantages, remax_advantages, rloo_advantages
 from fastalign.losses.dpo import dpo_loss, kto_loss, orpo_loss, reward_model_loss, simpo_loss
