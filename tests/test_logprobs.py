@@ -266,3 +266,28 @@ def test_dispatch_rule(monkeypatch):
         fastalign.select_impl("triton", cpu)
     assert fastalign.select_impl("triton", torch.device("cuda")) == "triton"
     assert fastalign.select_impl("auto", torch.device("cuda")) == "triton"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_vocab_beyond_256k(impl):
+    V = 2**18 + 3
+    logits = torch.randn(2, V) * 3
+    targets = torch.tensor([V - 1, 5])
+    _check(logits, targets, impl)
+
+
+@pytest.mark.gpu
+def test_more_than_2_31_elements_cuda():
+    """int64 offsets: N * V > 2^31 (bf16, 4.3 GB of logits); rows past the 2^31 boundary are right."""
+    N, V = 16385, 131072
+    logits = torch.randn(N, V, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    targets = torch.randint(0, V, (N,), device="cuda")
+    with torch.no_grad():
+        logp, ent = fastalign.logprobs_from_logits(logits, targets, return_entropy=True, impl="triton")
+    tail = slice(N - 3, N)  # rows whose offsets exceed 2^31
+    ref_lp, ref_ent = ref_logprobs(logits.detach()[tail], targets[tail])
+    assert max_err(logp[tail], ref_lp) < 1e-4 and max_err(ent[tail], ref_ent) < 1e-4
+    x = logits.detach()[tail].clone().requires_grad_()
+    g = torch.autograd.grad(fastalign.logprobs_from_logits(logits, targets, impl="triton").sum(), logits)[0]
+    gr = torch.autograd.grad(ref_logprobs(x, targets[tail])[0].sum(), x)[0]
+    assert max_err(g[tail], gr) < 1e-2
