@@ -9,14 +9,22 @@ import torch
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
-from tiny_trainer_utils import make_tokenizer, save_tiny  # noqa: E402
+from tiny_models import tiny_qwen2, tiny_tokenizer  # noqa: E402
 
 from fastalign.integrations.trl_trainers import FastAlignDPOTrainer, FastAlignGRPOTrainer  # noqa: E402
 
 
+def make_tokenizer():
+    return tiny_tokenizer()
+
+
 @pytest.fixture(scope="module")
 def tiny_path(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("tiny"))
+    # saved to disk: the trainers reload the reference model from the path
+    path = tmp_path_factory.mktemp("tiny")
+    tiny_qwen2().save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return str(path)
 
 
 def _reward(completions, **kw):
