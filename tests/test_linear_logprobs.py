@@ -293,3 +293,38 @@ def test_errors():
         fastalign.linear_logprobs(h, W, t.float())
     with pytest.raises(ValueError, match="impl must be one of"):
         fastalign.linear_logprobs(h, W, t, impl="cuda")
+
+
+# ---- CUDA (skipped without a GPU) ---------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cuda_matches_reference(dtype):
+    N, D, V = 1000, 256, 50257
+    h, W, t, b = (None if x is None else x.cuda() for x in _inputs(N, D, V, dtype=dtype, bias=True, scale=2.0))
+    t[::7] = -100
+    _check(h, W, t, "triton", b=b, softcap=30.0, temperature=0.9, chunk_size=4096)
+
+
+@pytest.mark.gpu
+def test_cuda_autocast_and_memory_bound():
+    """Under bf16 autocast: fp32 outputs, gradients in the parameters' dtype, and the peak extra
+    memory stays far below one fp32 [N, V] logits buffer."""
+    N, D, V = 4096, 512, 65536
+    h = torch.randn(N, D, device="cuda", requires_grad=True)
+    W = (torch.randn(V, D, device="cuda") / D**0.5).requires_grad_()
+    t = torch.randint(0, V, (N,), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        lp, ent = fastalign.linear_logprobs(h, W, t, return_entropy=True, impl="triton")
+    (lp.sum() + ent.sum()).backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    assert lp.dtype == torch.float32 and h.grad.dtype == torch.float32 and W.grad.dtype == torch.float32
+    grads = 4 * (h.numel() + W.numel())
+    assert peak - grads < 4 * N * V // 4, (peak, grads)
+    hr, Wr = h.detach().bfloat16().double(), W.detach().bfloat16().double()
+    r_lp, r_ent = ref_linear_logprobs(hr[:256], Wr, t[:256])
+    assert max_err(lp[:256], r_lp) <= 2e-3 and max_err(ent[:256], r_ent) <= 2e-3

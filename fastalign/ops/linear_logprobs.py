@@ -22,7 +22,8 @@ turn it into dZ, then ``dH[rows] += dZ @ W_c``, ``dW_c += dZ.T @ H[rows]``, ``db
 accumulated in fp32 and cast to the parameter dtype once per chunk (dW, db) or once at the end (dH).
 
 Ignored tokens (``targets == ignore_index``) cost no FLOPs: the valid rows are gathered first
-(``hidden[valid]``), which needs one device->host sync (a nonzero) per call. Set
+(``hidden.index_select(0, valid.nonzero())``, skipped when every row is valid), which needs a
+device->host sync per call. Set
 ``tuning.LINEAR_LOGPROBS_COMPACT_IGNORED = False`` to process every row instead (no host sync;
 ignored rows get zero outputs and gradients through masking).
 
@@ -97,7 +98,7 @@ def torch_dlogits_chunk(tile: torch.Tensor, dz: torch.Tensor, targets: torch.Ten
         logp = th * (softcap * inv_temp)
     else:
         th = None
-        logp = tile.mul_(scale * inv_temp)
+        logp = tile.mul_(scale * inv_temp) if scale * inv_temp != 1.0 else tile
     logp.sub_(lse.unsqueeze(1))
     p = torch.exp(logp)
     # dx = g (onehot - p) - g_ent p (logp + H) = -p (g + g_ent (logp + H)) + g onehot
@@ -171,6 +172,11 @@ def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bo
         out.copy_(prod)
 
 
+def _view(flat: torch.Tensor, n_rows: int, n_cols: int) -> torch.Tensor:
+    """A contiguous [n_rows, n_cols] tile at the start of a flat chunk buffer."""
+    return flat[: n_rows * n_cols].view(n_rows, n_cols)
+
+
 def _acc_dtype(compute_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if compute_dtype == torch.float64 else torch.float32
 
@@ -199,14 +205,14 @@ def linear_logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: to
     gd = _gemm_dtype(compute_dtype, dev)
     with torch.autocast(dev.type, enabled=False):
         h = _as_operand(hidden, compute_dtype, gd)
-        tile_buf = torch.empty((min(rows, n), cols), dtype=acc, device=dev)
+        tile_buf = torch.empty(min(rows, n) * cols, dtype=acc, device=dev)  # flat: every tile view is contiguous
         for v0 in range(0, V, cols):
             v1 = min(v0 + cols, V)
             w_c = _as_operand(weight[v0:v1], compute_dtype, gd).t()
             b_c = None if bias is None else bias[v0:v1].to(compute_dtype).to(acc)
             for r0 in range(0, n, rows):
                 r1 = min(r0 + rows, n)
-                tile = tile_buf[: r1 - r0, : v1 - v0]
+                tile = _view(tile_buf, r1 - r0, v1 - v0)
                 _mm_into(tile, h[r0:r1], w_c, accumulate=False)
                 if b_c is not None:
                     tile.add_(b_c)
@@ -232,7 +238,7 @@ def linear_logprobs_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: t
     dev = hidden.device
     acc = _acc_dtype(compute_dtype)
     d_h = torch.zeros((n, D), dtype=acc, device=dev) if need_hidden else None
-    d_w = torch.zeros(weight.shape, dtype=weight.dtype, device=dev) if need_weight else None
+    d_w = torch.zeros(weight.shape, dtype=weight.dtype, device=dev) if need_weight else None  # (zeros: early return)
     d_b = torch.zeros(V, dtype=acc, device=dev) if need_bias else None
     if n == 0 or V == 0 or (g_logp is None and g_ent is None) or not (need_hidden or need_weight or need_bias):
         return (None if d_h is None else d_h.to(hidden.dtype), d_w, None if d_b is None else d_b.to(bias.dtype))
@@ -245,9 +251,9 @@ def linear_logprobs_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: t
     gd = _gemm_dtype(compute_dtype, dev)
     with torch.autocast(dev.type, enabled=False):
         h = _as_operand(hidden, compute_dtype, gd)
-        tile_buf = torch.empty((min(rows, n), cols), dtype=acc, device=dev)
+        tile_buf = torch.empty(min(rows, n) * cols, dtype=acc, device=dev)
         # dZ in the GEMM operand dtype: in place in the tile when that is the tile's dtype
-        dz_buf = tile_buf if gd == acc else torch.empty((min(rows, n), cols), dtype=gd, device=dev)
+        dz_buf = tile_buf if gd == acc else torch.empty(min(rows, n) * cols, dtype=gd, device=dev)
         # fp32 dW accumulator for one chunk, unless dW itself is in the accumulation dtype
         dw_buf = (torch.empty((cols, D), dtype=acc, device=dev)
                   if need_weight and weight.dtype != acc else None)
@@ -260,11 +266,11 @@ def linear_logprobs_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: t
                 dw_c = d_w[v0:v1] if dw_buf is None else dw_buf[: v1 - v0]
             for i, r0 in enumerate(range(0, n, rows)):
                 r1 = min(r0 + rows, n)
-                tile = tile_buf[: r1 - r0, : v1 - v0]
+                tile = _view(tile_buf, r1 - r0, v1 - v0)
                 _mm_into(tile, h[r0:r1], w_rows.t(), accumulate=False)
                 if b_c is not None:
                     tile.add_(b_c)
-                dz = dlogits(tile, dz_buf[: r1 - r0, : v1 - v0], targets[r0:r1], lse[r0:r1],
+                dz = dlogits(tile, _view(dz_buf, r1 - r0, v1 - v0), targets[r0:r1], lse[r0:r1],
                              None if entropy is None else entropy[r0:r1],
                              None if g_logp is None else g_logp[r0:r1], None if g_ent is None else g_ent[r0:r1],
                              v0, scale, inv_temp, softcap)
@@ -344,7 +350,10 @@ def apply_linear_logprobs(hidden2d: torch.Tensor, weight: torch.Tensor, bias: to
     if not tuning.LINEAR_LOGPROBS_COMPACT_IGNORED:
         return _LinearLogprobs.apply(hidden2d, weight, bias, targets, valid, scale, inv_temp, softcap,
                                      compute_dtype, with_entropy, chunk_size, backend)
-    # host sync (nonzero): ignored rows never reach a GEMM
+    # host sync: ignored rows never reach a GEMM; when none is ignored, no gather copy either
+    if bool(valid.all()):
+        return _LinearLogprobs.apply(hidden2d, weight, bias, targets, None, scale, inv_temp, softcap,
+                                     compute_dtype, with_entropy, chunk_size, backend)
     idx = valid.nonzero().squeeze(1)
     logp_v, ent_v = _LinearLogprobs.apply(hidden2d.index_select(0, idx), weight, bias, targets.index_select(0, idx),
                                           None, scale, inv_temp, softcap, compute_dtype, with_entropy, chunk_size,
