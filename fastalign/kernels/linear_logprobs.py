@@ -22,6 +22,8 @@ epilogues of :mod:`fastalign.ops.linear_logprobs`, which compute in fp64 with fp
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
@@ -170,32 +172,34 @@ _DZ_TYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float1
 
 
 def aot_specs() -> list[AotSpec]:
+    # logits tiles are fp32, or bf16/fp16 with tuning.LINEAR_LOGPROBS_TILE_IN_COMPUTE_DTYPE (dZ then
+    # goes in place into the tile, so the dz dtype equals the tile dtype)
     specs = []
-    for cfg in tuning.LINEAR_LOGPROBS_FWD_CONFIGS:
-        for softcap in (False, True):
-            for ent in (False, True):
-                specs.append(AotSpec(
-                    name=f"linear_logprobs_fwd_epilogue[r{cfg.block_rows}c{cfg.block_cols}w{cfg.num_warps}"
-                         f"{',softcap' if softcap else ''}{',ent' if ent else ''}]",
-                    fn=_lin_fwd_epilogue_kernel,
-                    signature={"tile_ptr": "*fp32", "stride_tile": "i32", "targets_ptr": "*i64",
-                               "m_ptr": "*fp32", "s_ptr": "*fp32", "t_ptr": "*fp32", "tgt_ptr": "*fp32",
-                               "n_rows": "i32", "n_cols": "i32", "vocab_start": "i32",
-                               "scale": "fp32", "inv_temp": "fp32", "softcap": "fp32"},
-                    constexprs={"HAS_SOFTCAP": softcap, "HAS_ENTROPY": ent,
-                                "BLOCK_R": cfg.block_rows, "BLOCK_C": cfg.block_cols},
-                    num_warps=cfg.num_warps,
-                ))
+    for cfg, tile_ty, softcap, ent in itertools.product(tuning.LINEAR_LOGPROBS_FWD_CONFIGS, _DZ_TYPES,
+                                                        (False, True), (False, True)):
+        specs.append(AotSpec(
+            name=f"linear_logprobs_fwd_epilogue[r{cfg.block_rows}c{cfg.block_cols}w{cfg.num_warps},"
+                 f"tile={tile_ty}{',softcap' if softcap else ''}{',ent' if ent else ''}]",
+            fn=_lin_fwd_epilogue_kernel,
+            signature={"tile_ptr": f"*{tile_ty}", "stride_tile": "i32", "targets_ptr": "*i64",
+                       "m_ptr": "*fp32", "s_ptr": "*fp32", "t_ptr": "*fp32", "tgt_ptr": "*fp32",
+                       "n_rows": "i32", "n_cols": "i32", "vocab_start": "i32",
+                       "scale": "fp32", "inv_temp": "fp32", "softcap": "fp32"},
+            constexprs={"HAS_SOFTCAP": softcap, "HAS_ENTROPY": ent,
+                        "BLOCK_R": cfg.block_rows, "BLOCK_C": cfg.block_cols},
+            num_warps=cfg.num_warps,
+        ))
+    tile_dz = [("fp32", dz) for dz in _DZ_TYPES] + [("bf16", "bf16"), ("fp16", "fp16")]
     for cfg in tuning.LINEAR_LOGPROBS_BWD_CONFIGS:
-        for dz_ty in _DZ_TYPES:
+        for tile_ty, dz_ty in tile_dz:
             for softcap in (False, True):
                 for g_logp, g_ent in ((True, False), (False, True), (True, True)):
                     specs.append(AotSpec(
                         name=f"linear_logprobs_bwd_epilogue[r{cfg.block_rows}c{cfg.block_cols}w{cfg.num_warps},"
-                             f"dz={dz_ty}{',softcap' if softcap else ''}{',glogp' if g_logp else ''}"
-                             f"{',gent' if g_ent else ''}]",
+                             f"tile={tile_ty},dz={dz_ty}{',softcap' if softcap else ''}"
+                             f"{',glogp' if g_logp else ''}{',gent' if g_ent else ''}]",
                         fn=_lin_bwd_epilogue_kernel,
-                        signature={"tile_ptr": "*fp32", "stride_tile": "i32", "dz_ptr": f"*{dz_ty}",
+                        signature={"tile_ptr": f"*{tile_ty}", "stride_tile": "i32", "dz_ptr": f"*{dz_ty}",
                                    "stride_dz": "i32", "targets_ptr": "*i64", "lse_ptr": "*fp32",
                                    "ent_ptr": "*fp32", "g_logp_ptr": "*fp32", "g_ent_ptr": "*fp32",
                                    "n_rows": "i32", "n_cols": "i32", "vocab_start": "i32",

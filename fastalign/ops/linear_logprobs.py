@@ -148,7 +148,8 @@ _MM_OUT_DTYPE_OK = True  # cuBLAS fp32 output from bf16/fp16 operands (torch >= 
 
 
 def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
-    """``out (=|+=) a @ b`` with ``out`` fp32/fp64; a, b may be bf16/fp16 (CUDA) with fp32 accumulation."""
+    """``out (=|+=) a @ b``: same dtypes, or (CUDA) bf16/fp16 operands into an fp32 ``out`` with fp32
+    accumulation, or (CPU) fp32 operands into a bf16/fp16 ``out`` (rounded once)."""
     global _MM_OUT_DTYPE_OK
     if a.dtype == out.dtype:
         if accumulate:
@@ -156,7 +157,7 @@ def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bo
         else:
             torch.mm(a, b, out=out)
         return
-    if _MM_OUT_DTYPE_OK:
+    if _MM_OUT_DTYPE_OK and out.device.type == "cuda":
         try:
             if accumulate:
                 torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
@@ -175,6 +176,15 @@ def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bo
 def _view(flat: torch.Tensor, n_rows: int, n_cols: int) -> torch.Tensor:
     """A contiguous [n_rows, n_cols] tile at the start of a flat chunk buffer."""
     return flat[: n_rows * n_cols].view(n_rows, n_cols)
+
+
+def _tile_dtype(backend: str, compute_dtype: torch.dtype, acc: torch.dtype) -> torch.dtype:
+    """fp32 logits tiles by default; the compute dtype (half the tile traffic and no separate dZ
+    buffer, at bf16/fp16 rounding of the logits, as TRL does) with
+    ``tuning.LINEAR_LOGPROBS_TILE_IN_COMPUTE_DTYPE`` on the Triton backend."""
+    if tuning.LINEAR_LOGPROBS_TILE_IN_COMPUTE_DTYPE and backend == "triton" and compute_dtype in _LOW:
+        return compute_dtype
+    return acc
 
 
 def _acc_dtype(compute_dtype: torch.dtype) -> torch.dtype:
@@ -205,7 +215,8 @@ def linear_logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: to
     gd = _gemm_dtype(compute_dtype, dev)
     with torch.autocast(dev.type, enabled=False):
         h = _as_operand(hidden, compute_dtype, gd)
-        tile_buf = torch.empty(min(rows, n) * cols, dtype=acc, device=dev)  # flat: every tile view is contiguous
+        # flat: every tile view is contiguous
+        tile_buf = torch.empty(min(rows, n) * cols, dtype=_tile_dtype(backend, compute_dtype, acc), device=dev)
         for v0 in range(0, V, cols):
             v1 = min(v0 + cols, V)
             w_c = _as_operand(weight[v0:v1], compute_dtype, gd).t()
@@ -251,9 +262,11 @@ def linear_logprobs_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: t
     gd = _gemm_dtype(compute_dtype, dev)
     with torch.autocast(dev.type, enabled=False):
         h = _as_operand(hidden, compute_dtype, gd)
-        tile_buf = torch.empty(min(rows, n) * cols, dtype=acc, device=dev)
-        # dZ in the GEMM operand dtype: in place in the tile when that is the tile's dtype
-        dz_buf = tile_buf if gd == acc else torch.empty(min(rows, n) * cols, dtype=gd, device=dev)
+        tile_dtype = _tile_dtype(backend, compute_dtype, acc)
+        tile_buf = torch.empty(min(rows, n) * cols, dtype=tile_dtype, device=dev)
+        # dZ in the GEMM operand dtype, in place in the tile when that is the tile's dtype (each
+        # element is read, then overwritten, by the same program)
+        dz_buf = tile_buf if gd == tile_dtype else torch.empty(min(rows, n) * cols, dtype=gd, device=dev)
         # fp32 dW accumulator for one chunk, unless dW itself is in the accumulation dtype
         dw_buf = (torch.empty((cols, D), dtype=acc, device=dev)
                   if need_weight and weight.dtype != acc else None)
