@@ -216,3 +216,15 @@ def test_masked_whiten(shift_mean):
 
 def test_exported():
     assert fastalign.gae is gae and fastalign.masked_whiten is masked_whiten
+
+
+@pytest.mark.gpu
+def test_cuda_matches_torch_path_fp64():
+    B, T = 64, 8192
+    r, v, mask, dones, nv = _data(B, T, seed=13, p_mask=0.25, p_done=0.002)
+    adv, ret = gae(r.cuda(), v.cuda(), mask.cuda(), gamma=0.999, lam=0.95, dones=dones.cuda(), next_values=nv.cuda())
+    ea, er = gae(r.double(), v.double(), mask, gamma=0.999, lam=0.95, dones=dones, next_values=nv.double(),
+                 impl="torch")
+    tol = dict(rtol=1e-5, atol=1e-5 * max(1.0, float(ea.abs().max())))
+    torch.testing.assert_close(adv.cpu().double(), ea, **tol)
+    torch.testing.assert_close(ret.cpu().double(), er, **tol)

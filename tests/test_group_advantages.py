@@ -240,3 +240,17 @@ def test_groups_larger_than_a_block(run, impl):
     for opts in (dict(), dict(baseline="loo", unbiased=True)):
         out = run(r, ids, impl=impl, **opts)
         torch.testing.assert_close(out.double(), ref_group_adv(r, ids, **opts), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n_groups", [100, 5000])  # pairwise (N < 4096) and sort-first paths
+@pytest.mark.parametrize("opts", [dict(), dict(baseline="loo", scale="batch", unbiased=True),
+                                  dict(singleton="raw", unbiased=True, eps=1e-6)])
+def test_cuda_matches_torch_path(n_groups, opts):
+    r, ids = _data(n_groups=n_groups, seed=2, nan=True)
+    out = group_advantages(r.cuda(), ids.cuda(), **opts)
+    expect = group_advantages(r.double(), ids, impl="torch", **opts)
+    torch.testing.assert_close(out.cpu().double(), expect, rtol=1e-5, atol=1e-5)
+    out = group_advantages(r[: 16 * (r.numel() // 16)].cuda(), group_size=16, **opts)
+    expect = group_advantages(r[: 16 * (r.numel() // 16)].double(), group_size=16, impl="torch", **opts)
+    torch.testing.assert_close(out.cpu().double(), expect, rtol=1e-5, atol=1e-5)

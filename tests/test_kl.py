@@ -148,3 +148,19 @@ def test_bad_input():
 
 def test_exported():
     assert fastalign.kl_penalty is kl_penalty and fastalign.k3_kl is k3_kl
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["k1", "k2", "k3"])
+def test_cuda_matches_cpu_reference(kind):
+    logp, ref = _inputs((64, 8192 + 3), dtype=torch.bfloat16, seed=7, scale=8.0)
+    lp = logp.cuda().requires_grad_(True)
+    out = kl_penalty(lp, ref.cuda(), kind, clamp=10.0, log_ratio_clamp=20.0)
+    lp64 = logp.detach().double().requires_grad_(True)
+    expect = ref_kl(lp64, ref, kind, 10.0, 20.0)
+    torch.testing.assert_close(out.cpu().double(), expect, rtol=1e-5, atol=1e-5)
+    g = torch.randn(out.shape)
+    out.backward(g.cuda())
+    expect.backward(g.double())
+    assert lp.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(lp.grad.cpu().double(), lp64.grad.to(torch.bfloat16).double(), rtol=1e-2, atol=1e-2)

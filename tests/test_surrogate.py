@@ -186,3 +186,23 @@ def test_bad_input():
 def test_exported():
     assert fastalign.clipped_surrogate is clipped_surrogate
     assert fastalign.clipped_surrogate_with_stats is clipped_surrogate_with_stats
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_cuda_matches_reference(level):
+    logp, old, adv, mask = _inputs((64, 8192 + 5), seq_adv=True, seed=21)
+    lp = logp.cuda().requires_grad_(True)
+    out, stats = clipped_surrogate_with_stats(lp, old.cuda(), adv.cuda(), mask=mask.cuda(), eps_high=0.28,
+                                              dual_clip=3.0, level=level)
+    lp64 = logp.detach().double().requires_grad_(True)
+    expect = ref_loss(lp64, old, adv, mask, eps_high=0.28, dual_clip=3.0, level=level)
+    torch.testing.assert_close(out.cpu().double(), expect, rtol=1e-5, atol=1e-6)
+    g = torch.randn(out.shape)
+    out.backward(g.cuda())
+    expect.backward(g.double())
+    torch.testing.assert_close(lp.grad.cpu().double(), lp64.grad, rtol=1e-5, atol=1e-6)
+    _, cpu_stats = clipped_surrogate_with_stats(logp, old, adv, mask=mask, eps_high=0.28, dual_clip=3.0,
+                                                level=level, impl="torch")
+    for k in cpu_stats:
+        torch.testing.assert_close(stats[k].cpu(), cpu_stats[k], rtol=1e-4, atol=1e-5, msg=k)

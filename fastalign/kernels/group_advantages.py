@@ -2,8 +2,8 @@
 
 Each program owns ``BLOCK`` samples and scans their candidate group members in blocks of ``BLOCK``,
 gathering per sample its group's valid count and sum, then (second scan) the centred sum of
-squares: a two-pass variance. With batch scaling it also reduces all valid rewards (count, sum,
-centred squares). NaN rewards are left out of every statistic and get 0. Deterministic: no atomics.
+squares: a two-pass variance. With batch scaling a one-program kernel first reduces all valid
+rewards to their std (a second launch). NaN rewards are left out of every statistic and get 0. Deterministic: no atomics.
 Three ways to find the members (``MODE``):
 
 * ``MODE_PAIRWISE`` (ids, one launch, no host sync): every j is compared with the program's ids;
@@ -62,8 +62,29 @@ def _run_bound(ids_ptr, key, lo, hi, n_iter, UPPER: tl.constexpr):
 
 
 @triton.jit
+def _batch_std_kernel(rewards_ptr, out_ptr, N, unbiased, FP64: tl.constexpr, BLOCK: tl.constexpr):
+    """One program: the std of all non-NaN rewards (two passes: mean, then centred squares)."""
+    acc: tl.constexpr = tl.float64 if FP64 else tl.float32
+    lanes = tl.arange(0, BLOCK).to(tl.int64)
+    zero = tl.zeros((BLOCK,), acc)
+    cnt = zero
+    tot = zero
+    for j0 in range(0, N, BLOCK):
+        r = tl.load(rewards_ptr + j0 + lanes, mask=j0 + lanes < N, other=float("nan")).to(acc)
+        cnt += tl.where(r == r, 1.0, 0.0)
+        tot += tl.where(r == r, r, 0.0)
+    n = tl.sum(cnt, axis=0)
+    mean = tl.sum(tot, axis=0) / tl.maximum(n, 1.0)
+    sq = zero
+    for j0 in range(0, N, BLOCK):
+        r = tl.load(rewards_ptr + j0 + lanes, mask=j0 + lanes < N, other=float("nan")).to(acc)
+        sq += tl.where(r == r, (r - mean) * (r - mean), 0.0)
+    tl.store(out_ptr, tl.sqrt(tl.sum(sq, axis=0) / tl.maximum(n - unbiased, 1.0)))
+
+
+@triton.jit
 def _group_adv_kernel(
-    rewards_ptr, ids_ptr, perm_ptr, out_ptr, N, group_size, n_search, eps,
+    rewards_ptr, ids_ptr, perm_ptr, batch_std_ptr, out_ptr, N, group_size, n_search, eps,
     loo, scale_mode, unbiased, singleton_raw,
     MODE: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -103,21 +124,7 @@ def _group_adv_kernel(
         dev = r_j[None, :] - mean[:, None]
         sq += tl.sum(tl.where(same, dev * dev, 0.0), axis=1)
 
-    # Whole-batch statistics, only for scale_mode == 2 (the loops are empty otherwise).
-    n_batch = tl.where(scale_mode == 2, N, 0)
-    b_cnt = zero
-    b_tot = zero
-    for j0 in range(0, n_batch, BLOCK):
-        r_j = tl.load(rewards_ptr + j0 + lanes, mask=j0 + lanes < N, other=float("nan")).to(acc)
-        b_cnt += tl.where(r_j == r_j, 1.0, 0.0)
-        b_tot += tl.where(r_j == r_j, r_j, 0.0)
-    bn = tl.sum(b_cnt, axis=0)
-    b_mean = tl.sum(b_tot, axis=0) / tl.maximum(bn, 1.0)
-    b_sq = zero
-    for j0 in range(0, n_batch, BLOCK):
-        r_j = tl.load(rewards_ptr + j0 + lanes, mask=j0 + lanes < N, other=float("nan")).to(acc)
-        b_sq += tl.where(r_j == r_j, (r_j - b_mean) * (r_j - b_mean), 0.0)
-    b_std = tl.sqrt(tl.sum(b_sq, axis=0) / tl.maximum(bn - unbiased, 1.0))
+    b_std = tl.load(batch_std_ptr).to(acc)  # written by _batch_std_kernel (scale_mode 2 only)
 
     single = cnt <= 1.0
     std = tl.sqrt(sq / tl.maximum(cnt - unbiased, 1.0))
@@ -153,8 +160,13 @@ def group_advantages_triton(rewards: torch.Tensor, ids: torch.Tensor | None, gro
     else:
         mode = MODE_PAIRWISE
     dummy = rewards
+    batch_std = torch.ones(1, dtype=out_dtype, device=rewards.device)
+    if scale_mode == 2:  # the whole batch's std, once, before the per-group launch
+        bcfg = tuning.GROUP_ADV_BATCH_CONFIG
+        _batch_std_kernel[(1,)](rewards, batch_std, N, int(unbiased), FP64=out_dtype == torch.float64,
+                                BLOCK=bcfg.block, num_warps=bcfg.num_warps)
     _group_adv_kernel[(triton.cdiv(N, cfg.block),)](
-        rewards, ids if ids is not None else dummy, perm if perm is not None else dummy, out,
+        rewards, ids if ids is not None else dummy, perm if perm is not None else dummy, batch_std, out,
         N, max(group_size, 1), N.bit_length() + 1, eps,
         int(loo), scale_mode, int(unbiased), int(singleton_raw),
         MODE=mode, FP64=out_dtype == torch.float64, BLOCK=cfg.block, num_warps=cfg.num_warps)
@@ -171,8 +183,13 @@ def aot_specs() -> list[AotSpec]:
                 specs.append(AotSpec(
                     f"group_advantages[{ty},mode={mode},BLOCK={cfg.block}]", _group_adv_kernel,
                     {"rewards_ptr": f"*{ty}", "ids_ptr": idx, "perm_ptr": "*i64" if mode == MODE_SORTED else idx,
-                     "out_ptr": f"*{acc}", "N": "i64", "group_size": "i64", "n_search": "i32", "eps": "fp32",
+                     "batch_std_ptr": f"*{acc}", "out_ptr": f"*{acc}", "N": "i64", "group_size": "i64", "n_search": "i32", "eps": "fp32",
                      "loo": "i32", "scale_mode": "i32", "unbiased": "i32", "singleton_raw": "i32"},
                     {"MODE": mode, "FP64": dtype == torch.float64, "BLOCK": cfg.block},
                     num_warps=cfg.num_warps))
+        bcfg = tuning.GROUP_ADV_BATCH_CONFIG
+        specs.append(AotSpec(
+            f"group_advantages_batch_std[{ty},BLOCK={bcfg.block}]", _batch_std_kernel,
+            {"rewards_ptr": f"*{ty}", "out_ptr": f"*{acc}", "N": "i64", "unbiased": "i32"},
+            {"FP64": dtype == torch.float64, "BLOCK": bcfg.block}, num_warps=bcfg.num_warps))
     return specs

@@ -162,6 +162,9 @@ def group_adv_config(n: int) -> RowConfig:
     return GROUP_ADV_CONFIGS[0]
 
 
+# scale="batch": one program reduces every reward to the batch std before the per-group launch.
+GROUP_ADV_BATCH_CONFIG = RowConfig(1024, 4)
+
 # With group ids, up to this many samples compare every pair in one launch (O(N^2), no sort);
 # above it the ids are sorted first (torch.sort) and each block scans only its own runs.
 GROUP_ADV_PAIRWISE_MAX_N = 4096

@@ -1,6 +1,6 @@
 """``group_advantages``: GRPO / RLOO / Dr.GRPO advantages from sequence rewards and group ids.
 
-input checks -> :mod:`fastalign.kernels.group_advantages` (one launch) or the torch path below,
+input checks -> :mod:`fastalign.kernels.group_advantages` or the torch path below,
 chosen by :func:`fastalign._dispatch.select_impl`. Not differentiable (rewards are data).
 """
 
@@ -93,9 +93,10 @@ def group_advantages(
         unbiased: Bessel-corrected stds.
         eps: ``>= 0``, added to the std.
         singleton: ``"zero" | "raw"``.
-        impl: ``"auto" | "triton" | "torch"``. The Triton kernel is one launch without host sync
-            (O(N^2) id compares, fine for N up to ~1e5); the torch path labels arbitrary ids with
-            ``torch.unique`` (a host sync on CUDA).
+        impl: ``"auto" | "triton" | "torch"``. Triton: no host sync; one launch that compares all
+            id pairs for N <= 4096, above that a ``torch.sort`` of the ids then one launch over
+            runs of equal ids; ``scale="batch"`` adds a one-program launch for the batch std. The
+            torch path labels sparse ids with ``torch.unique`` (a host sync on CUDA).
 
     Returns:
         ``[N]`` fp32 (fp64 for fp64 rewards), not differentiable.
