@@ -139,7 +139,11 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: KLKind = "k3", 
     lr_clamp = _check_clamp(log_ratio_clamp, "log_ratio_clamp")
     device = check_same_device(_OP, logp=logp, ref_logp=ref_logp)
     backend = select_impl(impl, device, op=_OP)
-    out = _KLPenalty.apply(as_rows(logp), as_rows(ref_logp), _KINDS[kind], lr_clamp, out_clamp, backend)
+    if logp.is_contiguous() and ref_logp.is_contiguous():  # purely elementwise: one long row
+        lp2, ref2 = logp.view(1, -1), ref_logp.view(1, -1)
+    else:
+        lp2, ref2 = as_rows(logp), as_rows(ref_logp)
+    out = _KLPenalty.apply(lp2, ref2, _KINDS[kind], lr_clamp, out_clamp, backend)
     return out.view(logp.shape)
 
 
