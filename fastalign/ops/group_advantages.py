@@ -36,29 +36,40 @@ def torch_group_advantages(rewards, ids, group_size, eps, loo, scale_mode, unbia
         else:
             uniq, inv = torch.unique(ids, return_inverse=True)
             G = uniq.numel()
-    valid = ~torch.isnan(r)
-    r0 = torch.where(valid, r, 0.0)
-    cnt = torch.zeros(G, dtype=acc, device=r.device).index_add_(0, inv, valid.to(acc))
+    # Per-group work on [G] vectors, then one index_select per needed quantity (few ops: this path is
+    # bound by per-op overhead at typical N).
+    valid = r == r
+    vf = valid.to(acc)
+    r0 = torch.nan_to_num(r, nan=0.0)  # inf rewards stay inf
+    cnt = torch.zeros(G, dtype=acc, device=r.device).index_add_(0, inv, vf)
     tot = torch.zeros(G, dtype=acc, device=r.device).index_add_(0, inv, r0)
     mean = tot / cnt.clamp(min=1.0)
-    dev = torch.where(valid, r - mean[inv], 0.0)
-    sq = torch.zeros(G, dtype=acc, device=r.device).index_add_(0, inv, dev * dev)
-    n_i = cnt[inv]
-    std_i = (sq / (cnt - float(unbiased)).clamp(min=1.0)).sqrt()[inv]
-    base = (tot[inv] - r0) / (n_i - 1.0).clamp(min=1.0) if loo else mean[inv]
-    single = n_i <= 1.0
-    base = torch.where(single, 0.0, base)
-    std_i = torch.where(single, 1.0, std_i)
-    adv = r - base
+    dev = (r0 - mean.index_select(0, inv)).mul_(vf)
+    single = cnt <= 1.0
     if scale_mode == 1:
-        adv = adv / (std_i + eps)
+        sq = torch.zeros(G, dtype=acc, device=r.device).index_add_(0, inv, dev * dev)
+        inv_scale = torch.where(single, 1.0, (sq / (cnt - float(unbiased)).clamp(min=1.0)).sqrt_()).add_(eps)
+        inv_scale = inv_scale.reciprocal_()
     elif scale_mode == 2:
-        bn = valid.sum().to(acc)
-        b_mean = r0.sum() / bn.clamp(min=1.0)
-        b_dev = torch.where(valid, r - b_mean, 0.0)
-        b_std = ((b_dev * b_dev).sum() / (bn - float(unbiased)).clamp(min=1.0)).sqrt()
-        adv = adv / (b_std + eps)
-    keep = valid & (~single | singleton_raw)
+        bn = vf.sum()
+        b_dev = (r0 - r0.sum() / bn.clamp(min=1.0)).mul_(vf)
+        b_std = ((b_dev * b_dev).sum() / (bn - float(unbiased)).clamp(min=1.0)).sqrt_()
+        inv_scale = (b_std + eps).reciprocal_()
+    if loo:
+        # r - (sum - r) / (n - 1) = (n r - sum) / (n - 1)
+        n_i = cnt.index_select(0, inv)
+        adv = (r0 * n_i - tot.index_select(0, inv)) / (n_i - 1.0).clamp(min=1.0)
+        if singleton_raw:
+            adv = torch.where(n_i <= 1.0, r0, adv)
+    elif singleton_raw:
+        adv = r0 - torch.where(single, 0.0, mean).index_select(0, inv)
+    else:
+        adv = dev
+    if scale_mode == 1:
+        adv = adv * inv_scale.index_select(0, inv)
+    elif scale_mode == 2:
+        adv = adv * inv_scale
+    keep = valid if singleton_raw else valid & ~single.index_select(0, inv)
     return torch.where(keep, adv, 0.0)
 
 
