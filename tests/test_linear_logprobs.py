@@ -194,6 +194,18 @@ def test_logits_tile_in_compute_dtype(dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_cuda_data_flow_on_cpu(impl, monkeypatch):
+    """The CUDA data flow (bf16 GEMM operands, fp32 logits tile, dZ in a separate bf16 buffer),
+    emulated on CPU by feeding the GEMMs their compute dtype."""
+    from fastalign.ops import linear_logprobs as ll
+
+    monkeypatch.setattr(ll, "_gemm_dtype", lambda compute_dtype, device: compute_dtype)
+    h, W, t, b = _inputs(30, 16, 300, dtype=torch.bfloat16, bias=True, scale=2.0)
+    t[::4] = -100
+    _check(h, W, t, impl, b=b, softcap=4.0, chunk_size=64)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_autocast_runs_gemm_in_autocast_dtype(impl):
     h, W, t, b = _inputs(24, 16, 200, bias=True, scale=2.0)
     h.requires_grad_()

@@ -90,8 +90,8 @@ def torch_fold_chunk(tile: torch.Tensor, targets: torch.Tensor, m: torch.Tensor,
 def torch_dlogits_chunk(tile: torch.Tensor, dz: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
                         entropy: torch.Tensor | None, g_logp: torch.Tensor | None, g_ent: torch.Tensor | None,
                         vocab_start: int, scale: float, inv_temp: float, softcap: float | None) -> torch.Tensor:
-    """dLoss/dZ of one tile (overwrites the tile); returns a tensor holding it (``dz`` is not used:
-    the torch path runs its gradient GEMMs on the fp32/fp64 result directly)."""
+    """dLoss/dZ of one tile (overwrites the tile); returns a tensor holding it: ``dz`` (filled) when
+    its dtype differs from the tile's (the GEMM operand dtype on CUDA), else a tile-dtype buffer."""
     n, n_cols = tile.shape
     if softcap is not None:
         th = tile.mul_(scale / softcap).tanh_()
@@ -118,6 +118,8 @@ def torch_dlogits_chunk(tile: torch.Tensor, dz: torch.Tensor, targets: torch.Ten
         d.mul_(scale * inv_temp)
     if th is not None:
         d.mul_(th.square_().neg_().add_(1.0))
+    if dz.dtype != d.dtype:  # CUDA with bf16/fp16 GEMM operands: dZ in their dtype
+        return dz.copy_(d)
     return d
 
 
