@@ -30,8 +30,11 @@ def machine_info(device: torch.device) -> dict:
     except ImportError:
         info["triton"] = None
     if device.type == "cuda":
+        from fastalign.bench.devices import device_peaks
+
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
+        info["peak_bf16_tflops"], info["peak_gbps"] = device_peaks(info["gpu"])
     try:
         info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                         cwd=Path(__file__).resolve().parents[2], timeout=10).stdout.strip() or None
@@ -50,8 +53,16 @@ def _fmt(x, spec: str, suffix: str = "") -> str:
     return "-" if x is None else f"{x:{spec}}{suffix}"
 
 
-def markdown_table(results: list[BenchResult]) -> str:
-    header = ("| op | shape | impl | median ms | peak MiB | speed vs ref | mem vs ref | TFLOP/s | GB/s | vs peers |\n"
+def _of_peak(value, peak) -> str:
+    return "" if value is None or not peak else f" ({100 * value / peak:.0f}%)"
+
+
+def markdown_table(results: list[BenchResult], info: dict | None = None) -> str:
+    from fastalign.bench.devices import device_peaks
+
+    peak_tflops, peak_gbps = device_peaks((info or {}).get("gpu"))
+    header = ("| op | shape | impl | median ms | peak MiB | speed vs ref | mem vs ref | TFLOP/s (% peak) | "
+              "GB/s (% peak) | vs peers |\n"
               "|---|---|---|---:|---:|---:|---:|---:|---:|---|")
     lines = [header]
     for r in results:
@@ -62,20 +73,22 @@ def markdown_table(results: list[BenchResult]) -> str:
         lines.append(
             f"| {r.suite}/{r.op} | {r.shape} | {r.impl} | {_fmt(r.median_ms, '.3f')} | {_fmt(r.peak_mb, '.1f')} | "
             f"{_fmt(r.speedup_vs_baseline, '.2f', 'x')} | {_fmt(r.memory_vs_baseline, '.3f', 'x')} | "
-            f"{_fmt(r.tflops, '.1f')} | {_fmt(r.gbps, '.0f')} | {peers} |"
+            f"{_fmt(r.tflops, '.1f')}{_of_peak(r.tflops, peak_tflops)} | "
+            f"{_fmt(r.gbps, '.0f')}{_of_peak(r.gbps, peak_gbps)} | {peers} |"
         )
     return "\n".join(lines)
 
 
 def console_table(results: list[BenchResult]) -> str:
-    cols = ["op", "shape", "impl", "ms", "peak MiB", "speed/ref", "mem/ref", "vs peers"]
+    cols = ["op", "shape", "impl", "ms", "peak MiB", "speed/ref", "mem/ref", "TFLOP/s", "GB/s", "vs peers"]
     rows = []
     for r in results:
         if r.error:
-            rows.append([f"{r.suite}/{r.op}", r.shape, r.impl, "error", r.error[:60], "", "", ""])
+            rows.append([f"{r.suite}/{r.op}", r.shape, r.impl, "error", r.error[:60], "", "", "", "", ""])
             continue
         rows.append([f"{r.suite}/{r.op}", r.shape, r.impl, _fmt(r.median_ms, ".3f"), _fmt(r.peak_mb, ".1f"),
                      _fmt(r.speedup_vs_baseline, ".2f", "x"), _fmt(r.memory_vs_baseline, ".3f", "x"),
+                     _fmt(r.tflops, ".1f"), _fmt(r.gbps, ".0f"),
                      ", ".join(f"{k} {v:.2f}x" for k, v in r.vs_peers.items())])
     widths = [max(len(str(x)) for x in [c] + [row[i] for row in rows]) for i, c in enumerate(cols)]
     out = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)), "  ".join("-" * w for w in widths)]
@@ -98,6 +111,6 @@ def write_results(results: list[BenchResult], info: dict, out_dir: Path, tag: st
         f"# fastalign bench: {tag}\n\nMachine: {machine_line(info)}\n\n"
         "Ratios are against the materializing reference measured in the same run: speed > 1 is faster, "
         "mem < 1 is less peak memory. `vs peers`: this row's speedup over each installed peer.\n\n"
-        + markdown_table(results) + "\n"
+        + markdown_table(results, info) + "\n"
     )
     return json_path, md_path
