@@ -80,11 +80,14 @@ def torch_logprobs_backward(logits: torch.Tensor, layout: RowLayout, targets: to
         # in fp32 / fp64 the gradient rows themselves are the work buffer: no chunk temporaries
         out_rows = grad[start:end]
         logp_all = out_rows if logits.dtype == acc else torch.empty(out_rows.shape, dtype=acc, device=grad.device)
-        if chunk.dtype == acc:
-            torch.mul(chunk, inv_temp, out=logp_all)
-        else:  # upcast before scaling: bf16 * (1/T) would round in bf16
-            logp_all.copy_(chunk).mul_(inv_temp)
-        logp_all.sub_(lse[start:end, None])
+        if chunk.dtype == acc and inv_temp == 1.0:
+            torch.sub(chunk, lse[start:end, None], out=logp_all)
+        else:
+            if chunk.dtype == acc:
+                torch.mul(chunk, inv_temp, out=logp_all)
+            else:  # upcast before scaling: bf16 * (1/T) would round in bf16
+                logp_all.copy_(chunk).mul_(inv_temp)
+            logp_all.sub_(lse[start:end, None])
         g = torch.where(v, grad_logp[start:end, None].to(acc), 0) if grad_logp is not None else None
         if grad_entropy is not None:
             g_ent = torch.where(v, grad_entropy[start:end, None].to(acc), 0)
