@@ -205,6 +205,24 @@ def test_cuda_data_flow_on_cpu(impl, monkeypatch):
     _check(h, W, t, impl, b=b, softcap=4.0, chunk_size=64)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N,D,V,opts", [
+    (37, 40, 300, dict(bias=True, softcap=4.0, temperature=0.8)),
+    (5, 8, 1000, dict()),
+    (70, 24, 130, dict(ignore=True, row_blocks=True)),
+])
+def test_fused_forward_backend(dtype, N, D, V, opts, monkeypatch):
+    """tuning.LINEAR_LOGPROBS_BACKEND = "triton_fused_forward": GEMM + online LSE in one kernel."""
+    monkeypatch.setattr(tuning, "LINEAR_LOGPROBS_BACKEND", "triton_fused_forward")
+    if opts.get("row_blocks"):
+        monkeypatch.setitem(tuning.LINEAR_LOGPROBS_TILE_ELEMENTS, "cpu", 64 * 20)  # 20 rows per block
+    h, W, t, b = _inputs(N, D, V, dtype=dtype, bias=opts.get("bias", False), scale=2.0)
+    if opts.get("ignore"):
+        t[::3] = -100
+    _check(h, W, t, "triton", b=b, softcap=opts.get("softcap"), temperature=opts.get("temperature", 1.0),
+           chunk_size=64)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_autocast_runs_gemm_in_autocast_dtype(impl):
     h, W, t, b = _inputs(24, 16, 200, bias=True, scale=2.0)

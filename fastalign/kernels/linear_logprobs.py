@@ -15,6 +15,11 @@ operands, fp32 accumulation and fp32 output), and these kernels consume the tile
   compute dtype on CUDA, so the gradient GEMMs run in bf16/fp16 with fp32 accumulation; or in place
   into the fp32 tile).
 
+Alternative forward (``tuning.LINEAR_LOGPROBS_BACKEND = "triton_fused_forward"``): one kernel per
+[BLOCK_M, BLOCK_N] output tile (grouped launch order for L2 reuse) runs the GEMM over D with
+``tl.dot`` (fp32 accumulation; IEEE fp32 dots for fp32 operands) and folds the tile straight into a
+per-row partial LSE state; the partials of a chunk's column blocks are merged per row in torch.
+
 The math is fp32. fp64 inputs (gradcheck) do not come here: the caller routes them to the torch
 epilogues of :mod:`fastalign.ops.linear_logprobs`, which compute in fp64 with fp64 hyperparameters
 (Triton passes Python floats as fp32). Row offsets are int64 (``rows * stride`` never wraps).
@@ -128,6 +133,68 @@ def _lin_bwd_epilogue_kernel(
     tl.store(dz_ptr + rows[:, None] * stride_dz + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=lane)
 
 
+@triton.jit
+def _lin_fwd_fused_kernel(
+    h_ptr, stride_hm, stride_hk, w_ptr, stride_wv, stride_wk, b_ptr, targets_ptr,
+    pm_ptr, ps_ptr, pt_ptr, ptgt_ptr,
+    n_rows, n_cols, D, vocab_start,
+    scale, inv_temp, softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ENTROPY: tl.constexpr, IEEE_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """One [BLOCK_M, BLOCK_N] logits tile: GEMM over D in registers, then its per-row LSE state
+    (m, s, t) and target logit, stored as the partial of column block ``pid_n`` ([n_col_blocks, n_rows])."""
+    scale = tl.cast(scale, tl.float32)
+    inv_temp = tl.cast(inv_temp, tl.float32)
+    softcap = tl.cast(softcap, tl.float32)
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(n_rows, BLOCK_M)
+    num_n = tl.cdiv(n_cols, BLOCK_N)
+    # grouped order: GROUP_M row blocks walk the column blocks together, sharing W tiles in L2
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_size
+    pid_n = (pid % per_group) // group_size
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    row_ok = rows < n_rows
+    col_ok = cols < n_cols
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        k_ok = ks < D
+        a = tl.load(h_ptr + rows[:, None] * stride_hm + ks[None, :] * stride_hk,
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_ptr + cols[None, :] * stride_wv + ks[:, None] * stride_wk,
+                    mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        if IEEE_FP32:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    z = acc * scale
+    if HAS_SOFTCAP:
+        x = _tanh(z / softcap) * (softcap * inv_temp)
+    else:
+        x = z * inv_temp
+    x = tl.where(row_ok[:, None] & col_ok[None, :], x, float("-inf"))
+    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_M,), tl.float32)
+    t = tl.zeros((BLOCK_M,), tl.float32)
+    m, s, t = online_lse_update(m, s, t, x, HAS_ENTROPY)
+    local = tl.load(targets_ptr + rows, mask=row_ok, other=-1).to(tl.int64) - vocab_start
+    hit = (local[:, None] == cols[None, :]) & col_ok[None, :]
+    tgt = tl.sum(tl.where(hit, x, 0.0), axis=1)
+    out = pid_n.to(tl.int64) * n_rows + rows
+    tl.store(pm_ptr + out, m, mask=row_ok)
+    tl.store(ps_ptr + out, s, mask=row_ok)
+    if HAS_ENTROPY:
+        tl.store(pt_ptr + out, t, mask=row_ok)
+    tl.store(ptgt_ptr + out, tgt, mask=row_ok)
+
+
 # ---- launchers ---------------------------------------------------------------------------------
 # Both take a tile ``[n, C]`` (fp32, row stride ``tile.stride(0)``, unit column stride) and
 # per-row fp32 vectors of length n. ``softcap=None`` means no softcap.
@@ -168,6 +235,55 @@ def dlogits_chunk(tile: torch.Tensor, dz: torch.Tensor, targets: torch.Tensor, l
     return dz
 
 
+_TL_NAME = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def fused_fold_chunk(h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                     m: torch.Tensor, s: torch.Tensor, t: torch.Tensor | None, tgt: torch.Tensor, vocab_start: int,
+                     scale: float, inv_temp: float, softcap: float | None) -> None:
+    """``tuning.LINEAR_LOGPROBS_BACKEND = "triton_fused_forward"``: fold the logits ``h [n, D] @ w[C, D].T
+    (+ bias [C])`` into the running (m, s, t) and the target logit without materializing the tile.
+    h and w share a bf16/fp16/fp32 dtype; bias is fp32."""
+    n, D = h.shape
+    n_cols = w.shape[0]
+    if n == 0 or n_cols == 0:
+        return
+    if h.device.type == "cpu" and h.dtype != torch.float32:
+        # the Triton interpreter (triton 3.9) mis-multiplies bf16 tl.dot operands; the same values
+        # in fp32 give the bf16 x bf16 -> fp32 products exactly
+        h, w = h.float(), w.float()
+    name = _TL_NAME[h.dtype]
+    cfg = tuning.linear_logprobs_fused_config(name, n)
+    n_blocks = triton.cdiv(n_cols, cfg.block_n)
+    part = torch.empty((4 if t is not None else 3, n_blocks, n), dtype=torch.float32, device=h.device)
+    pm, ps, ptgt = part[0], part[1], part[2]
+    pt = part[3] if t is not None else ps
+    grid = (triton.cdiv(n, cfg.block_m) * n_blocks,)
+    _lin_fwd_fused_kernel[grid](
+        h, h.stride(0), h.stride(1), w, w.stride(0), w.stride(1), bias if bias is not None else m, targets,
+        pm, ps, pt, ptgt, n, n_cols, D, vocab_start, float(scale), float(inv_temp), float(softcap or 1.0),
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_ENTROPY=t is not None,
+        IEEE_FP32=h.dtype == torch.float32, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    merge_lse_partials(m, s, t, tgt, pm, ps, pt if t is not None else None, ptgt)
+
+
+def merge_lse_partials(m, s, t, tgt, pm, ps, pt, ptgt) -> None:
+    """Fold partial states ``[P, n]`` (each t relative to its own m) into the running ``[n]`` ones, in place."""
+    m_new = torch.maximum(m, pm.amax(0))
+    alpha = torch.exp(m - m_new)  # 0 where m = -inf (first chunk)
+    beta = torch.exp(pm - m_new)
+    if t is not None:
+        # move each t to the common max: t' = e^(m_i - M) (t_i - (M - m_i) s_i)
+        shift = torch.where(s > 0, (m_new - m) * s, torch.zeros_like(s))
+        p_shift = torch.where(ps > 0, (m_new - pm) * ps, torch.zeros_like(ps))
+        t.sub_(shift).mul_(alpha).add_((beta * (pt - p_shift)).sum(0))
+    s.mul_(alpha).add_((beta * ps).sum(0))
+    m.copy_(m_new)
+    tgt.add_(ptgt.sum(0))
+
+
 _DZ_TYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -189,6 +305,23 @@ def aot_specs() -> list[AotSpec]:
                         "BLOCK_R": cfg.block_rows, "BLOCK_C": cfg.block_cols},
             num_warps=cfg.num_warps,
         ))
+    for ty, configs in tuning.LINEAR_LOGPROBS_FUSED_CONFIGS.items():
+        for cfg, bias, softcap, ent in itertools.product(configs, (False, True), (False, True), (False, True)):
+            specs.append(AotSpec(
+                name=f"linear_logprobs_fwd_fused[{ty},m{cfg.block_m}n{cfg.block_n}k{cfg.block_k}g{cfg.group_m}"
+                     f"w{cfg.num_warps}s{cfg.num_stages}{',bias' if bias else ''}{',softcap' if softcap else ''}"
+                     f"{',ent' if ent else ''}]",
+                fn=_lin_fwd_fused_kernel,
+                signature={"h_ptr": f"*{ty}", "stride_hm": "i32", "stride_hk": "i32", "w_ptr": f"*{ty}",
+                           "stride_wv": "i32", "stride_wk": "i32", "b_ptr": "*fp32", "targets_ptr": "*i64",
+                           "pm_ptr": "*fp32", "ps_ptr": "*fp32", "pt_ptr": "*fp32", "ptgt_ptr": "*fp32",
+                           "n_rows": "i32", "n_cols": "i32", "D": "i32", "vocab_start": "i32",
+                           "scale": "fp32", "inv_temp": "fp32", "softcap": "fp32"},
+                constexprs={"HAS_BIAS": bias, "HAS_SOFTCAP": softcap, "HAS_ENTROPY": ent,
+                            "IEEE_FP32": ty == "fp32", "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
+                            "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m},
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            ))
     tile_dz = [("fp32", dz) for dz in _DZ_TYPES] + [("bf16", "bf16"), ("fp16", "fp16")]
     for cfg in tuning.LINEAR_LOGPROBS_BWD_CONFIGS:
         for tile_ty, dz_ty in tile_dz:

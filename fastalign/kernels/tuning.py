@@ -55,6 +55,10 @@ def torch_rows_per_chunk(vocab: int, budget_elements: int | None = None) -> int:
 # are memory-bound passes over one fp32 tile. A fully fused Triton GEMM + online-LSE kernel is the
 # alternative to measure against on an H100 before switching this.
 LINEAR_LOGPROBS_BACKEND = "cublas_chunks"
+LINEAR_LOGPROBS_BACKENDS = ("cublas_chunks", "triton_fused_forward")
+# "triton_fused_forward": the forward's GEMM and online-LSE fold in one Triton kernel per tile (no
+# logits tile in memory; per-[BLOCK_M, BLOCK_N] partial LSE states merged per row); the backward
+# stays on cuBLAS chunks. Written to be measured against "cublas_chunks" on a GPU.
 
 # Vocabulary columns per tile (the public ``chunk_size`` default) and the most elements one fp32
 # logits tile may hold (rows per tile = budget // chunk_size): the chunk buffer stays bounded
@@ -201,3 +205,33 @@ def fused_loss_rows(device_type: str, vocab: int, n_rows: int) -> int:
     budget = FUSED_LOSS_TILE_ELEMENTS.get(device_type, FUSED_LOSS_TILE_ELEMENTS["cuda"])
     rows = max(FUSED_LOSS_MIN_ROWS, budget // max(vocab, 1))
     return max(1, min(rows, n_rows))
+
+
+@dataclass(frozen=True)
+class DotConfig:
+    """A Triton GEMM tile: [block_m, block_k] x [block_k, block_n], grouped launch order for L2 reuse."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+
+
+# Fused forward (GEMM + online LSE per output tile), by operand dtype. fp32 operands use IEEE fp32
+# dots (no TF32) and smaller tiles (shared memory). The small config serves tiny row counts.
+LINEAR_LOGPROBS_FUSED_CONFIGS = {
+    "bf16": (DotConfig(128, 128, 64, 8, 8, 3), DotConfig(64, 128, 64, 8, 4, 3), DotConfig(16, 64, 32, 8, 4, 2)),
+    "fp16": (DotConfig(128, 128, 64, 8, 8, 3), DotConfig(64, 128, 64, 8, 4, 3), DotConfig(16, 64, 32, 8, 4, 2)),
+    "fp32": (DotConfig(64, 64, 32, 8, 4, 3), DotConfig(16, 64, 32, 8, 4, 2)),
+}
+
+
+def linear_logprobs_fused_config(dtype_name: str, n_rows: int) -> DotConfig:
+    """The first config whose row block is at most the rows of the tile (largest first)."""
+    configs = LINEAR_LOGPROBS_FUSED_CONFIGS[dtype_name]
+    for cfg in configs:
+        if cfg.block_m <= n_rows:
+            return cfg
+    return configs[-1]

@@ -17,7 +17,9 @@ vocabulary-sized buffer is one ``[R, C]`` fp32 tile (plus, on CUDA with bf16/fp1
 Everything else is O(N) per-row state, the fp32 dH accumulator ``[N, D]`` and the gradients.
 
 Forward: for each tile, GEMM (compute-dtype operands, fp32 accumulation, fp32 output) -> fold into
-the online-LSE state. Backward: vocabulary chunks outer, row blocks inner; recompute the tile,
+the online-LSE state (``tuning.LINEAR_LOGPROBS_BACKEND = "cublas_chunks"``, the default); or, with
+``"triton_fused_forward"``, one Triton kernel per tile does the GEMM and the fold in registers (no
+logits tile) and per-column-block partial LSE states are merged per row. Backward: vocabulary chunks outer, row blocks inner; recompute the tile,
 turn it into dZ, then ``dH[rows] += dZ @ W_c``, ``dW_c += dZ.T @ H[rows]``, ``db_c += dZ.sum(0)``,
 accumulated in fp32 and cast to the parameter dtype once per chunk (dW, db) or once at the end (dH).
 
@@ -215,6 +217,9 @@ def linear_logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: to
     targets = targets.contiguous()
     rows, cols = tuning.linear_logprobs_chunking(dev.type, V, n, chunk_size)
     gd = _gemm_dtype(compute_dtype, dev)
+    if _use_fused_forward(backend, acc):
+        return _fused_forward(hidden, weight, bias, targets, m, s, t, tgt, rows, cols, scale=scale,
+                              inv_temp=inv_temp, softcap=softcap, compute_dtype=compute_dtype)
     with torch.autocast(dev.type, enabled=False):
         h = _as_operand(hidden, compute_dtype, gd)
         # flat: every tile view is contiguous
@@ -231,10 +236,37 @@ def linear_logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: to
                     tile.add_(b_c)
                 fold(tile, targets[r0:r1], m[r0:r1], s[r0:r1], None if t is None else t[r0:r1], tgt[r0:r1],
                      v0, scale, inv_temp, softcap)
+    return _finalize(tgt, m, s, t)
+
+
+def _use_fused_forward(backend: str, acc: torch.dtype) -> bool:
+    return (tuning.LINEAR_LOGPROBS_BACKEND == "triton_fused_forward" and backend == "triton"
+            and acc == torch.float32)
+
+
+def _finalize(tgt, m, s, t):
     log_s = torch.log(s)
-    lse = m + log_s
-    entropy = log_s - t / s if with_entropy else None
-    return tgt, lse, entropy
+    return tgt, m + log_s, (log_s - t / s if t is not None else None)
+
+
+def _fused_forward(hidden, weight, bias, targets, m, s, t, tgt, rows, cols, *, scale, inv_temp, softcap,
+                   compute_dtype):
+    """The forward with the Triton GEMM + online-LSE kernel: same chunk walk, no logits tile."""
+    from fastalign.kernels.linear_logprobs import fused_fold_chunk
+
+    n = hidden.shape[0]
+    V = weight.shape[0]
+    with torch.autocast(hidden.device.type, enabled=False):
+        h = hidden.to(compute_dtype)  # the kernel's dot takes both operands in the compute dtype
+        for v0 in range(0, V, cols):
+            v1 = min(v0 + cols, V)
+            w_c = weight[v0:v1].to(compute_dtype)
+            b_c = None if bias is None else bias[v0:v1].to(compute_dtype).float().contiguous()
+            for r0 in range(0, n, rows):
+                r1 = min(r0 + rows, n)
+                fused_fold_chunk(h[r0:r1], w_c, b_c, targets[r0:r1], m[r0:r1], s[r0:r1],
+                                 None if t is None else t[r0:r1], tgt[r0:r1], v0, scale, inv_temp, softcap)
+    return _finalize(tgt, m, s, t)
 
 
 def linear_logprobs_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
