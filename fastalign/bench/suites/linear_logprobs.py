@@ -64,6 +64,21 @@ def _peers(device: torch.device) -> dict[str, Callable]:
     return peers
 
 
+def _with_backend(backend: str, fn: Callable) -> Callable:
+    """``fn`` run with ``tuning.LINEAR_LOGPROBS_BACKEND = backend``, restored after the call (only the
+    forward reads the setting; the backward is the same for both)."""
+    from fastalign.kernels import tuning
+
+    def run(h, W, t):
+        old = tuning.LINEAR_LOGPROBS_BACKEND
+        tuning.LINEAR_LOGPROBS_BACKEND = backend
+        try:
+            return fn(h, W, t)
+        finally:
+            tuning.LINEAR_LOGPROBS_BACKEND = old
+    return run
+
+
 def _make(fn: Callable, N: int, D: int, V: int, dtype, device, op: str):
     def make():
         gen = torch.Generator(device="cpu").manual_seed(0)
@@ -90,7 +105,10 @@ def cases(device: torch.device, quick: bool = False) -> list[BenchCase]:
         shapes, dtype, impl = (QUICK_SHAPES if quick else CUDA_SHAPES), torch.bfloat16, "triton"
     else:
         shapes, dtype, impl = (QUICK_SHAPES if quick else CPU_SHAPES), torch.float32, "torch"
-    ours = lambda h, W, t: fastalign.linear_logprobs(h, W, t, impl=impl)  # noqa: E731
+    ours = {f"fastalign[{impl}]": lambda h, W, t: fastalign.linear_logprobs(h, W, t, impl=impl)}
+    if device.type == "cuda":  # the alternative forward, to measure before choosing (tuning.py)
+        ours[f"fastalign[{impl},fused_fwd]"] = _with_backend(
+            "triton_fused_forward", lambda h, W, t: fastalign.linear_logprobs(h, W, t, impl=impl))
     peers = _peers(device)
     out = []
     for N, D, V in shapes:
@@ -100,8 +118,9 @@ def cases(device: torch.device, quick: bool = False) -> list[BenchCase]:
             flops = {"fwd": 2 * ndv, "bwd": 6 * ndv, "fwd+bwd": 8 * ndv}[op]
             out.append(BenchCase("linear_logprobs", op, shape, "reference", "baseline",
                                  _make(_reference, N, D, V, dtype, device, op), flops=flops))
-            out.append(BenchCase("linear_logprobs", op, shape, f"fastalign[{impl}]", "fastalign",
-                                 _make(ours, N, D, V, dtype, device, op), flops=flops))
+            for name, fn in ours.items():
+                out.append(BenchCase("linear_logprobs", op, shape, name, "fastalign",
+                                     _make(fn, N, D, V, dtype, device, op), flops=flops))
             for name, fn in peers.items():
                 out.append(BenchCase("linear_logprobs", op, shape, name, "peer",
                                      _make(fn, N, D, V, dtype, device, op), flops=flops))
