@@ -129,3 +129,18 @@ def test_grpo_step_same_loss_and_grads(tmp_path):
     assert any(g.abs().max() > 0 for g in grads_ref.values())
     for name, g in grads_ref.items():
         assert max_err(grads_fa[name], g) <= 1e-5 * max(1.0, g.abs().max().item()), name
+
+
+def test_dropin_gradcheck_fp64():
+    """The drop-in's own autograd (logit_scale, softcap, temperature, bias, entropy) in fp64."""
+    N, D, V = 4, 3, 6
+    h = torch.randn(N, D, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(V, D, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(V, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, V, (N,))
+
+    def f(h, W, b):
+        lp, ent, *_ = fa_trl.FastalignChunkedLogProbFunction.apply(h, W, b, t, 0.8, 4, 2.5, 0.7, ("entropy",))
+        return lp, ent
+
+    assert torch.autograd.gradcheck(f, (h, W, b))
