@@ -62,11 +62,14 @@ LINEAR_LOGPROBS_BACKENDS = ("cublas_chunks", "triton_fused_forward")
 
 # Vocabulary columns per tile (the public ``chunk_size`` default) and the most elements one fp32
 # logits tile may hold (rows per tile = budget // chunk_size): the chunk buffer stays bounded
-# whatever N is. CUDA: a [8192, 4096] fp32 tile is 128 MiB and keeps cuBLAS tiles large.
+# whatever N is. CUDA: a [4096, 4096] fp32 tile is 64 MiB (+ 32 MiB bf16 dZ) and keeps cuBLAS GEMMs
+# large (4096 x 4096 x D). Extra memory for the Qwen2.5-7B head at N 16384 (bf16): fp32 dH accumulator
+# 224 MiB + tile 64 + dZ 32 + fp32 dW chunk accumulator 56 = ~380 MiB, ~1.5% of the materializing
+# reference's ~25 GiB.
 # CPU: an 8 MiB [1024, 2048] tile bounds the torch path's temporaries; measured on 2 cores at
 # N 2048, D 256, V 32768 (fwd+bwd), 2048 columns beat 512 / 1024 / 4096 / 8192 by 10-30%.
 LINEAR_LOGPROBS_CHUNK_SIZE = {"cuda": 4096, "cpu": 2048}
-LINEAR_LOGPROBS_TILE_ELEMENTS = {"cuda": 1 << 25, "cpu": 1 << 21}
+LINEAR_LOGPROBS_TILE_ELEMENTS = {"cuda": 1 << 24, "cpu": 1 << 21}
 
 # Logits tiles in fp32 (False: the GEMM writes fp32, the softmax never sees rounded logits) or in
 # the compute dtype (True, Triton backend with bf16/fp16 compute: half the tile traffic and dZ is
