@@ -62,6 +62,24 @@ class BenchResult:
         return asdict(self)
 
 
+def autograd_runner(op: str, fn: Callable, args: tuple, wrt: tuple, grad_out: torch.Tensor) -> Callable[[], Any]:
+    """The callable to time for ``op``: "fwd" (no autograd), "bwd" (the backward of one graph built
+    here and kept), or "fwd+bwd"; gradients are taken w.r.t. ``wrt`` (members of ``args``)."""
+    if op == "fwd":
+        def run():
+            with torch.no_grad():
+                return fn(*args)
+        return run
+    for t in wrt:
+        t.requires_grad_()
+    if op == "bwd":
+        out = fn(*args)
+        return lambda: torch.autograd.grad(out, wrt, grad_out, retain_graph=True)
+    if op == "fwd+bwd":
+        return lambda: torch.autograd.grad(fn(*args), wrt, grad_out)
+    raise ValueError(f"op must be 'fwd', 'bwd' or 'fwd+bwd', got {op!r}")
+
+
 def discover_suites() -> dict[str, Any]:
     """All modules in fastalign.bench.suites that define ``cases``."""
     import fastalign.bench.suites as pkg

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 import fastalign
-from fastalign.bench.core import BenchCase
+from fastalign.bench.core import BenchCase, autograd_runner
 
 CUDA_SHAPES = [  # (N tokens, D, V) of real heads, bf16
     (16384, 3584, 152064),  # Qwen2.5-7B
@@ -85,18 +85,8 @@ def _make(fn: Callable, N: int, D: int, V: int, dtype, device, op: str):
         h = torch.randn(N, D, generator=gen).to(device=device, dtype=dtype)
         W = (torch.randn(V, D, generator=gen) / D**0.5).to(device=device, dtype=dtype)
         t = torch.randint(0, V, (N,), generator=gen).to(device)
-        if op == "fwd":
-            def run():
-                with torch.no_grad():
-                    return fn(h, W, t)
-            return run
-        h.requires_grad_()
-        W.requires_grad_()
         g = torch.randn(N, generator=gen).to(device)
-        if op == "bwd":
-            out = fn(h, W, t)
-            return lambda: torch.autograd.grad(out, (h, W), g, retain_graph=True)
-        return lambda: torch.autograd.grad(fn(h, W, t), (h, W), g)
+        return autograd_runner(op, fn, (h, W, t), (h, W), g)
     return make
 
 

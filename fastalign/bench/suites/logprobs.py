@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 import fastalign
-from fastalign.bench.core import BenchCase
+from fastalign.bench.core import BenchCase, autograd_runner
 
 CUDA_SHAPES = [  # (N tokens, V) of real heads, bf16
     (8192, 152064),  # Qwen2.5
@@ -57,17 +57,8 @@ def _make(fn: Callable, N: int, V: int, dtype, device, op: str):
         gen = torch.Generator(device="cpu").manual_seed(0)
         logits = (torch.randn(N, V, generator=gen) * 2).to(device=device, dtype=dtype)
         targets = torch.randint(0, V, (N,), generator=gen).to(device)
-        if op == "fwd":
-            def run():
-                with torch.no_grad():
-                    return fn(logits, targets)
-            return run
-        x = logits.requires_grad_()
         grad_out = torch.randn(N, generator=gen).to(device)
-        if op == "bwd":
-            out = fn(x, targets)
-            return lambda: torch.autograd.grad(out, x, grad_out, retain_graph=True)[0]
-        return lambda: torch.autograd.grad(fn(x, targets), x, grad_out)[0]
+        return autograd_runner(op, fn, (logits, targets), (logits,), grad_out)
     return make
 
 

@@ -70,7 +70,7 @@ def _gae_cases(B, T, device, impl):
 
     nbytes = B * T * (4 + 4 + 1 + 4 + 4)
     return [BenchCase(SUITE, "gae", shape, "tutorial.compute_gae", "baseline", make_base, bytes=nbytes),
-            BenchCase(SUITE, "gae", shape, impl, "fastalign", make_ours, bytes=nbytes)]
+            BenchCase(SUITE, "gae", shape, f"fastalign[{impl}]", "fastalign", make_ours, bytes=nbytes)]
 
 
 def _group_cases(N, device, impl):
@@ -93,7 +93,7 @@ def _group_cases(N, device, impl):
 
     nbytes = N * (4 + 8 + 4)
     out = [BenchCase(SUITE, "group_advantages", shape, "tutorial.scatter", "baseline", make_base, bytes=nbytes),
-           BenchCase(SUITE, "group_advantages", shape, impl, "fastalign", make_ours, bytes=nbytes)]
+           BenchCase(SUITE, "group_advantages", shape, f"fastalign[{impl}]", "fastalign", make_ours, bytes=nbytes)]
     try:  # verl's vectorized GRPO advantage, where verl is installed
         from verl.trainer.ppo.core_algos import compute_grpo_vectorized_outcome_advantage as verl_grpo
 
@@ -128,7 +128,7 @@ def _elementwise_cases(B, T, device, impl):
 
     kl_bytes = B * T * 4 * (3 + 4)
     out += [BenchCase(SUITE, "k3_kl fwd+bwd", shape, "tutorial.eager", "baseline", make_k3(False), bytes=kl_bytes),
-            BenchCase(SUITE, "k3_kl fwd+bwd", shape, impl, "fastalign", make_k3(True), bytes=kl_bytes)]
+            BenchCase(SUITE, "k3_kl fwd+bwd", shape, f"fastalign[{impl}]", "fastalign", make_k3(True), bytes=kl_bytes)]
 
     # clipped surrogate, per-sequence advantages, masked
     def make_surr(ours):
@@ -146,7 +146,7 @@ def _elementwise_cases(B, T, device, impl):
     surr_bytes = B * T * (4 + 4 + 1 + 4) + B * T * (4 + 4 + 4 + 1 + 4)
     out += [BenchCase(SUITE, "clipped_surrogate fwd+bwd", shape, "tutorial.eager", "baseline", make_surr(False),
                       bytes=surr_bytes),
-            BenchCase(SUITE, "clipped_surrogate fwd+bwd", shape, impl, "fastalign", make_surr(True),
+            BenchCase(SUITE, "clipped_surrogate fwd+bwd", shape, f"fastalign[{impl}]", "fastalign", make_surr(True),
                       bytes=surr_bytes)]
 
     # the tutorial's GRPO token objective: clip + beta * K3, masked per-sequence mean, batch mean
@@ -170,7 +170,7 @@ def _elementwise_cases(B, T, device, impl):
     grpo_bytes = B * T * (4 * 3 + 1) + B * T * (4 * 3 + 1 + 4)
     out += [BenchCase(SUITE, "surrogate+k3 fwd+bwd", shape, "tutorial.eager", "baseline", make_grpo(False),
                       bytes=grpo_bytes),
-            BenchCase(SUITE, "surrogate+k3 fwd+bwd", shape, impl, "fastalign", make_grpo(True), bytes=grpo_bytes)]
+            BenchCase(SUITE, "surrogate+k3 fwd+bwd", shape, f"fastalign[{impl}]", "fastalign", make_grpo(True), bytes=grpo_bytes)]
     return out
 
 
