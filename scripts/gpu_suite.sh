@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1; then
   bash scripts/setup.sh && . "${VENV:-.venv}/bin/activate"
 fi
-python -c "import fastalign" 2>/dev/null || pip install -q -e . --no-deps
+# no install needed (and none possible on an offline GPU box): run from the checkout
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TRITON_DEFAULT_FP_FUSION="${TRITON_DEFAULT_FP_FUSION:-1}"
 unset TRITON_INTERPRET
 OUT="${OUT_DIR:-benchmarks/results/gpu}"
@@ -24,7 +25,7 @@ TAG=$(echo "$GPU" | tr 'A-Z' 'a-z' | tr -c 'a-z0-9\n' '-')
 } | tee "$OUT/$TAG-machine.txt"
 status=0
 python -m pytest tests/ -q -p no:cacheprovider 2>&1 | tee "$OUT/$TAG-tests.txt" || status=1
-fastalign bench --out "$OUT" --tag "$TAG" --no-progress "$@" 2>&1 | tee "$OUT/$TAG-bench.txt" || status=1
+python -m fastalign.cli bench --out "$OUT" --tag "$TAG" --no-progress "$@" 2>&1 | tee "$OUT/$TAG-bench.txt" || status=1
 python -m pytest benchmarks/ -q -p no:cacheprovider --benchmark-json "$OUT/$TAG-pytest-benchmark.json" \
   > "$OUT/$TAG-pytest-benchmark.txt" 2>&1 || status=1
 exit $status

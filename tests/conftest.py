@@ -13,6 +13,25 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+
+def _check_interpreter_numpy() -> None:
+    """Triton <= 3.6's interpreter calls int() on 1-element arrays, which NumPy >= 2.4 refuses."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    import numpy
+    import triton
+
+    tv = tuple(int(x) for x in triton.__version__.split(".")[:2])
+    nv = tuple(int(x) for x in numpy.__version__.split(".")[:2])
+    if tv < (3, 7) and nv >= (2, 4):
+        raise pytest.UsageError(
+            f"the Triton {triton.__version__} interpreter fails with NumPy {numpy.__version__} "
+            "('only 0-dimensional arrays can be converted to Python scalars'); "
+            "use triton >= 3.7 or pip install 'numpy<2.4'")
+
+
+_check_interpreter_numpy()
+
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
