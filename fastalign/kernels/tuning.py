@@ -86,7 +86,7 @@ LINEAR_LOGPROBS_COMPACT_IGNORED = True
 
 
 @dataclass(frozen=True)
-class TileConfig:
+class EpilogueTileConfig:
     """An epilogue program over a [block_rows, block_cols] tile of a logits chunk."""
 
     block_rows: int
@@ -96,23 +96,25 @@ class TileConfig:
 
 # Forward epilogue: one program per block of rows walks the whole vocabulary chunk.
 # Backward epilogue: one program per (row block, column block), one read and one write per element.
-LINEAR_LOGPROBS_FWD_CONFIGS = (TileConfig(16, 64, 4), TileConfig(4, 256, 4), TileConfig(1, 1024, 4),
-                               TileConfig(1, 2048, 8))
-LINEAR_LOGPROBS_BWD_CONFIGS = (TileConfig(16, 64, 4), TileConfig(4, 256, 4), TileConfig(1, 1024, 4))
+LINEAR_LOGPROBS_FWD_CONFIGS = (EpilogueTileConfig(16, 64, 4), EpilogueTileConfig(4, 256, 4),
+                               EpilogueTileConfig(1, 1024, 4),
+                               EpilogueTileConfig(1, 2048, 8))
+LINEAR_LOGPROBS_BWD_CONFIGS = (EpilogueTileConfig(16, 64, 4), EpilogueTileConfig(4, 256, 4),
+                               EpilogueTileConfig(1, 1024, 4))
 
 
-def _tile_covering(configs: tuple[TileConfig, ...], n: int) -> TileConfig:
+def _tile_covering(configs: tuple[EpilogueTileConfig, ...], n: int) -> EpilogueTileConfig:
     for cfg in configs:
         if cfg.block_cols >= n:
             return cfg
     return configs[-1]
 
 
-def linear_logprobs_fwd_config(chunk_cols: int) -> TileConfig:
+def linear_logprobs_fwd_config(chunk_cols: int) -> EpilogueTileConfig:
     return _tile_covering(LINEAR_LOGPROBS_FWD_CONFIGS, chunk_cols)
 
 
-def linear_logprobs_bwd_config(chunk_cols: int) -> TileConfig:
+def linear_logprobs_bwd_config(chunk_cols: int) -> EpilogueTileConfig:
     return _tile_covering(LINEAR_LOGPROBS_BWD_CONFIGS, chunk_cols)
 
 
@@ -130,19 +132,20 @@ def linear_logprobs_chunking(device_type: str, vocab: int, n_rows: int, chunk_si
 # A token tensor is addressed as rows x time ([R, T], two strides each); one program covers a
 # BLOCK_R x BLOCK_T tile (about 2K elements: memory-bound, so enough bytes in flight per SM).
 @dataclass(frozen=True)
-class TileConfig:
+class TokenTileConfig:
     block_r: int
     block_t: int
     num_warps: int
 
 
 TOKEN_TILE_CONFIGS = (
-    TileConfig(128, 16, 4), TileConfig(32, 64, 4), TileConfig(8, 256, 4), TileConfig(2, 1024, 4),
-    TileConfig(1, 2048, 4),
+    TokenTileConfig(128, 16, 4), TokenTileConfig(32, 64, 4), TokenTileConfig(8, 256, 4),
+    TokenTileConfig(2, 1024, 4),
+    TokenTileConfig(1, 2048, 4),
 )
 
 
-def token_tile_config(rows: int, cols: int) -> TileConfig:
+def token_tile_config(rows: int, cols: int) -> TokenTileConfig:
     """The tile whose time extent first covers ``cols``; a single row uses the 1 x 2048 tile."""
     if rows <= 1:
         return TOKEN_TILE_CONFIGS[-1]
