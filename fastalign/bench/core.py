@@ -62,6 +62,14 @@ class BenchResult:
         return asdict(self)
 
 
+def device_defaults(device: torch.device, quick: bool, quick_shapes: list, cpu_shapes: list, cuda_shapes: list):
+    """(shapes, dtype, impl) of a suite: real shapes in bf16 on the Triton kernels on CUDA, small fp32
+    shapes on the torch path on CPU (the interpreter is for tests, not timings)."""
+    if device.type == "cuda":
+        return (quick_shapes if quick else cuda_shapes), torch.bfloat16, "triton"
+    return (quick_shapes if quick else cpu_shapes), torch.float32, "torch"
+
+
 def autograd_runner(op: str, fn: Callable, args: tuple, wrt: tuple, grad_out: torch.Tensor) -> Callable[[], Any]:
     """The callable to time for ``op``: "fwd" (no autograd), "bwd" (the backward of one graph built
     here and kept), or "fwd+bwd"; gradients are taken w.r.t. ``wrt`` (members of ``args``)."""

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 import fastalign
-from fastalign.bench.core import BenchCase, autograd_runner
+from fastalign.bench.core import BenchCase, autograd_runner, device_defaults
 
 CUDA_SHAPES = [  # (N tokens, D, V) of real heads, bf16
     (16384, 3584, 152064),  # Qwen2.5-7B
@@ -91,10 +91,7 @@ def _make(fn: Callable, N: int, D: int, V: int, dtype, device, op: str):
 
 
 def cases(device: torch.device, quick: bool = False) -> list[BenchCase]:
-    if device.type == "cuda":
-        shapes, dtype, impl = (QUICK_SHAPES if quick else CUDA_SHAPES), torch.bfloat16, "triton"
-    else:
-        shapes, dtype, impl = (QUICK_SHAPES if quick else CPU_SHAPES), torch.float32, "torch"
+    shapes, dtype, impl = device_defaults(device, quick, QUICK_SHAPES, CPU_SHAPES, CUDA_SHAPES)
     ours = {f"fastalign[{impl}]": lambda h, W, t: fastalign.linear_logprobs(h, W, t, impl=impl)}
     if device.type == "cuda":  # the alternative forward, to measure before choosing (tuning.py)
         ours[f"fastalign[{impl},fused_fwd]"] = _with_backend(

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 import fastalign
-from fastalign.bench.core import BenchCase, autograd_runner
+from fastalign.bench.core import BenchCase, autograd_runner, device_defaults
 
 CUDA_SHAPES = [  # (N tokens, V) of real heads, bf16
     (8192, 152064),  # Qwen2.5
@@ -63,10 +63,7 @@ def _make(fn: Callable, N: int, V: int, dtype, device, op: str):
 
 
 def cases(device: torch.device, quick: bool = False) -> list[BenchCase]:
-    if device.type == "cuda":
-        shapes, dtype, impl = (QUICK_SHAPES if quick else CUDA_SHAPES), torch.bfloat16, "triton"
-    else:
-        shapes, dtype, impl = (QUICK_SHAPES if quick else CPU_SHAPES), torch.float32, "torch"
+    shapes, dtype, impl = device_defaults(device, quick, QUICK_SHAPES, CPU_SHAPES, CUDA_SHAPES)
     ours = lambda x, t: fastalign.logprobs_from_logits(x, t, impl=impl)  # noqa: E731
     peers = _peers(device)
     out = []
