@@ -1,9 +1,29 @@
-"""Timing and memory measurement shared by the CLI and the pytest-benchmark suites."""
+"""Timing and memory measurement shared by the CLI, the GPU window and the pytest-benchmark suites.
+
+The method (what ``measure`` does for one case), on CUDA:
+
+* ``"batch"`` (the default): after a warm-up, ``n`` calls run back to back between one pair of CUDA
+  events (``n`` sized so one batch lasts about ``BATCH_MS``), repeated until the time budget is
+  spent; the figure is the median over batches of the time per call. One event pair per call would
+  add the event and launch gaps of a single call to every figure.
+* ``"graph"`` (small, launch-bound ops): ``n`` calls captured in one CUDA graph and replayed; the
+  figure is what a compiled or graph-captured trainer sees. Falls back to ``"batch"`` (and says so
+  in the result) when the call cannot be captured.
+* ``"flushed"`` (every case that reports GB/s): the L2 cache is overwritten before each call, and
+  each call is timed alone, so a bandwidth figure is a DRAM figure, not an L2 one.
+
+fastalign's own calls run with index checks and row compaction off inside timed loops (no host
+sync; what a trainer that validated its data runs); cases with ``checks=True`` time the defaults,
+so the cost of the checks is its own row. On CPU each call is timed with ``perf_counter`` and the
+CLI pins one thread (a busy neighbour core would otherwise be measured).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib
+import math
 import pkgutil
 import statistics
 import time
@@ -28,10 +48,13 @@ class BenchCase:
     op: str
     shape: str
     impl: str
-    kind: str  # "baseline" | "fastalign" | "peer"
+    kind: str  # "baseline" | "fastalign" | "peer" | "floor" (a lower bound, e.g. the op's GEMMs alone)
     make: Callable[[], Callable[[], Any]]
     flops: float | None = None  # useful FLOPs of one call (for TFLOP/s)
-    bytes: float | None = None  # compulsory bytes moved by one call (for GB/s)
+    bytes: float | None = None  # compulsory bytes moved by one call (for GB/s; timed "flushed")
+    essential_bytes: float | None = None  # outputs + input gradients: what no implementation can avoid
+    method: str = "batch"  # "batch" | "graph" | "flushed" (see the module doc); bytes imply "flushed"
+    checks: bool = False  # time with the library's default index checks / row compaction (host syncs)
 
     @property
     def group(self) -> tuple[str, str, str]:
@@ -57,6 +80,12 @@ class BenchResult:
     memory_vs_baseline: float | None = None
     vs_peers: dict = field(default_factory=dict)  # peer impl -> speedup of this row over it
     error: str | None = None
+    method: str | None = None  # the timing method that produced median_ms
+    extra_mb: float | None = None  # peak beyond the essential bytes (outputs, input gradients)
+    extra_vs_baseline: float | None = None  # extra_mb / the baseline's peak
+    tflops_of_probe: float | None = None  # tflops / the GEMM ceiling measured on this GPU (window)
+    gbps_of_probe: float | None = None  # gbps / the copy bandwidth measured on this GPU (window)
+    vs_floor: float | None = None  # this row's time / the group's floor row (e.g. its own GEMMs alone)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,6 +97,23 @@ def device_defaults(device: torch.device, quick: bool, quick_shapes: list, cpu_s
     if device.type == "cuda":
         return (quick_shapes if quick else cuda_shapes), torch.bfloat16, "triton"
     return (quick_shapes if quick else cpu_shapes), torch.float32, "torch"
+
+
+def with_tuning(name: str, value, fn: Callable) -> Callable:
+    """``fn`` run with ``fastalign.kernels.tuning.<name> = value``, restored after the call: the
+    alternatives that kernels/tuning.py names, measured side by side before choosing a default."""
+    from fastalign.kernels import tuning
+
+    getattr(tuning, name)  # an unknown name fails here, not silently
+
+    def run(*args):
+        old = getattr(tuning, name)
+        setattr(tuning, name, value)
+        try:
+            return fn(*args)
+        finally:
+            setattr(tuning, name, old)
+    return run
 
 
 def autograd_runner(op: str, fn: Callable, args: tuple, wrt: tuple, grad_out: torch.Tensor) -> Callable[[], Any]:
@@ -107,28 +153,99 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_call(fn: Callable[[], Any], device: torch.device, *, min_runs: int = 3, max_runs: int = 50,
-              budget_s: float = 1.0) -> float:
-    """Median wall time in ms over repeated calls (CUDA-synchronized), after one warm-up call."""
+BATCH_MS = 25.0  # one timed batch of back-to-back calls lasts about this long
+MAX_BATCH = 200
+L2_FLUSH_BYTES = 256 << 20  # larger than any GPU's L2 (H100: 50 MB)
+
+
+def no_sync_mode():
+    """fastalign's index checks and row compaction off (no host sync): how its calls are timed."""
+    import fastalign
+
+    return fastalign.config(index_checks=False, compact_ignored=False)
+
+
+def _event_ms(device, body: Callable[[], Any]) -> float:
+    """Milliseconds ``body`` takes on the device, between one pair of CUDA events."""
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    body()
+    b.record()
+    torch.cuda.synchronize(device)
+    return a.elapsed_time(b)
+
+
+def _repeat(step: Callable[[], float], budget_s: float, min_runs: int) -> list[float]:
+    """``step()`` (one sample, ms per call) at least ``min_runs`` times, then until the budget is spent."""
+    times, t_end = [], time.perf_counter() + budget_s
+    while (len(times) < min_runs or time.perf_counter() < t_end) and len(times) < 1000:
+        times.append(step())
+    return times
+
+
+def _calls_per_batch(fn, device) -> int:
+    return max(1, min(MAX_BATCH, math.ceil(BATCH_MS / max(_event_ms(device, fn), 1e-3))))
+
+
+def _cuda_batch(fn, device, budget_s: float, min_runs: int) -> list[float]:
+    n = _calls_per_batch(fn, device)
+
+    def batch():
+        for _ in range(n):
+            fn()
+    return _repeat(lambda: _event_ms(device, batch) / n, budget_s, min_runs)
+
+
+def _cuda_graph(fn, device, budget_s: float, min_runs: int) -> list[float]:
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):  # warm-up on a side stream, as capture requires
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    n = _calls_per_batch(fn, device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(n):
+            fn()
+    graph.replay()
+    try:
+        return _repeat(lambda: _event_ms(device, graph.replay) / n, budget_s, min_runs)
+    finally:
+        del graph
+
+
+def _cuda_flushed(fn, device, budget_s: float, min_runs: int) -> list[float]:
+    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=device)
+
+    def one():
+        flush.zero_()  # outside the events: evicts the inputs from L2
+        return _event_ms(device, fn)
+    return _repeat(one, budget_s, min_runs)
+
+
+def time_call(fn: Callable[[], Any], device: torch.device, *, method: str = "batch", min_runs: int = 3,
+              budget_s: float = 1.0) -> tuple[float, str]:
+    """``(median ms per call, method used)`` after one warm-up call; ``method`` as in the module doc
+    (CUDA only; on CPU every call is timed alone with ``perf_counter``)."""
+    if method not in ("batch", "graph", "flushed"):
+        raise ValueError(f"method must be 'batch', 'graph' or 'flushed', got {method!r}")
     fn()
     _sync(device)
-    times = []
-    start_all = time.perf_counter()
-    while len(times) < max_runs:
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize(device)
-            times.append(a.elapsed_time(b))
-        else:
+    if device.type != "cuda":
+        def wall():
             t0 = time.perf_counter()
             fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        if len(times) >= min_runs and time.perf_counter() - start_all > budget_s:
-            break
-    return statistics.median(times)
+            return (time.perf_counter() - t0) * 1e3
+        return statistics.median(_repeat(wall, budget_s, min_runs)), "wall"
+    if method == "graph":
+        try:
+            return statistics.median(_cuda_graph(fn, device, budget_s, min_runs)), "graph"
+        except Exception:  # not capturable (a host sync, a CPU tensor): say so, time it in batches
+            torch.cuda.synchronize(device)
+            method = "batch(graph failed)"
+    runner = _cuda_flushed if method == "flushed" else _cuda_batch
+    return statistics.median(runner(fn, device, budget_s, min_runs)), method
 
 
 def peak_memory(fn: Callable[[], Any], device: torch.device) -> float:
@@ -151,15 +268,20 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> float:
 
 def measure(case: BenchCase, device: torch.device, *, budget_s: float = 1.0) -> BenchResult:
     res = BenchResult(case.suite, case.op, case.shape, case.impl, case.kind, None, None)
+    method = "flushed" if case.bytes else case.method
+    mode = contextlib.nullcontext() if case.checks or case.kind != "fastalign" else no_sync_mode()
     try:
-        fn = case.make()
-        res.peak_mb = peak_memory(fn, device) / 2**20
-        ms = time_call(fn, device, budget_s=budget_s)
+        with mode:
+            fn = case.make()
+            res.peak_mb = peak_memory(fn, device) / 2**20
+            ms, res.method = time_call(fn, device, method=method, budget_s=budget_s)
         res.median_ms = ms
         if case.flops:
             res.tflops = case.flops / (ms * 1e-3) / 1e12
         if case.bytes:
             res.gbps = case.bytes / (ms * 1e-3) / 1e9
+        if case.essential_bytes is not None:
+            res.extra_mb = res.peak_mb - case.essential_bytes / 2**20
         del fn
     except Exception as exc:  # a peer failing must not stop the suite; the error is reported
         res.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
@@ -178,6 +300,7 @@ def add_ratios(results: list[BenchResult]) -> None:
     for rows in groups.values():
         base = next((r for r in rows if r.kind == "baseline" and r.error is None), None)
         peers = [r for r in rows if r.kind == "peer" and r.error is None]
+        floor = next((r for r in rows if r.kind == "floor" and r.error is None and r.median_ms), None)
         for r in rows:
             if r.error is not None:
                 continue
@@ -185,12 +308,18 @@ def add_ratios(results: list[BenchResult]) -> None:
                 r.speedup_vs_baseline = base.median_ms / r.median_ms
                 if base.peak_mb:
                     r.memory_vs_baseline = r.peak_mb / base.peak_mb
+                    if r.extra_mb is not None:
+                        r.extra_vs_baseline = r.extra_mb / base.peak_mb
+            if floor is not None and r.kind != "floor" and r.median_ms:
+                r.vs_floor = r.median_ms / floor.median_ms
             if r.kind == "fastalign":
                 r.vs_peers = {p.impl: p.median_ms / r.median_ms for p in peers if p.median_ms and r.median_ms}
 
 
 def run_cases(cases: list[BenchCase], device: torch.device, *, progress: bool = True,
-              budget_s: float = 1.0) -> list[BenchResult]:
+              budget_s: float = 1.0, on_result: Callable[[BenchResult], None] | None = None) -> list[BenchResult]:
+    """Measure every case in order; ``on_result`` sees each result as soon as it exists (the GPU
+    window writes its files there, so a run cut off keeps what it finished)."""
     iterator = cases
     bar = None
     if progress:
@@ -208,5 +337,8 @@ def run_cases(cases: list[BenchCase], device: torch.device, *, progress: bool = 
         elif progress:
             print(f"[{i + 1}/{len(cases)}] {case.name}", flush=True)
         results.append(measure(case, device, budget_s=budget_s))
+        if on_result is not None:
+            add_ratios(results)
+            on_result(results[-1])
     add_ratios(results)
     return results

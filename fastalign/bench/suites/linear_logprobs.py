@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 import fastalign
-from fastalign.bench.core import BenchCase, autograd_runner, device_defaults
+from fastalign.bench.core import BenchCase, autograd_runner, device_defaults, with_tuning
 
 CUDA_SHAPES = [  # (N tokens, D, V) of real heads, bf16
     (16384, 3584, 152064),  # Qwen2.5-7B
@@ -31,7 +31,8 @@ def _reference(h, W, t):
     return torch.log_softmax((h @ W.T).float(), -1).gather(-1, t.unsqueeze(-1)).squeeze(-1)
 
 
-def _peers(device: torch.device) -> dict[str, Callable]:
+def _peers(device: torch.device, softcap: float | None = None) -> dict[str, Callable]:
+    """Peers that compute the same log-probs (``softcap`` where the peer supports it)."""
     peers: dict[str, Callable] = {}
     try:
         from trl.kernels import ChunkedLogProbFunction
@@ -41,10 +42,10 @@ def _peers(device: torch.device) -> dict[str, Callable]:
         if ChunkedLogProbFunction is not fa_trl.FastalignChunkedLogProbFunction:
             # TRL's own chunk width (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE)
             peers["trl.ChunkedLogProbFunction"] = lambda h, W, t: ChunkedLogProbFunction.apply(
-                h, W, None, t, 1.0, 32768, None, 1.0, ())[0]
+                h, W, None, t, 1.0, 32768, softcap, 1.0, ())[0]
     except Exception:
         pass
-    if hasattr(torch.nn.functional, "linear_cross_entropy"):
+    if hasattr(torch.nn.functional, "linear_cross_entropy") and softcap is None:
         peers["torch.linear_cross_entropy"] = lambda h, W, t: -torch.nn.functional.linear_cross_entropy(
             h, W, t, reduction="none")
     if device.type == "cuda":  # CUDA-only Triton kernels
@@ -52,63 +53,106 @@ def _peers(device: torch.device) -> dict[str, Callable]:
             from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
             peers["liger.fused_linear_cross_entropy"] = lambda h, W, t: -liger_fused_linear_cross_entropy(
-                h, W, t, reduction="none")
+                h, W, t, reduction="none", softcap=softcap)
         except Exception:
             pass
         try:
             from cut_cross_entropy import linear_cross_entropy as cce
 
-            peers["cce.linear_cross_entropy"] = lambda h, W, t: -cce(h, W, t, reduction="none")
+            # CCE's default skips gradient blocks whose probabilities are below a threshold (not exact);
+            # filter_eps=None is its exact gradient: both rows, named so
+            peers["cce.linear_cross_entropy[filter=default]"] = lambda h, W, t: -cce(
+                h, W, t, softcap=softcap, reduction="none")
+            peers["cce.linear_cross_entropy[exact]"] = lambda h, W, t: -cce(
+                h, W, t, softcap=softcap, reduction="none", filter_eps=None)
         except Exception:
             pass
     return peers
 
 
-def _with_backend(backend: str, fn: Callable) -> Callable:
-    """``fn`` run with ``tuning.LINEAR_LOGPROBS_BACKEND = backend``, restored after the call (only the
-    forward reads the setting; the backward is the same for both)."""
+def own_gemms(op: str) -> Callable:
+    """The GEMMs ``linear_logprobs`` runs, with its tile shapes, back to back and nothing else: the
+    floor its time is measured against (fwd: the logits tiles; bwd: their recompute, dH, dW)."""
     from fastalign.kernels import tuning
 
     def run(h, W, t):
-        old = tuning.LINEAR_LOGPROBS_BACKEND
-        tuning.LINEAR_LOGPROBS_BACKEND = backend
-        try:
-            return fn(h, W, t)
-        finally:
-            tuning.LINEAR_LOGPROBS_BACKEND = old
+        N, D = h.shape
+        V = W.shape[0]
+        rows, cols = tuning.linear_logprobs_chunking(h.device.type, V, N)
+        fp32_out = h.device.type == "cuda" and h.dtype != torch.float32
+        tile = torch.empty(rows, cols, dtype=torch.float32 if fp32_out else h.dtype, device=h.device)
+        dz = torch.randn(rows, cols, device=h.device).to(h.dtype)
+        d_h = torch.zeros(N, D, dtype=torch.float32 if fp32_out else h.dtype, device=h.device)
+        d_w = torch.empty(cols, D, dtype=torch.float32 if fp32_out else h.dtype, device=h.device)
+        kw = {"out_dtype": torch.float32} if fp32_out else {}
+        for v0 in range(0, V, cols):
+            w_c = W[v0:v0 + cols]
+            for r0 in range(0, N, rows):
+                h_r = h[r0:r0 + rows]
+                n, c = h_r.shape[0], w_c.shape[0]
+                torch.mm(h_r, w_c.t(), out=tile[:n, :c], **kw)
+                if op != "fwd":
+                    torch.addmm(d_h[r0:r0 + n], dz[:n, :c], w_c, out=d_h[r0:r0 + n], **kw)
+                    torch.mm(dz[:n, :c].t(), h_r, out=d_w[:c], **kw)
+        return d_h
     return run
 
 
-def _make(fn: Callable, N: int, D: int, V: int, dtype, device, op: str):
+def _make(fn: Callable, N: int, D: int, V: int, dtype, device, op: str, raw: bool = False):
+    """``raw``: time ``fn(h, W, t)`` itself (no autograd around it)."""
     def make():
         gen = torch.Generator(device="cpu").manual_seed(0)
         h = torch.randn(N, D, generator=gen).to(device=device, dtype=dtype)
         W = (torch.randn(V, D, generator=gen) / D**0.5).to(device=device, dtype=dtype)
         t = torch.randint(0, V, (N,), generator=gen).to(device)
         g = torch.randn(N, generator=gen).to(device)
+        if raw:
+            return lambda: fn(h, W, t)
         return autograd_runner(op, fn, (h, W, t), (h, W), g)
     return make
 
 
-def cases(device: torch.device, quick: bool = False) -> list[BenchCase]:
-    shapes, dtype, impl = device_defaults(device, quick, QUICK_SHAPES, CPU_SHAPES, CUDA_SHAPES)
-    ours = {f"fastalign[{impl}]": lambda h, W, t: fastalign.linear_logprobs(h, W, t, impl=impl)}
-    if device.type == "cuda":  # the alternative forward, to measure before choosing (tuning.py)
-        ours[f"fastalign[{impl},fused_fwd]"] = _with_backend(
-            "triton_fused_forward", lambda h, W, t: fastalign.linear_logprobs(h, W, t, impl=impl))
-    peers = _peers(device)
+def cases_for(device: torch.device, shapes, dtype, impl: str, ops=("fwd", "bwd", "fwd+bwd"),
+              softcap: float | None = None, variants: bool = False, with_peers: bool = True,
+              with_checks: bool = False, gemm_floor: bool = False) -> list[BenchCase]:
+    """Cases for ``shapes`` [(N, D, V)]. ``variants``: also the alternative backends / tile dtypes of
+    kernels/tuning.py; ``gemm_floor``: a row timing only the GEMMs (see :func:`own_gemms`);
+    ``with_checks``: fastalign with its default checks and compaction (their host syncs) too."""
+    call = lambda h, W, t: fastalign.linear_logprobs(h, W, t, softcap=softcap, impl=impl)  # noqa: E731
+    ours = {f"fastalign[{impl}]": call}
+    if variants:
+        ours[f"fastalign[{impl},fused_fwd]"] = with_tuning("LINEAR_LOGPROBS_BACKEND", "triton_fused_forward", call)
+        ours[f"fastalign[{impl},tile=compute_dtype]"] = with_tuning(
+            "LINEAR_LOGPROBS_TILE_IN_COMPUTE_DTYPE", True, call)
+    peers = _peers(device, softcap) if with_peers else {}
     out = []
     for N, D, V in shapes:
-        shape = f"N={N},D={D},V={V},{str(dtype).replace('torch.', '')}"
+        shape = f"N={N},D={D},V={V},{str(dtype).replace('torch.', '')}" + (f",softcap={softcap:g}" if softcap else "")
         ndv = float(N) * D * V
-        for op in ("fwd", "bwd", "fwd+bwd"):
+        isz = dtype.itemsize
+        for op in ops:
             flops = {"fwd": 2 * ndv, "bwd": 6 * ndv, "fwd+bwd": 8 * ndv}[op]
+            # outputs (fp32 logp) + the gradients of hidden and weight: what every implementation returns
+            essential = 4 * N + (0 if op == "fwd" else (N * D + V * D) * isz)
             out.append(BenchCase("linear_logprobs", op, shape, "reference", "baseline",
-                                 _make(_reference, N, D, V, dtype, device, op), flops=flops))
+                                 _make(_reference, N, D, V, dtype, device, op), flops=flops,
+                                 essential_bytes=essential))
             for name, fn in ours.items():
                 out.append(BenchCase("linear_logprobs", op, shape, name, "fastalign",
-                                     _make(fn, N, D, V, dtype, device, op), flops=flops))
+                                     _make(fn, N, D, V, dtype, device, op), flops=flops, essential_bytes=essential))
+            if with_checks:
+                out.append(BenchCase("linear_logprobs", op, shape, f"fastalign[{impl},checks]", "fastalign",
+                                     _make(call, N, D, V, dtype, device, op), flops=flops,
+                                     essential_bytes=essential, checks=True))
+            if gemm_floor and op != "bwd":
+                out.append(BenchCase("linear_logprobs", op, shape, "own GEMMs only", "floor",
+                                     _make(own_gemms(op), N, D, V, dtype, device, op, raw=True), flops=flops))
             for name, fn in peers.items():
                 out.append(BenchCase("linear_logprobs", op, shape, name, "peer",
-                                     _make(fn, N, D, V, dtype, device, op), flops=flops))
+                                     _make(fn, N, D, V, dtype, device, op), flops=flops, essential_bytes=essential))
     return out
+
+
+def cases(device: torch.device, quick: bool = False) -> list[BenchCase]:
+    shapes, dtype, impl = device_defaults(device, quick, QUICK_SHAPES, CPU_SHAPES, CUDA_SHAPES)
+    return cases_for(device, shapes, dtype, impl, variants=device.type == "cuda")

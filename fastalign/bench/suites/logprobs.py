@@ -62,20 +62,31 @@ def _make(fn: Callable, N: int, V: int, dtype, device, op: str):
     return make
 
 
-def cases(device: torch.device, quick: bool = False) -> list[BenchCase]:
-    shapes, dtype, impl = device_defaults(device, quick, QUICK_SHAPES, CPU_SHAPES, CUDA_SHAPES)
+def cases_for(device: torch.device, shapes, dtype, impl: str, ops=("fwd", "bwd", "fwd+bwd"),
+              with_peers: bool = True, with_checks: bool = False) -> list[BenchCase]:
+    """Cases for ``shapes`` [(N, V)]: the reference, fastalign (timed without host syncs) and, with
+    ``with_checks``, fastalign with its default target-range check (the check's cost), then peers."""
     ours = lambda x, t: fastalign.logprobs_from_logits(x, t, impl=impl)  # noqa: E731
-    peers = _peers(device)
+    peers = _peers(device) if with_peers else {}
     out = []
     for N, V in shapes:
         shape = f"N={N},V={V},{str(dtype).replace('torch.', '')}"
         nbytes = N * V * dtype.itemsize
-        for op in ("fwd", "bwd", "fwd+bwd"):
+        for op in ops:
             moved = {"fwd": nbytes, "bwd": 2 * nbytes, "fwd+bwd": 3 * nbytes}[op]
-            out.append(BenchCase("logprobs", op, shape, "reference", "baseline", _make(_reference, N, V, dtype, device, op),
-                                 bytes=moved))
+            out.append(BenchCase("logprobs", op, shape, "reference", "baseline",
+                                 _make(_reference, N, V, dtype, device, op), bytes=moved))
             out.append(BenchCase("logprobs", op, shape, f"fastalign[{impl}]", "fastalign",
                                  _make(ours, N, V, dtype, device, op), bytes=moved))
+            if with_checks:
+                out.append(BenchCase("logprobs", op, shape, f"fastalign[{impl},checks]", "fastalign",
+                                     _make(ours, N, V, dtype, device, op), bytes=moved, checks=True))
             for name, fn in peers.items():
-                out.append(BenchCase("logprobs", op, shape, name, "peer", _make(fn, N, V, dtype, device, op), bytes=moved))
+                out.append(BenchCase("logprobs", op, shape, name, "peer", _make(fn, N, V, dtype, device, op),
+                                     bytes=moved))
     return out
+
+
+def cases(device: torch.device, quick: bool = False) -> list[BenchCase]:
+    shapes, dtype, impl = device_defaults(device, quick, QUICK_SHAPES, CPU_SHAPES, CUDA_SHAPES)
+    return cases_for(device, shapes, dtype, impl)

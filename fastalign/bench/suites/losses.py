@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from fastalign.bench.core import BenchCase
+from fastalign.bench.core import BenchCase, device_defaults, with_tuning
 
 # (name, B, T, D, V, dtype): the completion tokens of B sequences of T tokens against a real head
 CUDA_SHAPES = [
@@ -68,7 +68,7 @@ def _grads(loss, h, W):
 
 # ---- GRPO -----------------------------------------------------------------------------------------
 
-def _grpo_cases(shape, B, T, D, V, dtype, device, impl, flops) -> list[BenchCase]:
+def _grpo_cases(shape, B, T, D, V, dtype, device, impl, flops, variants=False) -> list[BenchCase]:
     from fastalign.losses import linear_grpo_loss
     from fastalign.reference.tutorial_ops import tutorial_grpo_token_objective
 
@@ -89,13 +89,27 @@ def _grpo_cases(shape, B, T, D, V, dtype, device, impl, flops) -> list[BenchCase
             return _grads(loss, h, W)
         return run
 
+    def unfused(h, W, tgt, mask, adv, old, ref):
+        """linear_logprobs, then grpo_loss on the log-probs: what the fused forms must beat."""
+        from fastalign import linear_logprobs
+        from fastalign.losses import grpo_loss
+
+        lp = linear_logprobs(h, W, tgt.masked_fill(~mask, -100), impl=impl)
+        loss, _ = grpo_loss(lp, old, adv, mask, ref_logp=ref)
+        return _grads(loss, h, W)
+
     out = [
         BenchCase("losses", "grpo", shape, "reference", "baseline", make_with(reference), flops=flops),
         BenchCase("losses", "grpo", shape, f"fastalign[{impl},one-pass]", "fastalign", make_with(ours("one_pass")),
                   flops=flops),
         BenchCase("losses", "grpo", shape, f"fastalign[{impl},two-pass]", "fastalign", make_with(ours("two_pass")),
                   flops=flops),
+        BenchCase("losses", "grpo", shape, f"fastalign[{impl},linear_logprobs+grpo_loss]", "fastalign",
+                  make_with(unfused), flops=flops),
     ]
+    if variants:  # the one-pass form's dW accumulation alternative (kernels/tuning.py), to measure
+        out.append(BenchCase("losses", "grpo", shape, f"fastalign[{impl},one-pass,dW=weight dtype]", "fastalign",
+                             make_with(with_tuning("FUSED_LOSS_DW_FP32", False, ours("one_pass"))), flops=flops))
     if device.type == "cuda":
         try:
             from trl.kernels import ChunkedLogProbFunction
@@ -225,15 +239,23 @@ def _ppo_cases(shape, B, T, D, V, dtype, device, impl, flops) -> list[BenchCase]
     ]
 
 
-def cases(device: torch.device, quick: bool = False) -> list[BenchCase]:
-    if device.type == "cuda":
-        shapes, dtype, impl = (QUICK_SHAPES if quick else CUDA_SHAPES), torch.bfloat16, "triton"
-    else:
-        shapes, dtype, impl = (QUICK_SHAPES if quick else CPU_SHAPES), torch.float32, "torch"
+def cases_for(device: torch.device, shapes, dtype, impl: str, families=("grpo", "dpo", "ppo"),
+              variants: bool = False) -> list[BenchCase]:
+    """Cases for ``shapes`` [(name, B, T, D, V)] and loss ``families``; ``variants``: the one-pass GRPO
+    loss also with its alternative dW accumulation."""
     out: list[BenchCase] = []
     for name, B, T, D, V in shapes:
         shape = f"{name}:B={B},T={T},D={D},V={V},{str(dtype).replace('torch.', '')}"
         flops = 6.0 * B * T * D * V
-        for build in (_grpo_cases, _dpo_cases, _ppo_cases):
-            out.extend(build(shape, B, T, D, V, dtype, device, impl, flops))
+        if "grpo" in families:
+            out.extend(_grpo_cases(shape, B, T, D, V, dtype, device, impl, flops, variants=variants))
+        if "dpo" in families:
+            out.extend(_dpo_cases(shape, B, T, D, V, dtype, device, impl, flops))
+        if "ppo" in families:
+            out.extend(_ppo_cases(shape, B, T, D, V, dtype, device, impl, flops))
     return out
+
+
+def cases(device: torch.device, quick: bool = False) -> list[BenchCase]:
+    shapes, dtype, impl = device_defaults(device, quick, QUICK_SHAPES, CPU_SHAPES, CUDA_SHAPES)
+    return cases_for(device, shapes, dtype, impl)

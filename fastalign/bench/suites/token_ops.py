@@ -9,6 +9,9 @@
 * ``surrogate+k3 fwd+bwd``: the tutorial's GRPO per-token objective (clip + beta K3, masked
   per-sequence mean) vs the same built from fastalign ops.
 ``bytes`` counts one read of every input and one write of every output (GB/s against HBM peak).
+On CUDA the small shapes (B 64, T 4096: about 1 MiB a tensor, launch-bound) are timed as CUDA-graph
+replays and report no GB/s; the bandwidth shape (>= 256 MiB moved per call) is timed with the L2
+flushed before each call and reports GB/s (see fastalign.bench.core).
 """
 
 from __future__ import annotations
@@ -26,9 +29,12 @@ from fastalign.reference.tutorial_ops import (
 )
 
 SUITE = "token_ops"
-CUDA_SHAPES = [(64, 4096), (64, 8192)]
+CUDA_SHAPES = [(64, 4096)]
+CUDA_BANDWIDTH_SHAPES = [(4096, 4096)]  # 16.8M tokens: 64 MiB per fp32 tensor
 CPU_SHAPES = [(64, 4096)]
 QUICK_SHAPES = [(8, 512)]
+CUDA_GROUP_NS = [8192, 65536]
+CPU_GROUP_NS = [4096, 65536]
 GROUP_SIZE = 16
 
 
@@ -48,7 +54,12 @@ def _token_inputs(B, T, device):
     return [x.to(device) for x in (logp, old, ref, adv, mask, grad)]
 
 
-def _gae_cases(B, T, device, impl):
+def _timing(nbytes: int, bandwidth: bool) -> dict:
+    """BenchCase timing fields: GB/s (L2-flushed timing) for bandwidth shapes, else graph replays."""
+    return {"bytes": nbytes} if bandwidth else {"method": "graph"}
+
+
+def _gae_cases(B, T, device, impl, bandwidth=False):
     shape = f"B={B},T={T}"
 
     def data():
@@ -69,11 +80,13 @@ def _gae_cases(B, T, device, impl):
         return lambda: fastalign.gae(r, v, gamma=1.0, lam=0.95, dones=d, next_values=nv, impl=impl)
 
     nbytes = B * T * (4 + 4 + 1 + 4 + 4)
-    return [BenchCase(SUITE, "gae", shape, "tutorial.compute_gae", "baseline", make_base, bytes=nbytes),
-            BenchCase(SUITE, "gae", shape, f"fastalign[{impl}]", "fastalign", make_ours, bytes=nbytes)]
+    timing = _timing(nbytes, bandwidth)
+    return [BenchCase(SUITE, "gae", shape, "tutorial.compute_gae", "baseline", make_base, **timing),
+            BenchCase(SUITE, "gae", shape, f"fastalign[{impl}]", "fastalign", make_ours, **timing)]
 
 
 def _group_cases(N, device, impl):
+    """Timed as graph replays on CUDA (the peer, verl, takes numpy ids: batch-timed)."""
     shape = f"N={N}"
 
     def data():
@@ -91,9 +104,8 @@ def _group_cases(N, device, impl):
         r, ids = data()
         return lambda: fastalign.group_advantages(r, ids, impl=impl)
 
-    nbytes = N * (4 + 8 + 4)
-    out = [BenchCase(SUITE, "group_advantages", shape, "tutorial.scatter", "baseline", make_base, bytes=nbytes),
-           BenchCase(SUITE, "group_advantages", shape, f"fastalign[{impl}]", "fastalign", make_ours, bytes=nbytes)]
+    out = [BenchCase(SUITE, "group_advantages", shape, "tutorial.scatter", "baseline", make_base, method="graph"),
+           BenchCase(SUITE, "group_advantages", shape, f"fastalign[{impl}]", "fastalign", make_ours, method="graph")]
     try:  # verl's vectorized GRPO advantage, where verl is installed
         from verl.trainer.ppo.core_algos import compute_grpo_vectorized_outcome_advantage as verl_grpo
 
@@ -102,8 +114,7 @@ def _group_cases(N, device, impl):
             token_rewards, response_mask, index = r[:, None], torch.ones_like(r[:, None]), ids.cpu().numpy()
             return lambda: verl_grpo(token_rewards, response_mask, index)[0]
 
-        out.append(BenchCase(SUITE, "group_advantages", shape, "verl.grpo_vectorized", "peer", make_verl,
-                             bytes=nbytes))
+        out.append(BenchCase(SUITE, "group_advantages", shape, "verl.grpo_vectorized", "peer", make_verl))
     except Exception:
         pass
     return out
@@ -113,7 +124,7 @@ def _fwd_bwd(fn, x, grad):
     return lambda: torch.autograd.grad(fn(x), x, grad)[0]
 
 
-def _elementwise_cases(B, T, device, impl):
+def _elementwise_cases(B, T, device, impl, bandwidth=False):
     shape = f"B={B},T={T}"
     out = []
 
@@ -127,8 +138,10 @@ def _elementwise_cases(B, T, device, impl):
         return make
 
     kl_bytes = B * T * 4 * (3 + 4)
-    out += [BenchCase(SUITE, "k3_kl fwd+bwd", shape, "tutorial.eager", "baseline", make_k3(False), bytes=kl_bytes),
-            BenchCase(SUITE, "k3_kl fwd+bwd", shape, f"fastalign[{impl}]", "fastalign", make_k3(True), bytes=kl_bytes)]
+    out += [BenchCase(SUITE, "k3_kl fwd+bwd", shape, "tutorial.eager", "baseline", make_k3(False),
+                      **_timing(kl_bytes, bandwidth)),
+            BenchCase(SUITE, "k3_kl fwd+bwd", shape, f"fastalign[{impl}]", "fastalign", make_k3(True),
+                      **_timing(kl_bytes, bandwidth))]
 
     # clipped surrogate, per-sequence advantages, masked
     def make_surr(ours):
@@ -145,9 +158,9 @@ def _elementwise_cases(B, T, device, impl):
 
     surr_bytes = B * T * (4 + 4 + 1 + 4) + B * T * (4 + 4 + 4 + 1 + 4)
     out += [BenchCase(SUITE, "clipped_surrogate fwd+bwd", shape, "tutorial.eager", "baseline", make_surr(False),
-                      bytes=surr_bytes),
+                      **_timing(surr_bytes, bandwidth)),
             BenchCase(SUITE, "clipped_surrogate fwd+bwd", shape, f"fastalign[{impl}]", "fastalign", make_surr(True),
-                      bytes=surr_bytes)]
+                      **_timing(surr_bytes, bandwidth))]
 
     # the tutorial's GRPO token objective: clip + beta * K3, masked per-sequence mean, batch mean
     def make_grpo(ours):
@@ -169,22 +182,29 @@ def _elementwise_cases(B, T, device, impl):
 
     grpo_bytes = B * T * (4 * 3 + 1) + B * T * (4 * 3 + 1 + 4)
     out += [BenchCase(SUITE, "surrogate+k3 fwd+bwd", shape, "tutorial.eager", "baseline", make_grpo(False),
-                      bytes=grpo_bytes),
-            BenchCase(SUITE, "surrogate+k3 fwd+bwd", shape, f"fastalign[{impl}]", "fastalign", make_grpo(True), bytes=grpo_bytes)]
+                      **_timing(grpo_bytes, bandwidth)),
+            BenchCase(SUITE, "surrogate+k3 fwd+bwd", shape, f"fastalign[{impl}]", "fastalign", make_grpo(True),
+                      **_timing(grpo_bytes, bandwidth))]
+    return out
+
+
+def cases_for(device: torch.device, shapes, group_ns, impl: str, bandwidth: bool = False) -> list[BenchCase]:
+    """GAE and the elementwise ops at ``shapes`` [(B, T)], group advantages at ``group_ns``;
+    ``bandwidth``: report GB/s (L2-flushed timing) instead of graph-replay latency on CUDA."""
+    out: list[BenchCase] = []
+    for B, T in shapes:
+        out += _gae_cases(B, T, device, impl, bandwidth)
+        out += _elementwise_cases(B, T, device, impl, bandwidth)
+    for N in group_ns:
+        out += _group_cases(N, device, impl)
     return out
 
 
 def cases(device: torch.device, quick: bool = False) -> list[BenchCase]:
     impl = "triton" if device.type == "cuda" else "torch"
     if quick:
-        shapes = QUICK_SHAPES
-    else:
-        shapes = CUDA_SHAPES if device.type == "cuda" else CPU_SHAPES
-    out: list[BenchCase] = []
-    for B, T in shapes:
-        out += _gae_cases(B, T, device, impl)
-        out += _elementwise_cases(B, T, device, impl)
-    group_ns = [512] if quick else ([8192, 65536] if device.type == "cuda" else [4096])
-    for N in group_ns:
-        out += _group_cases(N, device, impl)
-    return out
+        return cases_for(device, QUICK_SHAPES, [512], impl)
+    if device.type == "cuda":
+        return (cases_for(device, CUDA_SHAPES, CUDA_GROUP_NS, impl)
+                + cases_for(device, CUDA_BANDWIDTH_SHAPES, [], impl, bandwidth=True))
+    return cases_for(device, CPU_SHAPES, CPU_GROUP_NS, impl)
