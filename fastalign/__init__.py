@@ -1,11 +1,13 @@
 """fastalign: fused Triton kernels for LLM post-training (PPO, DPO, GRPO and their variants).
 
 The public functional API. Every op takes ``impl="auto" | "triton" | "torch"`` (see
-:mod:`fastalign._dispatch` for the rule ``auto`` follows).
+:mod:`fastalign._dispatch` for the rule ``auto`` follows). ``fastalign.config`` /
+``set_config`` / ``get_config`` switch the target-range checks and row compaction, the only host
+syncs of the ops and losses (:mod:`fastalign._config`, docs/host-syncs.md).
 """
 
+from fastalign._config import Config, config, get_config, set_config
 from fastalign._dispatch import select_impl, triton_interpret_enabled
-from fastalign._validation import set_index_checks
 from fastalign.ops.gae import gae, masked_whiten
 from fastalign.ops.group_advantages import group_advantages
 from fastalign.ops.kl import k3_kl, kl_penalty
@@ -16,9 +18,12 @@ from fastalign.ops.surrogate import clipped_surrogate, clipped_surrogate_with_st
 __version__ = "0.1.0"
 
 __all__ = [
+    "Config",
     "clipped_surrogate",
     "clipped_surrogate_with_stats",
+    "config",
     "gae",
+    "get_config",
     "group_advantages",
     "k3_kl",
     "kl_penalty",
@@ -26,6 +31,6 @@ __all__ = [
     "logprobs_from_logits",
     "masked_whiten",
     "select_impl",
-    "set_index_checks",
+    "set_config",
     "triton_interpret_enabled",
 ]

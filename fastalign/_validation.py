@@ -6,22 +6,10 @@ from typing import Sequence
 
 import torch
 
+from fastalign._config import get_config
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
-
-# Range checks on index tensors (targets, group ids) need one host sync. They are on by default;
-# trainers that have validated their data can switch them off with ``set_index_checks(False)``.
-_CHECK_INDEX_RANGE = True
-
-
-def set_index_checks(enabled: bool) -> None:
-    """Turn the value-range checks of index tensors on or off (each costs one device->host sync)."""
-    global _CHECK_INDEX_RANGE
-    _CHECK_INDEX_RANGE = bool(enabled)
-
-
-def index_checks_enabled() -> bool:
-    return _CHECK_INDEX_RANGE
 
 
 def check_tensor(x, name: str, op: str) -> torch.Tensor:
@@ -87,3 +75,19 @@ def check_in_range(value, name: str, op: str, lo: float, hi: float) -> float:
 def result_dtype(*dtypes: torch.dtype) -> torch.dtype:
     """Outputs are fp32, or fp64 when any input is fp64 (for gradcheck)."""
     return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def check_index_range(idx: torch.Tensor, hi: int, name: str, op: str, *, ignore: int | None = None,
+                      allowed: str | None = None) -> None:
+    """Raise ValueError if an entry of ``idx`` (other than ``ignore``) is outside ``[0, hi)``.
+
+    One device->host sync (``bool(bad.any())``), skipped when ``fastalign.get_config().index_checks``
+    is off; ``allowed`` describes the valid values in the message (default ``[0, hi)``)."""
+    if not get_config().index_checks or idx.numel() == 0:
+        return
+    bad = (idx < 0) | (idx >= hi)
+    if ignore is not None:
+        bad &= idx != ignore
+    if bool(bad.any()):  # the host sync
+        first = idx[bad][0].item()
+        raise ValueError(f"{op}: {name} must be in {allowed or f'[0, {hi})'}, got {first}")

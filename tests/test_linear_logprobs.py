@@ -176,8 +176,8 @@ def test_row_chunking_and_uncompacted_mode(impl, dtype, monkeypatch):
     h, W, t, b = _inputs(24, 16, 200, dtype=dtype, bias=True, scale=2.0)
     t[::4] = -100
     a = _check(h, W, t, impl, b=b, chunk_size=64)
-    monkeypatch.setattr(tuning, "LINEAR_LOGPROBS_COMPACT_IGNORED", False)
-    c = _check(h, W, t, impl, b=b, chunk_size=64)
+    with fastalign.config(compact_ignored=False):
+        c = _check(h, W, t, impl, b=b, chunk_size=64)
     assert max_err(a[0], c[0]) <= 1e-5 and max_err(a[1], c[1]) <= 1e-5
 
 
@@ -241,8 +241,7 @@ def test_autocast_runs_gemm_in_autocast_dtype(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("compact", [True, False])
-def test_gradcheck_fp64(impl, compact, monkeypatch):
-    monkeypatch.setattr(tuning, "LINEAR_LOGPROBS_COMPACT_IGNORED", compact)
+def test_gradcheck_fp64(impl, compact):
     N, D, V = 5, 4, 7
     h = torch.randn(N, D, dtype=torch.float64, requires_grad=True)
     W = torch.randn(V, D, dtype=torch.float64, requires_grad=True)
@@ -252,7 +251,7 @@ def test_gradcheck_fp64(impl, compact, monkeypatch):
 
     def f(h, W, b):
         return fastalign.linear_logprobs(h, W, t, bias=b, temperature=0.8, softcap=2.5, return_entropy=True,
-                                         chunk_size=3, impl=impl)
+                                         chunk_size=3, compact_ignored=compact, impl=impl)
 
     assert torch.autograd.gradcheck(f, (h, W, b))
 

@@ -222,11 +222,8 @@ def test_index_checks_can_be_disabled():
     logits = torch.randn(2, 5)
     with pytest.raises(ValueError, match=r"targets must be in \[0, 5\)"):
         fastalign.logprobs_from_logits(logits, torch.tensor([1, 5]))
-    fastalign.set_index_checks(False)
-    try:
+    with fastalign.config(index_checks=False):
         fastalign.logprobs_from_logits(logits, torch.tensor([1, 2]))
-    finally:
-        fastalign.set_index_checks(True)
 
 
 @pytest.mark.parametrize(

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+from fastalign._config import resolve
 from fastalign._dispatch import Impl, select_impl
-from fastalign._validation import check_int, check_positive
+from fastalign._validation import check_index_range, check_int, check_positive
 
 _OP = "fastalign.integrations.transformers"
 
@@ -102,10 +103,11 @@ def final_hidden_states(model, input_ids: torch.Tensor | None = None, attention_
 
 def hidden_logprobs(hidden: torch.Tensor, head: LMHead, targets: torch.Tensor, *, temperature: float = 1.0,
                     ignore_index: int = -100, return_entropy: bool = False, chunk_size: int | None = None,
-                    impl: Impl = "auto"):
+                    compact_ignored: bool | None = None, impl: Impl = "auto"):
     """Per-token log-probs (and entropy) of ``targets`` under ``head`` applied to ``hidden [..., D]``.
 
-    The same as ``log_softmax(softcap(scale * lm_head(hidden)) / T)[targets]`` without the logits."""
+    The same as ``log_softmax(softcap(scale * lm_head(hidden)) / T)[targets]`` without the logits.
+    Host syncs and ``compact_ignored`` as :func:`fastalign.linear_logprobs`."""
     from fastalign.ops.linear_logprobs import apply_linear_logprobs, compute_dtype_for
 
     if head.logit_scale == 1.0:
@@ -113,15 +115,20 @@ def hidden_logprobs(hidden: torch.Tensor, head: LMHead, targets: torch.Tensor, *
 
         return linear_logprobs(hidden, head.weight, targets, bias=head.bias, temperature=temperature,
                                softcap=head.softcap, ignore_index=ignore_index, return_entropy=return_entropy,
-                               chunk_size=chunk_size, impl=impl)
+                               chunk_size=chunk_size, compact_ignored=compact_ignored, impl=impl)
     inv_temp = 1.0 / check_positive(temperature, "temperature", _OP)
     check_int(targets, "targets", _OP)
-    D = head.weight.shape[1]
+    compact = resolve("compact_ignored", compact_ignored, _OP)
+    V, D = head.weight.shape
     backend = select_impl(impl, hidden.device, op=_OP)
+    targets_flat = targets.reshape(-1).long()
+    check_index_range(targets_flat, V, "targets", _OP, ignore=ignore_index,
+                      allowed=f"[0, {V}) or ignore_index={ignore_index}")  # host sync unless index_checks=False
     logp, ent = apply_linear_logprobs(
-        hidden.reshape(-1, D), head.weight, head.bias, targets.reshape(-1).long(), scale=float(head.logit_scale),
+        hidden.reshape(-1, D), head.weight, head.bias, targets_flat, scale=float(head.logit_scale),
         inv_temp=inv_temp, softcap=head.softcap, compute_dtype=compute_dtype_for(hidden, head.weight),
-        with_entropy=bool(return_entropy), chunk_size=chunk_size, backend=backend, ignore_index=ignore_index)
+        with_entropy=bool(return_entropy), chunk_size=chunk_size, backend=backend, ignore_index=ignore_index,
+        compact_ignored=compact)
     logp = logp.view(targets.shape)
     return (logp, ent.view(targets.shape)) if return_entropy else logp
 
@@ -129,13 +136,14 @@ def hidden_logprobs(hidden: torch.Tensor, head: LMHead, targets: torch.Tensor, *
 def causal_lm_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                        logits_to_keep: int = 0, temperature: float = 1.0, labels: torch.Tensor | None = None,
                        ignore_index: int = -100, return_entropy: bool = False, chunk_size: int | None = None,
-                       impl: Impl = "auto", **kwargs):
+                       compact_ignored: bool | None = None, impl: Impl = "auto", **kwargs):
     """Per-token log-probs of a causal LM's own next tokens, ``[B, L - 1]`` (or ``[B, k]`` with
     ``logits_to_keep = k``: the log-probs of the last ``k`` tokens, TRL's convention).
 
     Position ``t`` of the result is ``log p(input_ids[:, t + 1] | input_ids[:, :t + 1])``
     (``logits_to_keep = k``: of ``input_ids[:, L - k + j]``). ``labels`` (same shape as
     ``input_ids``) replaces the scored tokens; positions equal to ``ignore_index`` give 0.
+    Host syncs and ``compact_ignored`` as :func:`fastalign.linear_logprobs`.
     """
     if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
         raise ValueError(f"{_OP}: logits_to_keep must be an int >= 0, got {logits_to_keep!r}")
@@ -151,4 +159,5 @@ def causal_lm_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Ten
         h = h[:, :-1]
         targets = tokens[:, 1:]
     return hidden_logprobs(h, lm_head_of(model), targets, temperature=temperature, ignore_index=ignore_index,
-                           return_entropy=return_entropy, chunk_size=chunk_size, impl=impl)
+                           return_entropy=return_entropy, chunk_size=chunk_size, compact_ignored=compact_ignored,
+                           impl=impl)

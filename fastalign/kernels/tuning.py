@@ -78,12 +78,6 @@ LINEAR_LOGPROBS_TILE_ELEMENTS = {"cuda": 1 << 24, "cpu": 1 << 21}
 # traffic to ~95 ms of GEMMs; to be measured before flipping.
 LINEAR_LOGPROBS_TILE_IN_COMPUTE_DTYPE = False
 
-# Ignored tokens cost no FLOPs: valid rows are gathered (``hidden[targets != ignore_index]``), which
-# needs one device->host sync per call (a nonzero). With False, every row is processed and the
-# ignored rows get zero gradients through masked upstream gradients (no host sync; CUDA-graph and
-# torch.compile friendly, at the cost of FLOPs on ignored rows).
-LINEAR_LOGPROBS_COMPACT_IGNORED = True
-
 
 @dataclass(frozen=True)
 class EpilogueTileConfig:

@@ -14,6 +14,10 @@
 
 Results equal the unfused loss on :func:`fastalign.linear_logprobs` (tests).
 
+Host syncs: the target-range check (``fastalign.config(index_checks=False)`` skips it) and the
+compaction of masked rows (``compact_ignored=False`` / ``fastalign.config(compact_ignored=False)``
+computes every row instead); none with both off (docs/host-syncs.md).
+
 Memory of the one-pass form: one fp32 ``[rows, V]`` tile (``tuning.fused_loss_rows``), its dZ in
 the GEMM dtype, ``dH [N, D]`` (fp32 accumulation, cast once) and an fp32 ``[V, D]`` dW accumulator
 (cast to the weight dtype once; ``tuning.FUSED_LOSS_DW_FP32 = False`` accumulates the row blocks in the
@@ -26,14 +30,15 @@ from typing import Literal
 
 import torch
 
+from fastalign._config import resolve
 from fastalign._dispatch import Impl, select_impl
 from fastalign._validation import (
     check_float,
+    check_index_range,
     check_int,
     check_mask,
     check_positive,
     check_same_device,
-    index_checks_enabled,
 )
 from fastalign.kernels import tuning
 from fastalign.losses._common import as_compute, check_choice, check_number, compute_dtype
@@ -155,7 +160,7 @@ class _FusedTokenLoss(torch.autograd.Function):
 
 # ---- shared input handling -----------------------------------------------------------------------
 
-def _prep_head(op, hidden, weight, targets, mask, bias, temperature, softcap, impl):
+def _prep_head(op, hidden, weight, targets, mask, bias, temperature, softcap, impl, compact_ignored):
     check_float(hidden, "hidden", op)
     check_float(weight, "weight", op)
     check_int(targets, "targets", op)
@@ -178,18 +183,16 @@ def _prep_head(op, hidden, weight, targets, mask, bias, temperature, softcap, im
     inv_temp = 1.0 / check_positive(temperature, "temperature", op)
     if softcap is not None:
         softcap = check_positive(softcap, "softcap", op)
+    compact = resolve("compact_ignored", compact_ignored, op)
     backend = select_impl(impl, device, op=op)
     valid = mask.bool()
-    # masked positions are scored as ignored: log-prob 0, no FLOPs, no gradient
+    # masked positions are scored as ignored: log-prob 0, no gradient (and no FLOPs when compacted)
     targets_ig = targets.long().masked_fill(~valid, -100)
-    if index_checks_enabled():  # one host sync
-        bad = (targets_ig >= V) | ((targets_ig < 0) & (targets_ig != -100))
-        if bool(bad.any()):
-            raise ValueError(f"{op}: targets at mask-1 positions must be in [0, {V}), got {targets_ig[bad][0].item()}")
-    return B, T, V, D, inv_temp, softcap, backend, valid, targets_ig
+    check_index_range(targets_ig, V, "targets at mask-1 positions", op, ignore=-100)  # host sync unless disabled
+    return B, T, V, D, inv_temp, softcap, backend, valid, targets_ig, compact
 
 
-def _unfused_logp(hidden, weight, targets_ig, bias, inv_temp, softcap, chunk_size, impl, scale=1.0,
+def _unfused_logp(hidden, weight, targets_ig, bias, inv_temp, softcap, chunk_size, impl, compact, scale=1.0,
                   with_entropy=False):
     """``linear_logprobs`` with masked positions ignored ([B, T], 0 there); ``(logp, entropy or None)``."""
     D = weight.shape[1]
@@ -197,7 +200,7 @@ def _unfused_logp(hidden, weight, targets_ig, bias, inv_temp, softcap, chunk_siz
     logp, ent = _ll.apply_linear_logprobs(
         hidden.reshape(-1, D), weight, bias, targets_ig.reshape(-1), scale=scale, inv_temp=inv_temp, softcap=softcap,
         compute_dtype=_ll.compute_dtype_for(hidden, weight), with_entropy=with_entropy, chunk_size=chunk_size,
-        backend=backend, ignore_index=-100)
+        backend=backend, ignore_index=-100, compact_ignored=compact)
     return logp.view(targets_ig.shape), None if ent is None else ent.view(targets_ig.shape)
 
 
@@ -221,37 +224,57 @@ def _check_coef(value, name, op) -> float:
 
 
 def _one_pass(hidden, weight, bias, targets_ig, valid, per_token_fn, weights_bt, finalize_fn, *, scale, inv_temp,
-              softcap, backend, with_entropy=False, entropy_coef=0.0):
-    """Run the engine on the valid rows. ``per_token_fn(idx, lp) -> per-token loss [n]`` is elementwise in
-    ``lp``; ``weights_bt [B, T]`` are the normalizer weights (loss = sum w * l); ``finalize_fn(logp_bt)``
-    gives ``(loss, metrics)`` from the full log-probs (no grad). ``entropy_coef`` adds
-    ``- entropy_coef * mean_mask(entropy)`` (an entropy bonus), its gradient formed in the same pass."""
+              softcap, backend, compact, with_entropy=False, entropy_coef=0.0):
+    """Run the engine on the valid rows (gathered first when ``compact``: one host sync, the
+    ``nonzero``; else on every row, the masked ones with zero gradients). ``per_token_fn(take, lp) ->
+    per-token loss [n]`` is elementwise in ``lp``, ``take(x)`` giving the block's rows of a flat
+    ``[B * T]`` tensor; ``weights_bt [B, T]`` are the normalizer weights (loss = sum w * l);
+    ``finalize_fn(logp_bt)`` gives ``(loss, metrics)`` from the full log-probs (no grad).
+    ``entropy_coef`` adds ``- entropy_coef * mean_mask(entropy)`` (an entropy bonus), its gradient
+    formed in the same pass."""
     B, T = valid.shape
     D = weight.shape[1]
-    idx = valid.reshape(-1).nonzero().squeeze(1)  # host sync (as linear_logprobs' compaction)
-    h_rows = hidden.reshape(-1, D).index_select(0, idx)
-    tg = targets_ig.reshape(-1).index_select(0, idx)
-    w_rows = weights_bt.reshape(-1).index_select(0, idx)
-    n_valid = valid.sum().clamp(min=1).to(w_rows.dtype)
+    valid_f = valid.reshape(-1)
+    idx = valid_f.nonzero().squeeze(1) if compact else None  # the host sync of row compaction
+    if idx is not None and idx.numel() == B * T:  # nothing masked: no gather copy
+        idx = None
+
+    def rows_of(x):
+        return x if idx is None else x.index_select(0, idx)
+
+    h_rows = rows_of(hidden.reshape(-1, D))
+    tg = rows_of(targets_ig.reshape(-1))
+    w_rows = rows_of(weights_bt.reshape(-1))
+    v_rows = rows_of(valid_f)
     g_ent_rows = None
     if entropy_coef != 0.0:
         with_entropy = True
-        g_ent_rows = torch.full_like(w_rows, -entropy_coef) / n_valid  # d(-c * mean H) / dH_t
+        n_valid = valid.sum().clamp(min=1).to(w_rows.dtype)
+        g_ent_rows = v_rows.to(w_rows.dtype) * (-entropy_coef) / n_valid  # d(-c * mean H) / dH_t
 
     def token_grad(sl, lp):
+        def take(x):
+            return x[sl] if idx is None else x.index_select(0, idx[sl])
+
         with torch.enable_grad():
             x = lp.detach().requires_grad_(True)
-            l = per_token_fn(idx[sl], x)
+            l = per_token_fn(take, x)
             (g,) = torch.autograd.grad((l * w_rows[sl].to(l.dtype)).sum(), x)
+        # masked rows (uncompacted): 0, even where their loss is not finite
+        g = torch.where(v_rows[sl], g, torch.zeros_like(g))
         return g, None if g_ent_rows is None else g_ent_rows[sl]
 
     out: dict = {}
 
+    def scatter(x_rows):  # rows -> [B, T], 0 at masked positions
+        full = x_rows if idx is None else x_rows.new_zeros(B * T).index_copy(0, idx, x_rows)
+        return torch.where(valid_f, full, torch.zeros_like(full)).view(B, T)
+
     def finalize(logp_rows, ent_rows):
-        full = logp_rows.new_zeros(B * T).index_copy(0, idx, logp_rows).view(B, T)
+        full = scatter(logp_rows)
         with torch.no_grad():
             loss, metrics = finalize_fn(full)
-        ent = None if ent_rows is None else ent_rows.new_zeros(B * T).index_copy(0, idx, ent_rows).view(B, T)
+        ent = None if ent_rows is None else scatter(ent_rows)
         out["metrics"] = _entropy_metrics(metrics, ent, valid)
         if entropy_coef != 0.0:
             loss = loss - entropy_coef * out["metrics"]["entropy"].to(loss.dtype)
@@ -301,6 +324,7 @@ def linear_grpo_loss(
     mode: Mode = "auto",
     return_entropy: bool = False,
     chunk_size: int | None = None,
+    compact_ignored: bool | None = None,
     impl: Impl = "auto",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """:func:`fastalign.losses.grpo_loss` on the log-probs of ``softmax(f(hidden @ weight.T + bias) / T)``.
@@ -322,14 +346,20 @@ def linear_grpo_loss(
             ``"auto"``: one pass for token-level ratios, two for sequence-level.
         return_entropy: also report the token entropies (a by-product of the same pass, for
             monitoring: ``metrics["entropies"]`` ``[B, T]`` and their masked mean ``metrics["entropy"]``).
-        chunk_size: vocabulary chunk of the two-pass form. impl: backend of the epilogues.
+        chunk_size: vocabulary chunk of the two-pass form.
+        compact_ignored: True: masked rows are gathered away before the GEMMs (one host sync);
+            False: every row is computed, no sync; None: ``fastalign.get_config().compact_ignored``.
+        impl: backend of the epilogues.
+
+    Host syncs (docs/host-syncs.md): the target-range check (``fastalign.config(index_checks=False)``
+    skips it) and the row compaction (``compact_ignored=False``); none with both off.
 
     Returns:
         ``(loss, metrics)`` as :func:`grpo_loss`; metrics also hold ``logp`` ``[B, T]`` (detached).
     """
     op = "linear_grpo_loss"
-    B, T, V, D, inv_temp, softcap, backend, valid, targets_ig = _prep_head(
-        op, hidden, weight, targets, mask, bias, temperature, softcap, impl)
+    B, T, V, D, inv_temp, softcap, backend, valid, targets_ig, compact = _prep_head(
+        op, hidden, weight, targets, mask, bias, temperature, softcap, impl, compact_ignored)
     scale = check_positive(logit_scale, "logit_scale", op)
     check_choice(mode, "mode", op, ("auto", "one_pass", "two_pass"))
     for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp)):
@@ -354,8 +384,8 @@ def linear_grpo_loss(
                    num_items=num_items, kl_bias_correction=kl_bias_correction, importance_weights=importance_weights,
                    sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg)
     if not one_pass:
-        logp, ent = _unfused_logp(hidden, weight, targets_ig, bias, inv_temp, softcap, chunk_size, impl, scale,
-                                  with_entropy=return_entropy or entropy_coef != 0.0)
+        logp, ent = _unfused_logp(hidden, weight, targets_ig, bias, inv_temp, softcap, chunk_size, impl, compact,
+                                  scale, with_entropy=return_entropy or entropy_coef != 0.0)
         loss, metrics = grpo_loss(logp, old_logp, advantages, mask, **loss_kw)
         if entropy_coef != 0.0:
             loss = loss - entropy_coef * _masked_mean(ent, valid)
@@ -370,8 +400,8 @@ def linear_grpo_loss(
     old_f, ref_f, adv_f, iw_f = flat(old_logp), flat(ref_logp if beta != 0.0 else None), adv_bt.reshape(-1), \
         flat(importance_weights)
 
-    def per_token_fn(idx, lp):
-        col = lambda t: None if t is None else t.index_select(0, idx).unsqueeze(1)  # noqa: E731
+    def per_token_fn(take, lp):
+        col = lambda t: None if t is None else take(t).unsqueeze(1)  # noqa: E731
         lp2 = lp.unsqueeze(1)
         old = lp2.detach() if old_f is None else col(old_f)
         per_tok, *_ = grpo_per_token(
@@ -389,8 +419,8 @@ def linear_grpo_loss(
         return loss, metrics
 
     return _one_pass(hidden, weight, bias, targets_ig, valid, per_token_fn, w, finalize_fn, scale=scale,
-                     inv_temp=inv_temp, softcap=softcap, backend=backend, with_entropy=return_entropy,
-                     entropy_coef=entropy_coef)
+                     inv_temp=inv_temp, softcap=softcap, backend=backend, compact=compact,
+                     with_entropy=return_entropy, entropy_coef=entropy_coef)
 
 
 # ---- PPO -----------------------------------------------------------------------------------------
@@ -414,22 +444,24 @@ def linear_ppo_policy_loss(
     mode: Mode = "auto",
     return_entropy: bool = False,
     chunk_size: int | None = None,
+    compact_ignored: bool | None = None,
     impl: Impl = "auto",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """:func:`fastalign.losses.ppo_policy_loss` (token-mean clipped surrogate, dual-clip optional) on the
     log-probs of ``hidden [B, T, D]`` through ``weight [V, D]`` at ``targets [B, T]``, minus
     ``ent_coef * mean_mask(entropy)`` (the tutorial's entropy bonus; its gradient in the same pass).
 
-    ``mode`` as :func:`linear_grpo_loss` (``level="sequence"`` takes two passes). Add the value loss
-    (:func:`fastalign.losses.value_loss`) for the tutorial's full PPO objective.
+    ``mode``, ``compact_ignored`` and the host syncs as :func:`linear_grpo_loss` (``level="sequence"``
+    takes two passes). Add the value loss (:func:`fastalign.losses.value_loss`) for the tutorial's
+    full PPO objective.
 
     Returns:
         ``(loss, metrics)`` as :func:`ppo_policy_loss`, plus ``logp`` ``[B, T]`` (detached) and, with an
         entropy term or ``return_entropy``, ``entropy`` / ``entropies``.
     """
     op = "linear_ppo_policy_loss"
-    B, T, V, D, inv_temp, softcap, backend, valid, targets_ig = _prep_head(
-        op, hidden, weight, targets, mask, bias, temperature, softcap, impl)
+    B, T, V, D, inv_temp, softcap, backend, valid, targets_ig, compact = _prep_head(
+        op, hidden, weight, targets, mask, bias, temperature, softcap, impl, compact_ignored)
     check_choice(mode, "mode", op, ("auto", "one_pass", "two_pass"))
     check_float(old_logp, "old_logp", op)
     if tuple(old_logp.shape) != (B, T):
@@ -442,7 +474,7 @@ def linear_ppo_policy_loss(
     ent_coef = _check_coef(ent_coef, "ent_coef", op)
     kw = dict(eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, level=level, impl=impl)
     if not one_pass:
-        logp, ent = _unfused_logp(hidden, weight, targets_ig, bias, inv_temp, softcap, chunk_size, impl,
+        logp, ent = _unfused_logp(hidden, weight, targets_ig, bias, inv_temp, softcap, chunk_size, impl, compact,
                                   with_entropy=return_entropy or ent_coef != 0.0)
         loss, metrics = ppo_policy_loss(logp, old_logp, advantages, mask, **kw)
         if ent_coef != 0.0:
@@ -456,10 +488,9 @@ def linear_ppo_policy_loss(
     adv_f = (adv.reshape(B, 1) if adv.dim() == 1 else adv).expand(B, T).reshape(-1)
     old_f = as_compute(old_logp, dt).detach().reshape(-1)
 
-    def per_token_fn(idx, lp):
+    def per_token_fn(take, lp):
         lp2 = lp.unsqueeze(1)
-        per_tok, _ = ppo_policy_per_token(lp2, old_f.index_select(0, idx).unsqueeze(1),
-                                          adv_f.index_select(0, idx).unsqueeze(1), torch.ones_like(lp2),
+        per_tok, _ = ppo_policy_per_token(lp2, take(old_f).unsqueeze(1), take(adv_f).unsqueeze(1), torch.ones_like(lp2),
                                           eps_low=eps_low_, eps_high=eps_high_, dual_clip=dual_, level="token")
         return per_tok.squeeze(1)
 
@@ -471,8 +502,8 @@ def linear_ppo_policy_loss(
         return loss, metrics
 
     return _one_pass(hidden, weight, bias, targets_ig, valid, per_token_fn, w, finalize_fn, scale=1.0,
-                     inv_temp=inv_temp, softcap=softcap, backend=backend, with_entropy=return_entropy,
-                     entropy_coef=ent_coef)
+                     inv_temp=inv_temp, softcap=softcap, backend=backend, compact=compact,
+                     with_entropy=return_entropy, entropy_coef=ent_coef)
 
 
 # ---- DPO -----------------------------------------------------------------------------------------
@@ -491,6 +522,7 @@ def linear_dpo_loss(
     loss_type: DPOLossType = "sigmoid",
     label_smoothing: float = 0.0,
     chunk_size: int | None = None,
+    compact_ignored: bool | None = None,
     impl: Impl = "auto",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """:func:`fastalign.losses.dpo_loss` from hidden states: rows ``[:B]`` are the chosen completions,
@@ -501,6 +533,7 @@ def linear_dpo_loss(
             tokens). ref_logps: ``[2B]`` summed reference log-probs (chosen first) or None
             (reference-free).
         beta, loss_type, label_smoothing: as :func:`dpo_loss` (``"ipo"`` uses the mask's lengths).
+        chunk_size, compact_ignored, impl: as :func:`linear_grpo_loss` (and its host syncs).
 
     Two passes over the vocabulary (``linear_logprobs`` forward and backward): a sequence's
     log-prob couples all of its tokens, so no token's gradient is known before the pass ends.
@@ -509,15 +542,15 @@ def linear_dpo_loss(
         ``(loss, metrics)`` as :func:`dpo_loss`.
     """
     op = "linear_dpo_loss"
-    B2, T, V, D, inv_temp, softcap, backend, valid, targets_ig = _prep_head(
-        op, hidden, weight, targets, mask, bias, temperature, softcap, impl)
+    B2, T, V, D, inv_temp, softcap, backend, valid, targets_ig, compact = _prep_head(
+        op, hidden, weight, targets, mask, bias, temperature, softcap, impl, compact_ignored)
     if B2 % 2:
         raise ValueError(f"{op}: hidden must hold chosen rows then rejected rows (an even count), got {B2} rows")
     if ref_logps is not None:
         check_float(ref_logps, "ref_logps", op)
         if tuple(ref_logps.shape) != (B2,):
             raise ValueError(f"{op}: ref_logps must have shape ({B2},), got {tuple(ref_logps.shape)}")
-    logp, _ = _unfused_logp(hidden, weight, targets_ig, bias, inv_temp, softcap, chunk_size, impl)
+    logp, _ = _unfused_logp(hidden, weight, targets_ig, bias, inv_temp, softcap, chunk_size, impl, compact)
     seq = logp.sum(-1)
     lengths = valid.sum(-1)
     B = B2 // 2

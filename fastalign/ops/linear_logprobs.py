@@ -24,10 +24,10 @@ turn it into dZ, then ``dH[rows] += dZ @ W_c``, ``dW_c += dZ.T @ H[rows]``, ``db
 accumulated in fp32 and cast to the parameter dtype once per chunk (dW, db) or once at the end (dH).
 
 Ignored tokens (``targets == ignore_index``) cost no FLOPs: the valid rows are gathered first
-(``hidden.index_select(0, valid.nonzero())``, skipped when every row is valid), which needs a
-device->host sync per call. Set
-``tuning.LINEAR_LOGPROBS_COMPACT_IGNORED = False`` to process every row instead (no host sync;
-ignored rows get zero outputs and gradients through masking).
+(``hidden.index_select(0, valid.nonzero())``, no gather when every row is valid), which needs one
+device->host sync per call (the ``nonzero``). ``compact_ignored=False`` (or
+``fastalign.config(compact_ignored=False)``) processes every row instead: no host sync, ignored
+rows get zero outputs and gradients through masking (their hidden states must be finite).
 
 Autocast: under ``torch.autocast`` the GEMMs use the autocast dtype (as ``F.linear`` would);
 otherwise the promoted dtype of hidden and weight. The softmax math is fp32 (fp64 for fp64 inputs,
@@ -40,13 +40,14 @@ from typing import Literal, overload
 
 import torch
 
+from fastalign._config import resolve
 from fastalign._dispatch import Impl, select_impl
 from fastalign._validation import (
     check_float,
+    check_index_range,
     check_int,
     check_positive,
     check_same_device,
-    index_checks_enabled,
 )
 from fastalign.kernels import tuning
 
@@ -385,23 +386,22 @@ def compute_dtype_for(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype
 def apply_linear_logprobs(hidden2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                           targets: torch.Tensor, *, scale: float, inv_temp: float, softcap: float | None,
                           compute_dtype: torch.dtype, with_entropy: bool, chunk_size: int | None, backend: str,
-                          ignore_index: int | None):
+                          ignore_index: int | None, compact_ignored: bool):
     """Rows ``hidden2d [n, D]`` with int64 ``targets [n]`` -> ``(logp [n], entropy [n] or None)``.
 
-    With ``ignore_index`` not None, ignored rows give 0 (compacted away or masked, per
-    ``tuning.LINEAR_LOGPROBS_COMPACT_IGNORED``). Used by the public function and the integrations."""
+    With ``ignore_index`` not None, ignored rows give 0: gathered away first when ``compact_ignored``
+    (one host sync: the ``nonzero``), else masked. Used by the public function and the integrations."""
     if ignore_index is None:
         return _LinearLogprobs.apply(hidden2d, weight, bias, targets, None, scale, inv_temp, softcap,
                                      compute_dtype, with_entropy, chunk_size, backend)
     valid = targets != ignore_index
-    if not tuning.LINEAR_LOGPROBS_COMPACT_IGNORED:
+    if not compact_ignored:
         return _LinearLogprobs.apply(hidden2d, weight, bias, targets, valid, scale, inv_temp, softcap,
                                      compute_dtype, with_entropy, chunk_size, backend)
-    # host sync: ignored rows never reach a GEMM; when none is ignored, no gather copy either
-    if bool(valid.all()):
+    idx = valid.nonzero().squeeze(1)  # the host sync: ignored rows never reach a GEMM
+    if idx.numel() == targets.shape[0]:  # none ignored: no gather copy
         return _LinearLogprobs.apply(hidden2d, weight, bias, targets, None, scale, inv_temp, softcap,
                                      compute_dtype, with_entropy, chunk_size, backend)
-    idx = valid.nonzero().squeeze(1)
     logp_v, ent_v = _LinearLogprobs.apply(hidden2d.index_select(0, idx), weight, bias, targets.index_select(0, idx),
                                           None, scale, inv_temp, softcap, compute_dtype, with_entropy, chunk_size,
                                           backend)
@@ -417,33 +417,35 @@ def apply_linear_logprobs(hidden2d: torch.Tensor, weight: torch.Tensor, bias: to
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                     bias: torch.Tensor | None = ..., temperature: float = ..., softcap: float | None = ...,
                     ignore_index: int = ..., return_entropy: Literal[False] = ..., chunk_size: int | None = ...,
-                    impl: Impl = ...) -> torch.Tensor: ...
+                    compact_ignored: bool | None = ..., impl: Impl = ...) -> torch.Tensor: ...
 
 
 @overload
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                     bias: torch.Tensor | None = ..., temperature: float = ..., softcap: float | None = ...,
                     ignore_index: int = ..., return_entropy: Literal[True], chunk_size: int | None = ...,
-                    impl: Impl = ...) -> tuple[torch.Tensor, torch.Tensor]: ...
+                    compact_ignored: bool | None = ..., impl: Impl = ...) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, softcap=None, ignore_index=-100,
-                    return_entropy=False, chunk_size=None, impl="auto"):
+                    return_entropy=False, chunk_size=None, compact_ignored=None, impl="auto"):
     """Per-token log-probs (and entropy) of ``softmax(f(hidden @ weight.T + bias) / temperature)``
     at ``targets``, chunked over the vocabulary: the ``[N, V]`` logits never exist.
 
     Args:
         hidden: ``[..., D]`` float (fp16/bf16/fp32/fp64), any strides.
         weight: ``[V, D]`` float, the lm_head weight.
-        targets: ``[...]`` integer token ids in ``[0, V)`` or ``ignore_index``.
+        targets: ``[...]`` integer token ids in ``[0, V)`` or ``ignore_index``; checked, at one host
+            sync, unless ``fastalign.config(index_checks=False)``.
         bias: optional ``[V]`` float.
         temperature: ``T > 0``; the logits are divided by it (after the softcap).
         softcap: optional ``c > 0``: ``z = c * tanh(z / c)`` (Gemma-2's final logit softcapping).
-        ignore_index: targets equal to it get log-prob 0, entropy 0 and no gradient (and no FLOPs:
-            see the module doc for the host sync this costs).
+        ignore_index: targets equal to it get log-prob 0, entropy 0 and no gradient.
         return_entropy: also return the entropy of the tempered distribution (differentiable).
         chunk_size: vocabulary columns per tile (default: ``tuning.LINEAR_LOGPROBS_CHUNK_SIZE``);
             bounds the one ``[rows, chunk_size]`` fp32 logits tile.
+        compact_ignored: True: ignored rows are gathered away before the GEMMs (no FLOPs on them,
+            one host sync); False: every row is computed, no sync; None: ``fastalign.get_config()``.
         impl: ``"auto" | "triton" | "torch"`` (see :func:`fastalign.select_impl`).
 
     Returns:
@@ -477,19 +479,17 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, soft
             raise ValueError(f"{_OP}: chunk_size must be a positive int or None, got {chunk_size!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"{_OP}: ignore_index must be an int, got {type(ignore_index).__name__}")
+    compact = resolve("compact_ignored", compact_ignored, _OP)
     backend = select_impl(impl, device, op=_OP)
 
     targets_flat = targets.reshape(-1).long()
-    if index_checks_enabled() and targets_flat.numel() > 0:  # one host sync
-        bad = (targets_flat != ignore_index) & ((targets_flat < 0) | (targets_flat >= V))
-        if bool(bad.any()):
-            first = targets_flat[bad][0].item()
-            raise ValueError(f"{_OP}: targets must be in [0, {V}) or ignore_index={ignore_index}, got {first}")
+    check_index_range(targets_flat, V, "targets", _OP, ignore=ignore_index,
+                      allowed=f"[0, {V}) or ignore_index={ignore_index}")  # host sync unless index_checks=False
     hidden2d = hidden.reshape(-1, D)
     logp, entropy = apply_linear_logprobs(
         hidden2d, weight, bias, targets_flat, scale=1.0, inv_temp=inv_temp, softcap=softcap,
         compute_dtype=compute_dtype_for(hidden, weight), with_entropy=bool(return_entropy),
-        chunk_size=chunk_size, backend=backend, ignore_index=ignore_index)
+        chunk_size=chunk_size, backend=backend, ignore_index=ignore_index, compact_ignored=compact)
     logp = logp.view(targets.shape)
     if return_entropy:
         return logp, entropy.view(targets.shape)

@@ -14,10 +14,10 @@ import torch
 from fastalign._dispatch import Impl, select_impl
 from fastalign._validation import (
     check_float,
+    check_index_range,
     check_int,
     check_positive,
     check_same_device,
-    index_checks_enabled,
 )
 from fastalign.kernels import tuning
 from fastalign.ops._rows import RowLayout, iter_row_chunks, rows_of
@@ -174,7 +174,8 @@ def logprobs_from_logits(logits, targets, *, temperature=1.0, ignore_index=-100,
             (otherwise, or when the leading dims cannot be addressed with two strides, one
             contiguous copy is made).
         targets: ``[...]`` integer tensor (same leading shape), values in ``[0, V)`` or ``ignore_index``.
-            Checking the range costs one host sync; ``fastalign.set_index_checks(False)`` skips it.
+            Checking the range costs the one host sync of this op (docs/host-syncs.md);
+            ``with fastalign.config(index_checks=False):`` skips it.
         temperature: > 0; the distribution is ``softmax(logits.float() / temperature)``.
         ignore_index: targets equal to it get log-prob 0, entropy 0 and zero gradient.
         return_entropy: also return the entropy of the same tempered distribution.
@@ -201,11 +202,8 @@ def logprobs_from_logits(logits, targets, *, temperature=1.0, ignore_index=-100,
         raise ValueError(f"{_OP}: logits must have a non-empty vocabulary dim, got shape {tuple(logits.shape)}")
     backend = select_impl(impl, device, op=_OP)
     flat_targets = targets.reshape(-1).to(torch.int64)
-    if index_checks_enabled() and flat_targets.numel() > 0:
-        bad = ((flat_targets < 0) | (flat_targets >= V)) & (flat_targets != ignore_index)
-        if bool(bad.any()):  # one host sync; see set_index_checks
-            first = flat_targets[bad][0].item()
-            raise ValueError(f"{_OP}: targets must be in [0, {V}) or ignore_index={ignore_index}, got {first}")
+    check_index_range(flat_targets, V, "targets", _OP, ignore=ignore_index,
+                      allowed=f"[0, {V}) or ignore_index={ignore_index}")  # host sync unless index_checks=False
     rows, layout = rows_of(logits)
     out = _LogprobsFromLogits.apply(rows, layout, flat_targets, 1.0 / temperature, ignore_index,
                                     bool(return_entropy), backend)
