@@ -193,16 +193,109 @@ def test_logits_tile_in_compute_dtype(dtype, monkeypatch):
     _check(h, W, t, "triton", b=b, softcap=4.0, temperature=0.8, chunk_size=64)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_cuda_data_flow_on_cpu(impl, monkeypatch):
-    """The CUDA data flow (bf16 GEMM operands, fp32 logits tile, dZ in a separate bf16 buffer),
-    emulated on CPU by feeding the GEMMs their compute dtype."""
+def _emulate_cuda_gemms(monkeypatch) -> None:
+    """The CUDA data flow on CPU: the GEMMs get the compute dtype (bf16/fp16), and ``torch.mm`` /
+    ``torch.addmm`` with ``out_dtype`` (CUDA-only in torch) compute as cuBLAS does: exact products,
+    fp32 sums (here on upcast operands)."""
     from fastalign.ops import linear_logprobs as ll
 
     monkeypatch.setattr(ll, "_gemm_dtype", lambda compute_dtype, device: compute_dtype)
+    real_mm, real_addmm = torch.mm, torch.addmm
+
+    def mm(a, b, *, out_dtype=None, **kwargs):
+        return real_mm(a, b, **kwargs) if out_dtype is None else real_mm(a.to(out_dtype), b.to(out_dtype), **kwargs)
+
+    def addmm(c, a, b, *, out_dtype=None, **kwargs):
+        if out_dtype is not None:
+            a, b = a.to(out_dtype), b.to(out_dtype)
+        return real_addmm(c, a, b, **kwargs)
+
+    monkeypatch.setattr(torch, "mm", mm)
+    monkeypatch.setattr(torch, "addmm", addmm)
+
+
+def _interpreter_rounds_bf16_to_nearest(monkeypatch) -> None:
+    """Make the Triton interpreter round fp32 -> bf16 casts to nearest even, as the GPU does (the
+    interpreter truncates them, which biases a bf16 dZ and so the dW sums over its rows)."""
+    import triton
+    import triton.language as tl
+    from triton.runtime import interpreter as interp
+
+    needed = ("InterpreterBuilder", "_convert_float", "_get_np_dtype", "TensorHandle", "_ir")
+    if not all(hasattr(interp, name) for name in needed):
+        pytest.skip(f"triton {triton.__version__}'s interpreter internals differ: cannot emulate RTNE bf16 casts")
+    cast = interp.InterpreterBuilder.cast_impl
+
+    def cast_rtne(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            data = interp._convert_float(src.data, tl.float32, tl.bfloat16, interp._ir.ROUNDING_MODE.RTNE)
+            return interp.TensorHandle(data.view(interp._get_np_dtype(dst_type)), dst_type.scalar)
+        return cast(self, src, dst_type)
+
+    monkeypatch.setattr(interp.InterpreterBuilder, "cast_impl", cast_rtne)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_cuda_data_flow_on_cpu(impl, monkeypatch):
+    """The CUDA data flow (bf16 GEMM operands, fp32 logits tile, dZ in a separate bf16 buffer),
+    emulated on CPU (:func:`_emulate_cuda_gemms`)."""
+    _emulate_cuda_gemms(monkeypatch)
+    if impl == "triton":
+        _interpreter_rounds_bf16_to_nearest(monkeypatch)
     h, W, t, b = _inputs(30, 16, 300, dtype=torch.bfloat16, bias=True, scale=2.0)
     t[::4] = -100
     _check(h, W, t, impl, b=b, softcap=4.0, chunk_size=64)
+
+
+def test_gemm_path_from_capability_check(monkeypatch):
+    """The GEMM operand dtype follows torch's capability (no error decides it): bf16 operands into
+    fp32 output on CUDA where torch.mm has out_dtype, else fp32 operands (with a warning on CUDA)."""
+    from fastalign.ops import linear_logprobs as ll
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert ll._mm_out_dtype_supported() == (tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 8))
+    monkeypatch.setattr(ll, "_mm_out_dtype_supported", lambda: True)
+    assert ll._gemm_dtype(torch.bfloat16, cuda) == torch.bfloat16
+    assert ll._gemm_dtype(torch.bfloat16, cpu) == torch.float32
+    assert ll._gemm_dtype(torch.float32, cuda) == torch.float32
+    monkeypatch.setattr(ll, "_mm_out_dtype_supported", lambda: False)
+    with pytest.warns(RuntimeWarning, match=r"torch >= 2\.8"):
+        assert ll._gemm_dtype(torch.float16, cuda) == torch.float32
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gemm_error_propagates_and_changes_no_later_call(impl, monkeypatch):
+    """An error raised inside a mixed-dtype GEMM (say, out of memory) reaches the caller, and the next
+    calls run the same GEMMs (same operand dtypes, ``out_dtype`` still used) with the same results."""
+    _emulate_cuda_gemms(monkeypatch)
+    h, W, t, b = _inputs(30, 16, 300, dtype=torch.bfloat16, bias=True, scale=2.0)
+    t[::4] = -100
+    emulated_mm, calls, armed = torch.mm, [], []
+
+    def mm(*args, **kwargs):
+        if armed and "out_dtype" in kwargs:
+            armed.clear()
+            raise RuntimeError("CUDA out of memory (simulated)")
+        calls.append((tuple(a.dtype for a in args), tuple(sorted(kwargs))))
+        return emulated_mm(*args, **kwargs)
+
+    def run():
+        x = h.clone().requires_grad_()
+        lp = fastalign.linear_logprobs(x, W, t, bias=b, chunk_size=64, impl=impl)
+        lp.sum().backward()
+        return lp.detach(), x.grad
+
+    monkeypatch.setattr(torch, "mm", mm)
+    before = run()
+    first_path, calls[:] = list(calls), []
+    assert ((torch.bfloat16, torch.bfloat16), ("out", "out_dtype")) in first_path
+    armed.append(True)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run()
+    calls.clear()
+    after = run()
+    assert calls == first_path
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

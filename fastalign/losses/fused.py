@@ -118,9 +118,10 @@ def _one_pass_grads(hidden2d, weight, bias, targets, token_grad, *, scale, inv_t
             if need_weight:
                 if d_w_acc.dtype == acc:
                     _ll._mm_into(d_w_acc, dz.t(), h[r0:r1], accumulate=True)
-                else:
-                    d_w_acc.add_(torch.mm(dz.t().to(acc), h[r0:r1].to(acc)) if dev.type != "cuda"
-                                 else torch.mm(dz.t(), h[r0:r1], out_dtype=acc))
+                else:  # this block's product fp32-accumulated, then added in the weight dtype
+                    prod = torch.empty((V, D), dtype=acc, device=dev)
+                    _ll._mm_into(prod, dz.t(), h[r0:r1], accumulate=False)
+                    d_w_acc.add_(prod)
             if need_bias:
                 d_b += dz.sum(0, dtype=acc)
     return logp, ent, d_h, d_w_acc, d_b

@@ -29,6 +29,12 @@ device->host sync per call (the ``nonzero``). ``compact_ignored=False`` (or
 ``fastalign.config(compact_ignored=False)``) processes every row instead: no host sync, ignored
 rows get zero outputs and gradients through masking (their hidden states must be finite).
 
+GEMMs: bf16/fp16 operands are multiplied with fp32 accumulation into fp32 output; on CUDA by
+cuBLAS through ``torch.mm(..., out_dtype=torch.float32)`` (torch >= 2.8). With an older torch the
+operands are upcast to fp32 instead (:func:`_gemm_dtype`): the same forward, a backward whose dZ
+is not rounded to bf16/fp16, slower GEMMs, and a warning. The choice comes from a capability check
+of torch (made once), never from an error: errors inside a GEMM (out of memory, ...) propagate.
+
 Autocast: under ``torch.autocast`` the GEMMs use the autocast dtype (as ``F.linear`` would);
 otherwise the promoted dtype of hidden and weight. The softmax math is fp32 (fp64 for fp64 inputs,
 always through the torch epilogues, so gradcheck sees fp64 hyperparameters too).
@@ -36,6 +42,8 @@ always through the torch epilogues, so gradcheck sees fp64 hyperparameters too).
 
 from __future__ import annotations
 
+import functools
+import warnings
 from typing import Literal, overload
 
 import torch
@@ -136,12 +144,28 @@ def _epilogues(backend: str, acc: torch.dtype):
     return torch_fold_chunk, torch_dlogits_chunk
 
 
+@functools.cache
+def _mm_out_dtype_supported() -> bool:
+    """Whether this torch has ``torch.mm`` / ``torch.addmm`` with ``out_dtype`` (torch >= 2.8):
+    bf16/fp16 operands, fp32 accumulation and fp32 output in one cuBLAS call."""
+    return all("dtype_out" in op.overloads() for op in (torch.ops.aten.mm, torch.ops.aten.addmm))
+
+
 def _gemm_dtype(compute_dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """dtype of the GEMM operands. CUDA: the compute dtype (fp32 accumulation/output by cuBLAS).
-    CPU: bf16/fp16 operands are rounded to the compute dtype, then multiplied in fp32 — the same
-    products (exact in fp32) and fp32 accumulation, without CPU low-precision GEMM kernels."""
-    if device.type == "cuda" or compute_dtype not in _LOW:
+    """dtype of the GEMM operands: the compute dtype, or fp32 when that is bf16/fp16 and the device
+    has no mixed-dtype GEMM (CPU; CUDA before torch 2.8). The operands are rounded to the compute
+    dtype first, so fp32 operands give the same products (exact in fp32) and fp32 sums as the
+    mixed-dtype GEMM (and dZ stays fp32), at fp32 GEMM speed: a serious slowdown on a GPU, hence
+    the warning there. Rounding each product to bf16/fp16 instead would be fast but would change
+    the results behind the caller's back; an error would refuse a correct, if slow, computation."""
+    if compute_dtype not in _LOW:
         return compute_dtype
+    if device.type == "cuda":
+        if _mm_out_dtype_supported():
+            return compute_dtype
+        warnings.warn(f"{_OP}: torch {torch.__version__} has no torch.mm(..., out_dtype=) (torch >= 2.8): "
+                      f"{compute_dtype} GEMMs run as fp32 GEMMs on upcast operands (as accurate, slower)",
+                      RuntimeWarning, stacklevel=2)
     return torch.float32
 
 
@@ -149,33 +173,25 @@ def _as_operand(x: torch.Tensor, compute_dtype: torch.dtype, gemm_dtype: torch.d
     return x.to(compute_dtype).to(gemm_dtype)
 
 
-_MM_OUT_DTYPE_OK = True  # cuBLAS fp32 output from bf16/fp16 operands (torch >= 2.8, CUDA)
-
-
 def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
-    """``out (=|+=) a @ b``: same dtypes, or (CUDA) bf16/fp16 operands into an fp32 ``out`` with fp32
-    accumulation, or (CPU) fp32 operands into a bf16/fp16 ``out`` (rounded once)."""
-    global _MM_OUT_DTYPE_OK
+    """``out (=|+=) a @ b`` with fp32 (fp64) accumulation: operands in ``out``'s dtype; bf16/fp16
+    operands into an fp32 ``out`` through torch's ``out_dtype`` GEMM (cuBLAS; :func:`_gemm_dtype`
+    picks such operands only where torch has it); or fp32 operands into a bf16/fp16 ``out`` (the
+    product rounded once). Errors propagate."""
     if a.dtype == out.dtype:
         if accumulate:
             out.addmm_(a, b)
         else:
             torch.mm(a, b, out=out)
-        return
-    if _MM_OUT_DTYPE_OK and out.device.type == "cuda":
-        try:
-            if accumulate:
-                torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
-            else:
-                torch.mm(a, b, out_dtype=out.dtype, out=out)
-            return
-        except (RuntimeError, TypeError):
-            _MM_OUT_DTYPE_OK = False
-    prod = torch.mm(a, b)  # older torch: the product is rounded to the operands' dtype
-    if accumulate:
-        out.add_(prod)
+    elif a.dtype in _LOW:
+        if accumulate:
+            torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
+        else:
+            torch.mm(a, b, out_dtype=out.dtype, out=out)
+    elif accumulate:
+        out.add_(torch.mm(a, b))
     else:
-        out.copy_(prod)
+        out.copy_(torch.mm(a, b))
 
 
 def _view(flat: torch.Tensor, n_rows: int, n_cols: int) -> torch.Tensor:
