@@ -6,6 +6,7 @@ chosen by :func:`fastalign._dispatch.select_impl`. Not differentiable (rewards a
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -21,56 +22,76 @@ Scale = Literal["group", "batch", "none"]
 Singleton = Literal["zero", "raw"]
 
 
+def _dense_labels(ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Labels ``0..G-1`` for int64 ids: a shift when ``max - min < 4 N + 64`` (no sort), else
+    ``torch.unique`` (a sort). Reads ``aminmax`` on the host: a device->host sync on CUDA."""
+    N = ids.numel()
+    if N == 0:
+        return ids, 0
+    lo, hi = (int(x) for x in ids.aminmax())
+    if hi - lo < 4 * N + 64:
+        return (ids - lo if lo else ids), hi - lo + 1
+    uniq, inv = torch.unique(ids, return_inverse=True)
+    return inv, uniq.numel()
+
+
+def _count_sum(r: torch.Tensor, inv: torch.Tensor, G: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-label count (int64, ``bincount``) and sum (``scatter_add``), ``[G]`` each."""
+    return torch.bincount(inv, minlength=G), r.new_zeros(G).scatter_add_(0, inv, r)
+
+
 def torch_group_advantages(rewards, ids, group_size, eps, loo, scale_mode, unbiased, singleton_raw, acc):
-    N = rewards.shape[0]
+    """``adv_i = (r_i - shift_g) / den_g``: two scatters over ``[N]`` (count + sum, then the centred
+    squares: a two-pass variance) and two gathers of ``[G]`` vectors; no ``[N]`` mask unless a reward is NaN.
+
+    ``shift_g`` is the group mean (0 for a raw singleton); ``den_g`` is ``std + eps`` (group std, a
+    singleton's taken as 1, or the batch std), times ``(n - 1) / n`` for the leave-one-out baseline
+    (``r - (s - r) / (n - 1) = n (r - mean) / (n - 1)``). A zeroed singleton's ``r - mean`` is exactly
+    0 (so only ``eps = 0`` needs its ``den`` kept nonzero). NaN rewards are moved to an extra group
+    ``G`` as 0 (out of every statistic) and masked to 0 at the end. An infinite reward makes its
+    group's advantages NaN. Host syncs on CUDA: the id range (``_dense_labels``) and the NaN test.
+    """
     r = rewards.to(acc)
+    N = r.shape[0]
     if ids is None:
-        inv = torch.arange(N, device=r.device) // group_size
-        G = N // group_size if group_size else 0
+        inv, G = torch.arange(N, device=r.device) // group_size, N // group_size
     else:
-        # Dense labels for arbitrary int64 ids (on a CUDA tensor this costs a host sync): ids in a
-        # compact range are shifted to 0.., others relabelled by torch.unique (a sort).
-        lo, hi = (int(x) for x in ids.aminmax()) if N else (0, -1)
-        if hi - lo < 4 * N + 64:
-            inv, G = ids - lo, hi - lo + 1
-        else:
-            uniq, inv = torch.unique(ids, return_inverse=True)
-            G = uniq.numel()
-    # Per-group work on [G] vectors, then one index_select per needed quantity (few ops: this path is
-    # bound by per-op overhead at typical N).
-    valid = r == r
-    vf = valid.to(acc)
-    r0 = torch.nan_to_num(r, nan=0.0)  # inf rewards stay inf
-    cnt = torch.zeros(G, dtype=acc, device=r.device).index_add_(0, inv, vf)
-    tot = torch.zeros(G, dtype=acc, device=r.device).index_add_(0, inv, r0)
-    mean = tot / cnt.clamp(min=1.0)
-    dev = (r0 - mean.index_select(0, inv)).mul_(vf)
-    single = cnt <= 1.0
+        inv, G = _dense_labels(ids)
+    cnt, tot = _count_sum(r, inv, G)
+    total = tot.sum()
+    nan = None
+    if math.isnan(total.item()):  # NaN rewards (or both infinities): the sums again, NaNs in group G
+        nan = r.isnan()
+        r, inv = r.masked_fill(nan, 0.0), inv.masked_fill(nan, G)
+        cnt, tot = _count_sum(r, inv, G + 1)
+        total = tot.sum()
+    mean = tot.div_(cnt)  # NaN for unused labels, which are never gathered
+    single = cnt <= 1 if singleton_raw or eps == 0 else None
+    if singleton_raw:
+        mean.masked_fill_(single, 0.0)
+    dev = mean.index_select(0, inv)
+    dev = torch.sub(r, dev, out=dev)
+    den = None
     if scale_mode == 1:
-        sq = torch.zeros(G, dtype=acc, device=r.device).index_add_(0, inv, dev * dev)
-        inv_scale = torch.where(single, 1.0, (sq / (cnt - float(unbiased)).clamp(min=1.0)).sqrt_()).add_(eps)
-        inv_scale = inv_scale.reciprocal_()
+        sq = mean.zero_().scatter_add_(0, inv, dev.square())  # mean's buffer
+        std = sq.div_((cnt - 1).clamp(min=1) if unbiased else cnt).sqrt_()
+        den = (std.masked_fill_(single, 1.0) if single is not None else std).add_(eps)
     elif scale_mode == 2:
-        bn = vf.sum()
-        b_dev = (r0 - r0.sum() / bn.clamp(min=1.0)).mul_(vf)
-        b_std = ((b_dev * b_dev).sum() / (bn - float(unbiased)).clamp(min=1.0)).sqrt_()
-        inv_scale = (b_std + eps).reciprocal_()
+        n = cnt[:G].sum()
+        b_dev = r - total / n.clamp(min=1)
+        if nan is not None:
+            b_dev.masked_fill_(nan, 0.0)
+        den = (b_dev.square().sum() / (n - int(unbiased)).clamp(min=1)).sqrt_().add_(eps)
+        if single is not None and not singleton_raw:
+            den = den.expand(cnt.shape).masked_fill(single, 1.0)
     if loo:
-        # r - (sum - r) / (n - 1) = (n r - sum) / (n - 1)
-        n_i = cnt.index_select(0, inv)
-        adv = (r0 * n_i - tot.index_select(0, inv)) / (n_i - 1.0).clamp(min=1.0)
-        if singleton_raw:
-            adv = torch.where(n_i <= 1.0, r0, adv)
-    elif singleton_raw:
-        adv = r0 - torch.where(single, 0.0, mean).index_select(0, inv)
-    else:
-        adv = dev
-    if scale_mode == 1:
-        adv = adv * inv_scale.index_select(0, inv)
-    elif scale_mode == 2:
-        adv = adv * inv_scale
-    keep = valid if singleton_raw else valid & ~single.index_select(0, inv)
-    return torch.where(keep, adv, 0.0)
+        frac = (cnt - 1).clamp(min=1).to(r.dtype).div_(cnt)  # (n - 1) / n
+        den = frac if den is None else frac.mul_(den)
+    if den is not None:
+        dev.div_(den.index_select(0, inv) if den.dim() else den)
+    if nan is not None:
+        dev.masked_fill_(nan, 0.0)
+    return dev
 
 
 def group_advantages(
@@ -147,9 +168,9 @@ def group_advantages(
     acc = result_dtype(rewards.dtype)
     ids = None if group_ids is None else group_ids.to(torch.int64).contiguous()
     args = (gs, float(eps), baseline == "loo", _SCALES[scale], bool(unbiased), singleton == "raw")
-    with torch.no_grad():
-        if backend == "triton":
-            from fastalign.kernels.group_advantages import group_advantages_triton
+    rewards = rewards.detach()  # no autograd graph on either path (cheaper than torch.no_grad)
+    if backend == "triton":
+        from fastalign.kernels.group_advantages import group_advantages_triton
 
-            return group_advantages_triton(rewards.detach().contiguous(), ids, *args, acc)
-        return torch_group_advantages(rewards.detach(), ids, *args, acc)
+        return group_advantages_triton(rewards.contiguous(), ids, *args, acc)
+    return torch_group_advantages(rewards, ids, *args, acc)
