@@ -350,3 +350,36 @@ def test_cuda_bf16_one_pass_matches_two_pass_and_fp64(monkeypatch, dw_fp32):
         torch.testing.assert_close(a.double(), b.double(), rtol=2e-2, atol=2e-4)
         torch.testing.assert_close(a.double(), e.detach().double(), rtol=2e-2, atol=2e-4)
     torch.testing.assert_close(out["one_pass"][3], out["two_pass"][3], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("loss", ["grpo", "ppo"])
+def test_one_pass_uncompacted_equals_compacted(impl, loss):
+    """compact_ignored=False (every row through the GEMMs, no host sync) gives the compacted result:
+    loss, metrics and gradients, even with garbage old log-probs at masked positions (for PPO, an
+    overflowing ratio; grpo_loss itself needs them finite)."""
+    h, W, b, tgt, mask, _ = _data(dtype=torch.float64 if impl == "torch" else torch.float32)
+    adv = torch.tensor([0.5, -1.0, -1.5], dtype=h.dtype)  # A < 0: an infinite ratio is not clipped away
+    mask[1:, 1] = False  # masked positions in the rows with A < 0
+    tgt = tgt.masked_fill(~mask, -7)
+    old = torch.where(mask, -torch.rand(mask.shape, dtype=h.dtype), -1e4 if loss == "ppo" else -50.0)
+
+    def run(compact):
+        leaves = [t.clone().requires_grad_(True) for t in (h, W, b)]
+        kw = dict(bias=leaves[2], mode="one_pass", return_entropy=True, compact_ignored=compact, impl=impl)
+        if loss == "grpo":
+            out, m = linear_grpo_loss(leaves[0], leaves[1], tgt, mask, adv, old_logp=old, beta=0.0,
+                                      entropy_coef=0.05, **kw)
+        else:
+            out, m = linear_ppo_policy_loss(leaves[0], leaves[1], tgt, mask, adv, old, ent_coef=0.05, **kw)
+        return out, m, _grads(out, *leaves)
+
+    loss_c, m_c, g_c = run(True)
+    loss_u, m_u, g_u = run(False)
+    torch.testing.assert_close(loss_u, loss_c)
+    assert m_u.keys() == m_c.keys()
+    for k in m_c:
+        torch.testing.assert_close(m_u[k], m_c[k], msg=k)
+    for a, c in zip(g_u, g_c):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, c)
