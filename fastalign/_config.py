@@ -33,6 +33,8 @@ from typing import Iterator
 
 @dataclasses.dataclass(frozen=True)
 class Config:
+    """The settings in effect (immutable; see the module doc)."""
+
     index_checks: bool = True
     compact_ignored: bool = True
 
