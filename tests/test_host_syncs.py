@@ -81,9 +81,7 @@ def _cases():
         ("clipped_surrogate_with_stats", lambda i: fastalign.clipped_surrogate_with_stats(lp, old, adv, mask=mask,
                                                                                           impl=i), IMPLS),
         ("gae", lambda i: fastalign.gae(old, ref, mask, dones=mask & (lp.detach() < -2), next_values=adv, impl=i),
-         ["torch", pytest.param("triton", marks=pytest.mark.xfail(strict=True, reason=(
-             "kernels/gae.py _split rounds gamma / lam to fp32 through torch.tensor(x).item()-style reads: host "
-             "scalars (no device sync on a GPU), but torch ops the recorder must flag on CPU")))]),
+         IMPLS),
         ("masked_whiten", lambda i: fastalign.masked_whiten(old, mask), ["torch"]),
         ("group_advantages[ids]", lambda i: fastalign.group_advantages(adv, torch.tensor([7, 7, -2, -2]), impl=i),
          ["triton"]),

@@ -13,6 +13,8 @@ returns (``A + V``), 0 at masked steps, contiguous ``[B, T]`` fp32 (fp64 for fp6
 
 from __future__ import annotations
 
+import struct
+
 import torch
 import triton
 import triton.language as tl
@@ -77,10 +79,15 @@ def _gae_kernel(
         carry_nv = tl.sum(tl.where(last_lane, nv, zero), axis=0)
 
 
+def _fp32(x: float) -> float:
+    """``x`` rounded to the nearest fp32 (round-half-even, as a cast does), on the host."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
 def _split(x: float) -> tuple[float, float]:
     """``x = hi + lo`` with both fp32-representable (about 48 significant bits together)."""
-    hi = float(torch.tensor(x, dtype=torch.float32))
-    return hi, float(torch.tensor(x - hi, dtype=torch.float32))
+    hi = _fp32(x)
+    return hi, _fp32(x - hi)
 
 
 def gae_triton(rewards, values, mask, dones, next_values, gamma: float, lam: float, acc: torch.dtype):
