@@ -39,6 +39,17 @@ def logprobs_bwd_config(vocab: int) -> RowConfig:
     return _smallest_covering(LOGPROBS_BWD_CONFIGS, vocab)
 
 
+# Forward main loop: cp.async pipeline depth (``tl.range(num_stages=...)``). 3 keeps the next two blocks
+# in flight while one is reduced, in 2 x BLOCK_V x itemsize bytes of shared memory (32 KiB for bf16 at
+# 8192). fp64 (tests, gradcheck) is not pipelined: its registers sit at ptxas' 64-per-thread step, and
+# with the pipeline's addresses it spills.
+LOGPROBS_FWD_STAGES = 3
+
+
+def logprobs_fwd_stages(itemsize: int) -> int:
+    return 1 if itemsize == 8 else LOGPROBS_FWD_STAGES
+
+
 # Torch path: rows per chunk so that one chunk's fp32 temporaries stay near this many elements.
 TORCH_CHUNK_ELEMENTS = 1 << 21
 
