@@ -47,16 +47,17 @@ def torch_logprobs_forward(logits: torch.Tensor, layout: RowLayout, targets: tor
     lse = torch.empty_like(logp)
     entropy = torch.empty_like(logp) if with_entropy else None
     valid = targets != ignore_index
-    safe_targets = torch.where(valid, targets, 0)
+    hit = valid & (targets >= 0) & (targets < V)
+    safe_targets = torch.where(hit, targets, 0)  # an out-of-range target is never indexed with
     for start, chunk in iter_row_chunks(logits, layout, tuning.torch_rows_per_chunk(V)):
         end = start + chunk.shape[0]
         tgt = safe_targets[start:end, None]
-        v = valid[start:end]
+        v, h = valid[start:end], hit[start:end]
         logp_all = _chunk_log_softmax(chunk, inv_temp, acc)
         lp = logp_all.gather(-1, tgt).squeeze(-1)
         x_t = chunk.gather(-1, tgt).squeeze(-1).to(acc) * inv_temp
-        logp[start:end] = torch.where(v, lp, 0)
-        lse[start:end] = torch.where(v, x_t - lp, 0)  # lse = x_target - log p_target
+        logp[start:end] = torch.where(h, lp, torch.where(v, float("nan"), 0.0))  # out of range: NaN
+        lse[start:end] = torch.where(v, x_t - lp, 0)  # lse = x_j - log p_j (j: the target, or column 0)
         if with_entropy:
             p = torch.exp(logp_all)
             ent = -(p.mul_(logp_all).nan_to_num_(nan=0.0)).sum(-1)  # 0 * -inf (a -inf logit) counts 0
@@ -72,7 +73,8 @@ def torch_logprobs_backward(logits: torch.Tensor, layout: RowLayout, targets: to
     acc = _acc_dtype(logits.dtype)
     grad = torch.empty((layout.n_rows, V), dtype=logits.dtype, device=logits.device)
     valid = targets != ignore_index
-    safe_targets = torch.where(valid, targets, 0)
+    hit = valid & (targets >= 0) & (targets < V)
+    safe_targets = torch.where(hit, targets, 0)
     for start, chunk in iter_row_chunks(logits, layout, tuning.torch_rows_per_chunk(V)):
         end = start + chunk.shape[0]
         v = valid[start:end, None]
@@ -100,8 +102,8 @@ def torch_logprobs_backward(logits: torch.Tensor, layout: RowLayout, targets: to
             del p
         else:
             d = logp_all.exp_().mul_(-g)
-        if g is not None:
-            d.scatter_add_(1, safe_targets[start:end, None], g)
+        if g is not None:  # the one-hot term; none for an out-of-range target
+            d.scatter_add_(1, safe_targets[start:end, None], torch.where(hit[start:end, None], g, 0))
         if inv_temp != 1.0:
             d.mul_(inv_temp)
         if d.data_ptr() != out_rows.data_ptr():
