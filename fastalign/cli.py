@@ -74,8 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--no-plot", action="store_true")
     b.set_defaults(func=_bench)
     sub.add_parser("check-kernels", add_help=False,
-                   help="compile every Triton kernel and config for sm_80 / sm_90 without a GPU "
-                        "(options: see `fastalign check-kernels --help`)")
+                   help="compile the kernels that run (as their representative launches specialize them) "
+                        "for sm_80 / sm_90 without a GPU; report registers, spills, shared memory and "
+                        "occupancy; fail on spills (options: see `fastalign check-kernels --help`)")
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "check-kernels":
         from fastalign.kernels.aot import main as check_kernels

@@ -1,0 +1,309 @@
+"""Representative launches of every Triton kernel: the real launchers, at real shapes, on meta tensors.
+
+``fastalign check-kernels`` runs each case under :func:`fastalign.kernels.aot.record_launches` (nothing
+is launched and meta tensors hold no memory) and compiles every distinct specialization it records.
+Arguments are prepared as the ops prepare them on CUDA: row layouts of shifted logits slices, uint8
+masks (stride 0 when absent), per-sequence advantages expanded over time, vocabulary chunks and
+tiles from :mod:`fastalign.kernels.tuning` for ``"cuda"``, dZ in the GEMM dtype.
+
+Shapes: LLM heads at N = 16384 tokens (:data:`HEADS`), token ops at B 64 x T 4096 and packed into one
+row, and small odd shapes that reach every other config of :mod:`fastalign.kernels.tuning`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from fastalign.kernels import tuning
+from fastalign.kernels.gae import gae_triton
+from fastalign.kernels.group_advantages import group_advantages_triton
+from fastalign.kernels.kl import kl_backward, kl_forward
+from fastalign.kernels.linear_logprobs import dlogits_chunk, fold_chunk, fused_fold_chunk
+from fastalign.kernels.logprobs import logprobs_backward, logprobs_forward
+from fastalign.kernels.surrogate import surrogate_backward, surrogate_forward
+from fastalign.ops._rows import rows_of
+
+BF16, FP16, FP32, FP64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
+NAME = {BF16: "bf16", FP16: "fp16", FP32: "fp32", FP64: "fp64"}
+
+# name: (vocabulary, hidden size, final logit softcap)
+HEADS = {
+    "qwen2.5-7b": (152064, 3584, None),
+    "qwen2.5-tokenizer": (151665, 3584, None),  # the unpadded vocabulary: odd strides and chunk tails
+    "llama-3-8b": (128256, 4096, None),
+    "gemma-2-9b": (256000, 3584, 30.0),
+}
+N_TOKENS = 16384  # B 4 x L 4096
+TOKEN_B, TOKEN_T = 64, 4096  # token ops: [B, T]
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    run: Callable[[], None]
+
+
+def _meta(*shape: int, dtype: torch.dtype = FP32) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+# ---- log-probs from logits ------------------------------------------------------------------------
+
+def _logprobs(batch: int, length: int, V: int, dtype: torch.dtype, shifted: bool, entropy: bool,
+              grads: tuple[tuple[bool, bool], ...]) -> None:
+    """logits ``[batch, length (+1), V]`` (``logits[:, :-1]`` when shifted), forward, then one backward per
+    (grad of logp, grad of entropy) in ``grads``."""
+    rows, layout = rows_of(_meta(batch, length + shifted, V, dtype=dtype)[:, :length])
+    targets = _meta(batch * length, dtype=torch.long)
+    logp, ent, lse = logprobs_forward(rows, layout.inner, layout.stride_outer, layout.stride_inner, targets,
+                                      1.0, -100, entropy)
+    for g_logp, g_ent in grads:
+        logprobs_backward(rows, layout.inner, layout.stride_outer, layout.stride_inner, targets, lse, ent,
+                          torch.empty_like(logp) if g_logp else None, torch.empty_like(lse) if g_ent else None,
+                          1.0, -100)
+
+
+def _logprobs_cases() -> list[Case]:
+    cases = []
+    for head, (V, _, _) in HEADS.items():
+        cases.append(Case(f"logprobs {head} bf16 logits[:, :-1]",
+                          lambda V=V: (_logprobs(4, 4096, V, BF16, True, False, ((True, False),)),
+                                       _logprobs(4, 4096, V, BF16, True, True, ((True, True),)))))
+    cases.append(Case("logprobs qwen2.5-7b fp32 [N, V]",
+                      lambda: (_logprobs(1, N_TOKENS, 152064, FP32, False, False, ((True, False),)),
+                               _logprobs(1, N_TOKENS, 152064, FP32, False, True, ((True, True),)))))
+    # every forward / backward block size in every dtype (V 100 .. 5000: the 256 .. 8192 configs)
+    for dtype in (BF16, FP16, FP32, FP64):
+        for V in (100, 1000, 3000, 5000):
+            cases.append(Case(f"logprobs {NAME[dtype]} V {V} logits[:, :-1]",
+                              lambda V=V, dtype=dtype: (_logprobs(3, 7, V, dtype, True, False, ()),
+                                                        _logprobs(3, 7, V, dtype, True, True, ((True, True),)))))
+    cases.append(Case("logprobs fp32 V 1000, entropy gradient only",
+                      lambda: _logprobs(3, 7, 1000, FP32, True, True, ((False, True),))))
+    return cases
+
+
+# ---- log-probs from hidden states ---------------------------------------------------------------
+
+def _tiles(n: int, rows: int, V: int, cols: int) -> list[tuple[int, int, int, int]]:
+    """The (row block, vocabulary chunk) tiles ``(r0, r1, v0, v1)`` in the ops' order, less repeats: a tile
+    with the sizes of an earlier one and starts congruent to its starts mod 16 gets the same
+    specialization (every pointer offset and int keeps its 16-divisibility)."""
+    seen, out = set(), []
+    for v0 in range(0, V, cols):
+        for r0 in range(0, n, rows):
+            r1, v1 = min(r0 + rows, n), min(v0 + cols, V)
+            if (key := (r0 % 16, v0 % 16, r1 - r0, v1 - v0)) not in seen:
+                seen.add(key)
+                out.append((r0, r1, v0, v1))
+    return out
+
+
+def _linear_chunks(n: int, V: int, dtype: torch.dtype, softcap: float | None, entropy: bool,
+                   grads: tuple[tuple[bool, bool], ...],
+                   compute_tile: bool = tuning.LINEAR_LOGPROBS_TILE_IN_COMPUTE_DTYPE) -> None:
+    """The cuBLAS-chunk backend's epilogues, tile by tile as ``ops.linear_logprobs`` walks them on CUDA:
+    fp32 logits tiles, or bf16/fp16 ones with ``compute_tile``
+    (``tuning.LINEAR_LOGPROBS_TILE_IN_COMPUTE_DTYPE``); dZ in the compute dtype, in place when that is
+    the tile's."""
+    rows, cols = tuning.linear_logprobs_chunking("cuda", V, n)
+    compute_tile = compute_tile and dtype in (BF16, FP16)
+    tile_buf = _meta(min(rows, n) * cols, dtype=dtype if compute_tile else FP32)
+    dz_buf = tile_buf if tile_buf.dtype == dtype else _meta(min(rows, n) * cols, dtype=dtype)
+    targets, m, s, tgt = _meta(n, dtype=torch.long), _meta(n), _meta(n), _meta(n)
+    t = _meta(n) if entropy else None
+    chunks = _tiles(n, rows, V, cols)
+    for r0, r1, v0, v1 in chunks:
+        tile = tile_buf[: (r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0)
+        fold_chunk(tile, targets[r0:r1], m[r0:r1], s[r0:r1], None if t is None else t[r0:r1], tgt[r0:r1],
+                   v0, 1.0, 1.0, softcap)
+    lse = _meta(n)
+    for g_logp, g_ent in grads:
+        g, ge = _meta(n) if g_logp else None, _meta(n) if g_ent else None
+        for r0, r1, v0, v1 in chunks:
+            tile = tile_buf[: (r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0)
+            dz = dz_buf[: (r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0)
+            dlogits_chunk(tile, dz, targets[r0:r1], lse[r0:r1], None if t is None else t[r0:r1],
+                          None if g is None else g[r0:r1], None if ge is None else ge[r0:r1], v0, 1.0, 1.0, softcap)
+
+
+def _one_pass(n: int, V: int, dtype: torch.dtype, softcap: float | None) -> None:
+    """The one-pass fused losses (``losses/fused.py``): full-vocabulary fp32 tiles of
+    ``tuning.fused_loss_rows`` rows, dZ in the compute dtype, with entropy."""
+    rows = tuning.fused_loss_rows("cuda", V, n)
+    tile_buf = _meta(rows, V)
+    dz_buf = tile_buf if dtype == FP32 else _meta(rows, V, dtype=dtype)
+    targets, ent = _meta(n, dtype=torch.long), _meta(n)
+    for r0, r1, _, _ in _tiles(n, rows, V, V):
+        k = r1 - r0
+        m, s, t, tgt = _meta(k), _meta(k), _meta(k), _meta(k)
+        fold_chunk(tile_buf[:k], targets[r0:r0 + k], m, s, t, tgt, 0, 1.0, 1.0, softcap)
+        dlogits_chunk(tile_buf[:k], dz_buf[:k], targets[r0:r0 + k], _meta(k), ent[r0:r0 + k], _meta(k), _meta(k),
+                      0, 1.0, 1.0, softcap)
+
+
+def _fused_forward(n: int, D: int, V: int, dtype: torch.dtype, softcap: float | None, entropy: bool,
+                   bias: bool) -> None:
+    """``tuning.LINEAR_LOGPROBS_BACKEND = "triton_fused_forward"``: GEMM + online LSE per output tile,
+    over the same (rows, vocabulary chunk) tiles."""
+    rows, cols = tuning.linear_logprobs_chunking("cuda", V, n)
+    h, w = _meta(n, D, dtype=dtype), _meta(V, D, dtype=dtype)
+    b = _meta(V) if bias else None
+    targets, m, s, tgt = _meta(n, dtype=torch.long), _meta(n), _meta(n), _meta(n)
+    t = _meta(n) if entropy else None
+    for r0, r1, v0, v1 in _tiles(n, rows, V, cols):
+        b_c = None if b is None else _meta(v1 - v0)  # bias[v0:v1].float().contiguous()
+        fused_fold_chunk(h[r0:r1], w[v0:v1], b_c, targets[r0:r1], m[r0:r1], s[r0:r1],
+                         None if t is None else t[r0:r1], tgt[r0:r1], v0, 1.0, 1.0, softcap)
+
+
+def _linear_cases() -> list[Case]:
+    cases = []
+    both = ((True, False), (True, True))
+    for head, (V, D, cap) in HEADS.items():
+        cases.append(Case(f"linear_logprobs {head} bf16",
+                          lambda V=V, cap=cap: (_linear_chunks(N_TOKENS, V, BF16, cap, False, both[:1]),
+                                                _linear_chunks(N_TOKENS, V, BF16, cap, True, both[1:]))))
+        cases.append(Case(f"linear_logprobs {head} bf16 fused forward, entropy",
+                          lambda V=V, D=D, cap=cap: _fused_forward(N_TOKENS, D, V, BF16, cap, True, False)))
+    cases += [
+        Case("linear_logprobs qwen2.5-7b bf16 fused forward",
+             lambda: _fused_forward(N_TOKENS, 3584, 152064, BF16, None, False, False)),
+        Case("linear_logprobs qwen2.5-7b fp32", lambda: _linear_chunks(N_TOKENS, 152064, FP32, None, True, both)),
+        Case("linear_logprobs qwen2.5-7b bf16 tiles",
+             lambda: _linear_chunks(N_TOKENS, 152064, BF16, None, True, both, compute_tile=True)),
+        Case("linear_logprobs bf16 N 300 V 1000 bf16 tiles",
+             lambda: _linear_chunks(300, 1000, BF16, None, False, both[:1], compute_tile=True)),
+    ]
+    for head in ("qwen2.5-7b", "gemma-2-9b"):
+        V, _, cap = HEADS[head]
+        cases.append(Case(f"one-pass fused loss {head} bf16", lambda V=V, cap=cap: _one_pass(N_TOKENS, V, BF16, cap)))
+    # every epilogue tile (chunks of 50 .. 3000 columns) and every fused-forward tile (row blocks of
+    # 300, 100 and 40: the 128 / 64 / 16-row configs) in every dtype
+    for dtype in (BF16, FP16, FP32):
+        for V in (50, 200, 1000, 3000):
+            cases.append(Case(f"linear_logprobs {NAME[dtype]} N 300 V {V} softcap, entropy",
+                              lambda V=V, dtype=dtype: _linear_chunks(300, V, dtype, 30.0, True, both[1:])))
+        for n in (300, 40) if dtype == FP32 else (300, 100, 40):
+            cases.append(Case(f"linear_logprobs {NAME[dtype]} N {n} V 4096 fused forward, bias, entropy",
+                              lambda n=n, dtype=dtype: _fused_forward(n, 64, 4096, dtype, None, True, True)))
+    return cases
+
+
+# ---- KL, clipped surrogate, GAE: [R, T] token tensors -----------------------------------------
+
+def _acc(*xs: torch.Tensor) -> torch.dtype:
+    return FP64 if any(x.dtype == FP64 for x in xs) else FP32
+
+
+def _grad(R: int, T: int, dtype: torch.dtype, expanded: bool) -> torch.Tensor:
+    """The upstream gradient of a [R, T] output: of a masked sum (dense) or of ``.mean()`` (stride 0)."""
+    return _meta(1, 1, dtype=dtype).expand(R, T) if expanded else _meta(R, T, dtype=dtype)
+
+
+def _kl(logp: torch.Tensor, ref: torch.Tensor, kind: int, clamps: bool, expanded_grad: bool) -> None:
+    """kl_penalty of [R, T] views (a contiguous pair goes as one row, as the op does); the gradient
+    w.r.t. logp only (the reference is a constant)."""
+    acc = _acc(logp, ref)
+    grad = _grad(*logp.shape, acc, expanded_grad)
+    if logp.is_contiguous() and ref.is_contiguous():
+        logp, ref, grad = logp.view(1, -1), ref.view(1, -1), grad.reshape(1, -1)
+    lr_clamp, out_clamp = (20.0, 10.0) if clamps else (math.inf, math.inf)
+    kl_forward(logp, ref, kind, lr_clamp, out_clamp, acc)
+    kl_backward(logp, ref, grad, kind, lr_clamp, out_clamp, True, False, acc)
+
+
+def _surrogate(logp: torch.Tensor, adv: torch.Tensor, masked: bool, sequence: bool, dual_clip: bool,
+               expanded_grad: bool = False) -> None:
+    """clipped_surrogate on [R, T] (old log-probs laid out as logp): per-sequence advantages ``[R]`` are
+    expanded over time; an absent mask is a stride-0 uint8 ones tensor."""
+    R, T = logp.shape
+    acc = _acc(logp, adv)
+    adv = adv if adv.dim() == 2 else adv.reshape(R, 1).expand(R, T)
+    mask = _meta(R, T, dtype=torch.uint8) if masked else _meta(1, 1, dtype=torch.uint8).expand(R, T)
+    dual = 3.0 if dual_clip else math.inf
+    _, _, seq_lr, seq_n = surrogate_forward(logp, logp, adv, mask, 0.8, 1.28, dual, sequence, acc)
+    surrogate_backward(logp, logp, adv, mask, _grad(R, T, acc, expanded_grad), seq_lr, seq_n, 0.8, 1.28, dual,
+                       sequence, acc)
+
+
+def _gae(R: int, T: int, dtype: torch.dtype, masked: bool, bootstrap: bool) -> None:
+    """gae: values ``[R, T + 1]`` sliced to ``[:, :T]`` with ``next_values = values[:, T]`` when
+    bootstrapping, else zero next values (stride 0); no dones (stride 0)."""
+    acc = FP64 if dtype == FP64 else FP32
+    one = _meta(1, 1, dtype=torch.uint8)
+    values = _meta(R, T + 1 if bootstrap else T, dtype=dtype)
+    mask = _meta(R, T, dtype=torch.uint8) if masked else one.expand(R, T)
+    nv = values[:, T].to(acc) if bootstrap else _meta(1, dtype=acc).expand(R)
+    gae_triton(_meta(R, T, dtype=dtype), values[:, :T], mask, one.expand(R, T), nv, 0.99, 0.95, acc)
+
+
+def _token_cases() -> list[Case]:
+    B, T = TOKEN_B, TOKEN_T
+    full, sliced = _meta(B, T), _meta(B, T + 1)[:, :T]  # contiguous; a [:, :-1] slice
+    cases = [Case(f"kl k{kind} B {B} T {T}", lambda kind=kind: _kl(full, full, kind, False, True))
+             for kind in (1, 2, 3)]
+    cases += [
+        Case(f"kl k3 clamped, bf16 ref, B {B} T {T} [:, :-1] slices",
+             lambda: _kl(sliced, _meta(B, T + 1, dtype=BF16)[:, :T], 3, True, False)),
+        Case(f"surrogate GRPO B {B} T {T}", lambda: _surrogate(full, _meta(B), True, False, False)),
+        Case(f"surrogate PPO dual clip, per-token advantages, B {B} T {T} [:, :-1] slices",
+             lambda: _surrogate(sliced, _meta(B, T), True, False, True)),
+        Case(f"surrogate GSPO B {B} T {T}", lambda: _surrogate(full, _meta(B), True, True, False)),
+        Case("surrogate packed [1, 65536], no mask, loss.mean()",
+             lambda: _surrogate(_meta(1, 65536), _meta(1, 65536), False, False, False, True)),
+        Case(f"gae B {B} T {T} masked, bootstrapped", lambda: _gae(B, T, FP32, True, True)),
+        Case(f"gae B {B} T {T} bf16", lambda: _gae(B, T, BF16, False, False)),
+    ]
+    # every tile / row config (T 10 .. 1000 below the 4096 cases) in every dtype (T 1000, the
+    # 1024-column sequence config, in fp32)
+    for dtype in (BF16, FP16, FP32, FP64):
+        for t in (10, 50, 200, 1000) if dtype == FP32 else (10, 50, 200):
+            lp, adv = _meta(5, t + 1, dtype=dtype)[:, :t], _meta(5, dtype=dtype)
+            cases.append(Case(f"token ops {NAME[dtype]} [5, {t}] [:, :-1] slices",
+                              lambda lp=lp, adv=adv, t=t: (_kl(lp, lp, 3, True, False),
+                                                           _surrogate(lp, adv, True, False, False),
+                                                           _surrogate(lp, adv, True, True, False),
+                                                           _gae(5, t, lp.dtype, True, False))))
+    return cases
+
+
+# ---- group advantages -------------------------------------------------------------------------------
+
+# preset: (loo, scale_mode, unbiased, singleton_raw, eps)
+PRESETS = {
+    "GRPO": (False, 1, False, False, 1e-8),
+    "TRL": (False, 1, True, False, 1e-4),
+    "verl": (False, 1, True, True, 1e-6),
+    "RLOO": (True, 0, False, False, 1e-8),
+    "batch-scaled": (False, 2, False, False, 1e-8),
+}
+
+
+def _group_adv(n: int, ids: bool, dtype: torch.dtype, preset: str) -> None:
+    """``n`` rewards in groups of 16: by contiguous ``group_size`` or by ids (compared pairwise up to
+    ``tuning.GROUP_ADV_PAIRWISE_MAX_N`` samples, sorted above)."""
+    loo, scale_mode, unbiased, singleton_raw, eps = PRESETS[preset]
+    group_advantages_triton(_meta(n, dtype=dtype), _meta(n, dtype=torch.long) if ids else None, 0 if ids else 16,
+                            eps, loo, scale_mode, unbiased, singleton_raw, FP64 if dtype == FP64 else FP32)
+
+
+def _group_cases() -> list[Case]:
+    """Every preset with contiguous groups; GRPO and verl with ids, compared pairwise and sorted."""
+    runs = [(preset, 1024, False) for preset in PRESETS]
+    runs += [(preset, n, True) for preset in ("GRPO", "verl") for n in (1024, 8192)]
+    cases = [Case(f"group_advantages {preset} N {n} {'ids' if ids else 'group_size 16'}",
+                  lambda n=n, ids=ids, preset=preset: _group_adv(n, ids, FP32, preset)) for preset, n, ids in runs]
+    for dtype in (BF16, FP64):
+        cases.append(Case(f"group_advantages GRPO {NAME[dtype]} N 1000 ids",
+                          lambda dtype=dtype: _group_adv(1000, True, dtype, "GRPO")))
+    return cases
+
+
+def cases() -> list[Case]:
+    """Every representative launch, by op."""
+    return _logprobs_cases() + _linear_cases() + _token_cases() + _group_cases()
