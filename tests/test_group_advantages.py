@@ -9,20 +9,21 @@ import fastalign
 from fastalign import group_advantages
 from fastalign.reference.tutorial_ops import tutorial_group_advantages
 
-IMPLS = ["torch", "triton", "triton-sorted"]
+IMPLS = ["torch", "triton", "triton-tiny"]
 
 
 @pytest.fixture
 def run(monkeypatch):
-    """group_advantages with impl "triton-sorted" = the Triton kernel forced onto its sort-first path."""
+    """group_advantages with impl "triton-tiny" = the Triton kernels with tiny tiles: 4-position blocks
+    (8-lane windows: most groups take the long-run walk) and batch-std chunks of several 8-lane blocks."""
     from fastalign.kernels import tuning
 
     def call(*args, impl, **kwargs):
-        if impl == "triton-sorted":
-            monkeypatch.setattr(tuning, "GROUP_ADV_PAIRWISE_MAX_N", 0)
+        if impl == "triton-tiny":
+            monkeypatch.setattr(tuning, "GROUP_ADV_CONFIGS", (tuning.RowConfig(4, 1),))
+            monkeypatch.setattr(tuning, "GROUP_ADV_BATCH_CONFIG", tuning.RowConfig(8, 1))
+            monkeypatch.setattr(tuning, "GROUP_ADV_BATCH_PARTS", 4)
             impl = "triton"
-        else:
-            monkeypatch.setattr(tuning, "GROUP_ADV_PAIRWISE_MAX_N", 4096)
         return group_advantages(*args, impl=impl, **kwargs)
     return call
 

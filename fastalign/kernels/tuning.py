@@ -169,24 +169,21 @@ def seq_row_config(cols: int) -> RowConfig:
 
 
 # ---- group advantages (kernels/group_advantages.py) ----------------------------------------------
-# One program per BLOCK_I samples; it scans the candidate members j in blocks of BLOCK_J.
-GROUP_ADV_CONFIGS = (RowConfig(64, 4),)  # block = BLOCK_I = BLOCK_J
+# A program owns the runs (groups, in sorted order) whose head is among ``block`` positions and loads
+# a window of 2 * block positions (4 per thread at 4 warps): runs of up to block + 1 samples are
+# whole in it, longer ones are walked in chunks of 2 * block. 256: 256 programs at N = 65536.
+GROUP_ADV_CONFIGS = (RowConfig(256, 4),)
 
 
 def group_adv_config(n: int) -> RowConfig:
     return GROUP_ADV_CONFIGS[0]
 
 
-# scale="batch": one program reduces every reward to the batch std before the per-group launch.
+# scale="batch": a first launch writes (count, sum, centred squares) of chunks of ``block`` rewards
+# (several blocks per chunk when there would be more than GROUP_ADV_BATCH_PARTS chunks), which
+# every program of the main launch combines (one wide load of GROUP_ADV_BATCH_PARTS lanes).
 GROUP_ADV_BATCH_CONFIG = RowConfig(1024, 4)
-
-# With group ids, up to this many samples compare every pair in one launch (O(N^2), no sort);
-# above it the ids are sorted first (torch.sort) and each block scans only its own runs.
-GROUP_ADV_PAIRWISE_MAX_N = 4096
-
-
-def group_adv_sorted(n: int) -> bool:
-    return n > GROUP_ADV_PAIRWISE_MAX_N
+GROUP_ADV_BATCH_PARTS = 1024
 
 
 # ---- GAE (kernels/gae.py) --------------------------------------------------------------------------
