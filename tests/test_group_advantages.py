@@ -244,7 +244,7 @@ def test_groups_larger_than_a_block(run, impl):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n_groups", [100, 5000])  # pairwise (N < 4096) and sort-first paths
+@pytest.mark.parametrize("n_groups", [100, 5000])  # N ~ 450 (2 programs) and ~22500 (88)
 @pytest.mark.parametrize("opts", [dict(), dict(baseline="loo", scale="batch", unbiased=True),
                                   dict(singleton="raw", unbiased=True, eps=1e-6)])
 def test_cuda_matches_torch_path(n_groups, opts):
@@ -255,3 +255,118 @@ def test_cuda_matches_torch_path(n_groups, opts):
     out = group_advantages(r[: 16 * (r.numel() // 16)].cuda(), group_size=16, **opts)
     expect = group_advantages(r[: 16 * (r.numel() // 16)].double(), group_size=16, impl="torch", **opts)
     torch.testing.assert_close(out.cpu().double(), expect, rtol=1e-5, atol=1e-5)
+
+
+# ---- run order (the Triton kernel's windows) and the torch path's relabelling ---------------------
+# The default Triton block is 256 positions (512-lane windows): a group is walked as a long run when
+# it does not end in its owner's window. "triton-tiny" (4 / 8) gets small data: the interpreter runs
+# its many programs one by one.
+
+def _shuffled_groups(sizes, seed, nan=0.0, ids=None):
+    """fp64 rewards (a share NaN) and shuffled ids for groups of the given sizes (ids 0.. unless given)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.arange(len(sizes)) if ids is None else torch.as_tensor(ids)
+    gid = torch.repeat_interleave(ids, torch.as_tensor(sizes))
+    gid = gid[torch.randperm(gid.numel(), generator=g)]
+    r = torch.randn(gid.numel(), generator=g, dtype=torch.float64)
+    r[torch.rand(gid.numel(), generator=g) < nan] = float("nan")
+    return r, gid
+
+
+def _check(out, r, ids, tol=1e-10, **opts):
+    torch.testing.assert_close(out.double(), ref_group_adv(r, ids, **opts), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("opts", [dict(), dict(baseline="loo", scale="batch", unbiased=True, singleton="raw"),
+                                  dict(scale="none", eps=0.0)])
+def test_runs_longer_than_the_window(run, impl, opts):
+    """Ids 0 and 1 sorted first: the group of 400 starts at position 200 and ends past its owner's
+    window (the tiny tiles: 20 and 40); pairs and singletons after; some NaN."""
+    big, small = ([200, 400], [20, 40]) if impl != "triton-tiny" else ([20, 40], [3, 1])
+    r, ids = _shuffled_groups(big + [2] * small[0] + [1] * small[1], seed=11, nan=0.05)
+    out = run(r.float(), ids, impl=impl, **opts)
+    _check(out, r.float(), ids, tol=1e-5, **opts)
+    assert (out[torch.isnan(r)] == 0).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("opts", [dict(), dict(baseline="loo"), dict(singleton="raw", scale="batch")])
+def test_one_group_and_all_singletons(run, impl, opts):
+    n = 520 if impl != "triton-tiny" else 40
+    r, ids = _shuffled_groups([n], seed=12, ids=[-5])  # one group, past any window
+    _check(run(r, ids, impl=impl, **opts), r, ids, **opts)
+    r, ids = _shuffled_groups([1] * (n // 2), seed=13)
+    out = run(r, ids, impl=impl, **opts)
+    _check(out, r, ids, **opts)
+    if opts.get("singleton") != "raw":
+        assert (out == 0).all()
+
+
+@pytest.mark.parametrize("impl,n", [(impl, n) for impl in IMPLS[:2] for n in (1, 255, 256, 257, 511, 512, 513)]
+                         + [("triton-tiny", n) for n in (1, 2, 7, 8, 9, 17)])
+def test_sizes_around_the_block(run, impl, n):
+    """N at and past a block and a window, groups of 1..20, some NaN."""
+    g = torch.Generator().manual_seed(n)
+    sizes = torch.randint(1, 21, (n,), generator=g)
+    sizes = sizes[: int((sizes.cumsum(0) < n).sum()) + 1]
+    sizes[-1] -= int(sizes.sum()) - n
+    r, ids = _shuffled_groups(sizes.tolist(), seed=n, nan=0.1)
+    opts = dict(singleton="raw", unbiased=True)
+    out = run(r, ids, impl=impl, **opts)
+    assert out.shape == (n,) and out.dtype == torch.float64
+    _check(out, r, ids, **opts)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_extreme_and_narrow_ids(run, impl):
+    """int64 ids at both ends of the range (sorted / relabelled by torch.unique), int32 and uint8 ids."""
+    big = [-(2**63), -(2**62) + 5, -1, 0, 2**62, 2**63 - 1]
+    r, ids = _shuffled_groups([3, 1, 4, 2, 5, 3], seed=14, ids=big)
+    _check(run(r, ids, impl=impl), r, ids)
+    r, ids = _shuffled_groups([3, 1, 4, 2, 5, 3], seed=15, ids=[7, 0, 200, 3, 9, 100])
+    for dtype in (torch.int32, torch.uint8):
+        _check(run(r, ids.to(dtype), impl=impl), r, ids)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("opts", OPTS)
+def test_mostly_nan(run, impl, opts):
+    """Half the rewards NaN: groups left with one valid member or none, a larger group with NaNs."""
+    r, ids = _shuffled_groups([1, 2, 3, 4, 40, 2, 1, 30], seed=16, nan=0.5)
+    out = run(r, ids, impl=impl, **opts)
+    _check(out, r, ids, **opts)
+    assert (out[torch.isnan(r)] == 0).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("opts", [dict(), dict(baseline="loo", scale="batch", unbiased=True)])
+def test_contiguous_groups_longer_than_the_window(run, impl, opts):
+    size = 520 if impl != "triton-tiny" else 10
+    g = torch.Generator().manual_seed(17)
+    r = torch.randn(2 * size, generator=g, dtype=torch.float64)
+    r[torch.rand(2 * size, generator=g) < 0.1] = float("nan")
+    out = run(r, group_size=size, impl=impl, **opts)
+    _check(out, r, torch.arange(2 * size) // size, **opts)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("opts", [dict(), dict(scale="batch"), dict(baseline="loo", unbiased=True)])
+def test_bitwise_deterministic(run, impl, opts):
+    sizes = [400] + [16] * 10 + [1] * 9 if impl != "triton-tiny" else [30] + [6] * 5 + [1] * 3
+    r, ids = _shuffled_groups(sizes, seed=18, nan=0.02)
+    r = r.float()
+    a, b = run(r, ids, impl=impl, **opts), run(r.clone(), ids.clone(), impl=impl, **opts)
+    assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+@pytest.mark.parametrize("baseline", ["mean", "loo"])
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_triton_equals_torch_path(baseline, scale):
+    """fp64, groups of 1..30 with some NaN, both singleton rules and stds: the two backends agree."""
+    sizes = torch.randint(1, 31, (16,), generator=torch.Generator().manual_seed(19)).tolist()
+    r, ids = _shuffled_groups(sizes, seed=19, nan=0.05)
+    for unbiased, singleton in ((False, "zero"), (True, "raw")):
+        opts = dict(baseline=baseline, scale=scale, unbiased=unbiased, singleton=singleton, eps=1e-6)
+        torch.testing.assert_close(group_advantages(r, ids, impl="triton", **opts),
+                                   group_advantages(r, ids, impl="torch", **opts), rtol=1e-12, atol=1e-12)
