@@ -49,7 +49,7 @@ def torch_group_advantages(rewards, ids, group_size, eps, loo, scale_mode, unbia
     (``r - (s - r) / (n - 1) = n (r - mean) / (n - 1)``). A zeroed singleton's ``r - mean`` is exactly
     0 (so only ``eps = 0`` needs its ``den`` kept nonzero). NaN rewards are moved to an extra group
     ``G`` as 0 (out of every statistic) and masked to 0 at the end. An infinite reward makes its
-    group's advantages NaN. Host syncs on CUDA: the id range (``_dense_labels``) and the NaN test.
+    group's advantages non-finite. Host syncs on CUDA: the id range (``_dense_labels``) and the NaN test.
     """
     r = rewards.to(acc)
     N = r.shape[0]
@@ -105,9 +105,10 @@ def group_advantages(
       * ``baseline="mean"``: ``r_i - mean_g``;  ``"loo"``: ``r_i - (sum_g - r_i) / (n_g - 1)`` (RLOO);
       * ``scale="group"``: divided by ``std_g + eps``; ``"batch"``: by the std of all valid rewards
         ``+ eps``; ``"none"``: not divided (Dr.GRPO). Stds are population stds unless ``unbiased``.
-    NaN rewards get 0. A group with one valid member gets 0 (``singleton="zero"``), or, with
-    ``singleton="raw"``, is treated as mean 0 / std 1 (verl's GRPO rule: ``r / (1 + eps)`` with group
-    scaling, ``r`` without).
+    NaN rewards get 0; an infinite one makes its group's advantages non-finite (with
+    ``scale="batch"``, every advantage). A group with one valid member gets 0
+    (``singleton="zero"``), or, with ``singleton="raw"``, is treated as mean 0 / std 1 (verl's GRPO
+    rule: ``r / (1 + eps)`` with group scaling, ``r`` without).
 
     Presets: the defaults are the tutorial's GRPO formula ``(r - mean_g) / (std_g + 1e-8)``;
     TRL: ``unbiased=True, eps=1e-4`` (``(r - nanmean) / (nanstd + 1e-4)``); verl GRPO:
@@ -125,10 +126,12 @@ def group_advantages(
         unbiased: Bessel-corrected stds.
         eps: ``>= 0``, added to the std.
         singleton: ``"zero" | "raw"``.
-        impl: ``"auto" | "triton" | "torch"``. Triton: no host sync; one launch that compares all
-            id pairs for N <= 4096, above that a ``torch.sort`` of the ids then one launch over
-            runs of equal ids; ``scale="batch"`` adds a one-program launch for the batch std. The
-            torch path labels sparse ids with ``torch.unique`` (a host sync on CUDA).
+        impl: ``"auto" | "triton" | "torch"``. Triton (the CUDA default): no host sync,
+            deterministic; with ``group_ids`` one ``torch.sort`` of the ids, then one launch over
+            the runs of equal ids (with ``group_size``, that launch alone); ``scale="batch"`` adds
+            one launch for the batch std's partial sums. Torch (the CPU default): a device->host
+            sync on CUDA to label the ids (``int`` of their ``aminmax``; ``torch.unique``, a sort,
+            for sparse ids) and one for a NaN test; deterministic on CPU.
 
     Returns:
         ``[N]`` fp32 (fp64 for fp64 rewards), not differentiable.
