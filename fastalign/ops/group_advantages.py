@@ -35,45 +35,57 @@ def _dense_labels(ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     return inv, uniq.numel()
 
 
-def _count_sum(r: torch.Tensor, inv: torch.Tensor, G: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-label count (int64, ``bincount``) and sum (``scatter_add``), ``[G]`` each."""
-    return torch.bincount(inv, minlength=G), r.new_zeros(G).scatter_add_(0, inv, r)
+def _group_sum(x: torch.Tensor, inv: torch.Tensor | None, size: int, out: torch.Tensor) -> torch.Tensor:
+    """Per-group sums of ``x`` into ``out``: the rows of ``x.view(-1, size)`` (contiguous groups,
+    ``inv`` None) or a ``scatter_add`` over the labels ``inv``."""
+    if inv is None:
+        return torch.sum(x.view(-1, size), 1, out=out)
+    return out.zero_().scatter_add_(0, inv, x)
+
+
+def _per_sample(v: torch.Tensor, inv: torch.Tensor | None, size: int) -> torch.Tensor:
+    """``v`` of each sample's group: ``repeat_interleave`` (contiguous groups) or ``index_select``."""
+    return v.repeat_interleave(size) if inv is None else v.index_select(0, inv)
 
 
 def torch_group_advantages(rewards, ids, group_size, eps, loo, scale_mode, unbiased, singleton_raw, acc):
-    """``adv_i = (r_i - shift_g) / den_g``: two scatters over ``[N]`` (count + sum, then the centred
-    squares: a two-pass variance) and two gathers of ``[G]`` vectors; no ``[N]`` mask unless a reward is NaN.
+    """``adv_i = (r_i - shift_g) / den_g``: per-group sums of ``r`` and then of the centred squares
+    (a two-pass variance), each handed back to the samples: with ``group_size``, row sums of the
+    ``[G, size]`` view and ``repeat_interleave``; with ids, ``bincount`` / ``scatter_add`` over dense
+    labels and ``index_select``. No ``[N]`` mask unless a reward is NaN.
 
     ``shift_g`` is the group mean (0 for a raw singleton); ``den_g`` is ``std + eps`` (group std, a
     singleton's taken as 1, or the batch std), times ``(n - 1) / n`` for the leave-one-out baseline
     (``r - (s - r) / (n - 1) = n (r - mean) / (n - 1)``). A zeroed singleton's ``r - mean`` is exactly
-    0 (so only ``eps = 0`` needs its ``den`` kept nonzero). NaN rewards are moved to an extra group
-    ``G`` as 0 (out of every statistic) and masked to 0 at the end. An infinite reward makes its
-    group's advantages non-finite. Host syncs on CUDA: the id range (``_dense_labels``) and the NaN test.
+    0 (so only ``eps = 0`` needs its ``den`` kept nonzero). NaN rewards (seen in the group sums) are
+    moved, by labels, to an extra group ``G`` as 0 (out of every statistic) and masked to 0 at the
+    end. An infinite reward makes its group's advantages non-finite. Host syncs on CUDA: the id
+    range (``_dense_labels``) and the NaN test.
     """
     r = rewards.to(acc)
     N = r.shape[0]
-    if ids is None:
-        inv, G = torch.arange(N, device=r.device) // group_size, N // group_size
-    else:
-        inv, G = _dense_labels(ids)
-    cnt, tot = _count_sum(r, inv, G)
+    inv, G = (None, N // group_size) if ids is None else _dense_labels(ids)
+    cnt = torch.full((G,), group_size, device=r.device) if inv is None else torch.bincount(inv, minlength=G)
+    tot = _group_sum(r, inv, group_size, r.new_empty(G))
     total = tot.sum()
     nan = None
-    if math.isnan(total.item()):  # NaN rewards (or both infinities): the sums again, NaNs in group G
+    if math.isnan(total.item()):  # NaN rewards (or both infinities): again by labels, NaNs in group G
         nan = r.isnan()
+        if inv is None:
+            inv = torch.arange(N, device=r.device) // group_size
         r, inv = r.masked_fill(nan, 0.0), inv.masked_fill(nan, G)
-        cnt, tot = _count_sum(r, inv, G + 1)
+        cnt = torch.bincount(inv, minlength=G + 1)
+        tot = _group_sum(r, inv, group_size, r.new_empty(G + 1))
         total = tot.sum()
     mean = tot.div_(cnt)  # NaN for unused labels, which are never gathered
     single = cnt <= 1 if singleton_raw or eps == 0 else None
     if singleton_raw:
         mean.masked_fill_(single, 0.0)
-    dev = mean.index_select(0, inv)
+    dev = _per_sample(mean, inv, group_size)
     dev = torch.sub(r, dev, out=dev)
     den = None
     if scale_mode == 1:
-        sq = mean.zero_().scatter_add_(0, inv, dev.square())  # mean's buffer
+        sq = _group_sum(dev.square(), inv, group_size, mean)  # mean's buffer
         std = sq.div_((cnt - 1).clamp(min=1) if unbiased else cnt).sqrt_()
         den = (std.masked_fill_(single, 1.0) if single is not None else std).add_(eps)
     elif scale_mode == 2:
@@ -88,7 +100,7 @@ def torch_group_advantages(rewards, ids, group_size, eps, loo, scale_mode, unbia
         frac = (cnt - 1).clamp(min=1).to(r.dtype).div_(cnt)  # (n - 1) / n
         den = frac if den is None else frac.mul_(den)
     if den is not None:
-        dev.div_(den.index_select(0, inv) if den.dim() else den)
+        dev.div_(_per_sample(den, inv, group_size) if den.dim() else den)
     if nan is not None:
         dev.masked_fill_(nan, 0.0)
     return dev
