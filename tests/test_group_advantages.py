@@ -351,6 +351,16 @@ def test_contiguous_groups_longer_than_the_window(run, impl, opts):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("group_size", [1, 5])
+@pytest.mark.parametrize("opts", [dict(), dict(baseline="loo", scale="batch", unbiased=True),
+                                  dict(singleton="raw", scale="none")])
+def test_group_size_without_nan(run, impl, group_size, opts):
+    """No NaN: the torch path keeps to the [G, size] view (no labels)."""
+    r = torch.randn(6 * group_size, generator=torch.Generator().manual_seed(group_size), dtype=torch.float64)
+    _check(run(r, group_size=group_size, impl=impl, **opts), r, torch.arange(r.numel()) // group_size, **opts)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("opts", [dict(), dict(scale="batch"), dict(baseline="loo", unbiased=True)])
 def test_bitwise_deterministic(run, impl, opts):
     sizes = [400] + [16] * 10 + [1] * 9 if impl != "triton-tiny" else [30] + [6] * 5 + [1] * 3
