@@ -39,10 +39,11 @@ launch counts, dependent loads and bytes):
 
 * ids, N = 65536 (groups of ~16), B = 256: ``torch.sort`` of int64 keys (above 4096 a cub radix
   sort: an index fill, a histogram and ~8 digit passes, ~10 launches; up to 4096 one in-block sort
-  plus the index fill and copy, ~3 launches), then one launch of 256 programs x 4 warps, one wave
-  (6-7 blocks fit an SM by registers, sm_90: 66-80 of them; fp64 116). A program's dependent chain
-  is two loads (``perm``, then the reward gather) then four scans and gathers on 512 lanes (shared
-  memory, 4 KiB) and the scattered store: a few microseconds after the sort, which dominates.
+  plus the index fill and copy, ~3 launches), then one launch of 256 programs x 4 warps: one wave
+  (64-80 registers, 116 in fp64: 6-7 blocks per SM, 4-5 in fp64). A program's dependent chain is
+  two loads (``perm``, then the reward gather), four scans on 512 lanes (a cumsum, a reverse
+  min-scan, two segmented scans of pairs) with four gathers (4 KiB of shared memory), then the
+  scattered store: a few microseconds after the sort, which dominates.
   Bytes from DRAM ~24 per sample (key, ``perm``, reward, output; the window overlap and the
   neighbour keys hit L2/L1). N = 8192: 32 programs, the same chain.
 * ``group_size``: that one launch alone. ``scale="batch"``: plus one launch of ``N / 1024``
