@@ -22,6 +22,9 @@ def _bench(args: argparse.Namespace) -> int:
     from fastalign.bench.report import console_table, machine_info, machine_line, write_results
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":
+        # speed ratios on a shared CPU: one thread, or a busy neighbour core is what gets measured
+        torch.set_num_threads(args.threads)
     suites = discover_suites()
     if args.suite:
         unknown = sorted(set(args.suite) - set(suites))
@@ -68,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--out", default="benchmarks/results", help="directory for JSON / markdown / plot")
     b.add_argument("--tag", help="file name stem for the results (default: the device name)")
     b.add_argument("--budget", type=float, default=1.0, help="seconds of timing per case (after warm-up)")
+    b.add_argument("--threads", type=int, default=1, help="CPU threads for the CPU benchmarks (default 1)")
     b.add_argument("--list", action="store_true", help="list the cases and exit")
     b.add_argument("--no-progress", action="store_true")
     b.add_argument("--no-write", action="store_true")

@@ -22,6 +22,7 @@ def machine_info(device: torch.device) -> dict:
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
     }
     try:
         import triton
@@ -47,7 +48,8 @@ def machine_info(device: torch.device) -> dict:
 
 
 def machine_line(info: dict) -> str:
-    dev = info.get("gpu") or f"CPU ({info.get('cpu')}, {info.get('cpu_count')} cores)"
+    dev = info.get("gpu") or (f"CPU ({info.get('cpu')}, {info.get('cpu_count')} cores, "
+                              f"{info.get('torch_threads')} torch thread(s))")
     return (f"{dev}; torch {info['torch']}, triton {info.get('triton')}, python {info['python']}; "
             f"commit {info.get('commit')}; {info['date']}")
 
