@@ -58,8 +58,8 @@ def torch_group_advantages(rewards, ids, group_size, eps, loo, scale_mode, unbia
     singleton's taken as 1, or the batch std), times ``(n - 1) / n`` for the leave-one-out baseline
     (``r - (s - r) / (n - 1) = n (r - mean) / (n - 1)``). A zeroed singleton's ``r - mean`` is exactly
     0 (so only ``eps = 0`` needs its ``den`` kept nonzero). NaN rewards (seen in the group sums) are
-    moved, by labels, to an extra group ``G`` as 0 (out of every statistic) and masked to 0 at the
-    end. An infinite reward makes its group's advantages non-finite. Host syncs on CUDA: the id
+    moved, by labels, to an extra group ``G`` as 0 (out of every statistic), whose ``den`` is set
+    to 1: they get ``(0 - 0) / 1``. An infinite reward makes its group's advantages non-finite. Host syncs on CUDA: the id
     range (``_dense_labels``) and the NaN test.
     """
     r = rewards.to(acc)
@@ -73,7 +73,7 @@ def torch_group_advantages(rewards, ids, group_size, eps, loo, scale_mode, unbia
         nan = r.isnan()
         if inv is None:
             inv = torch.arange(N, device=r.device) // group_size
-        r, inv = r.masked_fill(nan, 0.0), inv.masked_fill(nan, G)
+        r, inv = r.nan_to_num(0.0, math.inf, -math.inf), torch.where(nan, G, inv)
         cnt = torch.bincount(inv, minlength=G + 1)
         tot = _group_sum(r, inv, group_size, r.new_empty(G + 1))
         total = tot.sum()
@@ -99,10 +99,11 @@ def torch_group_advantages(rewards, ids, group_size, eps, loo, scale_mode, unbia
     if loo:
         frac = (cnt - 1).clamp(min=1).to(r.dtype).div_(cnt)  # (n - 1) / n
         den = frac if den is None else frac.mul_(den)
+    if den is not None and nan is not None:  # the NaN group's r - shift is 0 - 0: make it 0 / 1
+        den = den.expand(cnt.shape).clone()
+        den[G] = 1.0
     if den is not None:
         dev.div_(_per_sample(den, inv, group_size) if den.dim() else den)
-    if nan is not None:
-        dev.masked_fill_(nan, 0.0)
     return dev
 
 
