@@ -59,8 +59,9 @@ def torch_group_advantages(rewards, ids, group_size, eps, loo, scale_mode, unbia
     (``r - (s - r) / (n - 1) = n (r - mean) / (n - 1)``). A zeroed singleton's ``r - mean`` is exactly
     0 (so only ``eps = 0`` needs its ``den`` kept nonzero). NaN rewards (seen in the group sums) are
     moved, by labels, to an extra group ``G`` as 0 (out of every statistic), whose ``den`` is set
-    to 1: they get ``(0 - 0) / 1``. An infinite reward makes its group's advantages non-finite. Host syncs on CUDA: the id
-    range (``_dense_labels``) and the NaN test.
+    to 1: they get ``(0 - 0) / 1``. An infinite reward makes its group's advantages non-finite.
+    Host syncs on CUDA: the id range (``_dense_labels``), ``bincount`` (its output size) and the
+    NaN test.
     """
     r = rewards.to(acc)
     N = r.shape[0]
