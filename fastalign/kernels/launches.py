@@ -131,19 +131,19 @@ def _linear_chunks(n: int, V: int, dtype: torch.dtype, softcap: float | None, en
                           None if g is None else g[r0:r1], None if ge is None else ge[r0:r1], v0, 1.0, 1.0, softcap)
 
 
-def _one_pass(n: int, V: int, dtype: torch.dtype, softcap: float | None) -> None:
+def _one_pass(n: int, V: int, dtype: torch.dtype, softcap: float | None, entropy: bool) -> None:
     """The one-pass fused losses (``losses/fused.py``): full-vocabulary fp32 tiles of
-    ``tuning.fused_loss_rows`` rows, dZ in the compute dtype, with entropy."""
+    ``tuning.fused_loss_rows`` rows, dZ in the compute dtype; the entropy with an entropy bonus."""
     rows = tuning.fused_loss_rows("cuda", V, n)
     tile_buf = _meta(rows, V)
     dz_buf = tile_buf if dtype == FP32 else _meta(rows, V, dtype=dtype)
     targets, ent = _meta(n, dtype=torch.long), _meta(n)
     for r0, r1, _, _ in _tiles(n, rows, V, V):
         k = r1 - r0
-        m, s, t, tgt = _meta(k), _meta(k), _meta(k), _meta(k)
-        fold_chunk(tile_buf[:k], targets[r0:r0 + k], m, s, t, tgt, 0, 1.0, 1.0, softcap)
-        dlogits_chunk(tile_buf[:k], dz_buf[:k], targets[r0:r0 + k], _meta(k), ent[r0:r0 + k], _meta(k), _meta(k),
-                      0, 1.0, 1.0, softcap)
+        m, s, tgt = _meta(k), _meta(k), _meta(k)
+        fold_chunk(tile_buf[:k], targets[r0:r1], m, s, _meta(k) if entropy else None, tgt, 0, 1.0, 1.0, softcap)
+        dlogits_chunk(tile_buf[:k], dz_buf[:k], targets[r0:r1], _meta(k), ent[r0:r1] if entropy else None, _meta(k),
+                      _meta(k) if entropy else None, 0, 1.0, 1.0, softcap)
 
 
 def _fused_forward(n: int, D: int, V: int, dtype: torch.dtype, softcap: float | None, entropy: bool,
@@ -179,9 +179,10 @@ def _linear_cases() -> list[Case]:
         Case("linear_logprobs bf16 N 300 V 1000 bf16 tiles",
              lambda: _linear_chunks(300, 1000, BF16, None, False, both[:1], compute_tile=True)),
     ]
-    for head in ("qwen2.5-7b", "gemma-2-9b"):
+    for head, entropy in (("qwen2.5-7b", False), ("gemma-2-9b", True)):
         V, _, cap = HEADS[head]
-        cases.append(Case(f"one-pass fused loss {head} bf16", lambda V=V, cap=cap: _one_pass(N_TOKENS, V, BF16, cap)))
+        cases.append(Case(f"one-pass fused loss {head} bf16{', entropy bonus' if entropy else ''}",
+                          lambda V=V, cap=cap, entropy=entropy: _one_pass(N_TOKENS, V, BF16, cap, entropy)))
     # every epilogue tile (chunks of 50 .. 3000 columns) and every fused-forward tile (row blocks of
     # 300, 100 and 40: the 128 / 64 / 16-row configs) in every dtype
     for dtype in (BF16, FP16, FP32):
@@ -285,19 +286,17 @@ PRESETS = {
 
 
 def _group_adv(n: int, ids: bool, dtype: torch.dtype, preset: str) -> None:
-    """``n`` rewards in groups of 16: by contiguous ``group_size`` or by ids (compared pairwise up to
-    ``tuning.GROUP_ADV_PAIRWISE_MAX_N`` samples, sorted above)."""
+    """``n`` rewards in groups of 16: contiguous (``group_size``) or by ids (sorted by the launcher)."""
     loo, scale_mode, unbiased, singleton_raw, eps = PRESETS[preset]
     group_advantages_triton(_meta(n, dtype=dtype), _meta(n, dtype=torch.long) if ids else None, 0 if ids else 16,
                             eps, loo, scale_mode, unbiased, singleton_raw, FP64 if dtype == FP64 else FP32)
 
 
 def _group_cases() -> list[Case]:
-    """Every preset with contiguous groups; GRPO and verl with ids, compared pairwise and sorted."""
-    runs = [(preset, 1024, False) for preset in PRESETS]
-    runs += [(preset, n, True) for preset in ("GRPO", "verl") for n in (1024, 8192)]
-    cases = [Case(f"group_advantages {preset} N {n} {'ids' if ids else 'group_size 16'}",
-                  lambda n=n, ids=ids, preset=preset: _group_adv(n, ids, FP32, preset)) for preset, n, ids in runs]
+    """Every preset with contiguous groups of 64 x 16 samples; GRPO and verl with ids; odd N in bf16 / fp64."""
+    runs = [(preset, False) for preset in PRESETS] + [(preset, True) for preset in ("GRPO", "verl")]
+    cases = [Case(f"group_advantages {preset} N 1024 {'ids' if ids else 'group_size 16'}",
+                  lambda ids=ids, preset=preset: _group_adv(1024, ids, FP32, preset)) for preset, ids in runs]
     for dtype in (BF16, FP64):
         cases.append(Case(f"group_advantages GRPO {NAME[dtype]} N 1000 ids",
                           lambda dtype=dtype: _group_adv(1000, True, dtype, "GRPO")))
