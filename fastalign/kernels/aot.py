@@ -275,8 +275,10 @@ def markdown(variants: list[Variant], results: dict) -> str:
         "Triton runtime gives them, each compiled for sm_80 and sm_90. Per thread: registers, spill "
         "stores/loads and stack frame (ptxas -v); per block: shared memory (Triton). Occupancy: resident "
         "warps per SM over 64 (blocks x warps per block, and the limiting resource), from the per-SM "
-        "limits of an A100 (64K registers, 164 KiB shared memory, 32 blocks) and an H100 (228 KiB). "
-        "`args`: `/16` = divisible by 16 (pointers: 16-byte aligned), `=1`: specialized to the constant 1. "
+        "limits of an A100 (64K registers, 64 warps, 32 blocks, 164 KiB shared memory of which 163 KiB "
+        "per block) and an H100 (the same with 228 / 227 KiB). `args`: `/16` = divisible by 16 (pointers: "
+        "16-byte aligned), `=1`: specialized to the constant 1. `cases`: the first launch case that makes "
+        "the specialization (+ how many more do). "
         f"Failures (spills, shared memory over the limit, no block fits): {n_fail}.",
         "",
     ]
