@@ -1,6 +1,8 @@
 """Triton kernels and their launchers, one module per kernel family.
 
-Every module that defines kernels also defines ``aot_specs() -> list[AotSpec]``: each kernel with
-each config it can be launched with, so CI can compile all of them for sm_80 / sm_90 without a GPU
-(:mod:`fastalign.kernels.aot`). Block sizes and warps live in :mod:`fastalign.kernels.tuning`.
+Kernels never import :mod:`fastalign.ops`. Block sizes, warps and stages live in
+:mod:`fastalign.kernels.tuning`. ``fastalign check-kernels`` (:mod:`fastalign.kernels.aot`) compiles
+every kernel for sm_80 / sm_90 without a GPU, as the Triton runtime specializes the launches of
+:mod:`fastalign.kernels.launches` (the launchers called at real shapes on meta tensors), and reports
+registers, shared memory, spills and occupancy (docs/kernels-sm80-sm90.md).
 """

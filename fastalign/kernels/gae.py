@@ -20,8 +20,6 @@ import triton
 import triton.language as tl
 
 from fastalign.kernels import tuning
-from fastalign.kernels.aot import AotSpec
-from fastalign.ops._tokens import TRITON_DTYPE
 
 
 @triton.jit
@@ -105,19 +103,3 @@ def gae_triton(rewards, values, mask, dones, next_values, gamma: float, lam: flo
         mask.stride(0), mask.stride(1), dones.stride(0), dones.stride(1), next_values.stride(0),
         *_split(gamma), *_split(lam), FP64=acc == torch.float64, BLOCK=cfg.block, num_warps=cfg.num_warps)
     return adv, ret
-
-
-def aot_specs() -> list[AotSpec]:
-    specs = []
-    for dtype, ty in TRITON_DTYPE.items():
-        acc = "fp64" if dtype == torch.float64 else "fp32"
-        for cfg in tuning.GAE_CONFIGS:
-            specs.append(AotSpec(
-                f"gae[{ty},BLOCK={cfg.block}]", _gae_kernel,
-                {"rew_ptr": f"*{ty}", "val_ptr": f"*{ty}", "mask_ptr": "*u8", "done_ptr": "*u8", "nv_ptr": f"*{acc}",
-                 "adv_ptr": f"*{acc}", "ret_ptr": f"*{acc}", "T": "i64",
-                 **{s: "i64" for s in ("s_r_b", "s_r_t", "s_v_b", "s_v_t", "s_m_b", "s_m_t", "s_d_b", "s_d_t",
-                                       "s_nv")},
-                 "gamma_hi": "fp32", "gamma_lo": "fp32", "lam_hi": "fp32", "lam_lo": "fp32"},
-                {"FP64": dtype == torch.float64, "BLOCK": cfg.block}, num_warps=cfg.num_warps))
-    return specs

@@ -64,8 +64,6 @@ import triton
 import triton.language as tl
 
 from fastalign.kernels import tuning
-from fastalign.kernels.aot import AotSpec
-from fastalign.ops._tokens import TRITON_DTYPE
 
 MODE_SORTED, MODE_CONTIGUOUS = 0, 1
 
@@ -283,26 +281,3 @@ def group_advantages_triton(rewards: torch.Tensor, ids: torch.Tensor | None, gro
         int(loo), scale_mode, int(unbiased), int(singleton_raw),
         MODE=mode, FP64=fp64, BLOCK=cfg.block, PARTS=tuning.GROUP_ADV_BATCH_PARTS, num_warps=cfg.num_warps)
     return out
-
-
-def aot_specs() -> list[AotSpec]:
-    specs = []
-    for dtype, ty in TRITON_DTYPE.items():
-        acc = "fp64" if dtype == torch.float64 else "fp32"
-        for cfg in tuning.GROUP_ADV_CONFIGS:
-            for mode in (MODE_SORTED, MODE_CONTIGUOUS):
-                idx = "*i64" if mode == MODE_SORTED else f"*{ty}"
-                specs.append(AotSpec(
-                    f"group_advantages[{ty},mode={mode},BLOCK={cfg.block}]", _group_adv_kernel,
-                    {"rewards_ptr": f"*{ty}", "keys_ptr": idx, "perm_ptr": idx, "parts_ptr": f"*{acc}",
-                     "out_ptr": f"*{acc}", "N": "i64", "group_size": "i64", "n_parts": "i32", "eps": "fp32",
-                     "loo": "i32", "scale_mode": "i32", "unbiased": "i32", "singleton_raw": "i32"},
-                    {"MODE": mode, "FP64": dtype == torch.float64, "BLOCK": cfg.block,
-                     "PARTS": tuning.GROUP_ADV_BATCH_PARTS},
-                    num_warps=cfg.num_warps))
-        bcfg = tuning.GROUP_ADV_BATCH_CONFIG
-        specs.append(AotSpec(
-            f"group_advantages_batch_std[{ty},BLOCK={bcfg.block}]", _batch_std_kernel,
-            {"rewards_ptr": f"*{ty}", "parts_ptr": f"*{acc}", "N": "i64", "chunk": "i64"},
-            {"FP64": dtype == torch.float64, "BLOCK": bcfg.block}, num_warps=bcfg.num_warps))
-    return specs

@@ -18,9 +18,7 @@ import triton
 import triton.language as tl
 
 from fastalign.kernels import tuning
-from fastalign.kernels.aot import AotSpec
 from fastalign.kernels.token_tiles import load_tile, tile_coords
-from fastalign.ops._tokens import TRITON_DTYPE
 
 
 @triton.jit
@@ -109,27 +107,3 @@ def kl_backward(logp: torch.Tensor, ref: torch.Tensor, grad: torch.Tensor, kind:
         grad.stride(0), grad.stride(1), kind, lr_clamp, out_clamp, int(want_dlogp), int(want_dref),
         FP64=acc_dtype == torch.float64, BLOCK_R=cfg.block_r, BLOCK_T=cfg.block_t, num_warps=cfg.num_warps)
     return dlogp, dref
-
-
-def aot_specs() -> list[AotSpec]:
-    """Every tile config x input dtype (logp, ref_logp and the gradient share the dtype family)."""
-    specs = []
-    for dtype, ty in TRITON_DTYPE.items():
-        acc = "fp64" if dtype == torch.float64 else "fp32"
-        for cfg in tuning.TOKEN_TILE_CONFIGS:
-            const = {"FP64": dtype == torch.float64, "BLOCK_R": cfg.block_r, "BLOCK_T": cfg.block_t}
-            tag = f"{ty},{cfg.block_r}x{cfg.block_t}"
-            specs.append(AotSpec(
-                f"kl_fwd[{tag}]", _kl_fwd_kernel,
-                {"logp_ptr": f"*{ty}", "ref_ptr": f"*{ty}", "out_ptr": f"*{acc}", "R": "i64", "T": "i64",
-                 "s_lp_r": "i64", "s_lp_t": "i64", "s_ref_r": "i64", "s_ref_t": "i64",
-                 "kind": "i32", "lr_clamp": "fp32", "out_clamp": "fp32"},
-                const, num_warps=cfg.num_warps))
-            specs.append(AotSpec(
-                f"kl_bwd[{tag}]", _kl_bwd_kernel,
-                {"logp_ptr": f"*{ty}", "ref_ptr": f"*{ty}", "grad_ptr": f"*{acc}", "dlogp_ptr": f"*{ty}",
-                 "dref_ptr": f"*{ty}", "R": "i64", "T": "i64", "s_lp_r": "i64", "s_lp_t": "i64",
-                 "s_ref_r": "i64", "s_ref_t": "i64", "s_g_r": "i64", "s_g_t": "i64",
-                 "kind": "i32", "lr_clamp": "fp32", "out_clamp": "fp32", "want_dlogp": "i32", "want_dref": "i32"},
-                const, num_warps=cfg.num_warps))
-    return specs

@@ -37,7 +37,6 @@ import triton
 import triton.language as tl
 
 from fastalign.kernels import tuning
-from fastalign.kernels.aot import AotSpec
 from fastalign.kernels.logsumexp import online_lse_finalize, online_lse_update
 
 
@@ -207,33 +206,3 @@ def logprobs_backward(logits: torch.Tensor, inner: int, stride_outer: int, strid
     )
     return grad
 
-
-_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
-
-
-def aot_specs() -> list[AotSpec]:
-    specs = []
-    for dtype, ty in _TRITON_DTYPE.items():
-        acc = "fp64" if dtype == torch.float64 else "fp32"
-        for cfg in tuning.LOGPROBS_FWD_CONFIGS:
-            for has_ent in (False, True):
-                specs.append(AotSpec(
-                    f"logprobs_fwd[{ty},BLOCK_V={cfg.block},entropy={has_ent}]", _logprobs_fwd_kernel,
-                    {"logits_ptr": f"*{ty}", "targets_ptr": "*i64", "logp_ptr": f"*{acc}", "entropy_ptr": f"*{acc}",
-                     "lse_ptr": f"*{acc}", "V": "i32", "inner": "i64", "stride_outer": "i64", "stride_inner": "i64",
-                     "inv_temp": "fp32", "ignore_index": "i64"},
-                    {"HAS_ENTROPY": has_ent, "FP64": dtype == torch.float64, "BLOCK_V": cfg.block,
-                     "NUM_STAGES": tuning.logprobs_fwd_stages(dtype.itemsize)},
-                    num_warps=cfg.num_warps))
-        for cfg in tuning.LOGPROBS_BWD_CONFIGS:
-            for g_lp, g_ent in ((True, False), (True, True), (False, True)):
-                specs.append(AotSpec(
-                    f"logprobs_bwd[{ty},BLOCK_V={cfg.block},glogp={g_lp},gent={g_ent}]", _logprobs_bwd_kernel,
-                    {"logits_ptr": f"*{ty}", "targets_ptr": "*i64", "lse_ptr": f"*{acc}", "entropy_ptr": f"*{acc}",
-                     "grad_logp_ptr": f"*{acc}", "grad_entropy_ptr": f"*{acc}", "grad_logits_ptr": f"*{ty}",
-                     "V": "i32", "inner": "i64", "stride_outer": "i64", "stride_inner": "i64",
-                     "inv_temp": "fp32", "ignore_index": "i64"},
-                    {"HAS_GRAD_LOGP": g_lp, "HAS_GRAD_ENTROPY": g_ent, "FP64": dtype == torch.float64,
-                     "BLOCK_V": cfg.block},
-                    num_warps=cfg.num_warps))
-    return specs

@@ -24,9 +24,7 @@ import triton
 import triton.language as tl
 
 from fastalign.kernels import tuning
-from fastalign.kernels.aot import AotSpec
 from fastalign.kernels.token_tiles import load_mask_tile, load_tile, tile_coords
-from fastalign.ops._tokens import TRITON_DTYPE
 
 # Order of the partial sums each forward program writes.
 STAT_NAMES = ("count", "loss", "ratio", "approx_kl", "clip_low", "clip_high", "dual_clip")
@@ -258,43 +256,3 @@ def surrogate_backward(logp, old, adv, mask, grad, seq_lr, seq_n, lo: float, hi:
         *_strides(mask), *_strides(grad), lo, hi, dual_c,
         FP64=fp64, BLOCK_R=cfg.block_r, BLOCK_T=cfg.block_t, num_warps=cfg.num_warps)
     return dlogp
-
-
-def aot_specs() -> list[AotSpec]:
-    """Every config x dtype (log-probs, old log-probs and advantages share the dtype; mask uint8)."""
-    specs = []
-    for dtype, ty in TRITON_DTYPE.items():
-        acc = "fp64" if dtype == torch.float64 else "fp32"
-        fp64 = dtype == torch.float64
-        strides = {k: "i64" for k in ("s_lp_r", "s_lp_t", "s_old_r", "s_old_t", "s_a_r", "s_a_t", "s_m_r", "s_m_t")}
-        clip = {"lo": "fp32", "hi": "fp32", "dual_c": "fp32"}
-        for cfg in tuning.TOKEN_TILE_CONFIGS:
-            const = {"FP64": fp64, "BLOCK_R": cfg.block_r, "BLOCK_T": cfg.block_t}
-            tag = f"{ty},{cfg.block_r}x{cfg.block_t}"
-            specs.append(AotSpec(
-                f"surrogate_tok_fwd[{tag}]", _surr_tok_fwd_kernel,
-                {"logp_ptr": f"*{ty}", "old_ptr": f"*{ty}", "adv_ptr": f"*{ty}", "mask_ptr": "*u8",
-                 "loss_ptr": f"*{acc}", "part_ptr": f"*{acc}", "R": "i64", "T": "i64", **strides, **clip},
-                const, num_warps=cfg.num_warps))
-            specs.append(AotSpec(
-                f"surrogate_tok_bwd[{tag}]", _surr_tok_bwd_kernel,
-                {"logp_ptr": f"*{ty}", "old_ptr": f"*{ty}", "adv_ptr": f"*{ty}", "mask_ptr": "*u8",
-                 "grad_ptr": f"*{acc}", "dlogp_ptr": f"*{ty}", "R": "i64", "T": "i64", **strides,
-                 "s_g_r": "i64", "s_g_t": "i64", **clip},
-                const, num_warps=cfg.num_warps))
-        for cfg in tuning.SEQ_ROW_CONFIGS:
-            const = {"FP64": fp64, "BLOCK_T": cfg.block}
-            tag = f"{ty},{cfg.block}"
-            specs.append(AotSpec(
-                f"surrogate_seq_fwd[{tag}]", _surr_seq_fwd_kernel,
-                {"logp_ptr": f"*{ty}", "old_ptr": f"*{ty}", "adv_ptr": f"*{ty}", "mask_ptr": "*u8",
-                 "loss_ptr": f"*{acc}", "part_ptr": f"*{acc}", "seq_lr_ptr": f"*{acc}", "seq_n_ptr": f"*{acc}",
-                 "T": "i64", **strides, **clip},
-                const, num_warps=cfg.num_warps))
-            specs.append(AotSpec(
-                f"surrogate_seq_bwd[{tag}]", _surr_seq_bwd_kernel,
-                {"adv_ptr": f"*{ty}", "mask_ptr": "*u8", "grad_ptr": f"*{acc}", "seq_lr_ptr": f"*{acc}",
-                 "seq_n_ptr": f"*{acc}", "dlogp_ptr": f"*{ty}", "T": "i64", "s_a_r": "i64", "s_a_t": "i64",
-                 "s_m_r": "i64", "s_m_t": "i64", "s_g_r": "i64", "s_g_t": "i64", **clip},
-                const, num_warps=cfg.num_warps))
-    return specs

@@ -6,10 +6,6 @@ import torch
 
 from fastalign._validation import check_mask
 
-# Triton's element type names for the dtypes the token kernels load.
-TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
-
-
 def as_rows(x: torch.Tensor) -> torch.Tensor:
     """``x[..., T]`` as an ``[R, T]`` tensor: a view whenever torch can reshape without copying."""
     if x.dim() == 0:
