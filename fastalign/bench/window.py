@@ -133,6 +133,15 @@ def _fast_path_checks(device: torch.device, dry: bool) -> list[dict]:
         "clipped_surrogate": (lambda: fastalign.clipped_surrogate(lp, old.detach(), adv, mask=mask), (lp,), ()),
     }
     checks = []
+    if cuda:  # the linear_logprobs GEMMs need cuBLAS' fp32 output from bf16 operands (torch >= 2.8)
+        row = {"op": "torch.mm(bf16, bf16, out_dtype=fp32)"}
+        try:
+            a = torch.randn(64, 64, device=device, dtype=torch.bfloat16)
+            out = torch.mm(a, a, out_dtype=torch.float32)
+            row.update(ok=out.dtype == torch.float32, problems=[] if out.dtype == torch.float32 else [str(out.dtype)])
+        except Exception as exc:
+            row.update(ok=False, problems=[f"{type(exc).__name__}: {str(exc)[:200]}"])
+        checks.append(row)
     for name, (fn, wrt, kernels) in calls.items():
         row = {"op": name}
         try:
