@@ -209,10 +209,7 @@ def _cuda_graph(fn, device, budget_s: float, min_runs: int) -> list[float]:
         for _ in range(n):
             fn()
     graph.replay()
-    try:
-        return _repeat(lambda: _event_ms(device, graph.replay) / n, budget_s, min_runs)
-    finally:
-        del graph
+    return _repeat(lambda: _event_ms(device, graph.replay) / n, budget_s, min_runs)
 
 
 def _cuda_flushed(fn, device, budget_s: float, min_runs: int) -> list[float]:
