@@ -23,7 +23,25 @@ _IMPLS = ("auto", "triton", "torch")
 
 
 def triton_interpret_enabled() -> bool:
-    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``).
+
+    Reads the environment now; Triton itself reads it when ``@triton.jit`` runs (at fastalign's
+    import), so set it before importing fastalign.
+
+    Returns:
+        ``bool``: ``TRITON_INTERPRET`` is one of ``1 / true / on / yes`` (any case).
+
+    Example:
+        >>> import os
+        >>> from unittest import mock
+        >>> from fastalign import triton_interpret_enabled
+        >>> with mock.patch.dict(os.environ, {"TRITON_INTERPRET": "1"}):
+        ...     triton_interpret_enabled()
+        True
+        >>> with mock.patch.dict(os.environ, {"TRITON_INTERPRET": "0"}):
+        ...     triton_interpret_enabled()
+        False
+    """
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
@@ -34,7 +52,29 @@ def triton_can_run_on(device: torch.device) -> bool:
 
 
 def select_impl(impl: str, device: torch.device, *, op: str = "op") -> Backend:
-    """Resolve ``impl`` for tensors on ``device``; raise a clear error for impossible requests."""
+    """Resolve ``impl`` for tensors on ``device``; raise a clear error for impossible requests.
+
+    Args:
+        impl: ``"auto" | "triton" | "torch"``.
+        device: the device of the op's tensors.
+        op: the op's name, for the error message.
+
+    Returns:
+        ``"triton"`` or ``"torch"``, by the rule in the module doc. Raises ``ValueError`` for an
+        unknown ``impl``, or ``impl="triton"`` on a CPU tensor without ``TRITON_INTERPRET=1``.
+
+    Example:
+        >>> import torch
+        >>> from fastalign import select_impl
+        >>> select_impl("auto", torch.device("cuda"))
+        'triton'
+        >>> select_impl("torch", torch.device("cuda"))
+        'torch'
+        >>> select_impl("fast", torch.device("cpu"), op="my_op")
+        Traceback (most recent call last):
+        ...
+        ValueError: my_op: impl must be one of ('auto', 'triton', 'torch'), got 'fast'
+    """
     if impl not in _IMPLS:
         raise ValueError(f"{op}: impl must be one of {_IMPLS}, got {impl!r}")
     if impl == "torch":

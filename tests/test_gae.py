@@ -12,7 +12,7 @@ IMPLS = ["torch", "triton"]
 
 
 def ref_gae(r, v, mask=None, dones=None, next_values=None, gamma=1.0, lam=0.95):
-    """DESIGN.md's recurrence, a Python loop in fp64."""
+    """The recurrence in :func:`fastalign.gae`'s docstring, a Python loop in fp64."""
     r, v = r.double(), v.double()
     B, T = r.shape
     m = torch.ones(B, T, dtype=torch.bool) if mask is None else mask.bool()

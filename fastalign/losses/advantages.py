@@ -34,7 +34,21 @@ _PRESETS = {
 def rloo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor | None = None, *, group_size: int | None = None,
                     impl: Impl = "auto") -> torch.Tensor:
     """RLOO: ``A_i = r_i - (sum_g - r_i) / (n_g - 1)`` (a group of one gets 0; NaN rewards get 0 and
-    are left out of the baselines). ``rewards [N]``; exactly one of ``group_ids [N]`` / ``group_size``."""
+    are left out of the baselines).
+
+    Args:
+        rewards, group_ids, group_size, impl: as in :func:`grpo_advantages` (ids of any values,
+            unsorted; exactly one of ``group_ids`` / ``group_size``).
+
+    Returns:
+        ``[N]`` fp32 (fp64 for fp64 rewards), not differentiable.
+
+    Example:
+        >>> import torch
+        >>> from fastalign.losses import rloo_advantages
+        >>> rloo_advantages(torch.tensor([1.0, 2.0, 3.0, 6.0]), group_size=2).tolist()
+        [-1.0, 1.0, -3.0, 3.0]
+    """
     return group_advantages(rewards, group_ids, group_size=group_size, baseline="loo", scale="none", impl=impl)
 
 
@@ -46,6 +60,17 @@ def remax_advantages(rewards: torch.Tensor, greedy_rewards: torch.Tensor, *, gro
         rewards: ``[N]`` float, rewards of the sampled completions.
         greedy_rewards: ``[N]`` float (one baseline per sample), or ``[N / group_size]`` with
             ``group_size`` (contiguous groups of samples share their prompt's greedy reward).
+        group_size: None, or the size of the contiguous groups sharing one greedy reward.
+
+    Returns:
+        ``[N]`` fp32 (fp64 when an input is fp64): ``rewards - baseline``, NaN differences set to 0
+        (plain torch ops).
+
+    Example:
+        >>> import torch
+        >>> from fastalign.losses import remax_advantages
+        >>> remax_advantages(torch.tensor([1.0, 0.0, 0.5, 0.5]), torch.tensor([0.5, 0.0]), group_size=2).tolist()
+        [0.5, -0.5, 0.5, 0.5]
     """
     op = "remax_advantages"
     check_float(rewards, "rewards", op)
@@ -75,7 +100,28 @@ def grpo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor | None = None
                     scale: Literal["group", "batch", "none"] = "group", impl: Impl = "auto") -> torch.Tensor:
     """GRPO advantages ``(r - mean_g) / (std_g + eps)`` with a framework's conventions:
     ``"tutorial"`` (population std, eps 1e-8), ``"trl"`` (Bessel std, eps 1e-4), ``"verl"`` (Bessel,
-    eps 1e-6, a lone sample keeps ``r / (1 + eps)``), ``"openrlhf"`` (Bessel, eps 1e-9)."""
+    eps 1e-6, a lone sample keeps ``r / (1 + eps)``), ``"openrlhf"`` (Bessel, eps 1e-9).
+
+    Args:
+        rewards: ``[N]`` float sequence rewards (NaN = missing: advantage 0).
+        group_ids: ``[N]`` integer group ids, or None with ``group_size``.
+        group_size: contiguous groups of this size; exactly one of ``group_ids`` / ``group_size``.
+        preset: ``"tutorial" | "trl" | "verl" | "openrlhf"``.
+        scale: ``"group"`` (per-group std), ``"batch"`` (std of all rewards) or ``"none"`` (Dr.GRPO).
+        impl: ``"auto" | "triton" | "torch"`` (:func:`fastalign.group_advantages`).
+
+    Returns:
+        ``[N]`` fp32 (fp64 for fp64 rewards), not differentiable.
+
+    Example:
+        >>> import torch
+        >>> from fastalign.losses import grpo_advantages
+        >>> r = torch.tensor([1.0, 0.0, 1.0, 1.0])
+        >>> [round(v, 4) for v in grpo_advantages(r, group_size=2).tolist()]  # population std 0.5
+        [1.0, -1.0, 0.0, 0.0]
+        >>> [round(v, 4) for v in grpo_advantages(r, group_size=2, preset="trl").tolist()]  # 0.5 / (0.7071 + 1e-4)
+        [0.707, -0.707, 0.0, 0.0]
+    """
     check_choice(preset, "preset", "grpo_advantages", tuple(_PRESETS))
     unbiased, eps, singleton = _PRESETS[preset]
     return group_advantages(rewards, group_ids, group_size=group_size, baseline="mean", scale=scale,

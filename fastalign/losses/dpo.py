@@ -103,6 +103,16 @@ def dpo_loss(
         ``(loss, metrics)``; metrics (detached 0-d): ``rewards/chosen``, ``rewards/rejected``
         (``beta`` times the log-ratios), ``rewards/accuracies``, ``rewards/margins``,
         ``logps/chosen``, ``logps/rejected``.
+
+    Example:
+        >>> import torch
+        >>> from fastalign.losses import dpo_loss
+        >>> loss, metrics = dpo_loss(torch.tensor([-1.0]), torch.tensor([-2.0]),
+        ...                          torch.tensor([-1.5]), torch.tensor([-1.5]), beta=0.1)  # h = 1
+        >>> round(loss.item(), 4), round(metrics["rewards/margins"].item(), 4)  # -log sigma(0.1), 0.1 h
+        (0.6444, 0.1)
+        >>> dpo_loss(torch.tensor([-1.0, -2.0]), torch.tensor([-2.0, -1.0]), reduction="none")[0].shape
+        torch.Size([2])
     """
     op = "dpo_loss"
     like = check_float_vectors(
@@ -182,6 +192,13 @@ def simpo_loss(
 
     Returns:
         ``(loss, metrics)``; ``rewards/*`` are ``beta`` times the length-normalized log-probs.
+
+    Example:
+        >>> import torch
+        >>> from fastalign.losses import simpo_loss
+        >>> loss, _ = simpo_loss(torch.tensor([-2.0]), torch.tensor([-6.0]), torch.tensor([2]), torch.tensor([3]))
+        >>> round(loss.item(), 4)  # z = 2 * (-1 - (-2)) - 1 = 1: log(1 + e^-1)
+        0.3133
     """
     op = "simpo_loss"
     like = check_float_vectors(op, ("chosen_logps", "rejected_logps"), (chosen_logps, rejected_logps))
@@ -235,10 +252,19 @@ def orpo_loss(
             < 0, i.e. probability < 1). Differentiable.
         chosen_lengths, rejected_lengths: ``[B]`` numeric token counts.
         beta: >= 0, the weight of the odds-ratio term.
+        reduction: ``"mean"`` | ``"sum"`` (of the odds-ratio term over pairs).
 
     Returns:
         ``(loss, metrics)``; metrics: ``nll_loss``, ``log_odds_ratio`` (mean log sigma term),
         ``log_odds_chosen`` (mean log-odds difference), ``rewards/*`` (``beta`` times the averages).
+
+    Example:
+        >>> import torch
+        >>> from fastalign.losses import orpo_loss
+        >>> loss, metrics = orpo_loss(torch.tensor([-2.0]), torch.tensor([-6.0]), torch.tensor([2]),
+        ...                           torch.tensor([3]), beta=0.1)
+        >>> round(metrics["nll_loss"].item(), 4), round(loss.item(), 4)  # NLL 2 / 2, plus the odds-ratio term
+        (1.0, 1.0238)
     """
     op = "orpo_loss"
     like = check_float_vectors(op, ("chosen_logps", "rejected_logps"), (chosen_logps, rejected_logps))
@@ -293,11 +319,20 @@ def kto_loss(
         beta: > 0. kl: optional precomputed reference point (float or 0-d tensor; detached).
         policy_kl_logps, ref_kl_logps: ``[K]`` float, log-probs of the mismatched KL completions.
         desirable_weight, undesirable_weight: >= 0, ``lambda_D`` and ``lambda_U``.
+        reduction: ``"mean"`` | ``"sum"`` | ``"none"`` (per-completion ``[B]``).
 
     Returns:
         ``(loss, metrics)``; metrics: ``kl`` (``z0``), ``rewards/chosen``, ``rewards/rejected``
         (mean ``beta r`` over desirable / undesirable completions; 0 when there are none),
         ``logps/chosen``, ``logps/rejected``, ``count/chosen``, ``count/rejected``.
+
+    Example:
+        >>> import torch
+        >>> from fastalign.losses import kto_loss
+        >>> loss, _ = kto_loss(torch.tensor([-1.0, -3.0]), torch.tensor([-2.0, -2.0]),
+        ...                    torch.tensor([True, False]), beta=0.1)  # r = +1 (desirable), -1 (undesirable)
+        >>> round(loss.item(), 4)  # both 1 - sigma(0.1)
+        0.475
     """
     op = "kto_loss"
     like = check_float_vectors(op, ("policy_logps", "ref_logps"), (policy_logps, ref_logps))
@@ -371,10 +406,18 @@ def reward_model_loss(
         chosen_rewards, rejected_rewards: ``[B]`` float scalar rewards. Differentiable.
         margin: optional ``[B]`` float per-pair margin (constant).
         center_rewards_coefficient: optional >= 0 weight of the centering term (Eisenstein et al. 2023).
+        reduction: ``"mean"`` | ``"sum"`` over pairs.
 
     Returns:
         ``(loss, metrics)``; metrics: ``accuracy``, ``margin`` (mean ``r_w - r_l``),
         ``rewards/chosen``, ``rewards/rejected``.
+
+    Example:
+        >>> import torch
+        >>> from fastalign.losses import reward_model_loss
+        >>> loss, metrics = reward_model_loss(torch.tensor([2.0]), torch.tensor([1.0]))
+        >>> round(loss.item(), 4), metrics["accuracy"].item()  # log(1 + e^-1)
+        (0.3133, 1.0)
     """
     op = "reward_model_loss"
     check_float_vectors(op, ("chosen_rewards", "rejected_rewards", "margin"), (chosen_rewards, rejected_rewards, margin))

@@ -242,6 +242,17 @@ def grpo_loss(
         ``(loss, metrics)``: metrics (detached 0-d) ``policy_loss`` (the loss itself), ``kl`` (when
         ``ref_logp`` is given and ``beta != 0``), ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
         ``clip_ratio/region_mean`` (or ``cispo_clip_ratio``), as TRL logs them on one process.
+
+    Example:
+        >>> import torch
+        >>> from fastalign.losses import grpo_loss
+        >>> logp = torch.zeros(2, 3, requires_grad=True)  # on-policy (old_logp None): ratio 1
+        >>> loss, metrics = grpo_loss(logp, None, torch.tensor([1.0, -0.5]), torch.ones(2, 3),
+        ...                           ref_logp=logp.detach(), beta=0.04)
+        >>> round(loss.item(), 4), round(metrics["kl"].item(), 4)  # -mean_i(A_i), KL 0
+        (-0.25, 0.0)
+        >>> loss.backward(); [round(v, 4) for v in logp.grad[:, 0].tolist()]  # -A_i / (B T)
+        [-0.1667, 0.0833]
     """
     op = "grpo_loss"
     check_float(logp, "logp", op)

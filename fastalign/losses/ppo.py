@@ -73,13 +73,24 @@ def ppo_policy_loss(
     Args:
         logp: ``[B, T]`` float (differentiable). old_logp: ``[B, T]`` float (constant).
         advantages: ``[B, T]``, ``[B]`` or ``[B, 1]`` float (constant). mask: ``[B, T]`` bool or 0/1.
-
+        eps_low, eps_high: clip range ``[1 - eps_low, 1 + eps_high]`` (``eps_high`` defaults to ``eps_low``).
+        dual_clip: None or ``c > 1``. level: ``"token"`` or ``"sequence"`` (GSPO ratio).
         impl: backend of the per-token surrogate (:func:`fastalign.clipped_surrogate`).
 
     Returns:
         ``(loss, metrics)`` with ``approx_kl`` (``mean(r - 1 - log r)``, token ratio), ``clip_frac``
         (= ``clip_frac_low`` (``r < 1 - eps_low``, ``A < 0``) + ``clip_frac_high`` (``r > 1 + eps_high``,
         ``A > 0``): the tokens whose gradient the clip zeroes) and, with dual-clip, ``dual_clip_frac``.
+
+    Example:
+        >>> import torch
+        >>> from fastalign.losses import ppo_policy_loss
+        >>> logp = torch.zeros(1, 3, requires_grad=True)  # on-policy: ratio 1, loss -mean(A)
+        >>> loss, metrics = ppo_policy_loss(logp, logp.detach(), torch.tensor([[1.0, 2.0, 3.0]]), torch.ones(1, 3))
+        >>> loss.item(), metrics["clip_frac"].item()
+        (-2.0, 0.0)
+        >>> loss.backward(); [round(v, 4) for v in logp.grad[0].tolist()]  # -A / 3
+        [-0.3333, -0.6667, -1.0]
     """
     op = "ppo_policy_loss"
     check_float(logp, "logp", op)
@@ -127,6 +138,17 @@ def value_loss(
 
     Returns:
         ``(loss, metrics)`` with ``vf_clip_frac`` (share of tokens where the clipped term is larger).
+
+    Example:
+        >>> import torch
+        >>> from fastalign.losses import value_loss
+        >>> loss, _ = value_loss(torch.tensor([[1.0, 2.0]]), torch.zeros(1, 2), torch.ones(1, 2))
+        >>> loss.item()  # (1 + 4) / 2
+        2.5
+        >>> loss, m = value_loss(torch.tensor([[1.0, 2.0]]), torch.zeros(1, 2), torch.ones(1, 2),
+        ...                      old_values=torch.zeros(1, 2), clip=0.5)
+        >>> loss.item(), m["vf_clip_frac"].item()  # the clipped terms (0.25) are smaller: max keeps the raw ones
+        (2.5, 0.0)
     """
     op = "value_loss"
     check_float(values, "values", op)
@@ -181,9 +203,28 @@ def ppo_loss(
     ``[B, T]`` (e.g. from ``linear_logprobs(..., return_entropy=True)``, differentiable) adds the
     entropy bonus.
 
+    Args:
+        logp, old_logp, advantages, mask, eps_low, eps_high, dual_clip, impl: as in
+            :func:`ppo_policy_loss` (token-level ratios).
+        values, returns: ``[B, T]`` float or None (both or neither); ``values`` differentiable.
+        old_values, value_clip: the value clip of :func:`value_loss` (``old_values`` and ``clip``).
+        entropy: ``[B, T]`` float or None, per-token entropy (differentiable).
+        vf_coef, ent_coef: ``>= 0`` weights of the value loss and the entropy bonus.
+
     Returns:
         ``(loss, metrics)``: ``policy``, ``value``, ``entropy`` (when given), ``approx_kl``,
         ``clip_frac`` (and ``vf_clip_frac``), all detached.
+
+    Example:
+        >>> import torch
+        >>> from fastalign.losses import ppo_loss
+        >>> loss, metrics = ppo_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.tensor([1.0]), torch.ones(1, 2),
+        ...                          values=torch.tensor([[1.0, 2.0]]), returns=torch.zeros(1, 2),
+        ...                          entropy=torch.full((1, 2), 0.5))
+        >>> round(loss.item(), 4)  # -1 + 0.5 * 2.5 - 0.01 * 0.5
+        0.245
+        >>> sorted(metrics)
+        ['approx_kl', 'clip_frac', 'clip_frac_high', 'clip_frac_low', 'entropy', 'policy', 'value']
     """
     op = "ppo_loss"
     vf_coef = check_number(vf_coef, "vf_coef", op, lo=0.0)

@@ -119,6 +119,16 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None =
     Returns:
         ``(advantages, returns)``, each ``[..., T]`` fp32 (fp64 for fp64 inputs); ``returns = A + V``
         at valid steps; both 0 at masked steps. Not differentiable.
+
+    Example:
+        >>> import torch, fastalign
+        >>> adv, ret = fastalign.gae(torch.tensor([[0.0, 0.0, 1.0]]), torch.zeros(1, 3), gamma=1.0, lam=0.5)
+        >>> adv.tolist()  # 1, then halved at each step back
+        [[0.25, 0.5, 1.0]]
+        >>> adv, ret = fastalign.gae(torch.tensor([[0.0, 1.0, 0.0]]), torch.full((1, 3), 0.5),
+        ...                          torch.tensor([[1, 1, 0]]), gamma=1.0, lam=1.0)
+        >>> adv.tolist(), ret.tolist()  # the masked last step: 0, and no bootstrap through it
+        ([[0.5, 0.5, 0.0]], [[1.0, 1.0, 0.0]])
     """
     check_float(rewards, "rewards", _OP)
     check_float(values, "values", _OP)
@@ -184,6 +194,14 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, unbiased: bool = True,
 
     Returns:
         ``[...]`` fp32 (fp64 for fp64 ``x``).
+
+    Example:
+        >>> import torch, fastalign
+        >>> x, mask = torch.tensor([1.0, 2.0, 3.0, 100.0]), torch.tensor([1, 1, 1, 0])
+        >>> [round(v, 4) for v in fastalign.masked_whiten(x, mask).tolist()]  # mean 2, Bessel var 1
+        [-1.0, 0.0, 1.0, 98.0]
+        >>> [round(v, 4) for v in fastalign.masked_whiten(x, mask, shift_mean=False).tolist()]
+        [1.0, 2.0, 3.0, 100.0]
     """
     op = "masked_whiten"
     check_float(x, "x", op)

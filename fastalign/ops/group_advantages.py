@@ -149,6 +149,17 @@ def group_advantages(
 
     Returns:
         ``[N]`` fp32 (fp64 for fp64 rewards), not differentiable.
+
+    Example:
+        >>> import torch, fastalign
+        >>> rewards, ids = torch.tensor([1.0, 2.0, 3.0, 6.0]), torch.tensor([7, 3, 7, 3])
+        >>> [round(v, 4) for v in fastalign.group_advantages(rewards, ids).tolist()]  # groups {1, 3}, {2, 6}
+        [-1.0, -1.0, 1.0, 1.0]
+        >>> fastalign.group_advantages(rewards, ids, baseline="loo", scale="none").tolist()  # RLOO
+        [-2.0, -4.0, 2.0, 4.0]
+        >>> adv = fastalign.group_advantages(torch.tensor([1.0, 0.0, 1.0, float("nan")]), group_size=2)
+        >>> [round(v, 4) for v in adv.tolist()]  # NaN: 0; its group has one valid member left: 0
+        [1.0, -1.0, 0.0, 0.0]
     """
     check_float(rewards, "rewards", _OP)
     if rewards.dim() != 1:

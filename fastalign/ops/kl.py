@@ -127,6 +127,19 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: KLKind = "k3", 
     Returns:
         ``[...]`` fp32 (fp64 when either input is fp64), differentiable w.r.t. ``logp`` and
         ``ref_logp`` (gradients in each input's dtype).
+
+    Example:
+        >>> import torch, fastalign
+        >>> logp, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0])  # x = [0.5, -1.0]
+        >>> [round(v, 4) for v in fastalign.kl_penalty(logp, ref, "k1").tolist()]
+        [0.5, -1.0]
+        >>> [round(v, 4) for v in fastalign.kl_penalty(logp, ref, "k2").tolist()]
+        [0.125, 0.5]
+        >>> kl = fastalign.kl_penalty(logp, ref, "k3")
+        >>> torch.allclose(kl, torch.exp(ref - logp) - (ref - logp) - 1)
+        True
+        >>> [round(v, 4) for v in fastalign.kl_penalty(logp, ref, "k3", clamp=0.5).tolist()]
+        [0.1065, 0.5]
     """
     check_float(logp, "logp", _OP)
     check_float(ref_logp, "ref_logp", _OP)
@@ -148,5 +161,21 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: KLKind = "k3", 
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, *, impl: Impl = "auto") -> torch.Tensor:
-    """``exp(ref - logp) - (ref - logp) - 1`` per token: :func:`kl_penalty` with ``kind="k3"``, no clamps."""
+    """``exp(ref - logp) - (ref - logp) - 1`` per token: :func:`kl_penalty` with ``kind="k3"``, no clamps.
+
+    Args:
+        logp: ``[...]`` fp16 / bf16 / fp32 / fp64 policy log-probs.
+        ref_logp: ``[...]`` same shape, any float dtype: the reference model's log-probs.
+        impl: ``"auto" | "triton" | "torch"``.
+
+    Returns:
+        ``[...]`` fp32 (fp64 when either input is fp64), non-negative, differentiable w.r.t. both inputs.
+
+    Example:
+        >>> import torch, fastalign
+        >>> round(fastalign.k3_kl(torch.tensor([0.0]), torch.tensor([1.0])).item(), 4)  # e - 2
+        0.7183
+        >>> fastalign.k3_kl(torch.zeros(2, 3), torch.zeros(2, 3)).abs().max().item()
+        0.0
+    """
     return kl_penalty(logp, ref_logp, "k3", impl=impl)

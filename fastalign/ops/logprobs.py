@@ -187,6 +187,24 @@ def logprobs_from_logits(logits, targets, *, temperature=1.0, ignore_index=-100,
         ``logp[...]`` fp32 (fp64 for fp64 logits), or ``(logp, entropy)``; both differentiable
         w.r.t. ``logits``. The forward saves only the logits (by reference) and per-row statistics;
         no fp32 ``[..., V]`` copy is made, and the backward allocates only the gradient.
+
+    Example:
+        >>> import torch, fastalign
+        >>> logits = torch.tensor([[0.0, 0.0], [1.0, 3.0]])
+        >>> logp = fastalign.logprobs_from_logits(logits, torch.tensor([0, 1]))
+        >>> logp.dtype, [round(v, 4) for v in logp.tolist()]  # log(1/2), -log(1 + e^-2)
+        (torch.float32, [-0.6931, -0.1269])
+        >>> logp, ent = fastalign.logprobs_from_logits(logits, torch.tensor([0, -100]), return_entropy=True)
+        >>> [round(v, 4) for v in logp.tolist()], [round(v, 4) for v in ent.tolist()]  # row 2 ignored
+        ([-0.6931, 0.0], [0.6931, 0.0])
+        >>> x = torch.randn(2, 3, 5, requires_grad=True)
+        >>> t = torch.randint(0, 5, (2, 3))
+        >>> ref = torch.log_softmax(x / 0.7, -1).gather(-1, t[..., None])[..., 0]
+        >>> torch.allclose(fastalign.logprobs_from_logits(x, t, temperature=0.7), ref, atol=1e-6)
+        True
+        >>> fastalign.logprobs_from_logits(x[:, :-1], t[:, 1:]).sum().backward()  # a strided slice, in place
+        >>> x.grad.shape, x.grad.dtype
+        (torch.Size([2, 3, 5]), torch.float32)
     """
     check_float(logits, "logits", _OP)
     check_int(targets, "targets", _OP)

@@ -205,6 +205,21 @@ def clipped_surrogate_with_stats(
       * ``clip_frac_high``: ``r > 1 + eps_high`` and ``A > 0``; ``clip_frac`` is their sum;
       * ``dual_clip_frac``: ``A < 0`` and the dual-clip bound ``-c A`` is the loss;
       * ``n_tokens``: the number of valid tokens (a float tensor).
+
+    Args:
+        logp, old_logp, advantages, eps_low, eps_high, dual_clip, mask, level, impl: as in
+            :func:`clipped_surrogate`.
+
+    Returns:
+        ``(loss, stats)`` as above.
+
+    Example:
+        >>> import torch, fastalign
+        >>> logp = torch.tensor([[1.5, 0.5, 1.0]]).log()  # ratios 1.5, 0.5, 1.0 against old_logp = 0
+        >>> loss, stats = fastalign.clipped_surrogate_with_stats(logp, torch.zeros(1, 3),
+        ...                                                      torch.tensor([[1.0, -1.0, 2.0]]))
+        >>> {k: round(stats[k].item(), 4) for k in ("clip_frac_low", "clip_frac_high", "loss_mean", "n_tokens")}
+        {'clip_frac_low': 0.3333, 'clip_frac_high': 0.3333, 'loss_mean': -0.8, 'n_tokens': 3.0}
     """
     prepared = _prepare(logp, old_logp, advantages, eps_low, eps_high, dual_clip, mask, level, impl)
     loss, stats = _ClippedSurrogate.apply(*prepared, True)
@@ -238,6 +253,16 @@ def clipped_surrogate(
     Returns:
         ``[..., T]`` fp32 (fp64 when an input is fp64) per-token loss, 0 at masked positions.
         Aggregate it with the normalizer of your trainer (token mean, sequence mean, ...).
+
+    Example:
+        >>> import torch, fastalign
+        >>> logp = torch.tensor([[1.5, 0.5, 1.0]]).log()  # ratios 1.5, 0.5, 1.0 against old_logp = 0
+        >>> old, adv = torch.zeros(1, 3), torch.tensor([[1.0, -1.0, 2.0]])
+        >>> [round(v, 4) for v in fastalign.clipped_surrogate(logp, old, adv)[0].tolist()]  # clipped at 1.2, 0.8
+        [-1.2, 0.8, -2.0]
+        >>> mask = torch.tensor([[1, 1, 0]])
+        >>> [round(v, 4) for v in fastalign.clipped_surrogate(logp, old, torch.tensor([1.0]), mask=mask)[0].tolist()]
+        [-1.2, -0.5, 0.0]
     """
     prepared = _prepare(logp, old_logp, advantages, eps_low, eps_high, dual_clip, mask, level, impl)
     loss, _ = _ClippedSurrogate.apply(*prepared, False)

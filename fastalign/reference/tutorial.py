@@ -1,6 +1,6 @@
 """The tutorial's trainer steps over Hugging Face causal LMs, materializing the ``[B, L, V]`` logits:
-the baseline fastalign replaces (``../shared/tutorial``, sections 2.5, 3.2, 4.5, 5.4), written from
-its formulas.
+the baseline fastalign replaces -- its GAE, PPO step, reward-model loss, DPO loss and GRPO step,
+written from its formulas.
 
 * :func:`compute_gae`: GAE with a Python loop over time (values ``[B, T + 1]``);
 * :func:`ppo_step`: PPO-clip + value loss + entropy bonus, token means over the action mask;
