@@ -117,6 +117,32 @@ def test_out_of_range_targets_unchecked(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_neg_inf_logits_including_the_target(impl):
+    """-inf logits (masked vocabulary entries) are legal: p = 0 there. A row whose target is masked
+    gets log-prob -inf, and every gradient stays finite: g (onehot - p) - g_ent p (log p + H) / T."""
+    V, T = 41, 0.7
+    logits = torch.randn(3, V, dtype=torch.float64) * 2
+    logits[:, 5:12] = float("-inf")
+    targets = torch.tensor([2, 7, 30])  # row 1's target is masked
+    x = logits.float().requires_grad_()
+    logp, ent = fastalign.logprobs_from_logits(x, targets, temperature=T, return_entropy=True, impl=impl)
+    z = logits / T
+    logp_all = z - torch.logsumexp(z, -1, keepdim=True)
+    p = logp_all.exp()
+    ref_ent = -torch.where(p > 0, p * logp_all, 0.0).sum(-1)
+    ref_lp = logp_all.gather(-1, targets[:, None]).squeeze(-1)
+    assert logp[1].item() == float("-inf")
+    assert max_err(logp[[0, 2]], ref_lp[[0, 2]]) < 1e-5 and max_err(ent, ref_ent) < 1e-5
+    g_lp, g_ent = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((logp, ent), x, (g_lp.float(), g_ent.float()))
+    onehot = torch.nn.functional.one_hot(targets, V).double()
+    log_p = torch.where(p > 0, logp_all, 0.0)
+    ref_grad = (g_lp[:, None] * (onehot - p) - g_ent[:, None] * p * (log_p + ref_ent[:, None])) / T
+    assert torch.isfinite(grad).all()
+    assert max_err(grad, ref_grad) < 1e-5
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision(impl, dtype):
     logits = (torch.randn(2, 9, 300) * 3).to(dtype)

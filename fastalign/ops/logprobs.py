@@ -55,9 +55,12 @@ def torch_logprobs_forward(logits: torch.Tensor, layout: RowLayout, targets: tor
         v, h = valid[start:end], hit[start:end]
         logp_all = _chunk_log_softmax(chunk, inv_temp, acc)
         lp = logp_all.gather(-1, tgt).squeeze(-1)
-        x_t = chunk.gather(-1, tgt).squeeze(-1).to(acc) * inv_temp
         logp[start:end] = torch.where(h, lp, torch.where(v, float("nan"), 0.0))  # out of range: NaN
-        lse[start:end] = torch.where(v, x_t - lp, 0)  # lse = x_j - log p_j (j: the target, or column 0)
+        # lse = x_j - log p_j at the row's largest logit j: finite whenever one logit is (the target's
+        # own logit may be -inf)
+        x_max, j = chunk.max(-1)
+        row_lse = x_max.to(acc) * inv_temp - logp_all.gather(-1, j.unsqueeze(-1)).squeeze(-1)
+        lse[start:end] = torch.where(v, row_lse, 0)
         if with_entropy:
             p = torch.exp(logp_all)
             ent = -(p.mul_(logp_all).nan_to_num_(nan=0.0)).sum(-1)  # 0 * -inf (a -inf logit) counts 0
