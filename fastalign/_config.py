@@ -1,6 +1,7 @@
-"""The two settings that cost host syncs: target-range checks and row compaction.
+"""fastalign's settings: the two that cost host syncs (target-range checks, row compaction) and the
+two precision choices of the LM-head ops (logits-tile dtype, dW accumulation).
 
-Defaults: ``Config(index_checks=True, compact_ignored=True)``.
+Defaults: ``Config(index_checks=True, compact_ignored=True, fp32_logits=True, dw_fp32=False)``.
 
 * ``index_checks``: ops that take token ids (``logprobs_from_logits``, ``linear_logprobs``, the
   ``linear_*`` losses) check that every target is in ``[0, V)`` (or ``ignore_index`` / masked):
@@ -11,6 +12,16 @@ Defaults: ``Config(index_checks=True, compact_ignored=True)``.
   Off: every row goes through the GEMMs and ignored rows get zero outputs and gradients.
 
 With both off, no op or loss of fastalign synchronizes (docs/host-syncs.md lists every sync).
+
+The LM-head ops (``linear_logprobs``, the ``linear_*`` losses, the integrations; :mod:`fastalign.ops.lm_head`):
+
+* ``fp32_logits``: the GEMM writes each logits tile in fp32 (True) or, on the Triton backend with
+  bf16/fp16 compute, in that dtype (False: half the tile traffic and memory, dZ written in place, at
+  bf16/fp16-rounded logits, as TRL's chunked kernel). The torch backend always uses fp32 tiles.
+* ``dw_fp32``: dW sums one GEMM product per row block straight into the weight-dtype gradient
+  (False: no [V, D] buffer beyond the gradient; each product fp32-accumulated, the running sum
+  rounded to the weight dtype once per row block) or into an fp32 ``[V, D]`` buffer cast once at the
+  end (True: 4VD more bytes, 2.2 GB on a 7B head).
 
     fastalign.get_config()                            # the settings in effect here
     fastalign.set_config(index_checks=False)          # process-wide defaults (a trainer, once)
@@ -37,6 +48,8 @@ class Config:
 
     index_checks: bool = True
     compact_ignored: bool = True
+    fp32_logits: bool = True
+    dw_fp32: bool = False
 
 
 _defaults = Config()
@@ -58,22 +71,25 @@ def _replaced(base: Config, op: str, **changes) -> Config:
     return dataclasses.replace(base, **{k: v for k, v in changes.items() if v is not None})
 
 
-def set_config(*, index_checks: bool | None = None, compact_ignored: bool | None = None) -> Config:
+def set_config(*, index_checks: bool | None = None, compact_ignored: bool | None = None,
+               fp32_logits: bool | None = None, dw_fp32: bool | None = None) -> Config:
     """Change the process-wide defaults (``None`` keeps a setting); returns the previous defaults.
     Inside a ``with fastalign.config(...)`` block that block's settings still apply."""
     global _defaults
     with _defaults_lock:
         previous = _defaults
         _defaults = _replaced(previous, "fastalign.set_config", index_checks=index_checks,
-                              compact_ignored=compact_ignored)
+                              compact_ignored=compact_ignored, fp32_logits=fp32_logits, dw_fp32=dw_fp32)
     return previous
 
 
 @contextlib.contextmanager
-def config(*, index_checks: bool | None = None, compact_ignored: bool | None = None) -> Iterator[Config]:
+def config(*, index_checks: bool | None = None, compact_ignored: bool | None = None,
+           fp32_logits: bool | None = None, dw_fp32: bool | None = None) -> Iterator[Config]:
     """``with fastalign.config(index_checks=False): ...``: the settings for this block, in this
     thread / task only (``None`` keeps the current one); nests; yields the settings in effect."""
-    scoped = _replaced(get_config(), "fastalign.config", index_checks=index_checks, compact_ignored=compact_ignored)
+    scoped = _replaced(get_config(), "fastalign.config", index_checks=index_checks, compact_ignored=compact_ignored,
+                       fp32_logits=fp32_logits, dw_fp32=dw_fp32)
     token = _scoped.set(scoped)
     try:
         yield scoped

@@ -12,17 +12,17 @@ from fastalign.kernels import tuning
 
 
 def test_with_tuning_sets_and_restores_even_on_error():
-    before = tuning.LINEAR_LOGPROBS_BACKEND
+    before = tuning.LINEAR_LOGPROBS_FOLD_COLS
     seen = []
 
     def fn():
-        seen.append(tuning.LINEAR_LOGPROBS_BACKEND)
+        seen.append(tuning.LINEAR_LOGPROBS_FOLD_COLS)
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError):
-        with_tuning("LINEAR_LOGPROBS_BACKEND", "triton_fused_forward", fn)()
-    assert seen == ["triton_fused_forward"]
-    assert tuning.LINEAR_LOGPROBS_BACKEND == before
+        with_tuning("LINEAR_LOGPROBS_FOLD_COLS", 7, fn)()
+    assert seen == [7]
+    assert tuning.LINEAR_LOGPROBS_FOLD_COLS == before
     with pytest.raises(AttributeError):
         with_tuning("NO_SUCH_SETTING", 1, fn)
 

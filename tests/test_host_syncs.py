@@ -16,7 +16,6 @@ import torch
 
 import fastalign
 from fastalign import losses as L
-from fastalign.kernels import tuning
 from fastalign.utils.syncs import HostSyncRecorder
 
 IMPLS = ["torch", "triton"]
@@ -129,11 +128,11 @@ def test_no_host_syncs_with_checks_and_compaction_off(fn, impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_no_host_syncs_fused_forward_backend(impl, monkeypatch):
-    """linear_logprobs with tuning.LINEAR_LOGPROBS_BACKEND = "triton_fused_forward"."""
-    monkeypatch.setattr(tuning, "LINEAR_LOGPROBS_BACKEND", "triton_fused_forward")
+def test_no_host_syncs_with_precision_options(impl):
+    """linear_logprobs with the LM-head precision options flipped (bf16-free here: fp32 tiles either way,
+    dW through the fp32 accumulator)."""
     h, W, b, t, _ = _head()
-    with fastalign.config(**NO_SYNCS):
+    with fastalign.config(**NO_SYNCS, fp32_logits=False, dw_fp32=True):
         rec = _record(lambda: fastalign.linear_logprobs(h, W, t, bias=b, chunk_size=16, impl=impl))
     assert not rec.events, rec.report()
 

@@ -11,7 +11,7 @@ import torch
 from references import max_err
 
 import fastalign
-from fastalign.kernels import tuning
+from fastalign.ops import lm_head
 from fastalign.utils.memory import AllocationTracker
 
 IMPLS = ["torch", "triton"]
@@ -53,10 +53,11 @@ def _leaf(x, dtype=None):
 
 
 def _check(h, W, targets, impl, *, b=None, temperature=1.0, softcap=None, ignore_index=-100, entropy=True,
-           chunk_size=None, floor=1e-5, grad_floor=1e-5):
+           chunk_size=None, row_block=None, floor=1e-5, grad_floor=1e-5):
     ins = [_leaf(h), _leaf(W), _leaf(b)]
     out = fastalign.linear_logprobs(ins[0], ins[1], targets, bias=ins[2], temperature=temperature, softcap=softcap,
-                                    ignore_index=ignore_index, return_entropy=entropy, chunk_size=chunk_size, impl=impl)
+                                    ignore_index=ignore_index, return_entropy=entropy, chunk_size=chunk_size,
+                                    row_block=row_block, impl=impl)
     logp, ent = out if entropy else (out, None)
     refs = [_leaf(x, torch.float64) for x in (h, W, b)]
     r_lp, r_ent = ref_linear_logprobs(refs[0], refs[1], targets, refs[2], temperature, softcap, ignore_index)
@@ -169,37 +170,33 @@ def test_empty_and_everything_ignored(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_row_chunking_and_uncompacted_mode(impl, dtype, monkeypatch):
-    """Several row blocks per vocabulary chunk (fp32 dW accumulator path), and the no-sync mode that
+def test_row_chunking_and_uncompacted_mode(impl, dtype):
+    """Several row blocks per vocabulary chunk (dW summed over row blocks), and the no-sync mode that
     processes ignored rows with masked gradients."""
-    monkeypatch.setitem(tuning.LINEAR_LOGPROBS_TILE_ELEMENTS, "cpu", 64 * 7)  # 7 rows per tile
     h, W, t, b = _inputs(24, 16, 200, dtype=dtype, bias=True, scale=2.0)
     t[::4] = -100
-    a = _check(h, W, t, impl, b=b, chunk_size=64)
+    a = _check(h, W, t, impl, b=b, chunk_size=64, row_block=7)
     with fastalign.config(compact_ignored=False):
-        c = _check(h, W, t, impl, b=b, chunk_size=64)
+        c = _check(h, W, t, impl, b=b, chunk_size=64, row_block=7)
     assert max_err(a[0], c[0]) <= 1e-5 and max_err(a[1], c[1]) <= 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_logits_tile_in_compute_dtype(dtype, monkeypatch):
-    """tuning.LINEAR_LOGPROBS_TILE_IN_COMPUTE_DTYPE (Triton backend): bf16/fp16 logits tiles, still
-    within 2x the materializing computation's error (which rounds the logits too). On CPU dZ goes to
-    an fp32 buffer (the GEMM operands are fp32 there); in place into the tile on CUDA (gpu test)."""
-    monkeypatch.setattr(tuning, "LINEAR_LOGPROBS_TILE_IN_COMPUTE_DTYPE", True)
-    monkeypatch.setitem(tuning.LINEAR_LOGPROBS_TILE_ELEMENTS, "cpu", 64 * 9)  # several row blocks
+def test_logits_tile_in_compute_dtype(dtype):
+    """fastalign.config(fp32_logits=False) (Triton backend): bf16/fp16 logits tiles, still within 2x
+    the materializing computation's error (which rounds the logits too). On CPU dZ goes to an fp32
+    buffer (the GEMM operands are fp32 there); in place into the tile on CUDA (gpu test)."""
     h, W, t, b = _inputs(30, 16, 300, dtype=dtype, bias=True, scale=2.0)
     t[::4] = -100
-    _check(h, W, t, "triton", b=b, softcap=4.0, temperature=0.8, chunk_size=64)
+    with fastalign.config(fp32_logits=False):
+        _check(h, W, t, "triton", b=b, softcap=4.0, temperature=0.8, chunk_size=64, row_block=9)
 
 
 def _emulate_cuda_gemms(monkeypatch) -> None:
     """The CUDA data flow on CPU: the GEMMs get the compute dtype (bf16/fp16), and ``torch.mm`` /
     ``torch.addmm`` with ``out_dtype`` (CUDA-only in torch) compute as cuBLAS does: exact products,
     fp32 sums (here on upcast operands)."""
-    from fastalign.ops import linear_logprobs as ll
-
-    monkeypatch.setattr(ll, "_gemm_dtype", lambda compute_dtype, device: compute_dtype)
+    monkeypatch.setattr(lm_head, "gemm_dtype", lambda compute_dtype, device: compute_dtype)
     real_mm, real_addmm = torch.mm, torch.addmm
 
     def mm(a, b, *, out_dtype=None, **kwargs):
@@ -227,17 +224,15 @@ def test_cuda_data_flow_on_cpu(impl, monkeypatch):
 def test_gemm_path_from_capability_check(monkeypatch):
     """The GEMM operand dtype follows torch's capability (no error decides it): bf16 operands into
     fp32 output on CUDA where torch.mm has out_dtype, else fp32 operands (with a warning on CUDA)."""
-    from fastalign.ops import linear_logprobs as ll
-
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert ll._mm_out_dtype_supported() == (tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 8))
-    monkeypatch.setattr(ll, "_mm_out_dtype_supported", lambda: True)
-    assert ll._gemm_dtype(torch.bfloat16, cuda) == torch.bfloat16
-    assert ll._gemm_dtype(torch.bfloat16, cpu) == torch.float32
-    assert ll._gemm_dtype(torch.float32, cuda) == torch.float32
-    monkeypatch.setattr(ll, "_mm_out_dtype_supported", lambda: False)
+    assert lm_head.mm_out_dtype_supported() == (tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 8))
+    monkeypatch.setattr(lm_head, "mm_out_dtype_supported", lambda: True)
+    assert lm_head.gemm_dtype(torch.bfloat16, cuda) == torch.bfloat16
+    assert lm_head.gemm_dtype(torch.bfloat16, cpu) == torch.float32
+    assert lm_head.gemm_dtype(torch.float32, cuda) == torch.float32
+    monkeypatch.setattr(lm_head, "mm_out_dtype_supported", lambda: False)
     with pytest.warns(RuntimeWarning, match=r"torch >= 2\.8"):
-        assert ll._gemm_dtype(torch.float16, cuda) == torch.float32
+        assert lm_head.gemm_dtype(torch.float16, cuda) == torch.float32
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -275,22 +270,145 @@ def test_gemm_error_propagates_and_changes_no_later_call(impl, monkeypatch):
     assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("N,D,V,opts", [
-    (37, 40, 300, dict(bias=True, softcap=4.0, temperature=0.8)),
-    (5, 8, 1000, dict()),
-    (70, 24, 130, dict(ignore=True, row_blocks=True)),
-])
-def test_fused_forward_backend(dtype, N, D, V, opts, monkeypatch):
-    """tuning.LINEAR_LOGPROBS_BACKEND = "triton_fused_forward": GEMM + online LSE in one kernel."""
-    monkeypatch.setattr(tuning, "LINEAR_LOGPROBS_BACKEND", "triton_fused_forward")
-    if opts.get("row_blocks"):
-        monkeypatch.setitem(tuning.LINEAR_LOGPROBS_TILE_ELEMENTS, "cpu", 64 * 20)  # 20 rows per block
-    h, W, t, b = _inputs(N, D, V, dtype=dtype, bias=opts.get("bias", False), scale=2.0)
-    if opts.get("ignore"):
-        t[::3] = -100
-    _check(h, W, t, "triton", b=b, softcap=opts.get("softcap"), temperature=opts.get("temperature", 1.0),
-           chunk_size=64)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("cuda_flow", [False, True])
+@pytest.mark.parametrize("dw_fp32", [False, True])
+def test_rows_outer_accuracy_several_blocks_and_chunks(impl, cuda_flow, dw_fp32, monkeypatch):
+    """bf16 head, 6 row blocks x 8 vocabulary chunks: dH (fp32 block, cast once per row block) and dW
+    (summed per row block straight into bf16, or into fp32 with dw_fp32) within 2x the error of torch's
+    own bf16 materializing computation against fp64; on CPU's fp32-upcast GEMM operands and in the
+    CUDA data flow (bf16 operands and dZ, emulated)."""
+    if cuda_flow:
+        _emulate_cuda_gemms(monkeypatch)
+    h, W, t, b = _inputs(96, 64, 1000, dtype=torch.bfloat16, bias=True, scale=2.0)
+    t[::9] = -100
+    with fastalign.config(dw_fp32=dw_fp32):
+        _check(h, W, t, impl, b=b, softcap=6.0, chunk_size=128, row_block=16)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_extra_memory_is_tiles_and_one_dh_block(impl, monkeypatch):
+    """Memory contract of forward + backward in the CUDA data flow (bf16 operands, fp32 tile, bf16 dZ,
+    emulated): beyond the outputs and the input gradients, only the tile, its dZ, the epilogues'
+    tile-sized temporaries, one fp32 [row_block, D] dH block and O(N + V) vectors -- the same budget
+    at N x 4 and V x 4 (no [N, D] fp32 dH, no [V, D] fp32 dW, no [N, V])."""
+    _emulate_cuda_gemms(monkeypatch)
+    R, C, D = 16, 128, 64
+    for N, V in ((512, 1024), (1024, 2048))[: 2 if impl == "torch" else 1]:  # (the interpreter is slow)
+        h, W, t, _ = _inputs(N, D, V, dtype=torch.bfloat16)
+        h.requires_grad_()
+        W.requires_grad_()
+        with AllocationTracker() as tr:
+            lp, ent = fastalign.linear_logprobs(h, W, t, return_entropy=True, chunk_size=C, row_block=R, impl=impl)
+            (lp.sum() + ent.sum()).backward()
+        kept = 4 * 2 * N + 2 * (N * D + V * D)  # logp, entropy; dH, dW (bf16)
+        tiles = 4 * R * C * 4  # tile, dZ, the torch epilogues' temporaries
+        emulation = 4 * (R * D + C * D + R * C)  # the emulated mixed GEMM's fp32 operand copies (not on CUDA)
+        budget = tiles + 4 * R * D + emulation + 4 * 8 * N + 8 * V
+        assert tr.peak_bytes - kept <= budget, (N, V, tr.peak_bytes - kept, budget)
+        assert budget < 4 * min(N, V) * D, "the bound must catch an fp32 [N, D] or [V, D] buffer"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fold_split_across_programs(impl):
+    """A chunk wider than tuning.LINEAR_LOGPROBS_FOLD_COLS: the Triton fold splits it across programs
+    and merges their partial (m, s, t) states (entropy included)."""
+    h, W, t, b = _inputs(5, 8, 40000, bias=True, scale=3.0)
+    _check(h, W, t, impl, b=b, softcap=5.0, chunk_size=40000)
+
+
+# ---- gradient filter (grad_filter_eps) ---------------------------------------------------------
+
+def _count_mm(monkeypatch) -> list:
+    """Counts the GEMM calls (instrumentation only: the calls run unchanged)."""
+    calls, real_mm, real_addmm = [], torch.mm, torch.Tensor.addmm_
+
+    def mm(*a, **k):
+        calls.append("mm")
+        return real_mm(*a, **k)
+
+    def addmm_(self, *a, **k):
+        calls.append("addmm_")
+        return real_addmm(self, *a, **k)
+
+    monkeypatch.setattr(torch, "mm", mm)
+    monkeypatch.setattr(torch.Tensor, "addmm_", addmm_)
+    return calls
+
+
+def _filtered(h, W, b, t, impl, eps, g, ge, monkeypatch=None):
+    x = [_leaf(v) for v in (h, W, b)]
+    lp, ent = fastalign.linear_logprobs(x[0], x[1], t, bias=x[2], softcap=30.0, temperature=0.9, return_entropy=True,
+                                        chunk_size=64, row_block=8, grad_filter_eps=eps, impl=impl)
+    calls = _count_mm(monkeypatch) if monkeypatch is not None else []
+    ((lp * g).sum() + (ent * ge).sum()).backward()
+    if monkeypatch is not None:
+        monkeypatch.undo()
+    return [v.grad for v in x], len(calls)
+
+
+def _peaked(N=40, D=16, V=640):
+    h, W, t, _ = _inputs(N, D, V)
+    b = torch.zeros(V)
+    b[:5] = 40.0  # every row: almost all mass on the first chunk's 5 columns
+    t[::2] = torch.randint(0, 5, (N // 2,))
+    return h, W, b, t
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_grad_filter_to_zero_is_exact(impl):
+    h, W, b, t = _peaked()
+    g, ge = torch.randn(t.shape), torch.randn(t.shape)
+    exact, _ = _filtered(h, W, b, t, impl, None, g, ge)
+    tiny, _ = _filtered(h, W, b, t, impl, 1e-300, g, ge)
+    for a, c in zip(exact, tiny):
+        assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", ["peaked", "flat"])
+def test_grad_filter_error_within_documented_bound(impl, shape, monkeypatch):
+    """Peaked rows: most tiles skipped (fewer GEMMs), targets in skipped tiles keep their exact one-hot
+    term, and the error vs fp64 stays inside the bound of ops/lm_head.py; flat rows: nothing is
+    skipped and the result is the exact path's, bit for bit."""
+    eps, T, cap = 1e-5, 0.9, 30.0
+    if shape == "peaked":
+        h, W, b, t = _peaked()
+    else:
+        h, W, t, b = _inputs(40, 16, 640, bias=True, scale=0.1)  # p ~ 1/640 everywhere
+    g, ge = torch.randn(t.shape), torch.randn(t.shape)
+    exact, n_exact = _filtered(h, W, b, t, impl, None, g, ge, monkeypatch)
+    got, n_got = _filtered(h, W, b, t, impl, eps, g, ge, monkeypatch)
+    if shape == "flat":
+        assert n_got == n_exact
+        for a, c in zip(exact, got):
+            assert torch.equal(a, c)
+        return
+    assert n_got < n_exact / 4, (n_got, n_exact)
+    refs = [_leaf(v, torch.float64) for v in (h, W, b)]
+    r_lp, r_ent = ref_linear_logprobs(refs[0], refs[1], t, refs[2], T, cap)
+    ((r_lp * g.double()).sum() + (r_ent * ge.double()).sum()).backward()
+    # per element of a skipped tile: |dZ| <= (|g| + |g_ent| (|ln eps| + H)) eps / T; skipped mass <= eps V
+    V = W.shape[0]
+    coef = (g.double().abs() + ge.double().abs() * (abs(torch.log(torch.tensor(eps)).item()) + r_ent.detach())) / T
+    bound_dh = coef * min(1.0, eps * V) * W.double().abs().max()
+    bound_dw = eps * (coef[:, None] * h.double().abs()).sum(0)
+    bound_db = eps * coef.sum()
+    floor = 1e-5  # the exact path's own fp32 error (its test's floor)
+    assert ((got[0].double() - refs[0].grad).abs() <= bound_dh[:, None] + max_err(exact[0], refs[0].grad) + floor).all()
+    assert ((got[1].double() - refs[1].grad).abs() <= bound_dw[None, :] + max_err(exact[1], refs[1].grad) + floor).all()
+    assert ((got[2].double() - refs[2].grad).abs() <= bound_db + max_err(exact[2], refs[2].grad) + floor).all()
+    # the one-hot term of a target in a skipped tile is kept: dropping it would be an O(|g|) error in db
+    assert max_err(got[2], refs[2].grad) < 1e-3
+
+
+def test_grad_filter_eps_checked():
+    h, W, t, _ = _inputs(4, 8, 10)
+    for bad in (0.0, 1.0, -1e-3, "1e-3", True):
+        with pytest.raises(ValueError, match=r"grad_filter_eps must be None or a float in \(0, 1\)"):
+            fastalign.linear_logprobs(h, W, t, grad_filter_eps=bad)
+    with pytest.raises(ValueError, match="row_block must be a positive int"):
+        fastalign.linear_logprobs(h, W, t, row_block=0)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -409,14 +527,14 @@ def test_errors():
 # ---- CUDA (skipped without a GPU) ---------------------------------------------------------------
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tile_in_compute_dtype", [False, True])
+@pytest.mark.parametrize("fp32_logits", [True, False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_cuda_matches_reference(dtype, tile_in_compute_dtype, monkeypatch):
-    monkeypatch.setattr(tuning, "LINEAR_LOGPROBS_TILE_IN_COMPUTE_DTYPE", tile_in_compute_dtype)
+def test_cuda_matches_reference(dtype, fp32_logits):
     N, D, V = 1000, 256, 50257
     h, W, t, b = (None if x is None else x.cuda() for x in _inputs(N, D, V, dtype=dtype, bias=True, scale=2.0))
     t[::7] = -100
-    _check(h, W, t, "triton", b=b, softcap=30.0, temperature=0.9, chunk_size=4096)
+    with fastalign.config(fp32_logits=fp32_logits):
+        _check(h, W, t, "triton", b=b, softcap=30.0, temperature=0.9, chunk_size=4096, row_block=300)
 
 
 @pytest.mark.gpu

@@ -1,24 +1,18 @@
 """Fused losses from hidden states against fp64 materialized-logits references (formulas written here)."""
 
+import functools
+
 import pytest
 import torch
 
-from fastalign.kernels import tuning
-from fastalign.losses import (
-    dpo_loss,
-    grpo_loss,
-    linear_dpo_loss,
-    linear_grpo_loss,
-    linear_ppo_policy_loss,
-    ppo_policy_loss,
-)
+import fastalign
+from fastalign import losses
+from fastalign.losses import dpo_loss, grpo_loss, ppo_policy_loss
 
-
-@pytest.fixture(autouse=True)
-def _small_tiles(monkeypatch):
-    # several row blocks even at test sizes
-    monkeypatch.setitem(tuning.FUSED_LOSS_TILE_ELEMENTS, "cpu", 4 * 37)
-    monkeypatch.setattr(tuning, "FUSED_LOSS_MIN_ROWS", 1)
+# several row blocks even at test sizes (4-row tiles, an argument of every linear_* loss)
+linear_grpo_loss = functools.partial(losses.linear_grpo_loss, row_block=4)
+linear_ppo_policy_loss = functools.partial(losses.linear_ppo_policy_loss, row_block=4)
+linear_dpo_loss = functools.partial(losses.linear_dpo_loss, row_block=4)
 
 
 def _data(B=3, T=5, D=16, V=37, seed=0, dtype=torch.float64, with_bias=True):
@@ -255,9 +249,9 @@ def test_one_pass_never_materializes_n_by_v():
     tgt = tgt.clamp(min=0)
     hh, WW = h.clone().requires_grad_(True), W.clone().requires_grad_(True)
     rows = 4
-    tuning.FUSED_LOSS_TILE_ELEMENTS["cpu"] = rows * V  # restored by the autouse fixture's monkeypatch
     with AllocationTracker() as tr:
-        loss, _ = linear_grpo_loss(hh, WW, tgt, mask, adv.float(), beta=0.0, mode="one_pass", impl="torch")
+        loss, _ = linear_grpo_loss(hh, WW, tgt, mask, adv.float(), beta=0.0, mode="one_pass", row_block=rows,
+                                   impl="torch")
         torch.autograd.grad(loss, (hh, WW))
     # the largest tensors are the weight-sized dW and one [rows, V] tile, never [N, V] = 256 x V
     assert tr.largest_numel() <= max(V * D, rows * V, B * T * D)
@@ -305,13 +299,13 @@ def test_entropy_bonus_gradient(mode, impl):
         torch.testing.assert_close(m["entropy"].double(), ent_mean.detach(), **tol)
 
 
-def test_dw_accumulation_in_weight_dtype(monkeypatch):
+def test_dw_accumulation_in_weight_dtype():
     h, W, b, tgt, mask, adv = _data(dtype=torch.bfloat16)
     grads = {}
     for flag in (True, False):
-        monkeypatch.setattr(tuning, "FUSED_LOSS_DW_FP32", flag)
         WW = W.clone().requires_grad_(True)
-        loss, _ = linear_grpo_loss(h, WW, tgt, mask, adv.bfloat16(), beta=0.0, mode="one_pass", impl="torch")
+        with fastalign.config(dw_fp32=flag):
+            loss, _ = linear_grpo_loss(h, WW, tgt, mask, adv.bfloat16(), beta=0.0, mode="one_pass", impl="torch")
         (grads[flag],) = torch.autograd.grad(loss, (WW,))
     assert grads[False].dtype == torch.bfloat16
     # bf16 accumulation over the row blocks: within a few bf16 ulps of the fp32-accumulated gradient
@@ -320,10 +314,8 @@ def test_dw_accumulation_in_weight_dtype(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dw_fp32", [True, False])
-def test_cuda_bf16_one_pass_matches_two_pass_and_fp64(monkeypatch, dw_fp32):
+def test_cuda_bf16_one_pass_matches_two_pass_and_fp64(dw_fp32):
     """On CUDA the one-pass form runs cuBLAS bf16 GEMMs with fp32 outputs and a bf16 dZ tile."""
-    monkeypatch.setitem(tuning.FUSED_LOSS_TILE_ELEMENTS, "cuda", 64 * 4099)  # several row blocks
-    monkeypatch.setattr(tuning, "FUSED_LOSS_DW_FP32", dw_fp32)
     dev = torch.device("cuda")
     g = torch.Generator().manual_seed(0)
     B, T, D, V = 4, 96, 256, 4099
@@ -339,8 +331,9 @@ def test_cuda_bf16_one_pass_matches_two_pass_and_fp64(monkeypatch, dw_fp32):
     out = {}
     for mode in ("one_pass", "two_pass"):
         hh, WW = h.clone().requires_grad_(True), W.clone().requires_grad_(True)
-        loss, m = linear_grpo_loss(hh, WW, tgt, mask, adv, old_logp=old, ref_logp=ref, eps_high=0.28, mode=mode,
-                                   return_entropy=True, impl="triton")
+        with fastalign.config(dw_fp32=dw_fp32):
+            loss, m = linear_grpo_loss(hh, WW, tgt, mask, adv, old_logp=old, ref_logp=ref, eps_high=0.28, mode=mode,
+                                       return_entropy=True, row_block=64, impl="triton")
         out[mode] = (loss, *_grads(loss, hh, WW), m["entropy"])
     hh, WW = h.double().requires_grad_(True), W.double().requires_grad_(True)
     lp = torch.where(mask, torch.log_softmax(hh @ WW.t(), -1).gather(-1, tgt[..., None]).squeeze(-1), 0.0)
@@ -383,3 +376,30 @@ def test_one_pass_uncompacted_equals_compacted(impl, loss):
     for a, c in zip(g_u, g_c):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, c)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_one_pass_wide_vocabulary_split_fold(impl):
+    """V above tuning.LINEAR_LOGPROBS_FOLD_COLS: the one-pass fold is split across programs and merged
+    (Triton), entropy bonus included; equal to the two-pass form and the fp64 reference."""
+    dtype = torch.float32 if impl == "triton" else torch.float64
+    h, W, b, tgt, mask, adv = _data(B=2, T=3, D=8, V=20000, dtype=dtype)
+    out = {}
+    for mode in ("one_pass", "two_pass"):
+        leaves = [t.clone().requires_grad_(True) for t in (h, W, b)]
+        loss, m = linear_grpo_loss(leaves[0], leaves[1], tgt, mask, adv.to(dtype), bias=leaves[2], beta=0.0,
+                                   softcap=3.0, entropy_coef=0.05, mode=mode, impl=impl)
+        out[mode] = (loss, *_grads(loss, *leaves))
+    tol = dict(rtol=2e-5, atol=2e-6) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-11)
+    for a, c in zip(out["one_pass"], out["two_pass"]):
+        torch.testing.assert_close(a, c, **tol)
+    rl = [t.detach().double().requires_grad_(True) for t in (h, W, b)]
+    x = 3.0 * torch.tanh((rl[0] @ rl[1].t() + rl[2]) / 3.0)
+    lp_all = torch.log_softmax(x, -1)
+    lp = torch.where(mask, lp_all.gather(-1, tgt.clamp(min=0)[..., None]).squeeze(-1), 0.0)
+    ent = -(lp_all.exp() * lp_all).sum(-1)
+    mf = mask.double()
+    exp_ = _ref_grpo(lp, lp.detach(), lp.detach(), adv.to(dtype).double(), mask, 0.0, 0.2, 0.2, "grpo") \
+        - 0.05 * (ent * mf).sum() / mf.sum()
+    for a, e in zip(out["one_pass"], (exp_, *_grads(exp_, *rl))):
+        torch.testing.assert_close(a.double(), e.detach(), **tol)

@@ -103,19 +103,19 @@ def final_hidden_states(model, input_ids: torch.Tensor | None = None, attention_
 
 def hidden_logprobs(hidden: torch.Tensor, head: LMHead, targets: torch.Tensor, *, temperature: float = 1.0,
                     ignore_index: int = -100, return_entropy: bool = False, chunk_size: int | None = None,
-                    compact_ignored: bool | None = None, impl: Impl = "auto"):
+                    compact_ignored: bool | None = None, grad_filter_eps: float | None = None, impl: Impl = "auto"):
     """Per-token log-probs (and entropy) of ``targets`` under ``head`` applied to ``hidden [..., D]``.
 
     The same as ``log_softmax(softcap(scale * lm_head(hidden)) / T)[targets]`` without the logits.
-    Host syncs and ``compact_ignored`` as :func:`fastalign.linear_logprobs`."""
-    from fastalign.ops.linear_logprobs import apply_linear_logprobs, compute_dtype_for
+    Host syncs, ``compact_ignored`` and ``grad_filter_eps`` as :func:`fastalign.linear_logprobs`."""
+    from fastalign.ops import lm_head
+    from fastalign.ops.linear_logprobs import apply_linear_logprobs, check_grad_filter_eps, linear_logprobs
 
     if head.logit_scale == 1.0:
-        from fastalign.ops.linear_logprobs import linear_logprobs
-
         return linear_logprobs(hidden, head.weight, targets, bias=head.bias, temperature=temperature,
                                softcap=head.softcap, ignore_index=ignore_index, return_entropy=return_entropy,
-                               chunk_size=chunk_size, compact_ignored=compact_ignored, impl=impl)
+                               chunk_size=chunk_size, compact_ignored=compact_ignored,
+                               grad_filter_eps=grad_filter_eps, impl=impl)
     inv_temp = 1.0 / check_positive(temperature, "temperature", _OP)
     check_int(targets, "targets", _OP)
     compact = resolve("compact_ignored", compact_ignored, _OP)
@@ -124,11 +124,12 @@ def hidden_logprobs(hidden: torch.Tensor, head: LMHead, targets: torch.Tensor, *
     targets_flat = targets.reshape(-1).long()
     check_index_range(targets_flat, V, "targets", _OP, ignore=ignore_index,
                       allowed=f"[0, {V}) or ignore_index={ignore_index}")  # host sync unless index_checks=False
-    logp, ent = apply_linear_logprobs(
-        hidden.reshape(-1, D), head.weight, head.bias, targets_flat, scale=float(head.logit_scale),
-        inv_temp=inv_temp, softcap=head.softcap, compute_dtype=compute_dtype_for(hidden, head.weight),
-        with_entropy=bool(return_entropy), chunk_size=chunk_size, backend=backend, ignore_index=ignore_index,
-        compact_ignored=compact)
+    walk = lm_head.make_walk(hidden, head.weight, lm_head.HeadTransform(float(head.logit_scale), inv_temp, head.softcap),
+                             backend, chunk_size=chunk_size)
+    logp, ent = apply_linear_logprobs(hidden.reshape(-1, D), head.weight, head.bias, targets_flat, walk,
+                                      with_entropy=bool(return_entropy), ignore_index=ignore_index,
+                                      compact_ignored=compact,
+                                      grad_filter_eps=check_grad_filter_eps(grad_filter_eps, _OP))
     logp = logp.view(targets.shape)
     return (logp, ent.view(targets.shape)) if return_entropy else logp
 

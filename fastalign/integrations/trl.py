@@ -36,7 +36,8 @@ from typing import Iterator
 import torch
 
 from fastalign._dispatch import select_impl
-from fastalign.ops.linear_logprobs import linear_logprobs_backward, linear_logprobs_forward
+from fastalign.ops import lm_head
+from fastalign.ops.lm_head import HeadStats, HeadTransform
 
 _SUPPORTED_OUTPUTS = frozenset({"log_probs", "entropy"})
 _TRL_OPTIONAL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
@@ -52,36 +53,36 @@ def _trl_compute_dtype(hidden: torch.Tensor) -> torch.dtype:
 
 
 class _FastalignTRLLogProbs(torch.autograd.Function):
-    """TRL's argument order and outputs, fastalign's chunk loops."""
+    """TRL's argument order and outputs, the LM-head engine's walks (:mod:`fastalign.ops.lm_head`)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping, logit_scale,
                 with_entropy):
         ctx.set_materialize_grads(False)
-        compute_dtype = _trl_compute_dtype(hidden)
         backend = select_impl("auto", hidden.device, op="trl.ChunkedLogProbFunction")
         softcap = None if final_logit_softcapping is None else float(final_logit_softcapping)
-        cfg = dict(scale=float(logit_scale), inv_temp=1.0 / float(temperature), softcap=softcap,
-                   compute_dtype=compute_dtype, chunk_size=None, backend=backend)
+        head = HeadTransform(scale=float(logit_scale), inv_temp=1.0 / float(temperature), softcap=softcap)
+        walk = lm_head.make_walk(hidden, weight, head, backend, compute_dtype=_trl_compute_dtype(hidden))
         targets = targets.long()
-        tgt, lse, entropy = linear_logprobs_forward(hidden, weight, bias, targets, with_entropy=with_entropy, **cfg)
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
-        ctx.cfg = cfg
-        return tgt - lse, entropy
+        stats = lm_head.forward(hidden, weight, bias, targets, walk, with_entropy=with_entropy)
+        ctx.save_for_backward(hidden, weight, bias, targets, *stats)
+        ctx.walk = walk
+        return stats.target_x - stats.lse, stats.entropy
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
-        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        hidden, weight, bias, targets, *stats = ctx.saved_tensors
+        stats = HeadStats(*stats)
         from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-        acc = lse.dtype
+        acc = stats.lse.dtype
         with maybe_gather_lm_head_ctx(weight, bias):
-            d_h, d_w, d_b = linear_logprobs_backward(
-                hidden, weight, bias, targets, lse, entropy,
+            d_h, d_w, d_b = lm_head.backward(
+                hidden, weight, bias, targets, stats,
                 None if g_logp is None else g_logp.to(acc),
-                None if (g_ent is None or entropy is None) else g_ent.to(acc),
+                None if (g_ent is None or stats.entropy is None) else g_ent.to(acc), ctx.walk,
                 need_hidden=ctx.needs_input_grad[0], need_weight=ctx.needs_input_grad[1],
-                need_bias=bias is not None and ctx.needs_input_grad[2], **ctx.cfg)
+                need_bias=bias is not None and ctx.needs_input_grad[2])
         return d_h, d_w, d_b, None, None, None, None, None, None
 
 

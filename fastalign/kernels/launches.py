@@ -22,7 +22,7 @@ from fastalign.kernels import tuning
 from fastalign.kernels.gae import gae_triton
 from fastalign.kernels.group_advantages import group_advantages_triton
 from fastalign.kernels.kl import kl_backward, kl_forward
-from fastalign.kernels.linear_logprobs import dlogits_chunk, fold_chunk, fused_fold_chunk
+from fastalign.kernels.linear_logprobs import dlogits_chunk, fold_chunk
 from fastalign.kernels.logprobs import logprobs_backward, logprobs_forward
 from fastalign.kernels.surrogate import surrogate_backward, surrogate_forward
 from fastalign.ops._rows import rows_of
@@ -94,8 +94,8 @@ def _tiles(n: int, rows: int, V: int, cols: int) -> list[tuple[int, int, int, in
     with the sizes of an earlier one and starts congruent to its starts mod 16 gets the same
     specialization (every pointer offset and int keeps its 16-divisibility)."""
     seen, out = set(), []
-    for v0 in range(0, V, cols):
-        for r0 in range(0, n, rows):
+    for r0 in range(0, n, rows):
+        for v0 in range(0, V, cols):
             r1, v1 = min(r0 + rows, n), min(v0 + cols, V)
             if (key := (r0 % 16, v0 % 16, r1 - r0, v1 - v0)) not in seen:
                 seen.add(key)
@@ -104,23 +104,23 @@ def _tiles(n: int, rows: int, V: int, cols: int) -> list[tuple[int, int, int, in
 
 
 def _linear_chunks(n: int, V: int, dtype: torch.dtype, softcap: float | None, entropy: bool,
-                   grads: tuple[tuple[bool, bool], ...],
-                   compute_tile: bool = tuning.LINEAR_LOGPROBS_TILE_IN_COMPUTE_DTYPE) -> None:
-    """The cuBLAS-chunk backend's epilogues, tile by tile as ``ops.linear_logprobs`` walks them on CUDA:
-    fp32 logits tiles, or bf16/fp16 ones with ``compute_tile``
-    (``tuning.LINEAR_LOGPROBS_TILE_IN_COMPUTE_DTYPE``); dZ in the compute dtype, in place when that is
-    the tile's."""
+                   grads: tuple[tuple[bool, bool], ...], compute_tile: bool = False, tile_max: bool = False) -> None:
+    """The LM-head engine's epilogues (``ops/lm_head.py``), tile by tile as its walks run on CUDA
+    (rows outer, chunks inner): fp32 logits tiles, or bf16/fp16 ones with ``compute_tile``
+    (``fastalign.config(fp32_logits=False)``); dZ in the compute dtype, in place when that is the
+    tile's; ``tile_max``: the row maxima the grad filter saves."""
     rows, cols = tuning.linear_logprobs_chunking("cuda", V, n)
     compute_tile = compute_tile and dtype in (BF16, FP16)
     tile_buf = _meta(min(rows, n) * cols, dtype=dtype if compute_tile else FP32)
     dz_buf = tile_buf if tile_buf.dtype == dtype else _meta(min(rows, n) * cols, dtype=dtype)
     targets, m, s, tgt = _meta(n, dtype=torch.long), _meta(n), _meta(n), _meta(n)
     t = _meta(n) if entropy else None
+    tmax = _meta(-(-V // cols), n) if tile_max else None
     chunks = _tiles(n, rows, V, cols)
     for r0, r1, v0, v1 in chunks:
         tile = tile_buf[: (r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0)
         fold_chunk(tile, targets[r0:r1], m[r0:r1], s[r0:r1], None if t is None else t[r0:r1], tgt[r0:r1],
-                   v0, 1.0, 1.0, softcap)
+                   None if tmax is None else tmax[v0 // cols, r0:r1], v0, 1.0, 1.0, softcap)
     lse = _meta(n)
     for g_logp, g_ent in grads:
         g, ge = _meta(n) if g_logp else None, _meta(n) if g_ent else None
@@ -132,8 +132,9 @@ def _linear_chunks(n: int, V: int, dtype: torch.dtype, softcap: float | None, en
 
 
 def _one_pass(n: int, V: int, dtype: torch.dtype, softcap: float | None, entropy: bool) -> None:
-    """The one-pass fused losses (``losses/fused.py``): full-vocabulary fp32 tiles of
-    ``tuning.fused_loss_rows`` rows, dZ in the compute dtype; the entropy with an entropy bonus."""
+    """The one-pass fused losses (``ops/lm_head.one_pass``): full-vocabulary fp32 tiles of
+    ``tuning.fused_loss_rows`` rows (their fold split across programs, then merged), dZ in the
+    compute dtype; the entropy with an entropy bonus."""
     rows = tuning.fused_loss_rows("cuda", V, n)
     tile_buf = _meta(rows, V)
     dz_buf = tile_buf if dtype == FP32 else _meta(rows, V, dtype=dtype)
@@ -141,24 +142,10 @@ def _one_pass(n: int, V: int, dtype: torch.dtype, softcap: float | None, entropy
     for r0, r1, _, _ in _tiles(n, rows, V, V):
         k = r1 - r0
         m, s, tgt = _meta(k), _meta(k), _meta(k)
-        fold_chunk(tile_buf[:k], targets[r0:r1], m, s, _meta(k) if entropy else None, tgt, 0, 1.0, 1.0, softcap)
+        fold_chunk(tile_buf[:k], targets[r0:r1], m, s, _meta(k) if entropy else None, tgt, None, 0, 1.0, 1.0,
+                   softcap)
         dlogits_chunk(tile_buf[:k], dz_buf[:k], targets[r0:r1], _meta(k), ent[r0:r1] if entropy else None, _meta(k),
                       _meta(k) if entropy else None, 0, 1.0, 1.0, softcap)
-
-
-def _fused_forward(n: int, D: int, V: int, dtype: torch.dtype, softcap: float | None, entropy: bool,
-                   bias: bool) -> None:
-    """``tuning.LINEAR_LOGPROBS_BACKEND = "triton_fused_forward"``: GEMM + online LSE per output tile,
-    over the same (rows, vocabulary chunk) tiles."""
-    rows, cols = tuning.linear_logprobs_chunking("cuda", V, n)
-    h, w = _meta(n, D, dtype=dtype), _meta(V, D, dtype=dtype)
-    b = _meta(V) if bias else None
-    targets, m, s, tgt = _meta(n, dtype=torch.long), _meta(n), _meta(n), _meta(n)
-    t = _meta(n) if entropy else None
-    for r0, r1, v0, v1 in _tiles(n, rows, V, cols):
-        b_c = None if b is None else _meta(v1 - v0)  # bias[v0:v1].float().contiguous()
-        fused_fold_chunk(h[r0:r1], w[v0:v1], b_c, targets[r0:r1], m[r0:r1], s[r0:r1],
-                         None if t is None else t[r0:r1], tgt[r0:r1], v0, 1.0, 1.0, softcap)
 
 
 def _linear_cases() -> list[Case]:
@@ -168,14 +155,12 @@ def _linear_cases() -> list[Case]:
         cases.append(Case(f"linear_logprobs {head} bf16",
                           lambda V=V, cap=cap: (_linear_chunks(N_TOKENS, V, BF16, cap, False, both[:1]),
                                                 _linear_chunks(N_TOKENS, V, BF16, cap, True, both[1:]))))
-        cases.append(Case(f"linear_logprobs {head} bf16 fused forward, entropy",
-                          lambda V=V, D=D, cap=cap: _fused_forward(N_TOKENS, D, V, BF16, cap, True, False)))
     cases += [
-        Case("linear_logprobs qwen2.5-7b bf16 fused forward",
-             lambda: _fused_forward(N_TOKENS, 3584, 152064, BF16, None, False, False)),
         Case("linear_logprobs qwen2.5-7b fp32", lambda: _linear_chunks(N_TOKENS, 152064, FP32, None, True, both)),
         Case("linear_logprobs qwen2.5-7b bf16 tiles",
              lambda: _linear_chunks(N_TOKENS, 152064, BF16, None, True, both, compute_tile=True)),
+        Case("linear_logprobs qwen2.5-7b bf16, grad filter (tile maxima)",
+             lambda: _linear_chunks(N_TOKENS, 152064, BF16, None, False, both[:1], tile_max=True)),
         Case("linear_logprobs bf16 N 300 V 1000 bf16 tiles",
              lambda: _linear_chunks(300, 1000, BF16, None, False, both[:1], compute_tile=True)),
     ]
@@ -183,15 +168,14 @@ def _linear_cases() -> list[Case]:
         V, _, cap = HEADS[head]
         cases.append(Case(f"one-pass fused loss {head} bf16{', entropy bonus' if entropy else ''}",
                           lambda V=V, cap=cap, entropy=entropy: _one_pass(N_TOKENS, V, BF16, cap, entropy)))
-    # every epilogue tile (chunks of 50 .. 3000 columns) and every fused-forward tile (row blocks of
-    # 300, 100 and 40: the 128 / 64 / 16-row configs) in every dtype
+    # every epilogue tile (chunks of 50 .. 3000 columns) in every dtype; the split fold with its merge
+    # (with tile maxima) in every tile dtype
     for dtype in (BF16, FP16, FP32):
         for V in (50, 200, 1000, 3000):
             cases.append(Case(f"linear_logprobs {NAME[dtype]} N 300 V {V} softcap, entropy",
                               lambda V=V, dtype=dtype: _linear_chunks(300, V, dtype, 30.0, True, both[1:])))
-        for n in (300, 40) if dtype == FP32 else (300, 100, 40):
-            cases.append(Case(f"linear_logprobs {NAME[dtype]} N {n} V 4096 fused forward, bias, entropy",
-                              lambda n=n, dtype=dtype: _fused_forward(n, 64, 4096, dtype, None, True, True)))
+        cases.append(Case(f"one-pass fused loss {NAME[dtype]} N 300 V 40000",
+                          lambda dtype=dtype: _one_pass(300, 40000, dtype, None, False)))
     return cases
 
 

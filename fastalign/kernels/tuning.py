@@ -59,35 +59,33 @@ def torch_rows_per_chunk(vocab: int, budget_elements: int | None = None) -> int:
     return max(1, budget // max(vocab, 1))
 
 
-# ---- log-probs from hidden states and the lm_head weight (kernels/linear_logprobs.py) -----------
-# Backend choice, made without a GPU measurement in this session: cuBLAS GEMMs per (row, vocab) tile
-# with fused Triton epilogues. The GEMM is where the FLOPs are and cuBLAS reaches near peak on
-# [rows, D] x [D, chunk] tiles; the epilogues (online LSE / target / entropy, and the dlogits pass)
-# are memory-bound passes over one fp32 tile. A fully fused Triton GEMM + online-LSE kernel is the
-# alternative to measure against on an H100 before switching this.
-LINEAR_LOGPROBS_BACKEND = "cublas_chunks"
-LINEAR_LOGPROBS_BACKENDS = ("cublas_chunks", "triton_fused_forward")
-# "triton_fused_forward": the forward's GEMM and online-LSE fold in one Triton kernel per tile (no
-# logits tile in memory; per-[BLOCK_M, BLOCK_N] partial LSE states merged per row); the backward
-# stays on cuBLAS chunks. Written to be measured against "cublas_chunks" on a GPU.
-
-# Vocabulary columns per tile (the public ``chunk_size`` default) and the most elements one fp32
-# logits tile may hold (rows per tile = budget // chunk_size): the chunk buffer stays bounded
-# whatever N is. CUDA: a [4096, 4096] fp32 tile is 64 MiB (+ 32 MiB bf16 dZ) and keeps cuBLAS GEMMs
-# large (4096 x 4096 x D). Extra memory for the Qwen2.5-7B head at N 16384 (bf16): fp32 dH accumulator
-# 224 MiB + tile 64 + dZ 32 + fp32 dW chunk accumulator 56 = ~380 MiB, ~1.5% of the materializing
-# reference's ~25 GiB.
+# ---- log-probs from hidden states and the lm_head weight (ops/lm_head.py, kernels/linear_logprobs.py) --
+# Only speed lives here: what changes results (logits-tile dtype, dW accumulation) is
+# fastalign.config(fp32_logits=..., dw_fp32=...); the epilogues' backend is the ops' ``impl``.
+#
+# Vocabulary columns per tile (the public ``chunk_size`` default) and the most elements one logits
+# tile may hold (rows per tile = budget // chunk_size, or the ops' ``row_block``): the tile stays
+# bounded whatever N and V are. CUDA: a [4096, 4096] fp32 tile is 64 MiB (+ 32 MiB bf16 dZ) and keeps
+# the cuBLAS GEMMs large (4096 x 4096 x D); the backward adds one fp32 [4096, D] dH block (56 MiB at
+# D 3584): ~152 MiB in all for the Qwen2.5-7B head, 0.6% of the materializing reference's ~27 GB
+# (ops/lm_head.py has the accounting).
 # CPU: an 8 MiB [1024, 2048] tile bounds the torch path's temporaries; measured on 2 cores at
 # N 2048, D 256, V 32768 (fwd+bwd), 2048 columns beat 512 / 1024 / 4096 / 8192 by 10-30%.
 LINEAR_LOGPROBS_CHUNK_SIZE = {"cuda": 4096, "cpu": 2048}
 LINEAR_LOGPROBS_TILE_ELEMENTS = {"cuda": 1 << 24, "cpu": 1 << 21}
 
-# Logits tiles in fp32 (False: the GEMM writes fp32, the softmax never sees rounded logits) or in
-# the compute dtype (True, Triton backend with bf16/fp16 compute: half the tile traffic and dZ is
-# written in place, at the cost of bf16/fp16-rounded logits, as TRL's chunked kernel does).
-# Estimated on an H100 for the Qwen2.5-7B head (N 16384): fp32 tiles add ~13 ms of epilogue
-# traffic to ~95 ms of GEMMs; to be measured before flipping.
-LINEAR_LOGPROBS_TILE_IN_COMPUTE_DTYPE = False
+# Fold of a wide tile (the one-pass loss's [rows, V]): one program walks at most this many columns of
+# a row; wider chunks are split across programs whose partial (m, s, t) states one small launch
+# merges per row. 16384 fp32 columns = 64 KiB per row and program: long enough to amortize the merge
+# (<= 16 partials per row at V 256k), short enough that a 152k vocabulary gives 10x more programs than
+# rows (a 1700-row tile: 17k programs instead of 1700 serial 152k-column walks).
+LINEAR_LOGPROBS_FOLD_COLS = 16384
+
+
+def linear_logprobs_fold_split(n_cols: int, block_cols: int) -> tuple[int, int]:
+    """(columns per program, programs per row): the columns per program a multiple of the block."""
+    per = -(-min(n_cols, LINEAR_LOGPROBS_FOLD_COLS) // block_cols) * block_cols
+    return per, -(-n_cols // per)
 
 
 @dataclass(frozen=True)
@@ -123,14 +121,19 @@ def linear_logprobs_bwd_config(chunk_cols: int) -> EpilogueTileConfig:
     return _tile_covering(LINEAR_LOGPROBS_BWD_CONFIGS, chunk_cols)
 
 
-def linear_logprobs_chunking(device_type: str, vocab: int, n_rows: int, chunk_size: int | None = None
-                             ) -> tuple[int, int]:
-    """(rows per tile, vocabulary columns per tile) for one call."""
+def linear_logprobs_chunking(device_type: str, vocab: int, n_rows: int, chunk_size: int | None = None,
+                             row_block: int | None = None) -> tuple[int, int]:
+    """(rows per tile, vocabulary columns per tile) for one call; ``chunk_size`` / ``row_block``
+    (the ops' arguments) override the defaults."""
     key = "cuda" if device_type == "cuda" else "cpu"
     cols = chunk_size if chunk_size is not None else LINEAR_LOGPROBS_CHUNK_SIZE[key]
     cols = max(1, min(cols, max(vocab, 1)))
-    rows = max(1, LINEAR_LOGPROBS_TILE_ELEMENTS[key] // cols)
+    rows = row_block if row_block is not None else max(1, LINEAR_LOGPROBS_TILE_ELEMENTS[key] // cols)
     return min(rows, max(n_rows, 1)), cols
+
+
+# Merge of the fold's partial states: a program per 64 rows reads [next_pow2(parts), 64] partials.
+LINEAR_LOGPROBS_MERGE_CONFIG = EpilogueTileConfig(64, 0, 4)
 
 
 # ---- token-level elementwise ops: KL estimators, clipped surrogate (kernels/kl.py, surrogate.py) ----
@@ -202,46 +205,13 @@ def gae_config(T: int) -> RowConfig:
 # The one-pass fused loss walks the rows in blocks and holds one block's logits over the WHOLE
 # vocabulary (an fp32 [rows, V] tile, plus its dZ in the GEMM dtype): a token's loss gradient is known
 # as soon as its log-prob is, so dH and dW come from the same tile (6NDV FLOPs instead of 8NDV).
-# rows = max(FUSED_LOSS_MIN_ROWS, budget // V). CUDA: 2^28 fp32 elements = 1 GiB (about 1700 rows
-# of a 152k vocabulary: large enough GEMMs); CPU: 2^21.
+# rows = max(FUSED_LOSS_MIN_ROWS, budget // V), or the losses' ``row_block``. CUDA: 2^28 fp32
+# elements = 1 GiB (about 1700 rows of a 152k vocabulary: large enough GEMMs); CPU: 2^21.
 FUSED_LOSS_TILE_ELEMENTS = {"cuda": 1 << 28, "cpu": 1 << 21}
 FUSED_LOSS_MIN_ROWS = 16
-# dW of the one-pass loss sums one product per row block: in an fp32 [V, D] buffer cast once (True, the
-# DESIGN rule), or straight into the weight dtype (False: saves 4VD bytes, 2.2 GB on a 7B head).
-FUSED_LOSS_DW_FP32 = True
 
 
-def fused_loss_rows(device_type: str, vocab: int, n_rows: int) -> int:
+def fused_loss_rows(device_type: str, vocab: int, n_rows: int, row_block: int | None = None) -> int:
     budget = FUSED_LOSS_TILE_ELEMENTS.get(device_type, FUSED_LOSS_TILE_ELEMENTS["cuda"])
-    rows = max(FUSED_LOSS_MIN_ROWS, budget // max(vocab, 1))
+    rows = row_block if row_block is not None else max(FUSED_LOSS_MIN_ROWS, budget // max(vocab, 1))
     return max(1, min(rows, n_rows))
-
-
-@dataclass(frozen=True)
-class DotConfig:
-    """A Triton GEMM tile: [block_m, block_k] x [block_k, block_n], grouped launch order for L2 reuse."""
-
-    block_m: int
-    block_n: int
-    block_k: int
-    group_m: int
-    num_warps: int
-    num_stages: int
-
-
-# Fused forward (GEMM + online LSE per output tile), by operand dtype. fp32 operands use IEEE fp32
-# dots (no TF32) and smaller tiles (shared memory). The small config serves tiny row counts.
-LINEAR_LOGPROBS_FUSED_CONFIGS = {
-    "bf16": (DotConfig(128, 128, 64, 8, 8, 3), DotConfig(64, 128, 64, 8, 4, 3), DotConfig(16, 64, 32, 8, 4, 2)),
-    "fp16": (DotConfig(128, 128, 64, 8, 8, 3), DotConfig(64, 128, 64, 8, 4, 3), DotConfig(16, 64, 32, 8, 4, 2)),
-    "fp32": (DotConfig(64, 64, 32, 8, 4, 3), DotConfig(16, 64, 32, 8, 4, 2)),
-}
-
-
-def linear_logprobs_fused_config(dtype_name: str, n_rows: int) -> DotConfig:
-    """The first config whose row block is at most the rows of the tile (largest first)."""
-    configs = LINEAR_LOGPROBS_FUSED_CONFIGS[dtype_name]
-    for cfg in configs:
-        if cfg.block_m <= n_rows:
-            return cfg
-    return configs[-1]

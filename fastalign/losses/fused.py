@@ -18,10 +18,11 @@ Host syncs: the target-range check (``fastalign.config(index_checks=False)`` ski
 compaction of masked rows (``compact_ignored=False`` / ``fastalign.config(compact_ignored=False)``
 computes every row instead); none with both off (docs/host-syncs.md).
 
-Memory of the one-pass form: one fp32 ``[rows, V]`` tile (``tuning.fused_loss_rows``), its dZ in
-the GEMM dtype, ``dH [N, D]`` (fp32 accumulation, cast once) and an fp32 ``[V, D]`` dW accumulator
-(cast to the weight dtype once; ``tuning.FUSED_LOSS_DW_FP32 = False`` accumulates the row blocks in the
-weight dtype instead, as Liger does, saving that buffer), the gradients held from forward to backward.
+Memory of the one-pass form (:func:`fastalign.ops.lm_head.one_pass`): one fp32 ``[rows, V]`` tile
+(``tuning.fused_loss_rows`` or ``row_block`` rows), its dZ in the GEMM dtype, and the gradients
+themselves, held from forward to backward: dH written once per row block (one GEMM), dW summed per
+row block straight into the weight dtype (``fastalign.config(dw_fp32=True)``: an fp32 ``[V, D]``
+accumulator cast once instead).
 """
 
 from __future__ import annotations
@@ -40,112 +41,41 @@ from fastalign._validation import (
     check_positive,
     check_same_device,
 )
-from fastalign.kernels import tuning
 from fastalign.losses._common import as_compute, check_choice, check_number, compute_dtype
 from fastalign.losses.dpo import DPOLossType, dpo_loss
 from fastalign.losses.grpo import (
     GRPOLossType,
     ISLevel,
-    _check_advantages,
+    check_advantages,
     grpo_loss,
     grpo_normalize,
     grpo_per_token,
     validate_grpo_args,
 )
 from fastalign.losses.ppo import ppo_policy_loss, ppo_policy_per_token, validate_ppo_policy_args
-from fastalign.ops import linear_logprobs as _ll
+from fastalign.ops import lm_head
+from fastalign.ops.linear_logprobs import apply_linear_logprobs, check_grad_filter_eps, check_row_block
+from fastalign.ops.lm_head import HeadTransform
 
 Mode = Literal["auto", "one_pass", "two_pass"]
 
 
-# ---- the one-pass engine ------------------------------------------------------------------------
-
-def _one_pass_grads(hidden2d, weight, bias, targets, token_grad, *, scale, inv_temp, softcap, compute_dtype,
-                    backend, need_hidden, need_weight, need_bias, with_entropy=False):
-    """Walk row blocks with a full-vocabulary tile. ``token_grad(rows_slice, logp_block) -> (g, g_ent)`` gives
-    dLoss/dlogp and dLoss/dentropy (or None) for those rows (``[n]``); the entropy of each row is a
-    by-product of the same fold. Returns ``(logp [n], entropy [n] or None, dH, dW, db)``."""
-    n, D = hidden2d.shape
-    V = weight.shape[0]
-    dev = hidden2d.device
-    acc = _ll._acc_dtype(compute_dtype)
-    logp = torch.zeros(n, dtype=acc, device=dev)
-    ent = torch.zeros(n, dtype=acc, device=dev) if with_entropy else None
-    d_h = torch.zeros((n, D), dtype=acc, device=dev) if need_hidden else None
-    # dW: fp32 accumulation across row blocks (cast once), or -- tuning.FUSED_LOSS_DW_FP32 = False -- straight
-    # into the weight dtype (each block's product still fp32-accumulated; saves a [V, D] fp32 buffer)
-    dw_dtype = acc if tuning.FUSED_LOSS_DW_FP32 else weight.dtype
-    d_w_acc = torch.zeros((V, D), dtype=dw_dtype, device=dev) if need_weight else None
-    d_b = torch.zeros(V, dtype=acc, device=dev) if need_bias else None
-    if n == 0 or V == 0:
-        return logp, ent, d_h, d_w_acc, d_b
-    fold, dlogits = _ll._epilogues(backend, acc)
-    torch_fold = fold is _ll.torch_fold_chunk  # the torch fold overwrites its tile
-    rows = tuning.fused_loss_rows(dev.type, V, n)
-    gd = _ll._gemm_dtype(compute_dtype, dev)
-    with torch.autocast(dev.type, enabled=False):
-        h = _ll._as_operand(hidden2d, compute_dtype, gd)
-        w = _ll._as_operand(weight, compute_dtype, gd)
-        b = None if bias is None else bias.to(compute_dtype).to(acc)
-        tile_buf = torch.empty((rows, V), dtype=acc, device=dev)
-        dz_buf = tile_buf if gd == acc else torch.empty((rows, V), dtype=gd, device=dev)
-        for r0 in range(0, n, rows):
-            r1 = min(r0 + rows, n)
-            k = r1 - r0
-            tile = tile_buf[:k]
-            _ll._mm_into(tile, h[r0:r1], w.t(), accumulate=False)
-            if b is not None:
-                tile.add_(b)
-            m = torch.full((k,), float("-inf"), dtype=acc, device=dev)
-            s = torch.zeros(k, dtype=acc, device=dev)
-            tgt = torch.zeros(k, dtype=acc, device=dev)
-            t = torch.zeros(k, dtype=acc, device=dev) if with_entropy else None
-            fold(tile.clone() if torch_fold else tile, targets[r0:r1], m, s, t, tgt, 0, scale, inv_temp, softcap)
-            log_s = torch.log(s)
-            lse = m + log_s
-            lp = tgt - lse
-            if with_entropy:
-                ent[r0:r1] = log_s - t / s
-            logp[r0:r1] = lp
-            g, g_ent = token_grad(slice(r0, r1), lp)
-            g = g.to(acc).contiguous()
-            if g_ent is not None:
-                g_ent = g_ent.to(acc).contiguous()
-            dz = dlogits(tile, dz_buf[:k], targets[r0:r1], lse, None if g_ent is None else ent[r0:r1], g, g_ent, 0,
-                         scale, inv_temp, softcap)
-            if need_hidden:
-                _ll._mm_into(d_h[r0:r1], dz, w, accumulate=False)
-            if need_weight:
-                if d_w_acc.dtype == acc:
-                    _ll._mm_into(d_w_acc, dz.t(), h[r0:r1], accumulate=True)
-                else:  # this block's product fp32-accumulated, then added in the weight dtype
-                    prod = torch.empty((V, D), dtype=acc, device=dev)
-                    _ll._mm_into(prod, dz.t(), h[r0:r1], accumulate=False)
-                    d_w_acc.add_(prod)
-            if need_bias:
-                d_b += dz.sum(0, dtype=acc)
-    return logp, ent, d_h, d_w_acc, d_b
-
+# ---- the one-pass autograd wrapper ----------------------------------------------------------------
 
 class _FusedTokenLoss(torch.autograd.Function):
-    """Forward computes the loss value *and* its gradients w.r.t. hidden / weight / bias in one pass;
-    backward scales them by the (scalar) upstream gradient."""
+    """Forward computes the loss value *and* its gradients w.r.t. hidden / weight / bias in one pass
+    (:func:`fastalign.ops.lm_head.one_pass`); backward scales them, in place, by the (scalar) upstream
+    gradient (one elementwise pass over each gradient: inherent to forming them in the forward)."""
 
     @staticmethod
-    def forward(ctx, hidden2d, weight, bias, targets, token_grad, finalize, scale, inv_temp, softcap,
-                compute_dtype, backend, with_entropy):
+    def forward(ctx, hidden2d, weight, bias, targets, token_grad, finalize, walk, with_entropy):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
-        logp, ent, d_h, d_w, d_b = _one_pass_grads(
-            hidden2d, weight, bias, targets, token_grad, scale=scale, inv_temp=inv_temp, softcap=softcap,
-            compute_dtype=compute_dtype, backend=backend, need_hidden=need_h, need_weight=need_w, need_bias=need_b,
-            with_entropy=with_entropy)
+        logp, ent, d_h, d_w, d_b = lm_head.one_pass(hidden2d, weight, bias, targets, token_grad, walk,
+                                                    with_entropy=with_entropy, need_hidden=need_h,
+                                                    need_weight=need_w, need_bias=need_b)
         loss = finalize(logp, ent)
-        ctx.save_for_backward(
-            None if d_h is None else d_h.to(hidden2d.dtype),
-            None if d_w is None else d_w.to(weight.dtype),
-            None if d_b is None else d_b.to(bias.dtype),
-        )
+        ctx.save_for_backward(d_h, d_w, d_b)
         ctx.mark_non_differentiable(logp)
         return loss, logp
 
@@ -154,9 +84,9 @@ class _FusedTokenLoss(torch.autograd.Function):
         d_h, d_w, d_b = ctx.saved_tensors
 
         def scaled(t):
-            return None if t is None else t * g_loss.to(t.dtype)
+            return None if t is None else t.mul_(g_loss.to(t.dtype))
 
-        return scaled(d_h), scaled(d_w), scaled(d_b), None, None, None, None, None, None, None, None, None
+        return scaled(d_h), scaled(d_w), scaled(d_b), None, None, None, None, None
 
 
 # ---- shared input handling -----------------------------------------------------------------------
@@ -193,15 +123,12 @@ def _prep_head(op, hidden, weight, targets, mask, bias, temperature, softcap, im
     return B, T, V, D, inv_temp, softcap, backend, valid, targets_ig, compact
 
 
-def _unfused_logp(hidden, weight, targets_ig, bias, inv_temp, softcap, chunk_size, impl, compact, scale=1.0,
-                  with_entropy=False):
+def _unfused_logp(hidden, weight, targets_ig, bias, walk, compact, with_entropy=False, grad_filter_eps=None):
     """``linear_logprobs`` with masked positions ignored ([B, T], 0 there); ``(logp, entropy or None)``."""
     D = weight.shape[1]
-    backend = select_impl(impl, hidden.device, op="linear_logprobs")
-    logp, ent = _ll.apply_linear_logprobs(
-        hidden.reshape(-1, D), weight, bias, targets_ig.reshape(-1), scale=scale, inv_temp=inv_temp, softcap=softcap,
-        compute_dtype=_ll.compute_dtype_for(hidden, weight), with_entropy=with_entropy, chunk_size=chunk_size,
-        backend=backend, ignore_index=-100, compact_ignored=compact)
+    logp, ent = apply_linear_logprobs(hidden.reshape(-1, D), weight, bias, targets_ig.reshape(-1), walk,
+                                      with_entropy=with_entropy, ignore_index=-100, compact_ignored=compact,
+                                      grad_filter_eps=grad_filter_eps)
     return logp.view(targets_ig.shape), None if ent is None else ent.view(targets_ig.shape)
 
 
@@ -224,8 +151,8 @@ def _check_coef(value, name, op) -> float:
     return check_number(value, name, op, lo=0.0)
 
 
-def _one_pass(hidden, weight, bias, targets_ig, valid, per_token_fn, weights_bt, finalize_fn, *, scale, inv_temp,
-              softcap, backend, compact, with_entropy=False, entropy_coef=0.0):
+def _one_pass(hidden, weight, bias, targets_ig, valid, per_token_fn, weights_bt, finalize_fn, *, walk, compact,
+              with_entropy=False, entropy_coef=0.0):
     """Run the engine on the valid rows (gathered first when ``compact``: one host sync, the
     ``nonzero``; else on every row, the masked ones with zero gradients). ``per_token_fn(take, lp) ->
     per-token loss [n]`` is elementwise in ``lp``, ``take(x)`` giving the block's rows of a flat
@@ -281,8 +208,7 @@ def _one_pass(hidden, weight, bias, targets_ig, valid, per_token_fn, weights_bt,
             loss = loss - entropy_coef * out["metrics"]["entropy"].to(loss.dtype)
         return loss.detach()
 
-    loss, _ = _FusedTokenLoss.apply(h_rows, weight, bias, tg, token_grad, finalize, scale, inv_temp, softcap,
-                                    _ll.compute_dtype_for(hidden, weight), backend, with_entropy)
+    loss, _ = _FusedTokenLoss.apply(h_rows, weight, bias, tg, token_grad, finalize, walk, with_entropy)
     return loss, out["metrics"]
 
 
@@ -325,6 +251,7 @@ def linear_grpo_loss(
     mode: Mode = "auto",
     return_entropy: bool = False,
     chunk_size: int | None = None,
+    row_block: int | None = None,
     compact_ignored: bool | None = None,
     impl: Impl = "auto",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -347,7 +274,9 @@ def linear_grpo_loss(
             ``"auto"``: one pass for token-level ratios, two for sequence-level.
         return_entropy: also report the token entropies (a by-product of the same pass, for
             monitoring: ``metrics["entropies"]`` ``[B, T]`` and their masked mean ``metrics["entropy"]``).
-        chunk_size: vocabulary chunk of the two-pass form.
+        chunk_size: vocabulary columns per tile of the two-pass form (the one-pass form's tiles span
+            the vocabulary).
+        row_block: rows per tile (None: ``kernels.tuning``), both forms.
         compact_ignored: True: masked rows are gathered away before the GEMMs (one host sync);
             False: every row is computed, no sync; None: ``fastalign.get_config().compact_ignored``.
         impl: backend of the epilogues.
@@ -363,12 +292,14 @@ def linear_grpo_loss(
         op, hidden, weight, targets, mask, bias, temperature, softcap, impl, compact_ignored)
     scale = check_positive(logit_scale, "logit_scale", op)
     check_choice(mode, "mode", op, ("auto", "one_pass", "two_pass"))
+    walk = lm_head.make_walk(hidden, weight, HeadTransform(scale, inv_temp, softcap), backend, chunk_size=chunk_size,
+                             row_block=check_row_block(row_block, op))
     for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp)):
         if t is not None:
             check_float(t, name, op)
             if tuple(t.shape) != (B, T):
                 raise ValueError(f"{op}: {name} must have shape {(B, T)}, got {tuple(t.shape)}")
-    _check_advantages(advantages, op, B, T)
+    check_advantages(advantages, op, B, T)
     beta, eps_low_, eps_high_, delta_ = validate_grpo_args(
         op, beta=beta, eps_low=eps_low, eps_high=eps_high, delta=delta, loss_type=loss_type,
         importance_sampling_level=importance_sampling_level, max_completion_length=max_completion_length,
@@ -385,8 +316,8 @@ def linear_grpo_loss(
                    num_items=num_items, kl_bias_correction=kl_bias_correction, importance_weights=importance_weights,
                    sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg)
     if not one_pass:
-        logp, ent = _unfused_logp(hidden, weight, targets_ig, bias, inv_temp, softcap, chunk_size, impl, compact,
-                                  scale, with_entropy=return_entropy or entropy_coef != 0.0)
+        logp, ent = _unfused_logp(hidden, weight, targets_ig, bias, walk, compact,
+                                  with_entropy=return_entropy or entropy_coef != 0.0)
         loss, metrics = grpo_loss(logp, old_logp, advantages, mask, **loss_kw)
         if entropy_coef != 0.0:
             loss = loss - entropy_coef * _masked_mean(ent, valid)
@@ -419,8 +350,7 @@ def linear_grpo_loss(
         metrics["logp"] = logp_bt
         return loss, metrics
 
-    return _one_pass(hidden, weight, bias, targets_ig, valid, per_token_fn, w, finalize_fn, scale=scale,
-                     inv_temp=inv_temp, softcap=softcap, backend=backend, compact=compact,
+    return _one_pass(hidden, weight, bias, targets_ig, valid, per_token_fn, w, finalize_fn, walk=walk, compact=compact,
                      with_entropy=return_entropy, entropy_coef=entropy_coef)
 
 
@@ -445,6 +375,7 @@ def linear_ppo_policy_loss(
     mode: Mode = "auto",
     return_entropy: bool = False,
     chunk_size: int | None = None,
+    row_block: int | None = None,
     compact_ignored: bool | None = None,
     impl: Impl = "auto",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -464,10 +395,12 @@ def linear_ppo_policy_loss(
     B, T, V, D, inv_temp, softcap, backend, valid, targets_ig, compact = _prep_head(
         op, hidden, weight, targets, mask, bias, temperature, softcap, impl, compact_ignored)
     check_choice(mode, "mode", op, ("auto", "one_pass", "two_pass"))
+    walk = lm_head.make_walk(hidden, weight, HeadTransform(1.0, inv_temp, softcap), backend, chunk_size=chunk_size,
+                             row_block=check_row_block(row_block, op))
     check_float(old_logp, "old_logp", op)
     if tuple(old_logp.shape) != (B, T):
         raise ValueError(f"{op}: old_logp must have shape {(B, T)}, got {tuple(old_logp.shape)}")
-    _check_advantages(advantages, op, B, T)
+    check_advantages(advantages, op, B, T)
     eps_low_, eps_high_, dual_ = validate_ppo_policy_args(op, eps_low, eps_high, dual_clip, level)
     if mode == "one_pass" and level == "sequence":
         raise ValueError(f"{op}: mode='one_pass' needs token-level ratios; level='sequence' takes two passes")
@@ -475,7 +408,7 @@ def linear_ppo_policy_loss(
     ent_coef = _check_coef(ent_coef, "ent_coef", op)
     kw = dict(eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, level=level, impl=impl)
     if not one_pass:
-        logp, ent = _unfused_logp(hidden, weight, targets_ig, bias, inv_temp, softcap, chunk_size, impl, compact,
+        logp, ent = _unfused_logp(hidden, weight, targets_ig, bias, walk, compact,
                                   with_entropy=return_entropy or ent_coef != 0.0)
         loss, metrics = ppo_policy_loss(logp, old_logp, advantages, mask, **kw)
         if ent_coef != 0.0:
@@ -502,8 +435,7 @@ def linear_ppo_policy_loss(
         metrics["logp"] = logp_bt
         return loss, metrics
 
-    return _one_pass(hidden, weight, bias, targets_ig, valid, per_token_fn, w, finalize_fn, scale=1.0,
-                     inv_temp=inv_temp, softcap=softcap, backend=backend, compact=compact,
+    return _one_pass(hidden, weight, bias, targets_ig, valid, per_token_fn, w, finalize_fn, walk=walk, compact=compact,
                      with_entropy=return_entropy, entropy_coef=ent_coef)
 
 
@@ -523,6 +455,8 @@ def linear_dpo_loss(
     loss_type: DPOLossType = "sigmoid",
     label_smoothing: float = 0.0,
     chunk_size: int | None = None,
+    row_block: int | None = None,
+    grad_filter_eps: float | None = None,
     compact_ignored: bool | None = None,
     impl: Impl = "auto",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -534,7 +468,8 @@ def linear_dpo_loss(
             tokens). ref_logps: ``[2B]`` summed reference log-probs (chosen first) or None
             (reference-free).
         beta, loss_type, label_smoothing: as :func:`dpo_loss` (``"ipo"`` uses the mask's lengths).
-        chunk_size, compact_ignored, impl: as :func:`linear_grpo_loss` (and its host syncs).
+        chunk_size, row_block, compact_ignored, impl: as :func:`linear_grpo_loss` (and its host syncs).
+        grad_filter_eps: as :func:`fastalign.linear_logprobs` (None: exact gradients).
 
     Two passes over the vocabulary (``linear_logprobs`` forward and backward): a sequence's
     log-prob couples all of its tokens, so no token's gradient is known before the pass ends.
@@ -551,7 +486,10 @@ def linear_dpo_loss(
         check_float(ref_logps, "ref_logps", op)
         if tuple(ref_logps.shape) != (B2,):
             raise ValueError(f"{op}: ref_logps must have shape ({B2},), got {tuple(ref_logps.shape)}")
-    logp, _ = _unfused_logp(hidden, weight, targets_ig, bias, inv_temp, softcap, chunk_size, impl, compact)
+    walk = lm_head.make_walk(hidden, weight, HeadTransform(1.0, inv_temp, softcap), backend, chunk_size=chunk_size,
+                             row_block=check_row_block(row_block, op))
+    logp, _ = _unfused_logp(hidden, weight, targets_ig, bias, walk, compact,
+                            grad_filter_eps=check_grad_filter_eps(grad_filter_eps, op))
     seq = logp.sum(-1)
     lengths = valid.sum(-1)
     B = B2 // 2

@@ -30,7 +30,7 @@ def _check_token_tensor(x, name: str, op: str, shape) -> torch.Tensor:
     return x
 
 
-def _check_advantages(adv, op: str, B: int, T: int) -> None:
+def check_advantages(adv, op: str, B: int, T: int) -> None:
     check_float(adv, "advantages", op)
     ok = adv.shape in ((B,), (B, 1), (B, T))
     if not ok:
@@ -263,7 +263,7 @@ def grpo_loss(
         _check_token_tensor(old_logp, "old_logp", op, logp.shape)
     if ref_logp is not None:
         _check_token_tensor(ref_logp, "ref_logp", op, logp.shape)
-    _check_advantages(advantages, op, B, T)
+    check_advantages(advantages, op, B, T)
     check_mask(mask, "mask", op)
     if tuple(mask.shape) != (B, T):
         raise ValueError(f"{op}: mask must have shape {(B, T)} (like logp), got {tuple(mask.shape)}")
