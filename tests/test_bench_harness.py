@@ -7,24 +7,22 @@ import pytest
 import torch
 
 import fastalign
-from fastalign.bench.core import BenchCase, BenchResult, add_ratios, measure, time_call, with_tuning
-from fastalign.kernels import tuning
+from fastalign.bench.core import BenchCase, BenchResult, add_ratios, measure, time_call, with_config
 
 
-def test_with_tuning_sets_and_restores_even_on_error():
-    before = tuning.LINEAR_LOGPROBS_FOLD_COLS
+def test_with_config_sets_and_restores_even_on_error():
     seen = []
 
     def fn():
-        seen.append(tuning.LINEAR_LOGPROBS_FOLD_COLS)
+        seen.append(fastalign.get_config().fp32_logits)
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError):
-        with_tuning("LINEAR_LOGPROBS_FOLD_COLS", 7, fn)()
-    assert seen == [7]
-    assert tuning.LINEAR_LOGPROBS_FOLD_COLS == before
-    with pytest.raises(AttributeError):
-        with_tuning("NO_SUCH_SETTING", 1, fn)
+        with_config(fn, fp32_logits=False)()
+    assert seen == [False]
+    assert fastalign.get_config().fp32_logits
+    with pytest.raises(TypeError):
+        with_config(fn, no_such_setting=1)
 
 
 def test_time_call_rejects_unknown_method():

@@ -99,20 +99,16 @@ def device_defaults(device: torch.device, quick: bool, quick_shapes: list, cpu_s
     return (quick_shapes if quick else cpu_shapes), torch.float32, "torch"
 
 
-def with_tuning(name: str, value, fn: Callable) -> Callable:
-    """``fn`` run with ``fastalign.kernels.tuning.<name> = value``, restored after the call: the
-    alternatives that kernels/tuning.py names, measured side by side before choosing a default."""
-    from fastalign.kernels import tuning
+def with_config(fn: Callable, **settings) -> Callable:
+    """``fn`` run inside ``fastalign.config(**settings)``: the result-changing alternatives the
+    config names (e.g. ``fp32_logits=False``, ``dw_fp32=True``), measured side by side."""
+    import fastalign
 
-    getattr(tuning, name)  # an unknown name fails here, not silently
+    fastalign.Config(**settings)  # an unknown setting fails here, not silently
 
     def run(*args):
-        old = getattr(tuning, name)
-        setattr(tuning, name, value)
-        try:
+        with fastalign.config(**settings):
             return fn(*args)
-        finally:
-            setattr(tuning, name, old)
     return run
 
 

@@ -126,9 +126,9 @@ def _fast_path_checks(device: torch.device, dry: bool) -> list[dict]:
         "logprobs_from_logits": (lambda: fastalign.logprobs_from_logits(logits, lt), (logits,),
                                  ("_logprobs_fwd_kernel", "_logprobs_bwd_kernel")),
         "linear_logprobs": (lambda: fastalign.linear_logprobs(h, W, t), (h, W),
-                            ("_lin_fwd_epilogue_kernel", "_lin_bwd_epilogue_kernel")),
+                            ("_lin_fold_kernel", "_lin_bwd_epilogue_kernel")),
         "linear_grpo_loss(one_pass)": (lambda: linear_grpo_loss(h.view(1, N, D), W, t.view(1, N), mask.new_ones(1, N),
-                                                                 adv[:1], mode="one_pass")[0], (h, W), ()),
+                                                                 adv[:1], beta=0.0, mode="one_pass")[0], (h, W), ()),
         "k3_kl": (lambda: fastalign.k3_kl(lp, old), (lp,), ()),
         "clipped_surrogate": (lambda: fastalign.clipped_surrogate(lp, old.detach(), adv, mask=mask), (lp,), ()),
     }
@@ -243,12 +243,12 @@ def bench_groups(device: torch.device, dry: bool) -> list[tuple[str, list[BenchC
          + logprobs.cases_for(device, _shapes("logprobs_odd", dry), dt, impl, ops=("fwd+bwd",), with_peers=False)),
         ("linear_logprobs (Qwen2.5-7B head)",
          linear_logprobs.cases_for(device, _shapes("linear", dry), dt, impl, ops=("fwd+bwd", "fwd"),
-                                   variants=cuda, with_checks=True, gemm_floor=True)),
+                                   variants=True, with_checks=True, gemm_floor=True)),
         ("linear_logprobs (Gemma-2 head, softcap)",
          linear_logprobs.cases_for(device, _shapes("gemma", dry), dt, impl, ops=("fwd+bwd",),
                                    softcap=GEMMA_SOFTCAP, gemm_floor=True)),
         ("fused GRPO loss", losses.cases_for(device, _shapes("grpo", dry), dt, impl, families=("grpo",),
-                                             variants=cuda)),
+                                             variants=True)),
         ("token ops", token_ops.cases_for(device, _shapes("tokens", dry), _shapes("groups", dry), impl)
          + token_ops.cases_for(device, _shapes("tokens_bandwidth", dry), [], impl, bandwidth=True)),
     ]

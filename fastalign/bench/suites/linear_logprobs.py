@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 import fastalign
-from fastalign.bench.core import BenchCase, autograd_runner, device_defaults, with_tuning
+from fastalign.bench.core import BenchCase, autograd_runner, device_defaults, with_config
 
 CUDA_SHAPES = [  # (N tokens, D, V) of real heads, bf16
     (16384, 3584, 152064),  # Qwen2.5-7B
@@ -71,8 +71,10 @@ def _peers(device: torch.device, softcap: float | None = None) -> dict[str, Call
 
 
 def own_gemms(op: str) -> Callable:
-    """The GEMMs ``linear_logprobs`` runs, with its tile shapes, back to back and nothing else: the
-    floor its time is measured against (fwd: the logits tiles; bwd: their recompute, dH, dW)."""
+    """The GEMMs ``linear_logprobs`` runs, in its order and tile shapes (ops/lm_head.py: row blocks
+    outer, vocabulary chunks inner), back to back and nothing else: the floor its time is measured
+    against. fwd: the logits tiles; fwd+bwd: those, then per tile the recompute, ``dH_R += dZ @ W_C``
+    into an fp32 block and ``dW_C (=|+=) dZ.T @ H_R`` into the weight-dtype gradient."""
     from fastalign.kernels import tuning
 
     def run(h, W, t):
@@ -80,21 +82,29 @@ def own_gemms(op: str) -> Callable:
         V = W.shape[0]
         rows, cols = tuning.linear_logprobs_chunking(h.device.type, V, N)
         fp32_out = h.device.type == "cuda" and h.dtype != torch.float32
+        kw = {"out_dtype": torch.float32} if fp32_out else {}
         tile = torch.empty(rows, cols, dtype=torch.float32 if fp32_out else h.dtype, device=h.device)
         dz = torch.randn(rows, cols, device=h.device).to(h.dtype)
-        d_h = torch.zeros(N, D, dtype=torch.float32 if fp32_out else h.dtype, device=h.device)
-        d_w = torch.empty(cols, D, dtype=torch.float32 if fp32_out else h.dtype, device=h.device)
-        kw = {"out_dtype": torch.float32} if fp32_out else {}
-        for v0 in range(0, V, cols):
-            w_c = W[v0:v0 + cols]
+        d_h = torch.empty(rows, D, dtype=torch.float32 if fp32_out else h.dtype, device=h.device)
+        d_w = torch.empty_like(W)
+        for passes in ((False,) if op == "fwd" else (False, True)):
             for r0 in range(0, N, rows):
                 h_r = h[r0:r0 + rows]
-                n, c = h_r.shape[0], w_c.shape[0]
-                torch.mm(h_r, w_c.t(), out=tile[:n, :c], **kw)
-                if op != "fwd":
-                    torch.addmm(d_h[r0:r0 + n], dz[:n, :c], w_c, out=d_h[r0:r0 + n], **kw)
-                    torch.mm(dz[:n, :c].t(), h_r, out=d_w[:c], **kw)
-        return d_h
+                n = h_r.shape[0]
+                for v0 in range(0, V, cols):
+                    w_c = W[v0:v0 + cols]
+                    c = w_c.shape[0]
+                    torch.mm(h_r, w_c.t(), out=tile[:n, :c], **kw)
+                    if passes:
+                        if v0 == 0:
+                            torch.mm(dz[:n, :c], w_c, out=d_h[:n], **kw)
+                        else:
+                            torch.addmm(d_h[:n], dz[:n, :c], w_c, out=d_h[:n], **kw)
+                        if r0 == 0:
+                            torch.mm(dz[:n, :c].t(), h_r, out=d_w[v0:v0 + c])
+                        else:
+                            torch.addmm(d_w[v0:v0 + c], dz[:n, :c].t(), h_r, out=d_w[v0:v0 + c])
+        return d_w
     return run
 
 
@@ -120,10 +130,10 @@ def cases_for(device: torch.device, shapes, dtype, impl: str, ops=("fwd", "bwd",
     ``with_checks``: fastalign with its default checks and compaction (their host syncs) too."""
     call = lambda h, W, t: fastalign.linear_logprobs(h, W, t, softcap=softcap, impl=impl)  # noqa: E731
     ours = {f"fastalign[{impl}]": call}
-    if variants:
-        ours[f"fastalign[{impl},fused_fwd]"] = with_tuning("LINEAR_LOGPROBS_BACKEND", "triton_fused_forward", call)
-        ours[f"fastalign[{impl},tile=compute_dtype]"] = with_tuning(
-            "LINEAR_LOGPROBS_TILE_IN_COMPUTE_DTYPE", True, call)
+    if variants:  # the result-changing alternatives of fastalign.config, and the opt-in gradient filter
+        ours[f"fastalign[{impl},fp32_logits=False]"] = with_config(call, fp32_logits=False)
+        ours[f"fastalign[{impl},grad_filter_eps=2^-12]"] = lambda h, W, t: fastalign.linear_logprobs(  # noqa: E731
+            h, W, t, softcap=softcap, grad_filter_eps=2.0**-12, impl=impl)
     peers = _peers(device, softcap) if with_peers else {}
     out = []
     for N, D, V in shapes:

@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from fastalign.bench.core import BenchCase, device_defaults, with_tuning
+from fastalign.bench.core import BenchCase, device_defaults, with_config
 
 # (name, B, T, D, V, dtype): the completion tokens of B sequences of T tokens against a real head
 CUDA_SHAPES = [
@@ -107,9 +107,9 @@ def _grpo_cases(shape, B, T, D, V, dtype, device, impl, flops, variants=False) -
         BenchCase("losses", "grpo", shape, f"fastalign[{impl},linear_logprobs+grpo_loss]", "fastalign",
                   make_with(unfused), flops=flops),
     ]
-    if variants:  # the one-pass form's dW accumulation alternative (kernels/tuning.py), to measure
-        out.append(BenchCase("losses", "grpo", shape, f"fastalign[{impl},one-pass,dW=weight dtype]", "fastalign",
-                             make_with(with_tuning("FUSED_LOSS_DW_FP32", False, ours("one_pass"))), flops=flops))
+    if variants:  # the one-pass form with an fp32 [V, D] dW accumulator (fastalign.config(dw_fp32=True))
+        out.append(BenchCase("losses", "grpo", shape, f"fastalign[{impl},one-pass,dw_fp32]", "fastalign",
+                             make_with(with_config(ours("one_pass"), dw_fp32=True)), flops=flops))
     if device.type == "cuda":
         try:
             from trl.kernels import ChunkedLogProbFunction
