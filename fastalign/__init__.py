@@ -3,7 +3,8 @@
 The public functional API. Every op takes ``impl="auto" | "triton" | "torch"`` (see
 :mod:`fastalign._dispatch` for the rule ``auto`` follows). ``fastalign.config`` /
 ``set_config`` / ``get_config`` switch the target-range checks and row compaction, the only host
-syncs of the ops and losses (:mod:`fastalign._config`, docs/host-syncs.md).
+syncs of the ops and losses (docs/host-syncs.md), and the LM-head precision options
+``fp32_logits`` / ``dw_fp32`` (:mod:`fastalign._config`).
 """
 
 from fastalign._config import Config, config, get_config, set_config

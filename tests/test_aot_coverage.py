@@ -79,15 +79,13 @@ def _tuned() -> dict[str, list[dict]]:
     def epilogue(configs):
         return [{"BLOCK_R": c.block_rows, "BLOCK_C": c.block_cols, "num_warps": c.num_warps} for c in configs]
 
-    fused = [{"h_ptr": f"*{ty}", "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_K": c.block_k,
-              "GROUP_M": c.group_m, "num_warps": c.num_warps, "num_stages": c.num_stages}
-             for ty, configs in tuning.LINEAR_LOGPROBS_FUSED_CONFIGS.items() for c in configs]
+    merge = tuning.LINEAR_LOGPROBS_MERGE_CONFIG
     return {
         "logprobs._logprobs_fwd_kernel": rows(tuning.LOGPROBS_FWD_CONFIGS, "BLOCK_V"),
         "logprobs._logprobs_bwd_kernel": rows(tuning.LOGPROBS_BWD_CONFIGS, "BLOCK_V"),
-        "linear_logprobs._lin_fwd_epilogue_kernel": epilogue(tuning.LINEAR_LOGPROBS_FWD_CONFIGS),
+        "linear_logprobs._lin_fold_kernel": epilogue(tuning.LINEAR_LOGPROBS_FWD_CONFIGS),
+        "linear_logprobs._lin_fold_merge_kernel": [{"BLOCK_R": merge.block_rows, "num_warps": merge.num_warps}],
         "linear_logprobs._lin_bwd_epilogue_kernel": epilogue(tuning.LINEAR_LOGPROBS_BWD_CONFIGS),
-        "linear_logprobs._lin_fwd_fused_kernel": fused,
         "kl._kl_fwd_kernel": tiles(tuning.TOKEN_TILE_CONFIGS),
         "kl._kl_bwd_kernel": tiles(tuning.TOKEN_TILE_CONFIGS),
         "surrogate._surr_tok_fwd_kernel": tiles(tuning.TOKEN_TILE_CONFIGS),

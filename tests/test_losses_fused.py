@@ -403,3 +403,13 @@ def test_one_pass_wide_vocabulary_split_fold(impl):
         - 0.05 * (ent * mf).sum() / mf.sum()
     for a, e in zip(out["one_pass"], (exp_, *_grads(exp_, *rl))):
         torch.testing.assert_close(a.double(), e.detach(), **tol)
+
+
+def test_one_pass_second_backward_refused():
+    """The one-pass form scales its saved gradients in place: a second backward would scale them twice."""
+    h, W, b, tgt, mask, adv = _data()
+    hh = h.clone().requires_grad_(True)
+    loss, _ = linear_grpo_loss(hh, W, tgt, mask, adv, beta=0.0, mode="one_pass", impl="torch")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backpropagates once per forward"):
+        loss.backward()

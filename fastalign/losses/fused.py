@@ -77,10 +77,15 @@ class _FusedTokenLoss(torch.autograd.Function):
         loss = finalize(logp, ent)
         ctx.save_for_backward(d_h, d_w, d_b)
         ctx.mark_non_differentiable(logp)
+        ctx.scaled = False
         return loss, logp
 
     @staticmethod
     def backward(ctx, g_loss, _g_logp):
+        if ctx.scaled:
+            raise RuntimeError("the one-pass fused loss scales its saved gradients in place: it backpropagates "
+                               "once per forward (mode='two_pass' allows retain_graph=True and a second backward)")
+        ctx.scaled = True
         d_h, d_w, d_b = ctx.saved_tensors
 
         def scaled(t):
