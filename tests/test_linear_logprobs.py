@@ -1,6 +1,6 @@
 """linear_logprobs against an fp64 reference that materializes the logits, on both backends.
 
-Tolerance rule (DESIGN.md): the error vs fp64 is at most 2x what a trainer gets from the usual
+Tolerance rule (docs/numerics.md): the error vs fp64 is at most 2x what a trainer gets from the usual
 materializing computation in the same dtype (F.linear, then log_softmax in fp32), plus a floor.
 """
 

@@ -38,19 +38,6 @@ PTXAS_LOG = "ptxas-v.log"  # kept next to each compiled kernel in Triton's cache
 
 
 @dataclass
-class AotSpec:
-    """A hand-written kernel signature (the kernel modules' ``aot_specs()``). No longer compiled: the
-    check derives its compiles from :mod:`fastalign.kernels.launches`."""
-
-    name: str
-    fn: Any
-    signature: dict[str, str]
-    constexprs: dict[str, Any] = field(default_factory=dict)
-    num_warps: int = 4
-    num_stages: int = 3
-
-
-@dataclass
 class Launch:
     kernel: Any  # JITFunction
     args: tuple

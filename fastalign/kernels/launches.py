@@ -25,7 +25,7 @@ from fastalign.kernels.kl import kl_backward, kl_forward
 from fastalign.kernels.linear_logprobs import dlogits_chunk, fold_chunk
 from fastalign.kernels.logprobs import logprobs_backward, logprobs_forward
 from fastalign.kernels.surrogate import surrogate_backward, surrogate_forward
-from fastalign.ops._rows import rows_of
+from fastalign.kernels.rows import rows_of
 
 BF16, FP16, FP32, FP64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
 NAME = {BF16: "bf16", FP16: "fp16", FP32: "fp32", FP64: "fp64"}

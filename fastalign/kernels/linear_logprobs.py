@@ -27,14 +27,12 @@ Row offsets are int64 (``rows * stride`` never wraps).
 
 from __future__ import annotations
 
-import itertools
 
 import torch
 import triton
 import triton.language as tl
 
 from fastalign.kernels import tuning
-from fastalign.kernels.aot import AotSpec
 from fastalign.kernels.logsumexp import online_lse_update
 
 
@@ -257,59 +255,3 @@ def dlogits_chunk(tile: torch.Tensor, dz: torch.Tensor, targets: torch.Tensor, l
         HAS_SOFTCAP=softcap is not None, HAS_GRAD_LOGP=g_logp is not None, HAS_GRAD_ENTROPY=g_ent is not None,
         BLOCK_R=cfg.block_rows, BLOCK_C=cfg.block_cols, num_warps=cfg.num_warps,
     )
-
-
-_DZ_TYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_HP = {"scale": "fp32", "inv_temp": "fp32", "softcap": "fp32"}
-
-
-def aot_specs() -> list[AotSpec]:
-    # logits tiles are fp32, or bf16/fp16 with fastalign.config(fp32_logits=False) (dZ then goes in
-    # place into the tile, so the dz dtype equals the tile dtype)
-    specs = []
-    for cfg, tile_ty, softcap, ent, tmax, partial in itertools.product(
-            tuning.LINEAR_LOGPROBS_FWD_CONFIGS, _DZ_TYPES, (False, True), (False, True), (False, True), (False, True)):
-        specs.append(AotSpec(
-            name=f"linear_logprobs_fold[r{cfg.block_rows}c{cfg.block_cols}w{cfg.num_warps},tile={tile_ty}"
-                 f"{',softcap' if softcap else ''}{',ent' if ent else ''}{',tmax' if tmax else ''}"
-                 f"{',partial' if partial else ''}]",
-            fn=_lin_fold_kernel,
-            signature={"tile_ptr": f"*{tile_ty}", "stride_tile": "i32", "targets_ptr": "*i64",
-                       "m_ptr": "*fp32", "s_ptr": "*fp32", "t_ptr": "*fp32", "tgt_ptr": "*fp32", "tmax_ptr": "*fp32",
-                       "n_rows": "i32", "n_cols": "i32", "cols_per_program": "i32", "vocab_start": "i32", **_HP},
-            constexprs={"HAS_SOFTCAP": softcap, "HAS_ENTROPY": ent, "HAS_TILE_MAX": tmax, "PARTIAL": partial,
-                        "BLOCK_R": cfg.block_rows, "BLOCK_C": cfg.block_cols},
-            num_warps=cfg.num_warps,
-        ))
-    merge = tuning.LINEAR_LOGPROBS_MERGE_CONFIG
-    for tile_ty, softcap, ent, tmax in itertools.product(_DZ_TYPES, (False, True), (False, True), (False, True)):
-        specs.append(AotSpec(
-            name=f"linear_logprobs_fold_merge[tile={tile_ty}{',softcap' if softcap else ''}{',ent' if ent else ''}"
-                 f"{',tmax' if tmax else ''}]",
-            fn=_lin_fold_merge_kernel,
-            signature={"tile_ptr": f"*{tile_ty}", "stride_tile": "i32", "targets_ptr": "*i64",
-                       **{f"{p}_ptr": "*fp32" for p in ("pm", "ps", "pt", "m", "s", "t", "tgt", "tmax")},
-                       "n_rows": "i32", "n_cols": "i32", "n_parts": "i32", "vocab_start": "i32", **_HP},
-            constexprs={"HAS_SOFTCAP": softcap, "HAS_ENTROPY": ent, "HAS_TILE_MAX": tmax,
-                        "BLOCK_R": merge.block_rows, "BLOCK_P": 16},
-            num_warps=merge.num_warps,
-        ))
-    tile_dz = [("fp32", dz) for dz in _DZ_TYPES] + [("bf16", "bf16"), ("fp16", "fp16")]
-    for cfg in tuning.LINEAR_LOGPROBS_BWD_CONFIGS:
-        for tile_ty, dz_ty in tile_dz:
-            for softcap in (False, True):
-                for g_logp, g_ent in ((True, False), (False, True), (True, True)):
-                    specs.append(AotSpec(
-                        name=f"linear_logprobs_bwd_epilogue[r{cfg.block_rows}c{cfg.block_cols}w{cfg.num_warps},"
-                             f"tile={tile_ty},dz={dz_ty}{',softcap' if softcap else ''}"
-                             f"{',glogp' if g_logp else ''}{',gent' if g_ent else ''}]",
-                        fn=_lin_bwd_epilogue_kernel,
-                        signature={"tile_ptr": f"*{tile_ty}", "stride_tile": "i32", "dz_ptr": f"*{dz_ty}",
-                                   "stride_dz": "i32", "targets_ptr": "*i64", "lse_ptr": "*fp32",
-                                   "ent_ptr": "*fp32", "g_logp_ptr": "*fp32", "g_ent_ptr": "*fp32",
-                                   "n_rows": "i32", "n_cols": "i32", "vocab_start": "i32", **_HP},
-                        constexprs={"HAS_SOFTCAP": softcap, "HAS_GRAD_LOGP": g_logp, "HAS_GRAD_ENTROPY": g_ent,
-                                    "BLOCK_R": cfg.block_rows, "BLOCK_C": cfg.block_cols},
-                        num_warps=cfg.num_warps,
-                    ))
-    return specs

@@ -20,7 +20,7 @@ from fastalign._validation import (
     check_same_device,
 )
 from fastalign.kernels import tuning
-from fastalign.ops._rows import RowLayout, iter_row_chunks, rows_of
+from fastalign.kernels.rows import RowLayout, iter_row_chunks, rows_of
 
 _OP = "logprobs_from_logits"
 
