@@ -47,5 +47,5 @@ unset TRITON_INTERPRET
 export FASTALIGN_COMMIT
 echo "gpu_window.sh: commit $FASTALIGN_COMMIT, results in $OUT_DIR"
 # the hard cap (8 minutes); the driver itself stops starting cases at --seconds
-timeout --signal=TERM --kill-after=10 470 python -m fastalign.bench.window --out "$OUT_DIR" \
+timeout --signal=TERM --kill-after=10 470 python3 -m fastalign.bench.window --out "$OUT_DIR" \
   --seconds "$SECONDS_BUDGET" "${DRY[@]}" 2>&1 | tee "$OUT_DIR/window.log"
