@@ -59,7 +59,16 @@ _scoped: ContextVar[Config | None] = ContextVar("fastalign_config", default=None
 
 def get_config() -> Config:
     """The settings in effect in this thread / task: the innermost :func:`config` block's, else
-    the process-wide defaults."""
+    the process-wide defaults.
+
+    Returns:
+        The :class:`Config` in effect.
+
+    Example:
+        >>> import fastalign
+        >>> fastalign.get_config().index_checks
+        True
+    """
     scoped = _scoped.get()
     return _defaults if scoped is None else scoped
 
@@ -74,7 +83,24 @@ def _replaced(base: Config, op: str, **changes) -> Config:
 def set_config(*, index_checks: bool | None = None, compact_ignored: bool | None = None,
                fp32_logits: bool | None = None, dw_fp32: bool | None = None) -> Config:
     """Change the process-wide defaults (``None`` keeps a setting); returns the previous defaults.
-    Inside a ``with fastalign.config(...)`` block that block's settings still apply."""
+    Inside a ``with fastalign.config(...)`` block that block's settings still apply.
+
+    Args:
+        index_checks: target-range checks (one host sync per call).
+        compact_ignored: gather the non-ignored rows before the LM-head GEMMs (one host sync).
+        fp32_logits: fp32 logits tiles in the LM-head ops (else the compute dtype, Triton only).
+        dw_fp32: an fp32 ``[V, D]`` accumulator for dW (else straight into the weight dtype).
+
+    Returns:
+        The previous process-wide :class:`Config` (pass its fields back to restore it).
+
+    Example:
+        >>> import fastalign
+        >>> previous = fastalign.set_config(index_checks=False)   # a trainer that validated its data
+        >>> fastalign.get_config().index_checks, previous.index_checks
+        (False, True)
+        >>> _ = fastalign.set_config(index_checks=previous.index_checks)
+    """
     global _defaults
     with _defaults_lock:
         previous = _defaults
@@ -87,7 +113,22 @@ def set_config(*, index_checks: bool | None = None, compact_ignored: bool | None
 def config(*, index_checks: bool | None = None, compact_ignored: bool | None = None,
            fp32_logits: bool | None = None, dw_fp32: bool | None = None) -> Iterator[Config]:
     """``with fastalign.config(index_checks=False): ...``: the settings for this block, in this
-    thread / task only (``None`` keeps the current one); nests; yields the settings in effect."""
+    thread / task only (``None`` keeps the current one); nests; yields the settings in effect.
+
+    Args:
+        index_checks, compact_ignored, fp32_logits, dw_fp32: as in :func:`set_config`.
+
+    Returns:
+        A context manager yielding the :class:`Config` in effect inside the block.
+
+    Example:
+        >>> import fastalign
+        >>> with fastalign.config(index_checks=False, compact_ignored=False) as cfg:
+        ...     cfg.index_checks, fastalign.get_config().compact_ignored
+        (False, False)
+        >>> fastalign.get_config().index_checks
+        True
+    """
     scoped = _replaced(get_config(), "fastalign.config", index_checks=index_checks, compact_ignored=compact_ignored,
                        fp32_logits=fp32_logits, dw_fp32=dw_fp32)
     token = _scoped.set(scoped)

@@ -17,8 +17,10 @@ import pytest
 import fastalign._dispatch as dispatch
 
 MODULES = [
+    "fastalign._config",
     "fastalign._dispatch",
     "fastalign.ops.logprobs",
+    "fastalign.ops.linear_logprobs",
     "fastalign.ops.kl",
     "fastalign.ops.surrogate",
     "fastalign.ops.gae",
@@ -31,6 +33,8 @@ MODULES = [
 
 # every public function of these modules must carry an example
 PUBLIC = {
+    "fastalign._config": ["get_config", "set_config", "config"],
+    "fastalign.ops.linear_logprobs": ["linear_logprobs"],
     "fastalign._dispatch": ["select_impl", "triton_interpret_enabled"],
     "fastalign.ops.logprobs": ["logprobs_from_logits"],
     "fastalign.ops.kl": ["kl_penalty", "k3_kl"],

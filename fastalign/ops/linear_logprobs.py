@@ -167,6 +167,15 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, soft
     Returns:
         ``logp [...]`` fp32 (fp64 when hidden or weight is fp64), or ``(logp, entropy)``.
         Differentiable w.r.t. hidden, weight and bias; gradients come back in their dtypes.
+
+    Example:
+        >>> import torch, fastalign
+        >>> hidden = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+        >>> weight = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])   # V 3, D 2
+        >>> logp = fastalign.linear_logprobs(hidden, weight, torch.tensor([0, -100]))
+        >>> ref = torch.log_softmax(hidden @ weight.T, -1)[0, 0]
+        >>> bool(torch.allclose(logp[0], ref)), logp[1].item()                 # ignored: 0
+        (True, 0.0)
     """
     check_float(hidden, "hidden", _OP)
     check_float(weight, "weight", _OP)
