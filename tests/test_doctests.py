@@ -29,6 +29,7 @@ MODULES = [
     "fastalign.losses.grpo",
     "fastalign.losses.ppo",
     "fastalign.losses.dpo",
+    "fastalign.losses.fused",
 ]
 
 # every public function of these modules must carry an example
@@ -45,6 +46,7 @@ PUBLIC = {
     "fastalign.losses.grpo": ["grpo_loss"],
     "fastalign.losses.ppo": ["ppo_loss", "ppo_policy_loss", "value_loss"],
     "fastalign.losses.dpo": ["dpo_loss", "simpo_loss", "orpo_loss", "kto_loss", "reward_model_loss"],
+    "fastalign.losses.fused": ["linear_grpo_loss", "linear_ppo_policy_loss", "linear_dpo_loss"],
 }
 
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE

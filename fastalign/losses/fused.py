@@ -291,6 +291,18 @@ def linear_grpo_loss(
 
     Returns:
         ``(loss, metrics)`` as :func:`grpo_loss`; metrics also hold ``logp`` ``[B, T]`` (detached).
+
+    Example:
+        >>> import torch
+        >>> g = torch.Generator().manual_seed(0)
+        >>> h, W = torch.randn(2, 3, 4, generator=g), torch.randn(5, 4, generator=g)   # B 2, T 3, D 4, V 5
+        >>> tgt, mask = torch.randint(0, 5, (2, 3), generator=g), torch.tensor([[1, 1, 1], [1, 1, 0]]).bool()
+        >>> logp = torch.log_softmax(h @ W.T, -1).gather(-1, tgt[..., None])[..., 0]   # the materialized way
+        >>> from fastalign.losses import grpo_loss, linear_grpo_loss
+        >>> adv = torch.tensor([1.0, -1.0])
+        >>> loss, _ = linear_grpo_loss(h, W, tgt, mask, adv, beta=0.0)
+        >>> bool(torch.allclose(loss, grpo_loss(logp, None, adv, mask, beta=0.0)[0], atol=1e-6))
+        True
     """
     op = "linear_grpo_loss"
     B, T, V, D, inv_temp, softcap, backend, valid, targets_ig, compact = _prep_head(
@@ -392,9 +404,28 @@ def linear_ppo_policy_loss(
     takes two passes). Add the value loss (:func:`fastalign.losses.value_loss`) for the tutorial's
     full PPO objective.
 
+    Args:
+        hidden, weight, targets, mask: as :func:`linear_grpo_loss`. advantages: ``[B, T]`` (or
+            ``[B]`` / ``[B, 1]``); old_logp: ``[B, T]``.
+        bias, temperature, softcap: the head. eps_low, eps_high, dual_clip, level: as
+            :func:`ppo_policy_loss`. ent_coef: >= 0, the entropy bonus.
+        mode, return_entropy, chunk_size, row_block, compact_ignored, impl: as :func:`linear_grpo_loss`.
+
     Returns:
         ``(loss, metrics)`` as :func:`ppo_policy_loss`, plus ``logp`` ``[B, T]`` (detached) and, with an
         entropy term or ``return_entropy``, ``entropy`` / ``entropies``.
+
+    Example:
+        >>> import torch
+        >>> g = torch.Generator().manual_seed(0)
+        >>> h, W = torch.randn(2, 3, 4, generator=g), torch.randn(5, 4, generator=g)   # B 2, T 3, D 4, V 5
+        >>> tgt, mask = torch.randint(0, 5, (2, 3), generator=g), torch.tensor([[1, 1, 1], [1, 1, 0]]).bool()
+        >>> logp = torch.log_softmax(h @ W.T, -1).gather(-1, tgt[..., None])[..., 0]   # the materialized way
+        >>> from fastalign.losses import linear_ppo_policy_loss, ppo_policy_loss
+        >>> adv, old = torch.randn(2, 3, generator=g), logp + 0.1
+        >>> loss, _ = linear_ppo_policy_loss(h, W, tgt, mask, adv, old)
+        >>> bool(torch.allclose(loss, ppo_policy_loss(logp, old, adv, mask)[0], atol=1e-6))
+        True
     """
     op = "linear_ppo_policy_loss"
     B, T, V, D, inv_temp, softcap, backend, valid, targets_ig, compact = _prep_head(
@@ -481,6 +512,18 @@ def linear_dpo_loss(
 
     Returns:
         ``(loss, metrics)`` as :func:`dpo_loss`.
+
+    Example:
+        >>> import torch
+        >>> g = torch.Generator().manual_seed(0)
+        >>> h, W = torch.randn(2, 3, 4, generator=g), torch.randn(5, 4, generator=g)   # B 2, T 3, D 4, V 5
+        >>> tgt, mask = torch.randint(0, 5, (2, 3), generator=g), torch.tensor([[1, 1, 1], [1, 1, 0]]).bool()
+        >>> logp = torch.log_softmax(h @ W.T, -1).gather(-1, tgt[..., None])[..., 0]   # the materialized way
+        >>> from fastalign.losses import dpo_loss, linear_dpo_loss
+        >>> loss, _ = linear_dpo_loss(h, W, tgt, mask)     # row 0 chosen, row 1 rejected; no reference
+        >>> seq = (logp * mask).sum(-1)
+        >>> bool(torch.allclose(loss, dpo_loss(seq[:1], seq[1:])[0], atol=1e-6))
+        True
     """
     op = "linear_dpo_loss"
     B2, T, V, D, inv_temp, softcap, backend, valid, targets_ig, compact = _prep_head(
