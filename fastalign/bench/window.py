@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -161,7 +162,9 @@ def _fast_path_checks(device: torch.device, dry: bool) -> list[dict]:
                 if missing:
                     problems.append(f"Triton kernels not launched: {missing}")
                 if dt == torch.bfloat16:
-                    fp32_gemms = [n for n in names if "sgemm" in n.lower() or "f32f32_f32" in n.lower()]
+                    # fp32 operands: "sgemm", tf32 kernels, or cuBLAS' "gemm_f32f32_..." (operand types first);
+                    # bf16 operands with fp32 output ("gemm_bf16bf16_f32f32_...") are the fast path
+                    fp32_gemms = [n for n in names if re.search(r"sgemm|tf32|gemm_f32f32", n.lower())]
                     if fp32_gemms:
                         problems.append(f"fp32 GEMMs on bf16 operands: {fp32_gemms[:3]}")
             else:

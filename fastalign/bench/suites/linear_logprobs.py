@@ -83,7 +83,7 @@ def own_gemms(op: str) -> Callable:
         rows, cols = tuning.linear_logprobs_chunking(h.device.type, V, N)
         fp32_out = h.device.type == "cuda" and h.dtype != torch.float32
         kw = {"out_dtype": torch.float32} if fp32_out else {}
-        tile = torch.empty(rows, cols, dtype=torch.float32 if fp32_out else h.dtype, device=h.device)
+        tile = torch.empty(rows * cols, dtype=torch.float32 if fp32_out else h.dtype, device=h.device)
         dz = torch.randn(rows, cols, device=h.device).to(h.dtype)
         d_h = torch.empty(rows, D, dtype=torch.float32 if fp32_out else h.dtype, device=h.device)
         d_w = torch.empty_like(W)
@@ -94,7 +94,7 @@ def own_gemms(op: str) -> Callable:
                 for v0 in range(0, V, cols):
                     w_c = W[v0:v0 + cols]
                     c = w_c.shape[0]
-                    torch.mm(h_r, w_c.t(), out=tile[:n, :c], **kw)
+                    torch.mm(h_r, w_c.t(), out=tile[:n * c].view(n, c), **kw)  # contiguous, as the engine
                     if passes:
                         if v0 == 0:
                             torch.mm(dz[:n, :c], w_c, out=d_h[:n], **kw)
