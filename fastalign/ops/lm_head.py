@@ -47,13 +47,15 @@ filter: + row maxima 38 x 16384 x 4 B = 2.4 MiB): ~152 MiB = 0.6% of the materia
 peak (logits 5.0 GB bf16 + their fp32 copy 10.0 GB + log_softmax 10.0 GB, ~25-30 GB with its
 backward). ``dw_fp32=True`` adds 4 V D = 2.2 GB.
 
-Speed (reasoning; measured on a GPU by ``fastalign bench``): per tile the GEMM writes the tile once
-and one epilogue reads it once (fold or dZ pass; the dZ pass writes dZ once); dW is touched once per
-tile, by its GEMM. The tile traffic (8-12 B per logit) is ~20% of a 2 D-FLOP logit's GEMM time at
-D 3584 on an H100; ``fp32_logits=False`` halves it. A Triton GEMM fused with the online LSE (the
-former ``triton_fused_forward``) would save only the forward's tile traffic (the backward and the
-one-pass loss need the tile anyway) while giving up cuBLAS's GEMM (Triton's ``tl.dot`` GEMMs reach
-~70-85% of cuBLAS on an H100: more than the traffic saved), so it was removed.
+Speed (reasoning only: nothing here has been measured on a GPU yet; ``fastalign bench`` and
+``scripts/gpu_window.sh`` measure it): per tile the GEMM writes the tile once and one epilogue reads
+it once (fold or dZ pass; the dZ pass writes dZ once); dW is touched once per tile, by its GEMM. The
+tile traffic (8-12 B per logit) is, estimated from an H100's datasheet rates, about a fifth of a
+2 D-FLOP logit's GEMM time at D 3584; ``fp32_logits=False`` halves it. A Triton GEMM fused with the
+online LSE (the former ``triton_fused_forward``) would save only the forward's tile traffic (the
+backward and the one-pass loss need the tile anyway) while giving up cuBLAS's GEMM, which we expect
+Triton's ``tl.dot`` not to match on an H100 by more than the traffic saved (an expectation, not a
+measurement), so it was removed; a GPU measurement that says otherwise brings it back.
 
 Gradient filter (``grad_filter_eps``, opt-in; None = exact): the forward saves each tile's row max
 of x (``[n_chunks, N]`` fp32); a backward tile whose rows all have
@@ -250,8 +252,10 @@ def make_walk(hidden: torch.Tensor, weight: torch.Tensor, head: HeadTransform, b
     """A :class:`Walk` with the precision settings in effect (``fastalign.get_config()``) and the
     compute dtype of :func:`compute_dtype_for` unless given."""
     cfg = get_config()
-    return Walk(head=head, compute_dtype=compute_dtype_for(hidden, weight) if compute_dtype is None else compute_dtype, backend=backend,
-                chunk_size=chunk_size, row_block=row_block, fp32_logits=cfg.fp32_logits, dw_fp32=cfg.dw_fp32)
+    if compute_dtype is None:
+        compute_dtype = compute_dtype_for(hidden, weight)
+    return Walk(head=head, compute_dtype=compute_dtype, backend=backend, chunk_size=chunk_size, row_block=row_block,
+                fp32_logits=cfg.fp32_logits, dw_fp32=cfg.dw_fp32)
 
 
 # ---- epilogues ----------------------------------------------------------------------------------
@@ -409,6 +413,11 @@ def _target_coef(stats: HeadStats, targets, g_logp, skipped_chunk: torch.Tensor,
     return torch.where(hit, coef, torch.zeros_like(coef)), tc
 
 
+def _zeros_if(need: bool, like: torch.Tensor | None) -> torch.Tensor | None:
+    """The zero gradient of ``like`` when it is needed (an empty walk), else None."""
+    return torch.zeros_like(like) if need else None
+
+
 def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
              stats: HeadStats, g_logp: torch.Tensor | None, g_ent: torch.Tensor | None, walk: Walk, *,
              need_hidden: bool, need_weight: bool, need_bias: bool, grad_filter_eps: float | None = None):
@@ -422,8 +431,7 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     acc = walk.acc
     nothing = n == 0 or V == 0 or (g_logp is None and g_ent is None)
     if nothing or not (need_hidden or need_weight or need_bias):
-        zeros = lambda need, like: torch.zeros_like(like) if need else None  # noqa: E731
-        return zeros(need_hidden, hidden), zeros(need_weight, weight), zeros(need_bias, bias)
+        return _zeros_if(need_hidden, hidden), _zeros_if(need_weight, weight), _zeros_if(need_bias, bias)
     _, dlogits = walk.epilogues()
     targets = targets.contiguous()
     g_logp = None if g_logp is None else g_logp.contiguous()
@@ -477,10 +485,10 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                     dh_r.add_(coef.unsqueeze(1) * weight.index_select(0, tc).to(walk.compute_dtype).to(acc))
                 if dh_buf is not None:
                     d_h[sl].copy_(dh_r)  # cast to the hidden dtype once per row block
-        if d_w is not None:
-            for c, v0, v1 in chunks:
+        if d_w is not None:  # chunks every row block skipped (grad filter): zero gradient
+            for c, v0 in enumerate(range(0, V, cols)):
                 if not written[c]:
-                    d_w[v0:v1].zero_()
+                    d_w[v0:min(v0 + cols, V)].zero_()
         if skip is not None and g_logp is not None and (d_w is not None or d_b is not None):
             skip_dev = torch.tensor(skip, device=dev)
             for b, r0, r1, _ in _tiles(n, V, rows, cols):
@@ -521,8 +529,7 @@ def one_pass(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     logp = torch.zeros(n, dtype=acc, device=dev)
     ent = torch.zeros(n, dtype=acc, device=dev) if with_entropy else None
     if n == 0 or V == 0:
-        zeros = lambda need, like: torch.zeros_like(like) if need else None  # noqa: E731
-        return logp, ent, zeros(need_hidden, hidden), zeros(need_weight, weight), zeros(need_bias, bias)
+        return logp, ent, _zeros_if(need_hidden, hidden), _zeros_if(need_weight, weight), _zeros_if(need_bias, bias)
     gd = gemm_dtype(walk.compute_dtype, dev)
     dh_acc = need_hidden and not _direct(hidden.dtype, gd, acc)
     dw_fp32 = need_weight and weight.dtype != acc and (walk.dw_fp32 or not _direct(weight.dtype, gd, acc))
