@@ -7,6 +7,7 @@
 #   bash scripts/gpu_window.sh              # on the GPU machine; results under $OUT (else
 #                                           # benchmarks/results/gpu/window)
 #   bash scripts/gpu_window.sh --dry-run    # the same code on CPU at tiny shapes (CI runs this)
+#   bash scripts/gpu_window.sh -- --sweep --skip probe   # the tile sweep instead of the headline groups
 #
 # Peers (TRL, Liger, CCE) travel as wheels in .whl/ (scripts/fetch_peer_wheels.sh, run where pip
 # reaches a registry); they are installed offline into a scratch folder before the run.
@@ -14,12 +15,14 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=()
+EXTRA=()  # after --: passed to the driver (e.g. -- --sweep --skip probe)
 SECONDS_BUDGET=450
 OUT_DIR=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=(--dry-run); SECONDS_BUDGET=300 ;;
     --out) OUT_DIR="$2"; shift ;;
+    --) shift; EXTRA=("$@"); break ;;
     *) echo "gpu_window.sh: unknown option $1" >&2; exit 2 ;;
   esac
   shift
@@ -48,4 +51,4 @@ export FASTALIGN_COMMIT
 echo "gpu_window.sh: commit $FASTALIGN_COMMIT, results in $OUT_DIR"
 # the hard cap (8 minutes); the driver itself stops starting cases at --seconds
 timeout --signal=TERM --kill-after=10 470 python3 -m fastalign.bench.window --out "$OUT_DIR" \
-  --seconds "$SECONDS_BUDGET" "${DRY[@]}" 2>&1 | tee "$OUT_DIR/window.log"
+  --seconds "$SECONDS_BUDGET" "${DRY[@]}" "${EXTRA[@]}" 2>&1 | tee "$OUT_DIR/window.log"

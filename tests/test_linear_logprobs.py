@@ -71,8 +71,8 @@ def _check(h, W, targets, impl, *, b=None, temperature=1.0, softcap=None, ignore
         assert ent.shape == targets.shape
         assert max_err(ent, r_ent) <= 2 * max_err(m_ent, r_ent) + floor
 
-    g_lp = torch.randn(targets.shape, dtype=torch.float64)
-    g_ent = torch.randn(targets.shape, dtype=torch.float64)
+    g_lp = torch.randn(targets.shape, dtype=torch.float64, device=targets.device)
+    g_ent = torch.randn(targets.shape, dtype=torch.float64, device=targets.device)
     ((r_lp * g_lp).sum() + ((r_ent * g_ent).sum() if entropy else 0)).backward()
     ((m_lp * g_lp.float()).sum() + ((m_ent * g_ent.float()).sum() if entropy else 0)).backward()
     ((logp * g_lp.to(logp.dtype)).sum() + ((ent * g_ent.to(ent.dtype)).sum() if entropy else 0)).backward()

@@ -262,14 +262,18 @@ def _skipped(case: BenchCase, why: str) -> BenchResult:
 
 
 def run_benchmarks(device: torch.device, dry: bool, info: dict, out_dir: Path, deadline: float,
-                   budget_s: float) -> list[BenchResult]:
+                   budget_s: float, sweep: bool = False) -> list[BenchResult]:
+    """The headline groups, or with ``sweep`` the tile sweep (:mod:`fastalign.bench.sweep`)."""
+    from fastalign.bench.sweep import sweep_groups
+
     results: list[BenchResult] = []
 
     def write():
         add_ratios(results)
         write_results(results, info, out_dir, tag=TAG)
 
-    for group, cases in bench_groups(device, dry):
+    groups = sweep_groups(device, dry) if sweep else bench_groups(device, dry)
+    for group, cases in groups:
         print(f"[window] {group}: {len(cases)} cases", flush=True)
         for case in cases:
             if time.monotonic() > deadline:
@@ -315,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=450.0, help="the whole window's time, imports excluded")
     parser.add_argument("--skip", action="append", default=[], choices=["probe", "tests", "bench"],
                         help="leave a stage out (repeatable)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="benchmark the tile sweep (fastalign.bench.sweep) instead of the headline groups")
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds of timing per case after warm-up (default 0.3; 0.02 in a dry run)")
     args = parser.parse_args(argv)
@@ -354,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[window] gpu tests: {info['gpu_tests']}", flush=True)
     results: list[BenchResult] = []
     if "bench" not in args.skip:
-        results = run_benchmarks(device, dry, info, out_dir, deadline, budget_s)
+        results = run_benchmarks(device, dry, info, out_dir, deadline, budget_s, sweep=args.sweep)
     info["window"]["seconds_used"] = round(time.monotonic() - t0, 1)
     add_ratios(results)
     write_results(results, info, out_dir, tag=TAG)

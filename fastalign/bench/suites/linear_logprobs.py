@@ -70,29 +70,30 @@ def _peers(device: torch.device, softcap: float | None = None) -> dict[str, Call
     return peers
 
 
-def own_gemms(op: str) -> Callable:
+def own_gemms(op: str, rows: int | None = None, cols: int | None = None) -> Callable:
     """The GEMMs ``linear_logprobs`` runs, in its order and tile shapes (ops/lm_head.py: row blocks
-    outer, vocabulary chunks inner), back to back and nothing else: the floor its time is measured
-    against. fwd: the logits tiles; fwd+bwd: those, then per tile the recompute, ``dH_R += dZ @ W_C``
-    into an fp32 block and ``dW_C (=|+=) dZ.T @ H_R`` into the weight-dtype gradient."""
+    outer, vocabulary chunks inner; ``rows`` / ``cols`` as its ``row_block`` / ``chunk_size``), back to
+    back and nothing else: the floor its time is measured against. fwd: the logits tiles; fwd+bwd:
+    those, then per tile the recompute, ``dH_R += dZ @ W_C`` into an fp32 block and
+    ``dW_C (=|+=) dZ.T @ H_R`` into the weight-dtype gradient."""
     from fastalign.kernels import tuning
 
     def run(h, W, t):
         N, D = h.shape
         V = W.shape[0]
-        rows, cols = tuning.linear_logprobs_chunking(h.device.type, V, N)
+        rows_, cols_ = tuning.linear_logprobs_chunking(h.device.type, V, N, cols, rows)
         fp32_out = h.device.type == "cuda" and h.dtype != torch.float32
         kw = {"out_dtype": torch.float32} if fp32_out else {}
-        tile = torch.empty(rows * cols, dtype=torch.float32 if fp32_out else h.dtype, device=h.device)
-        dz = torch.randn(rows, cols, device=h.device).to(h.dtype)
-        d_h = torch.empty(rows, D, dtype=torch.float32 if fp32_out else h.dtype, device=h.device)
+        tile = torch.empty(rows_ * cols_, dtype=torch.float32 if fp32_out else h.dtype, device=h.device)
+        dz = torch.randn(rows_, cols_, device=h.device).to(h.dtype)
+        d_h = torch.empty(rows_, D, dtype=torch.float32 if fp32_out else h.dtype, device=h.device)
         d_w = torch.empty_like(W)
         for passes in ((False,) if op == "fwd" else (False, True)):
-            for r0 in range(0, N, rows):
-                h_r = h[r0:r0 + rows]
+            for r0 in range(0, N, rows_):
+                h_r = h[r0:r0 + rows_]
                 n = h_r.shape[0]
-                for v0 in range(0, V, cols):
-                    w_c = W[v0:v0 + cols]
+                for v0 in range(0, V, cols_):
+                    w_c = W[v0:v0 + cols_]
                     c = w_c.shape[0]
                     torch.mm(h_r, w_c.t(), out=tile[:n * c].view(n, c), **kw)  # contiguous, as the engine
                     if passes:
