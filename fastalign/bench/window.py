@@ -285,15 +285,18 @@ def run_benchmarks(device: torch.device, dry: bool, info: dict, out_dir: Path, d
             print(f"[window]   {case.name}: {ms}{' ' + res.error if res.error else ''}", flush=True)
             write()
         write()
-        _plot(results, info, out_dir)
+        _plot(results, info, out_dir, sweep)
     return results
 
 
-def _plot(results, info, out_dir: Path) -> None:
+def _plot(results, info, out_dir: Path, sweep: bool = False) -> None:
     try:
-        from fastalign.bench.plot import plot_results
+        from fastalign.bench.plot import plot_results, plot_sweep
 
-        plot_results(results, info, out_dir, tag=TAG)
+        if sweep:
+            plot_sweep(results, info, out_dir)
+        else:
+            plot_results(results, info, out_dir, tag=TAG)
     except Exception as exc:  # matplotlib missing or a backend problem: the JSON and markdown remain
         print(f"[window] no plot: {type(exc).__name__}: {exc}", flush=True)
 

@@ -65,14 +65,18 @@ def torch_rows_per_chunk(vocab: int, budget_elements: int | None = None) -> int:
 #
 # Vocabulary columns per tile (the public ``chunk_size`` default) and the most elements one logits
 # tile may hold (rows per tile = budget // chunk_size, or the ops' ``row_block``): the tile stays
-# bounded whatever N and V are. CUDA: a [4096, 4096] fp32 tile is 64 MiB (+ 32 MiB bf16 dZ) and keeps
-# the cuBLAS GEMMs large (4096 x 4096 x D); the backward adds one fp32 [4096, D] dH block (56 MiB at
-# D 3584): ~152 MiB in all for the Qwen2.5-7B head, 0.6% of the materializing reference's ~27 GB
-# (ops/lm_head.py has the accounting).
+# bounded whatever N and V are. CUDA, measured (H100, ``python -m fastalign.bench.window --sweep``,
+# benchmarks/results/gpu/h100-sweep2): at the Qwen2.5-7B head (N 16384, fwd+bwd) the GEMMs grow
+# faster with the tile up to [8192, 8192] (own GEMMs alone 112.1 ms at [4096, 4096] -> 103.6 ms), and
+# the whole op with them: 121.9 ms [4096, 4096], 118.4 [4096, 8192], 120.3 [8192, 4096], 114.1
+# [8192, 8192] (626 TFLOP/s at 8NDV); smaller tiles lose (2048 x 2048: 147 ms, launch-bound). The
+# [8192, 8192] fp32 tile is 256 MiB (+ 128 MiB bf16 dZ, + a 112 MiB fp32 [8192, D] dH block at
+# D 3584): 496 MiB measured beyond the outputs and gradients, 1.7% of the materializing reference's
+# peak (28.5 GB); ``row_block=4096`` halves it for 4% more time.
 # CPU: an 8 MiB [1024, 2048] tile bounds the torch path's temporaries; measured on 2 cores at
 # N 2048, D 256, V 32768 (fwd+bwd), 2048 columns beat 512 / 1024 / 4096 / 8192 by 10-30%.
-LINEAR_LOGPROBS_CHUNK_SIZE = {"cuda": 4096, "cpu": 2048}
-LINEAR_LOGPROBS_TILE_ELEMENTS = {"cuda": 1 << 24, "cpu": 1 << 21}
+LINEAR_LOGPROBS_CHUNK_SIZE = {"cuda": 8192, "cpu": 2048}
+LINEAR_LOGPROBS_TILE_ELEMENTS = {"cuda": 1 << 26, "cpu": 1 << 21}
 
 # Fold of a wide tile (the one-pass loss's [rows, V]): one program walks at most this many columns of
 # a row; wider chunks are split across programs whose partial (m, s, t) states one small launch

@@ -33,29 +33,29 @@ beta = 0: no memset, no fp32 ``[V, D]`` buffer, no cast pass; ``fastalign.config
 accumulates in an fp32 ``[V, D]`` buffer cast once instead).
 
 Accuracy of that order: dH sees one rounding (the cast of the fp32 block). dW sees one rounding per
-row block (``N / R``, 4 at N 16384 on CUDA) of an fp32-accumulated running sum, each at most half an
+row block (``N / R``, 2 at N 16384 on CUDA) of an fp32-accumulated running sum, each at most half an
 ulp of the weight dtype; torch's own bf16 materializing backward rounds the logits, dZ and dW to
 bf16 once each, and its logit rounding (relative ``|z| * 2^-9``) dominates both: the CPU tests
 compare dH / dW against fp64 at several row blocks and chunks and hold them within 2x torch's error.
 
 Memory (extra over the inputs, the outputs and the input gradients). Forward: one tile, O(N) state.
 Backward: one tile + its dZ in the GEMM dtype (in place when the tile has that dtype) + one fp32
-``[R, D]`` dH block (none when dH is fp32). CUDA estimate for the Qwen2.5-7B head (bf16, D 3584,
-V 152064, N 16384; R = C = 4096): tile 4096 x 4096 x 4 B = 64 MiB, dZ 4096 x 4096 x 2 B = 32 MiB, dH
-block 4096 x 3584 x 4 B = 56 MiB, per-row state and lse / target logit / entropy ~0.3 MiB (grad
-filter: + row maxima 38 x 16384 x 4 B = 2.4 MiB): ~152 MiB = 0.6% of the materializing reference's
-peak (logits 5.0 GB bf16 + their fp32 copy 10.0 GB + log_softmax 10.0 GB, ~25-30 GB with its
-backward). ``dw_fp32=True`` adds 4 V D = 2.2 GB.
+``[R, D]`` dH block (none when dH is fp32). For the Qwen2.5-7B head (bf16, D 3584, V 152064,
+N 16384; CUDA default R = C = 8192): tile 8192 x 8192 x 4 B = 256 MiB, dZ 8192 x 8192 x 2 B = 128 MiB,
+dH block 8192 x 3584 x 4 B = 112 MiB, per-row state ~0.3 MiB (grad filter: + row maxima
+19 x 16384 x 4 B = 1.2 MiB): ~496 MiB, which is what an H100 measures (fwd+bwd peak beyond outputs
+and gradients), 1.7% of the materializing reference's measured 28.5 GB peak (logits 5.0 GB bf16, their
+fp32 copy and log_softmax 10.0 GB each). ``row_block=4096, chunk_size=4096``: ~217 MiB measured.
+``dw_fp32=True`` adds 4 V D = 2.2 GB.
 
-Speed (reasoning only: nothing here has been measured on a GPU yet; ``fastalign bench`` and
-``scripts/gpu_window.sh`` measure it): per tile the GEMM writes the tile once and one epilogue reads
-it once (fold or dZ pass; the dZ pass writes dZ once); dW is touched once per tile, by its GEMM. The
-tile traffic (8-12 B per logit) is, estimated from an H100's datasheet rates, about a fifth of a
-2 D-FLOP logit's GEMM time at D 3584; ``fp32_logits=False`` halves it. A Triton GEMM fused with the
-online LSE (the former ``triton_fused_forward``) would save only the forward's tile traffic (the
-backward and the one-pass loss need the tile anyway) while giving up cuBLAS's GEMM, which we expect
-Triton's ``tl.dot`` not to match on an H100 by more than the traffic saved (an expectation, not a
-measurement), so it was removed; a GPU measurement that says otherwise brings it back.
+Speed (H100, bf16, fwd+bwd at N 16384; ``python -m fastalign.bench.window --sweep``, committed under
+benchmarks/results/gpu/): per tile the GEMM writes the tile once and one epilogue reads it once (fold
+or dZ pass; the dZ pass writes dZ once); dW is touched once per tile, by its GEMM. The op's own
+GEMMs alone take 103.6 ms at [8192, 8192] tiles; the whole op 114.1 ms (fp32 tile, 626 TFLOP/s at
+8NDV) and 106.9 ms with ``fp32_logits=False`` (bf16 tile, 668 TFLOP/s): the tile traffic costs 10%
+(fp32) / 3% (bf16) over the GEMMs. A Triton GEMM fused with the online LSE would save only the
+forward's tile traffic (the backward and the one-pass loss need the tile anyway) while giving up
+cuBLAS's GEMM (93% of this GPU's probed 700 TFLOP/s at these shapes), so there is none.
 
 Gradient filter (``grad_filter_eps``, opt-in; None = exact): the forward saves each tile's row max
 of x (``[n_chunks, N]`` fp32); a backward tile whose rows all have
