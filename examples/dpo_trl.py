@@ -5,26 +5,26 @@
     python examples/dpo_trl.py --loss-type ipo         # sigmoid | ipo | hinge | robust
     python examples/dpo_trl.py --stock                 # the same run with trl.DPOTrainer
 
-FastAlignDPOTrainer is a drop-in subclass of trl.DPOTrainer for the sigmoid, ipo, hinge and robust
+FastalignDPOTrainer is a drop-in subclass of trl.DPOTrainer for the sigmoid, ipo, hinge and robust
 losses (and weighted sums of them).
 """
 
 import argparse
 import os
-import sys
 import tempfile
 
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
-from fastalign.integrations.trl_trainers import FastAlignDPOTrainer
+from fastalign.integrations.trl_trainers import FastalignDPOTrainer
+from fastalign.utils.tiny_models import save_tiny_model
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="HF model id or path (default: a tiny random Qwen2)")
     p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--loss-type", default="sigmoid", choices=FastAlignDPOTrainer.SUPPORTED_LOSS_TYPES)
+    p.add_argument("--loss-type", default="sigmoid", choices=FastalignDPOTrainer.SUPPORTED_LOSS_TYPES)
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--stock", action="store_true", help="run trl.DPOTrainer instead (for comparison)")
@@ -33,9 +33,6 @@ def main(argv=None):
     out = tempfile.mkdtemp(prefix="fastalign_dpo_")
     model = args.model
     if model is None:
-        sys.path.insert(0, os.path.dirname(__file__))
-        from _tiny import save_tiny_model
-
         model = save_tiny_model(os.path.join(out, "tiny"))
     data = Dataset.from_dict({
         "prompt": ["a b c", "d e", "f g h i", "j", "k l", "m n o"] * 4,
@@ -46,7 +43,7 @@ def main(argv=None):
                     beta=args.beta, label_smoothing=0.1 if args.loss_type == "robust" else 0.0,
                     learning_rate=1e-6 if args.model else 1e-3, logging_steps=1, report_to=[], save_strategy="no",
                     bf16=args.bf16, use_cpu=not args.bf16)
-    cls = DPOTrainer if args.stock else FastAlignDPOTrainer
+    cls = DPOTrainer if args.stock else FastalignDPOTrainer
     trainer = cls(model=model, args=cfg, train_dataset=data)
     trainer.train()
     for row in trainer.state.log_history:

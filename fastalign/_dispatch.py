@@ -16,6 +16,8 @@ from typing import Literal
 
 import torch
 
+from fastalign._validation import check_choice
+
 Impl = Literal["auto", "triton", "torch"]
 Backend = Literal["triton", "torch"]
 
@@ -75,8 +77,7 @@ def select_impl(impl: str, device: torch.device, *, op: str = "op") -> Backend:
         ...
         ValueError: my_op: impl must be one of ('auto', 'triton', 'torch'), got 'fast'
     """
-    if impl not in _IMPLS:
-        raise ValueError(f"{op}: impl must be one of {_IMPLS}, got {impl!r}")
+    check_choice(impl, "impl", op, _IMPLS)
     if impl == "torch":
         return "torch"
     if impl == "triton":

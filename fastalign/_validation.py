@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -50,31 +50,39 @@ def check_same_device(op: str, **tensors) -> torch.device:
     return dev
 
 
-def check_shape(x: torch.Tensor, expected: Sequence[int], name: str, op: str, expected_desc: str | None = None) -> None:
-    if tuple(x.shape) != tuple(expected):
-        desc = expected_desc or str(tuple(expected))
-        raise ValueError(f"{op}: {name} must have shape {desc}, got {tuple(x.shape)}")
-
-
-def check_positive(value, name: str, op: str) -> float:
+def check_number(value, name: str, op: str, *, lo: float | None = None, hi: float | None = None,
+                 lo_open: bool = False, hi_open: bool = False, optional: bool = False) -> float | None:
+    """``value`` as a float: a Python number (not a bool), not NaN, within the bounds given (``lo_open`` /
+    ``hi_open``: that bound excluded). ``optional``: None is allowed too, and returned as None."""
+    if optional and value is None:
+        return None
+    none = "None or " if optional else ""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{op}: {name} must be a Python number, got {type(value).__name__}")
-    if not value > 0:
-        raise ValueError(f"{op}: {name} must be > 0, got {value}")
-    return float(value)
+        raise TypeError(f"{op}: {name} must be {none}a Python number, got {type(value).__name__}")
+    v = float(value)
+    below = lo is not None and (v <= lo if lo_open else v < lo)
+    above = hi is not None and (v >= hi if hi_open else v > hi)
+    if below or above or v != v:
+        raise ValueError(f"{op}: {name} must be {none}{_bounds(lo, hi, lo_open, hi_open)}, got {value}")
+    return v
 
 
-def check_in_range(value, name: str, op: str, lo: float, hi: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{op}: {name} must be a Python number, got {type(value).__name__}")
-    if not (lo <= value <= hi):
-        raise ValueError(f"{op}: {name} must be in [{lo}, {hi}], got {value}")
-    return float(value)
+def _bounds(lo: float | None, hi: float | None, lo_open: bool, hi_open: bool) -> str:
+    """``in [lo, hi)``, ``> lo``, ``<= hi``, ...: the allowed values, as the error message says them."""
+    if lo is not None and hi is not None:
+        return f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    if lo is not None:
+        return f"{'>' if lo_open else '>='} {lo:g}"
+    if hi is not None:
+        return f"{'<' if hi_open else '<='} {hi:g}"
+    return "a number (not NaN)"
 
 
-def result_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    """Outputs are fp32, or fp64 when any input is fp64 (for gradcheck)."""
-    return torch.float64 if torch.float64 in dtypes else torch.float32
+def check_choice(value, name: str, op: str, choices: Sequence[str]) -> str:
+    """``value`` is one of ``choices`` (strings)."""
+    if value not in choices:
+        raise ValueError(f"{op}: {name} must be one of {tuple(choices)}, got {value!r}")
+    return value
 
 
 def check_index_range(idx: torch.Tensor, hi: int, name: str, op: str, *, ignore: int | None = None,

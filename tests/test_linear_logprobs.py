@@ -8,32 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from references import max_err
+from formulas import linear_logprobs_fp64, max_err
 
 import fastalign
 from fastalign.ops import lm_head
 from fastalign.utils.memory import AllocationTracker
 
 IMPLS = ["torch", "triton"]
-
-
-def _z(h, W, b, softcap):
-    z = h @ W.T
-    if b is not None:
-        z = z + b
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    return z
-
-
-def ref_linear_logprobs(h, W, targets, b=None, temperature=1.0, softcap=None, ignore_index=-100):
-    """fp64: materialize the logits, log_softmax, gather; entropy -sum p log p. Ignored -> 0."""
-    z = _z(h.double(), W.double(), None if b is None else b.double(), softcap) / temperature
-    logp_all = torch.log_softmax(z, -1)
-    valid = targets != ignore_index
-    logp = logp_all.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
-    ent = -(logp_all.exp() * logp_all).sum(-1)
-    return torch.where(valid, logp, 0.0), torch.where(valid, ent, 0.0)
 
 
 def _materialized_same_dtype(h, W, targets, b, temperature, softcap, ignore_index):
@@ -60,7 +41,7 @@ def _check(h, W, targets, impl, *, b=None, temperature=1.0, softcap=None, ignore
                                     row_block=row_block, impl=impl)
     logp, ent = out if entropy else (out, None)
     refs = [_leaf(x, torch.float64) for x in (h, W, b)]
-    r_lp, r_ent = ref_linear_logprobs(refs[0], refs[1], targets, refs[2], temperature, softcap, ignore_index)
+    r_lp, r_ent = linear_logprobs_fp64(refs[0], refs[1], targets, refs[2], temperature, softcap, ignore_index)
     mats = [_leaf(x) for x in (h, W, b)]
     m_lp, m_ent = _materialized_same_dtype(mats[0], mats[1], targets, mats[2], temperature, softcap, ignore_index)
 
@@ -232,7 +213,7 @@ def test_low_precision_tile_rounds_biased_logits_once(dtype, monkeypatch):
     with fastalign.config(fp32_logits=False):
         logp = fastalign.linear_logprobs(h, W, t, bias=b, softcap=30.0, temperature=0.9, chunk_size=512,
                                          row_block=100, impl="triton")
-    r_lp, _ = ref_linear_logprobs(h.double(), W.double(), t, b.double(), 0.9, 30.0)
+    r_lp, _ = linear_logprobs_fp64(h.double(), W.double(), t, b.double(), 0.9, 30.0)
     # the materialized logits rounded once (fp32 GEMM + bias, one cast): what F.linear does on a GPU
     z = (h.float() @ W.float().T + b.float()).to(dtype).float()
     logp_all = torch.log_softmax(30.0 * torch.tanh(z / 30.0) / 0.9, -1)
@@ -405,7 +386,7 @@ def test_grad_filter_error_within_documented_bound(impl, shape, monkeypatch):
         return
     assert n_got < n_exact / 4, (n_got, n_exact)
     refs = [_leaf(v, torch.float64) for v in (h, W, b)]
-    r_lp, r_ent = ref_linear_logprobs(refs[0], refs[1], t, refs[2], T, cap)
+    r_lp, r_ent = linear_logprobs_fp64(refs[0], refs[1], t, refs[2], T, cap)
     ((r_lp * g.double()).sum() + (r_ent * ge.double()).sum()).backward()
     # per element of a skipped tile: |dZ| <= (|g| + |g_ent| (|ln eps| + H)) eps / T; skipped mass <= eps V
     V = W.shape[0]
@@ -440,7 +421,7 @@ def test_autocast_runs_gemm_in_autocast_dtype(impl):
     assert lp.dtype == torch.float32
     # the same as feeding bf16-rounded operands outside autocast (fp32 accumulation either way)
     hr, Wr, br = (x.detach().bfloat16().double() for x in (h, W, b))
-    r_lp, _ = ref_linear_logprobs(hr, Wr, t, br)
+    r_lp, _ = linear_logprobs_fp64(hr, Wr, t, br)
     assert max_err(lp, r_lp) <= 1e-4
     lp.sum().backward()
     assert h.grad.dtype == torch.float32 and W.grad.dtype == torch.float32
@@ -501,7 +482,7 @@ def test_parity_with_trl_chunked_logprob(softcap, temperature, impl):
     lp, ent = fastalign.linear_logprobs(leaves[0], leaves[1], t, bias=leaves[2], temperature=temperature,
                                         softcap=softcap, return_entropy=True, chunk_size=128, impl=impl)
     refs = [_leaf(x, torch.float64) for x in (h, W, b)]
-    r_lp, r_ent = ref_linear_logprobs(refs[0], refs[1], t, refs[2], temperature, softcap)
+    r_lp, r_ent = linear_logprobs_fp64(refs[0], refs[1], t, refs[2], temperature, softcap)
     # the two fp32 implementations agree to within the sum of their own errors vs fp64
     assert max_err(lp, lp_t) <= max_err(lp, r_lp) + max_err(lp_t, r_lp) + 1e-6
     assert max_err(ent, ent_t) <= max_err(ent, r_ent) + max_err(ent_t, r_ent) + 1e-6
@@ -529,7 +510,7 @@ def test_errors():
         fastalign.linear_logprobs(h, W, t, bias=torch.zeros(11))
     with pytest.raises(ValueError, match="temperature must be > 0"):
         fastalign.linear_logprobs(h, W, t, temperature=0.0)
-    with pytest.raises(ValueError, match="softcap must be > 0"):
+    with pytest.raises(ValueError, match="softcap must be None or > 0"):
         fastalign.linear_logprobs(h, W, t, softcap=-1.0)
     with pytest.raises(ValueError, match="chunk_size must be a positive int"):
         fastalign.linear_logprobs(h, W, t, chunk_size=0)
@@ -576,5 +557,5 @@ def test_cuda_autocast_and_memory_bound():
     grads = 4 * (h.numel() + W.numel())
     assert peak - grads < 4 * N * V // 4, (peak, grads)
     hr, Wr = h.detach().bfloat16().double(), W.detach().bfloat16().double()
-    r_lp, r_ent = ref_linear_logprobs(hr[:256], Wr, t[:256])
+    r_lp, r_ent = linear_logprobs_fp64(hr[:256], Wr, t[:256])
     assert max_err(lp[:256], r_lp) <= 2e-3 and max_err(ent[:256], r_ent) <= 2e-3

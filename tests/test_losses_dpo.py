@@ -98,7 +98,7 @@ def test_dpo_gradcheck(kind):
 def test_simpo():
     pc, pr, _, _, lc, lr = _pairs()
     for eps in (0.0, 0.1):
-        loss, m = simpo_loss(pc, pr, lc, lr, beta=2.5, gamma=1.4, label_smoothing=eps)
+        loss, m = simpo_loss(pc, pr, lc, lr, beta=2.5, margin=1.4, label_smoothing=eps)
         z = 2.5 * (pc / lc.double() - pr / lr.double()) - 1.4
         ref = (-(1 - eps) * _ls(z) - eps * _ls(-z)).mean()
         torch.testing.assert_close(loss, ref)
@@ -138,7 +138,7 @@ def test_kto():
     kp = -torch.rand(9, generator=g, dtype=torch.float64) * 10
     kr = -torch.rand(9, generator=g, dtype=torch.float64) * 10
     beta, wd, wu = 0.2, 1.0, 1.33
-    loss, m = kto_loss(p, r, lab, beta=beta, policy_kl_logps=kp, ref_kl_logps=kr, desirable_weight=wd, undesirable_weight=wu)
+    loss, m = kto_loss(p, r, lab, beta=beta, kl_logp=kp, ref_kl_logp=kr, desirable_weight=wd, undesirable_weight=wu)
     z0 = max((kp - kr).mean().item(), 0.0)
     losses = []
     for i in range(9):
@@ -153,10 +153,10 @@ def test_kto():
     # explicit reference point, and no KL (z0 = 0); the reference point gets no gradient
     kp2 = kp.clone().requires_grad_(True)
     pp = p.clone().requires_grad_(True)
-    l2, m2 = kto_loss(pp, r, lab.long(), policy_kl_logps=kp2, ref_kl_logps=kr)
+    l2, m2 = kto_loss(pp, r, lab.long(), kl_logp=kp2, ref_kl_logp=kr)
     l2.backward()
     assert kp2.grad is None or torch.all(kp2.grad == 0)
-    l3, m3 = kto_loss(p, r, lab, kl=0.0)
+    l3, _ = kto_loss(p, r, lab, kl=0.0)
     l4, _ = kto_loss(p, r, lab)
     torch.testing.assert_close(l3, l4)
     assert torch.autograd.gradcheck(lambda x: kto_loss(x, r, lab, kl=0.3)[0], (p.clone().requires_grad_(True),))
@@ -167,7 +167,7 @@ def test_reward_model_loss():
     a = torch.randn(6, generator=g, dtype=torch.float64)
     b = torch.randn(6, generator=g, dtype=torch.float64)
     mg = torch.rand(6, generator=g, dtype=torch.float64)
-    loss, m = reward_model_loss(a, b, margin=mg, center_rewards_coefficient=0.01)
+    loss, m = reward_model_loss(a, b, margin=mg, center_rewards_coef=0.01)
     ref = -_ls(a - b - mg).mean() + 0.01 * ((a + b) ** 2).mean()
     torch.testing.assert_close(loss, ref)
     torch.testing.assert_close(m["accuracy"], (a > b).double().mean())
@@ -187,25 +187,25 @@ def test_bad_inputs():
     x = torch.zeros(4)
     with pytest.raises(ValueError, match="loss_type must be one of"):
         dpo_loss(x, x, loss_type="nope")
-    with pytest.raises(ValueError, match="beta must be in"):
+    with pytest.raises(ValueError, match="beta must be > 0"):
         dpo_loss(x, x, beta=0.0)
     with pytest.raises(ValueError, match="label_smoothing must be in"):
         dpo_loss(x, x, loss_type="robust", label_smoothing=0.5)
     with pytest.raises(ValueError, match="label_smoothing is only used"):
         dpo_loss(x, x, loss_type="hinge", label_smoothing=0.1)
-    with pytest.raises(ValueError, match="same shape as chosen_logps"):
+    with pytest.raises(ValueError, match="same shape as chosen_logp"):
         dpo_loss(x, torch.zeros(3))
     with pytest.raises(ValueError, match="must be 1-D"):
         dpo_loss(torch.zeros(2, 2), torch.zeros(2, 2))
     with pytest.raises(TypeError, match="floating tensor"):
         dpo_loss(torch.zeros(4, dtype=torch.long), x)
-    with pytest.raises(ValueError, match="both ref_chosen_logps and ref_rejected_logps"):
+    with pytest.raises(ValueError, match="both ref_chosen_logp and ref_rejected_logp"):
         dpo_loss(x, x, x)
     with pytest.raises(ValueError, match="chosen_lengths must have shape"):
         simpo_loss(x, x, torch.ones(3), torch.ones(4))
     with pytest.raises(TypeError, match="desirable must be a torch.Tensor"):
         kto_loss(x, x, [True] * 4)
     with pytest.raises(ValueError, match="either kl or"):
-        kto_loss(x, x, torch.ones(4, dtype=torch.bool), kl=0.1, policy_kl_logps=x, ref_kl_logps=x)
-    with pytest.raises(ValueError, match="desirable_weight must be in"):
+        kto_loss(x, x, torch.ones(4, dtype=torch.bool), kl=0.1, kl_logp=x, ref_kl_logp=x)
+    with pytest.raises(ValueError, match="desirable_weight must be >= 0"):
         kto_loss(x, x, torch.ones(4, dtype=torch.bool), desirable_weight=-1.0)

@@ -4,10 +4,11 @@ import functools
 
 import pytest
 import torch
+from formulas import linear_logprobs_fp64
 
 import fastalign
 from fastalign import losses
-from fastalign.losses import dpo_loss, grpo_loss, ppo_policy_loss
+from fastalign.losses import dpo_loss, grpo_loss
 
 # several row blocks even at test sizes (4-row tiles, an argument of every linear_* loss)
 linear_grpo_loss = functools.partial(losses.linear_grpo_loss, row_block=4)
@@ -29,15 +30,9 @@ def _data(B=3, T=5, D=16, V=37, seed=0, dtype=torch.float64, with_bias=True):
     return cast(h), cast(W), cast(b), tgt, mask, adv
 
 
-def _ref_logp(h, W, b, tgt, mask, T=1.0, cap=None, scale=1.0):
-    z = h.double() @ W.double().t()
-    if b is not None:
-        z = z + b.double()
-    z = z * scale
-    if cap is not None:
-        z = cap * torch.tanh(z / cap)
-    lp = torch.log_softmax(z / T, -1).gather(-1, tgt.clamp(min=0)[..., None]).squeeze(-1)
-    return torch.where(mask, lp, torch.zeros_like(lp))
+def _logp_fp64(h, W, b, tgt, mask, T=1.0, cap=None):
+    """fp64 log-probs of the targets at mask-1 positions (0 elsewhere, whatever the target there)."""
+    return linear_logprobs_fp64(h, W, torch.where(mask, tgt, -100), b, T, cap)[0]
 
 
 def _ref_grpo(lp, old, ref, adv, mask, beta, el, eh, loss_type, bias_corr=False):
@@ -67,7 +62,7 @@ def test_linear_grpo_matches_reference(mode, impl, loss_type, bias_corr, T, cap)
     dtype = torch.float32 if impl == "triton" else torch.float64
     h, W, b, tgt, mask, adv = _data(dtype=dtype)
     with torch.no_grad():
-        lp0 = _ref_logp(h, W, b, tgt, mask, T, cap)
+        lp0 = _logp_fp64(h, W, b, tgt, mask, T, cap)
     g = torch.Generator().manual_seed(9)
     old = (lp0 + torch.randn(lp0.shape, generator=g, dtype=torch.float64) * 0.2).to(dtype)
     ref = (lp0 + torch.randn(lp0.shape, generator=g, dtype=torch.float64) * 0.2).to(dtype)
@@ -77,7 +72,7 @@ def test_linear_grpo_matches_reference(mode, impl, loss_type, bias_corr, T, cap)
                                      kl_bias_correction=bias_corr, mode=mode, impl=impl)
     gd = _grads(loss, *leaves)
     rl = [t.detach().double().requires_grad_(True) for t in (h, W, b)]
-    lp = _ref_logp(*rl, tgt, mask, T, cap)
+    lp = _logp_fp64(*rl, tgt, mask, T, cap)
     expected = _ref_grpo(lp, old.double(), ref.double(), adv, mask, 0.05, 0.2, 0.28, loss_type, bias_corr)
     ge = _grads(expected, *rl)
     tol = dict(rtol=2e-5, atol=2e-6) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-11)
@@ -91,7 +86,7 @@ def test_linear_grpo_matches_reference(mode, impl, loss_type, bias_corr, T, cap)
 def test_one_pass_equals_two_pass_and_unfused_all_options():
     h, W, b, tgt, mask, adv = _data()
     with torch.no_grad():
-        lp0 = _ref_logp(h, W, b, tgt, mask)
+        lp0 = _logp_fp64(h, W, b, tgt, mask)
     old = lp0 + 0.3 * torch.randn(lp0.shape, dtype=torch.float64)
     ref = lp0 + 0.3 * torch.randn(lp0.shape, dtype=torch.float64)
     iw = torch.rand(lp0.shape, dtype=torch.float64) + 0.5
@@ -108,7 +103,7 @@ def test_one_pass_equals_two_pass_and_unfused_all_options():
             loss, _ = linear_grpo_loss(hh, WW, tgt, mask, a_adv, bias=b, mode=mode, impl="torch", **kw)
             outs.append((loss, *_grads(loss, hh, WW)))
         hh, WW = h.clone().requires_grad_(True), W.clone().requires_grad_(True)
-        lp = _ref_logp(hh, WW, b, tgt, mask)
+        lp = _logp_fp64(hh, WW, b, tgt, mask)
         kw2 = dict(kw)
         old_ = kw2.pop("old_logp")
         loss_u, _ = grpo_loss(lp, old_, a_adv, mask, **kw2)
@@ -121,14 +116,14 @@ def test_one_pass_equals_two_pass_and_unfused_all_options():
 def test_sequence_level_uses_two_passes():
     h, W, b, tgt, mask, adv = _data()
     with torch.no_grad():
-        lp0 = _ref_logp(h, W, b, tgt, mask)
+        lp0 = _logp_fp64(h, W, b, tgt, mask)
     old = lp0 + 0.2
     loss, _ = linear_grpo_loss(h, W, tgt, mask, adv, bias=b, old_logp=old, beta=0.0,
-                               importance_sampling_level="sequence", impl="torch")
-    exp_, _ = grpo_loss(lp0, old, adv, mask, beta=0.0, importance_sampling_level="sequence")
+                               level="sequence", impl="torch")
+    exp_, _ = grpo_loss(lp0, old, adv, mask, beta=0.0, level="sequence")
     torch.testing.assert_close(loss, exp_)
     with pytest.raises(ValueError, match="one_pass' needs token-level"):
-        linear_grpo_loss(h, W, tgt, mask, adv, old_logp=old, beta=0.0, importance_sampling_level="sequence",
+        linear_grpo_loss(h, W, tgt, mask, adv, old_logp=old, beta=0.0, level="sequence",
                          mode="one_pass")
 
 
@@ -137,14 +132,14 @@ def test_linear_ppo_policy(impl):
     dtype = torch.float32 if impl == "triton" else torch.float64
     h, W, b, tgt, mask, adv = _data(dtype=dtype, with_bias=False)
     with torch.no_grad():
-        lp0 = _ref_logp(h, W, None, tgt, mask)
+        lp0 = _logp_fp64(h, W, None, tgt, mask)
     old = (lp0 + 0.3 * torch.randn(lp0.shape, dtype=torch.float64)).to(dtype)
     advt = torch.randn(lp0.shape, dtype=torch.float64).to(dtype)
     hh, WW = h.clone().requires_grad_(True), W.clone().requires_grad_(True)
     loss, m = linear_ppo_policy_loss(hh, WW, tgt, mask, advt, old, dual_clip=2.0, impl=impl)
     got = (loss, *_grads(loss, hh, WW))
     rh, rW = h.double().requires_grad_(True), W.double().requires_grad_(True)
-    lp = _ref_logp(rh, rW, None, tgt, mask)
+    lp = _logp_fp64(rh, rW, None, tgt, mask)
     r = torch.exp(lp - old.double())
     A = advt.double()
     per = torch.maximum(-r * A, -r.clamp(0.8, 1.2) * A)
@@ -166,7 +161,7 @@ def test_linear_dpo(loss_type):
     loss, m = linear_dpo_loss(hh, WW, tgt, mask, ref, bias=b, beta=0.2, loss_type=loss_type, impl="torch")
     got = (loss, *_grads(loss, hh, WW))
     rh, rW = h.clone().requires_grad_(True), W.clone().requires_grad_(True)
-    seq = _ref_logp(rh, rW, b, tgt, mask).sum(-1)
+    seq = _logp_fp64(rh, rW, b, tgt, mask).sum(-1)
     n = mask.sum(-1).double()
     hc = seq[:2] - ref[:2]
     hr = seq[2:] - ref[2:]
@@ -189,7 +184,7 @@ def test_bf16_hidden_one_pass_close_to_fp64():
     gh, gw = _grads(loss, hh, WW)
     assert loss.dtype == torch.float32 and gh.dtype == torch.bfloat16 and gw.dtype == torch.bfloat16
     rh, rW = h.double().requires_grad_(True), W.double().requires_grad_(True)
-    lp = _ref_logp(rh, rW, b, tgt, mask)
+    lp = _logp_fp64(rh, rW, b, tgt, mask)
     exp_ = _ref_grpo(lp, lp.detach(), lp.detach(), adv.bfloat16().double(), mask, 0.0, 0.2, 0.2, "grpo")
     eh, ew = _grads(exp_, rh, rW)
     torch.testing.assert_close(loss.double(), exp_.detach(), rtol=1e-5, atol=1e-6)
@@ -263,7 +258,7 @@ def test_entropy_bonus_gradient(mode, impl):
     dtype = torch.float32 if impl == "triton" else torch.float64
     h, W, b, tgt, mask, adv = _data(dtype=dtype)
     with torch.no_grad():
-        lp0 = _ref_logp(h, W, b, tgt, mask, 0.9, 2.5)
+        lp0 = _logp_fp64(h, W, b, tgt, mask, 0.9, 2.5)
     old = (lp0 + 0.3 * torch.randn(lp0.shape, dtype=torch.float64)).to(dtype)
     advt = torch.randn(lp0.shape, dtype=torch.float64).to(dtype)
     tol = dict(rtol=2e-5, atol=2e-6) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-11)
@@ -281,7 +276,7 @@ def test_entropy_bonus_gradient(mode, impl):
         leaves = [t.clone().requires_grad_(True) for t in (h, W, b)]
         if which == "ppo":
             loss, m = linear_ppo_policy_loss(leaves[0], leaves[1], tgt, mask, advt, old, bias=leaves[2], temperature=0.9,
-                                             softcap=2.5, ent_coef=0.05, mode=mode, impl=impl)
+                                             softcap=2.5, entropy_coef=0.05, mode=mode, impl=impl)
         else:
             loss, m = linear_grpo_loss(leaves[0], leaves[1], tgt, mask, adv.to(dtype), old_logp=old, bias=leaves[2],
                                        temperature=0.9, softcap=2.5, beta=0.0, loss_type="dapo", entropy_coef=0.05,
@@ -364,7 +359,7 @@ def test_one_pass_uncompacted_equals_compacted(impl, loss):
             out, m = linear_grpo_loss(leaves[0], leaves[1], tgt, mask, adv, old_logp=old, beta=0.0,
                                       entropy_coef=0.05, **kw)
         else:
-            out, m = linear_ppo_policy_loss(leaves[0], leaves[1], tgt, mask, adv, old, ent_coef=0.05, **kw)
+            out, m = linear_ppo_policy_loss(leaves[0], leaves[1], tgt, mask, adv, old, entropy_coef=0.05, **kw)
         return out, m, _grads(out, *leaves)
 
     loss_c, m_c, g_c = run(True)

@@ -87,7 +87,7 @@ CASES = [
 def _call(logp, old, ref, adv, mask, c, iw=None):
     return grpo_loss(
         logp, old, adv, mask, ref_logp=ref, beta=c.get("beta", 0.04), eps_high=c.get("eps_high"), delta=c.get("delta"),
-        loss_type=c.get("loss_type", "grpo"), importance_sampling_level=c.get("level", "token"),
+        loss_type=c.get("loss_type", "grpo"), level=c.get("level", "token"),
         max_completion_length=c.get("max_len"), num_items=c.get("num_items"), kl_bias_correction=c.get("bias", False),
         importance_weights=iw,
     )
@@ -185,8 +185,8 @@ def test_bad_inputs():
         grpo_loss(logp, old[:, :2], adv, mask, beta=0.0)
     with pytest.raises(ValueError, match="logp must be 2-D"):
         grpo_loss(logp[0], None, adv, mask, beta=0.0)
-    with pytest.raises(ValueError, match="importance_sampling_level must be one of"):
-        grpo_loss(logp, old, adv, mask, beta=0.0, importance_sampling_level="tok")
+    with pytest.raises(ValueError, match="grpo_loss: level must be one of"):
+        grpo_loss(logp, old, adv, mask, beta=0.0, level="tok")
     with pytest.raises(ValueError, match="max_completion_length must be a positive int"):
         grpo_loss(logp, old, adv, mask, beta=0.0, loss_type="dr_grpo", max_completion_length=0)
     with pytest.raises(TypeError, match="mask must be a bool or numeric"):
@@ -249,11 +249,11 @@ def test_sapo_and_luspo_formulas():
     s = ((logp - old) * m).sum(-1) / m.sum(-1).clamp(min=1)
     rs = torch.exp(s)[:, None]
     per = -torch.minimum(rs * A, rs.clamp(0.8, 1.2) * A)
-    loss, _ = grpo_loss(logp, old, adv, mask, beta=0.0, loss_type="luspo", importance_sampling_level="sequence")
+    loss, _ = grpo_loss(logp, old, adv, mask, beta=0.0, loss_type="luspo", level="sequence")
     torch.testing.assert_close(loss, (per * m).sum(-1).mean())
     lp = logp.clone().requires_grad_(True)
     assert torch.autograd.gradcheck(lambda x: grpo_loss(x, old, adv, mask, ref_logp=ref, loss_type="sapo")[0], (lp,))
     with pytest.raises(ValueError, match="delta .* does not apply to loss_type='sapo'"):
         grpo_loss(logp, old, adv, mask, beta=0.0, loss_type="sapo", delta=1.5)
-    with pytest.raises(ValueError, match="sapo_temperature_neg must be in"):
+    with pytest.raises(ValueError, match="sapo_temperature_neg must be > 0"):
         grpo_loss(logp, old, adv, mask, beta=0.0, loss_type="sapo", sapo_temperature_neg=0.0)

@@ -88,7 +88,7 @@ def test_policy_sequence_level_and_1d_advantages():
 @pytest.mark.parametrize("clip", [None, 0.2])
 def test_value(clip):
     _, _, _, v, vo, R, _, mask = _inputs()
-    loss, _ = value_loss(v, R, mask, old_values=vo, clip=clip)
+    loss, _ = value_loss(v, R, mask, old_values=vo, value_clip=clip)
     torch.testing.assert_close(loss, torch.tensor(_ref_value(v, R, mask, vo, clip), dtype=torch.float64))
 
 
@@ -122,10 +122,10 @@ def test_float32_and_bf16():
 
 def test_bad_inputs():
     logp, old, adv, v, vo, R, ent, mask = _inputs()
-    with pytest.raises(ValueError, match="dual_clip must be in"):
+    with pytest.raises(ValueError, match="dual_clip must be > 1"):
         ppo_policy_loss(logp, old, adv, mask, dual_clip=1.0)
     with pytest.raises(ValueError, match="needs old_values"):
-        value_loss(v, R, mask, clip=0.2)
+        value_loss(v, R, mask, value_clip=0.2)
     with pytest.raises(ValueError, match="both values and returns"):
         ppo_loss(logp, old, adv, mask, values=v)
     with pytest.raises(ValueError, match="old_logp must have shape"):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from references import max_err
+from formulas import max_err
 
 pytest.importorskip("trl")
 
@@ -76,7 +76,7 @@ def test_apply_signature_and_outputs_match_trl(softcap, scale, temperature, bias
 
 def _grpo_step(tmp_path, patch: bool):
     """One GRPOTrainer optimizer step from a fixed seed; returns (loss, {param name: grad})."""
-    from tiny_models import tiny_prompt_dataset, tiny_qwen2, tiny_tokenizer
+    from fastalign.utils.tiny_models import tiny_prompt_dataset, tiny_qwen2, tiny_tokenizer
     from transformers import TrainerCallback, set_seed
     from trl import GRPOConfig, GRPOTrainer
 

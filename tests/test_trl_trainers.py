@@ -9,9 +9,8 @@ import torch
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
-from tiny_models import tiny_qwen2, tiny_tokenizer  # noqa: E402
-
-from fastalign.integrations.trl_trainers import FastAlignDPOTrainer, FastAlignGRPOTrainer  # noqa: E402
+from fastalign.integrations.trl_trainers import FastalignDPOTrainer, FastalignGRPOTrainer  # noqa: E402
+from fastalign.utils.tiny_models import tiny_qwen2, tiny_tokenizer  # noqa: E402
 
 
 def make_tokenizer():
@@ -73,7 +72,7 @@ GRPO_KEYS = ("loss", "grad_norm", "kl", "entropy", "clip_ratio/low_mean", "clip_
 ], ids=["dapo_delta_biaskl", "grpo_accum"])
 def test_grpo_dropin_equals_stock(tiny_path, tmp_path, kw):
     logs_a, params_a = _train_grpo(trl.GRPOTrainer, tiny_path, tmp_path / "a", **kw)
-    logs_b, params_b = _train_grpo(FastAlignGRPOTrainer, tiny_path, tmp_path / "b", **kw)
+    logs_b, params_b = _train_grpo(FastalignGRPOTrainer, tiny_path, tmp_path / "b", **kw)
     _compare(logs_a, logs_b, params_a, params_b, GRPO_KEYS)
 
 
@@ -82,7 +81,7 @@ def test_grpo_dropin_refuses_what_it_cannot_reproduce(tiny_path, tmp_path):
     for kw, msg in ((dict(entropy_coef=0.01, use_adaptive_entropy=True), "use_adaptive_entropy"),
                     (dict(loss_type="vespo"), "loss_type='vespo' is not supported")):
         with pytest.raises(ValueError, match=msg):
-            FastAlignGRPOTrainer(model=tiny_path, reward_funcs=_reward, args=_grpo_args(tmp_path, **kw),
+            FastalignGRPOTrainer(model=tiny_path, reward_funcs=_reward, args=_grpo_args(tmp_path, **kw),
                                  train_dataset=ds, processing_class=make_tokenizer())
 
 
@@ -115,15 +114,15 @@ DPO_KEYS = ("loss", "grad_norm", "entropy", "rewards/chosen", "rewards/rejected"
 ], ids=["sigmoid", "ipo", "hinge+robust"])
 def test_dpo_dropin_equals_stock(tiny_path, tmp_path, kw):
     logs_a, params_a = _train_dpo(trl.DPOTrainer, tiny_path, tmp_path / "a", **kw)
-    logs_b, params_b = _train_dpo(FastAlignDPOTrainer, tiny_path, tmp_path / "b", **kw)
+    logs_b, params_b = _train_dpo(FastalignDPOTrainer, tiny_path, tmp_path / "b", **kw)
     _compare(logs_a, logs_b, params_a, params_b, DPO_KEYS)
 
 
 def test_dpo_dropin_refuses_unsupported(tiny_path, tmp_path):
     with pytest.raises(ValueError, match="not supported"):
-        _train_dpo(FastAlignDPOTrainer, tiny_path, tmp_path, loss_type=["bco_pair"])
+        _train_dpo(FastalignDPOTrainer, tiny_path, tmp_path, loss_type=["bco_pair"])
     with pytest.raises(ValueError, match="f_divergence_type"):
-        _train_dpo(FastAlignDPOTrainer, tiny_path, tmp_path, f_divergence_type="js_divergence")
+        _train_dpo(FastalignDPOTrainer, tiny_path, tmp_path, f_divergence_type="js_divergence")
 
 
 # ---- _compute_loss against TRL's on synthetic batches (every supported option, no training loop) ----
@@ -131,7 +130,7 @@ def test_dpo_dropin_refuses_unsupported(tiny_path, tmp_path):
 @pytest.fixture(scope="module")
 def grpo_pair(tiny_path, tmp_path_factory):
     ds = datasets.Dataset.from_dict({"prompt": ["a b"] * 4})
-    tr = FastAlignGRPOTrainer(model=tiny_path, reward_funcs=_reward, train_dataset=ds, processing_class=make_tokenizer(),
+    tr = FastalignGRPOTrainer(model=tiny_path, reward_funcs=_reward, train_dataset=ds, processing_class=make_tokenizer(),
                               args=_grpo_args(tmp_path_factory.mktemp("pair"), max_completion_length=7))
     tr.model.train()
     tr.current_gradient_accumulation_steps = 2
@@ -202,7 +201,7 @@ def test_grpo_compute_loss_equals_trl(grpo_pair, setting, monkeypatch):
         inputs.pop("old_per_token_logps")
     assert not s
     results = []
-    for fn in (trl.GRPOTrainer._compute_loss, FastAlignGRPOTrainer._compute_loss):
+    for fn in (trl.GRPOTrainer._compute_loss, FastalignGRPOTrainer._compute_loss):
         tr.model.zero_grad()
         tr._metrics["train"].clear()
         loss = fn(tr, tr.model, inputs)

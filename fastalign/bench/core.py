@@ -91,6 +91,11 @@ class BenchResult:
         return asdict(self)
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch's own name of a dtype without the ``torch.`` prefix (``bfloat16``), as shape labels carry it."""
+    return str(dtype).removeprefix("torch.")
+
+
 def device_defaults(device: torch.device, quick: bool, quick_shapes: list, cpu_shapes: list, cuda_shapes: list):
     """(shapes, dtype, impl) of a suite: real shapes in bf16 on the Triton kernels on CUDA, small fp32
     shapes on the torch path on CPU (the interpreter is for tests, not timings)."""

@@ -58,10 +58,6 @@ def _fmt(x, spec: str, suffix: str = "") -> str:
     return "-" if x is None else f"{x:{spec}}{suffix}"
 
 
-def _of_peak(value, peak) -> str:
-    return "" if value is None or not peak else f" ({100 * value / peak:.0f}%)"
-
-
 def _rate(value, of_probe, peak, spec: str) -> str:
     """``value (x% of the probed ceiling, y% of the datasheet)``."""
     if value is None:

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 import fastalign
-from fastalign.bench.core import BenchCase, autograd_runner, with_config
+from fastalign.bench.core import BenchCase, autograd_runner, dtype_name, with_config
 from fastalign.bench.suites.linear_logprobs import own_gemms
 
 # (N, D, V): the Qwen2.5-7B head (all tiles) and the Gemma-2-2B head (its wide vocabulary)
@@ -58,7 +58,7 @@ def _linear_inputs(N, D, V, dtype, device):
 def _linear_cases(key: str, dry: bool, dtype, device, impl: str) -> list[BenchCase]:
     N, D, V = LINEAR[key][1 if dry else 0]
     inputs = _linear_inputs(N, D, V, dtype, device)
-    shape = f"N={N},D={D},V={V},{str(dtype).replace('torch.', '')}"
+    shape = f"N={N},D={D},V={V},{dtype_name(dtype)}"
     flops = 8.0 * N * D * V
     out = []
     for rows, cols in LINEAR_TILES[key][1 if dry else 0]:
@@ -98,7 +98,7 @@ def _grpo_cases(dry: bool, dtype, device, impl: str) -> list[BenchCase]:
         ref = old + torch.randn(B, T, generator=gen, device=device) * 0.05
         return h, W, tgt, mask, adv, old, ref
     inputs = _cached(build)
-    shape = f"B={B},T={T},D={D},V={V},{str(dtype).replace('torch.', '')}"
+    shape = f"B={B},T={T},D={D},V={V},{dtype_name(dtype)}"
     out = []
     for mode in ("one_pass", "two_pass"):
         for rows in GRPO_ROWS[1 if dry else 0] if mode == "one_pass" else [None]:

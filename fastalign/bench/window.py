@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from fastalign.bench.core import BenchCase, BenchResult, add_ratios, measure
+from fastalign.bench.core import BenchCase, BenchResult, add_ratios, dtype_name, measure
 from fastalign.bench.report import machine_info, machine_line, write_results
 
 TAG = "window"
@@ -96,7 +96,7 @@ def _kernel_names(fn, device) -> list[str]:
     return sorted({e.key for e in prof.key_averages() if str(e.device_type).lower().endswith(want)})
 
 
-def _fast_path_checks(device: torch.device, dry: bool) -> list[dict]:
+def _fast_path_checks(device: torch.device) -> list[dict]:
     """Run each op once at a small real-ish shape and check what ran: the Triton kernels (not a
     fallback), no fp32 GEMM on bf16 operands, outputs fp32 and gradients in the input dtype."""
     import fastalign
@@ -127,7 +127,7 @@ def _fast_path_checks(device: torch.device, dry: bool) -> list[dict]:
         "logprobs_from_logits": (lambda: fastalign.logprobs_from_logits(logits, lt), (logits,),
                                  ("_logprobs_fwd_kernel", "_logprobs_bwd_kernel")),
         "linear_logprobs": (lambda: fastalign.linear_logprobs(h, W, t), (h, W),
-                            ("_lin_fold_kernel", "_lin_bwd_epilogue_kernel")),
+                            ("_linear_logprobs_tile_fwd_kernel", "_linear_logprobs_tile_bwd_kernel")),
         "linear_grpo_loss(one_pass)": (lambda: linear_grpo_loss(h.view(1, N, D), W, t.view(1, N), mask.new_ones(1, N),
                                                                  adv[:1], beta=0.0, mode="one_pass")[0], (h, W), ()),
         "k3_kl": (lambda: fastalign.k3_kl(lp, old), (lp,), ()),
@@ -190,7 +190,7 @@ def probe(device: torch.device, dry: bool) -> dict:
     dt = torch.bfloat16 if cuda else torch.float32
     n = 8192 if cuda else 256
     out["gemm_tflops_8192"] = _gemm_tflops(n, n, n, dt, device)
-    out["gemm_shape_8192"] = f"{n}^3 {str(dt).replace('torch.', '')}"
+    out["gemm_shape_8192"] = f"{n}^3 {dtype_name(dt)}"
     # the GEMMs of linear_logprobs on the Qwen2.5-7B head, at its tile shapes (fp32 output from bf16)
     N, D, V = (16384, 3584, 152064) if cuda else (512, 32, 4096)
     rows, cols = tuning.linear_logprobs_chunking(device.type, V, N)
@@ -205,7 +205,7 @@ def probe(device: torch.device, dry: bool) -> dict:
     }
     out["copy_gbps"] = _copy_gbps(device, (1 << 30) if cuda else (16 << 20))
     out["copy_bytes"] = "1 GiB read + 1 GiB written" if cuda else "16 MiB read + 16 MiB written"
-    out["fast_paths"] = _fast_path_checks(device, dry)
+    out["fast_paths"] = _fast_path_checks(device)
     out["fast_paths_ok"] = all(c.get("ok") for c in out["fast_paths"])
     return out
 

@@ -16,7 +16,7 @@ import torch
 
 from fastalign._config import resolve
 from fastalign._dispatch import Impl, select_impl
-from fastalign._validation import check_index_range, check_int, check_positive
+from fastalign._validation import check_index_range, check_int, check_number
 
 _OP = "fastalign.integrations.transformers"
 
@@ -116,7 +116,7 @@ def hidden_logprobs(hidden: torch.Tensor, head: LMHead, targets: torch.Tensor, *
                                softcap=head.softcap, ignore_index=ignore_index, return_entropy=return_entropy,
                                chunk_size=chunk_size, compact_ignored=compact_ignored,
                                grad_filter_eps=grad_filter_eps, impl=impl)
-    inv_temp = 1.0 / check_positive(temperature, "temperature", _OP)
+    inv_temp = 1.0 / check_number(temperature, "temperature", _OP, lo=0, lo_open=True)
     check_int(targets, "targets", _OP)
     compact = resolve("compact_ignored", compact_ignored, _OP)
     V, D = head.weight.shape

@@ -52,7 +52,7 @@ def _trl_compute_dtype(hidden: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
 
 
-class _FastalignTRLLogProbs(torch.autograd.Function):
+class TRLLinearLogprobsFunction(torch.autograd.Function):
     """TRL's argument order and outputs, the LM-head engine's walks (:mod:`fastalign.ops.lm_head`)."""
 
     @staticmethod
@@ -105,8 +105,8 @@ class FastalignChunkedLogProbFunction:
             return _original_cls.apply(hidden, weight, bias, targets, temperature, chunk_size,
                                        final_logit_softcapping, logit_scale, outputs)
         FastalignChunkedLogProbFunction.calls += 1
-        logp, entropy = _FastalignTRLLogProbs.apply(hidden, weight, bias, targets, temperature, chunk_size,
-                                                    final_logit_softcapping, logit_scale, "entropy" in outputs)
+        logp, entropy = TRLLinearLogprobsFunction.apply(hidden, weight, bias, targets, temperature, chunk_size,
+                                                        final_logit_softcapping, logit_scale, "entropy" in outputs)
         return logp, entropy, None, None, None
 
 

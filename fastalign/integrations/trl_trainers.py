@@ -1,6 +1,6 @@
 """Drop-in subclasses of TRL 1.16's GRPOTrainer and DPOTrainer whose losses run on fastalign.
 
-- :class:`FastAlignGRPOTrainer`: ``_compute_loss`` runs the policy's backbone, then
+- :class:`FastalignGRPOTrainer`: ``_compute_loss`` runs the policy's backbone, then
   :func:`fastalign.losses.linear_grpo_loss` on its final hidden states and lm_head (one pass over
   the vocabulary for token-level ratios: the loss gradient of each token is formed as soon as its
   log-prob is). It reproduces ``GRPOTrainer._compute_loss`` for ``loss_type`` in ``grpo``, ``bnpo``,
@@ -9,7 +9,7 @@
   ratio, a static ``entropy_coef`` bonus, its gradient formed in the same pass; the high-entropy token
   mask and the off-policy sequence mask, which need all log-probs first, in two passes) and logs the same
   ``kl`` / ``entropy`` / ``clip_ratio/*`` / ``policy_loss`` / ``entropy_coef`` metrics.
-- :class:`FastAlignDPOTrainer`: ``_compute_loss`` takes the per-token log-probs from the backbone's
+- :class:`FastalignDPOTrainer`: ``_compute_loss`` takes the per-token log-probs from the backbone's
   hidden states through :func:`fastalign.linear_logprobs` and applies
   :func:`fastalign.losses.dpo_loss` for ``loss_type`` in ``sigmoid``, ``ipo``, ``hinge``, ``robust``
   (weighted combinations included), as ``DPOTrainer._compute_loss``.
@@ -33,6 +33,7 @@ import torch
 
 from fastalign.integrations.transformers import final_hidden_states, hidden_logprobs, lm_head_of
 from fastalign.losses import dpo_loss, grpo_loss, linear_grpo_loss
+from fastalign.losses._common import masked_mean
 
 try:  # TRL is an optional dependency of fastalign
     from trl import DPOTrainer, GRPOTrainer
@@ -66,7 +67,7 @@ def _check_single_process(trainer) -> None:
                          f"used outside the DDP / FSDP / DeepSpeed wrapper), got num_processes={n}; use the TRL trainer")
 
 
-class FastAlignGRPOTrainer(GRPOTrainer):
+class FastalignGRPOTrainer(GRPOTrainer):
     """``trl.GRPOTrainer`` whose loss is :func:`fastalign.losses.linear_grpo_loss`.
 
     Extra keyword arguments: ``fastalign_mode`` (``"auto" | "one_pass" | "two_pass"``, see
@@ -156,7 +157,7 @@ class FastAlignGRPOTrainer(GRPOTrainer):
             ref_logp=inputs["ref_per_token_logps"] if self.beta != 0.0 else None,
             beta=self.beta, eps_low=self.epsilon_low, eps_high=self.epsilon_high,
             delta=None if loss_type in ("cispo", "sapo") else self.args.delta, loss_type=loss_type,
-            importance_sampling_level=self.importance_sampling_level,
+            level=self.importance_sampling_level,
             max_completion_length=self.max_completion_length, num_items=num_items,
             kl_bias_correction=bool(self.args.use_bias_correction_kl), importance_weights=importance_weights,
             sapo_temperature_pos=self.args.sapo_temperature_pos, sapo_temperature_neg=self.args.sapo_temperature_neg)
@@ -190,8 +191,7 @@ class FastAlignGRPOTrainer(GRPOTrainer):
         loss, metrics = grpo_loss(logp, kw.pop("old_logp"), adv, mask, **kw)
         if entropy_coef != 0.0:
             eff = mask if entropy_mask is None else mask * entropy_mask
-            eff = eff.to(ent.dtype)
-            loss = loss - entropy_coef * (ent * eff).sum() / eff.sum().clamp(min=1.0)
+            loss = loss - entropy_coef * masked_mean(ent, eff)
         metrics["logp"] = logp.detach()
         metrics["entropies"] = ent.detach()
         return loss, metrics
@@ -247,7 +247,7 @@ class FastAlignGRPOTrainer(GRPOTrainer):
             nanmax(self.accelerator.gather(masked_seq_mean(high.float()))).item())
 
 
-class FastAlignDPOTrainer(DPOTrainer):
+class FastalignDPOTrainer(DPOTrainer):
     """``trl.DPOTrainer`` whose policy log-probs come from :func:`fastalign.linear_logprobs` and whose loss is
     :func:`fastalign.losses.dpo_loss` (``sigmoid``, ``ipo``, ``hinge``, ``robust``; weighted sums of them).
 
@@ -312,16 +312,14 @@ class FastAlignDPOTrainer(DPOTrainer):
         lengths = completion_mask.sum(dim=1)
         chosen_len, rejected_len = lengths.chunk(2, dim=0)
         loss = 0.0
-        metrics = None
         for loss_type, weight in zip(self.loss_types, self.loss_weights, strict=True):
-            part, metrics = dpo_loss(
+            part, _ = dpo_loss(
                 chosen_logps, rejected_logps, ref_chosen, ref_rejected, beta=self.beta, loss_type=loss_type,
                 label_smoothing=self.label_smoothing if loss_type == "robust" else 0.0,
                 chosen_lengths=chosen_len, rejected_lengths=rejected_len)
             loss = loss + part * weight
 
-        self._fastalign_log(metrics, entropy, shift_mask, inputs, chosen_logps, rejected_logps,
-                            ref_chosen, ref_rejected, mode)
+        self._fastalign_log(entropy, shift_mask, inputs, chosen_logps, rejected_logps, ref_chosen, ref_rejected, mode)
         self._fastalign_log_mean_logits(hidden, head, shift_mask, mode)
         return loss
 
@@ -344,7 +342,7 @@ class FastAlignDPOTrainer(DPOTrainer):
             self._metrics[mode][f"logits/{part}"].append(total / count if count > 0 else 0.0)
 
     @torch.no_grad()
-    def _fastalign_log(self, metrics, entropy, mask, inputs, chosen_logps, rejected_logps, ref_chosen, ref_rejected,
+    def _fastalign_log(self, entropy, mask, inputs, chosen_logps, rejected_logps, ref_chosen, ref_rejected,
                        mode) -> None:
         acc = self.accelerator
         ent_sum = acc.gather_for_metrics((entropy.detach() * mask).sum()).sum()

@@ -29,7 +29,7 @@ def _affine_then(c_first, d_first, c_next, d_next):
 
 
 @triton.jit
-def _gae_kernel(
+def _gae_fwd_kernel(
     rew_ptr, val_ptr, mask_ptr, done_ptr, nv_ptr, adv_ptr, ret_ptr,
     T, s_r_b, s_r_t, s_v_b, s_v_t, s_m_b, s_m_t, s_d_b, s_d_t, s_nv,
     gamma_hi, gamma_lo, lam_hi, lam_lo,
@@ -88,7 +88,7 @@ def _split(x: float) -> tuple[float, float]:
     return hi, _fp32(x - hi)
 
 
-def gae_triton(rewards, values, mask, dones, next_values, gamma: float, lam: float, acc: torch.dtype):
+def gae_fwd(rewards, values, mask, dones, next_values, gamma: float, lam: float, acc: torch.dtype):
     """rewards / values [B, T] float (any strides); mask / dones [B, T] uint8 (stride 0 allowed);
     next_values [B] (stride 0 allowed). Returns (advantages, returns), contiguous [B, T] ``acc``."""
     B, T = rewards.shape
@@ -97,7 +97,7 @@ def gae_triton(rewards, values, mask, dones, next_values, gamma: float, lam: flo
     if B * T == 0:
         return adv, ret
     cfg = tuning.gae_config(T)
-    _gae_kernel[(B,)](
+    _gae_fwd_kernel[(B,)](
         rewards, values, mask, dones, next_values, adv, ret, T,
         rewards.stride(0), rewards.stride(1), values.stride(0), values.stride(1),
         mask.stride(0), mask.stride(1), dones.stride(0), dones.stride(1), next_values.stride(0),

@@ -6,7 +6,7 @@ The samples are taken in *run order*, where every group is a run of consecutive 
   keys) and ``perm``; rewards are read, and advantages written, through ``perm``;
 * ``MODE_CONTIGUOUS`` (``group_size``): the runs are ``[g s, (g + 1) s)``, key ``k // s``; no sort.
 
-``_group_adv_kernel`` (one launch): program ``p`` owns the runs whose first position (head) is in
+``_group_advantages_fwd_kernel`` (one launch): program ``p`` owns the runs whose first position (head) is in
 ``[p B, (p + 1) B)`` and loads the window ``[p B, p B + 2 B)``, which holds every owned run of up to
 ``B + 1`` samples whole. In the window (wide loads and in-register scans, no dependent load chains):
 
@@ -23,7 +23,7 @@ chunks of ``2 B`` from its head (count and sum, finding its end; deviations; wri
 reduced by one program in a fixed order, so results are bitwise deterministic (no atomics). NaN
 rewards are left out of every statistic and get 0. No host sync.
 
-``scale="batch"``: ``_batch_std_kernel`` first writes the count, sum and ``M2`` of each chunk of
+``scale="batch"``: ``_group_advantages_std_fwd_kernel`` first writes the count, sum and ``M2`` of each chunk of
 rewards; each program of the main launch combines them, in the same order, into the batch std
 (``M2 = sum_j M2_j + n_j (mean_j - mean)^2``, Chan et al.).
 
@@ -130,7 +130,7 @@ def _advantage(r, valid, cnt, tot, sq, b_std, eps, loo, scale_mode, unbiased, si
 
 @triton.jit
 def _batch_std(parts_ptr, n_parts, unbiased, acc: tl.constexpr, PARTS: tl.constexpr):
-    """The std of all valid rewards from ``_batch_std_kernel``'s (count, sum, centred squares) parts."""
+    """The std of all valid rewards from ``_group_advantages_std_fwd_kernel``'s (count, sum, centred squares) parts."""
     j = tl.arange(0, PARTS)
     m = j < n_parts
     n_j = tl.load(parts_ptr + j, mask=m, other=0.0).to(acc)
@@ -143,7 +143,7 @@ def _batch_std(parts_ptr, n_parts, unbiased, acc: tl.constexpr, PARTS: tl.conste
 
 
 @triton.jit
-def _batch_std_kernel(rewards_ptr, parts_ptr, N, chunk, FP64: tl.constexpr, BLOCK: tl.constexpr):
+def _group_advantages_std_fwd_kernel(rewards_ptr, parts_ptr, N, chunk, FP64: tl.constexpr, BLOCK: tl.constexpr):
     """Program ``j``: count, sum and centred sum of squares of the non-NaN rewards in
     ``[j chunk, (j + 1) chunk)`` (two passes), at ``parts[0 | 1 | 2, j]``."""
     acc: tl.constexpr = tl.float64 if FP64 else tl.float32
@@ -212,7 +212,7 @@ def _long_run(rewards_ptr, keys_ptr, perm_ptr, out_ptr, a, N, group_size, b_std,
 
 
 @triton.jit
-def _group_adv_kernel(
+def _group_advantages_fwd_kernel(
     rewards_ptr, keys_ptr, perm_ptr, parts_ptr, out_ptr, N, group_size, n_parts, eps,
     loo, scale_mode, unbiased, singleton_raw,
     MODE: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr, PARTS: tl.constexpr,
@@ -253,9 +253,9 @@ def _group_adv_kernel(
                   loo, scale_mode, unbiased, singleton_raw, MODE, acc, W)
 
 
-def group_advantages_triton(rewards: torch.Tensor, ids: torch.Tensor | None, group_size: int, eps: float,
-                            loo: bool, scale_mode: int, unbiased: bool, singleton_raw: bool,
-                            out_dtype: torch.dtype) -> torch.Tensor:
+def group_advantages_fwd(rewards: torch.Tensor, ids: torch.Tensor | None, group_size: int, eps: float,
+                         loo: bool, scale_mode: int, unbiased: bool, singleton_raw: bool,
+                         out_dtype: torch.dtype) -> torch.Tensor:
     """``rewards`` [N] (contiguous), ``ids`` [N] int64 or None (then contiguous groups of ``group_size``)."""
     N = rewards.shape[0]
     out = torch.empty(N, dtype=out_dtype, device=rewards.device)
@@ -273,10 +273,10 @@ def group_advantages_triton(rewards: torch.Tensor, ids: torch.Tensor | None, gro
         chunk = bcfg.block * triton.cdiv(triton.cdiv(N, bcfg.block), tuning.GROUP_ADV_BATCH_PARTS)
         n_parts = triton.cdiv(N, chunk)
         parts = torch.empty(3, n_parts, dtype=out_dtype, device=rewards.device)
-        _batch_std_kernel[(n_parts,)](rewards, parts, N, chunk, FP64=fp64, BLOCK=bcfg.block,
+        _group_advantages_std_fwd_kernel[(n_parts,)](rewards, parts, N, chunk, FP64=fp64, BLOCK=bcfg.block,
                                       num_warps=bcfg.num_warps)
-    cfg = tuning.group_adv_config(N)
-    _group_adv_kernel[(triton.cdiv(N, cfg.block),)](
+    cfg = tuning.group_adv_config()
+    _group_advantages_fwd_kernel[(triton.cdiv(N, cfg.block),)](
         rewards, keys, perm, parts, out, N, max(group_size, 1), n_parts, eps,
         int(loo), scale_mode, int(unbiased), int(singleton_raw),
         MODE=mode, FP64=fp64, BLOCK=cfg.block, PARTS=tuning.GROUP_ADV_BATCH_PARTS, num_warps=cfg.num_warps)

@@ -75,8 +75,8 @@ def _grid(R: int, T: int, cfg):
     return (triton.cdiv(R, cfg.block_r), triton.cdiv(T, cfg.block_t))
 
 
-def kl_forward(logp: torch.Tensor, ref: torch.Tensor, kind: int, lr_clamp: float, out_clamp: float,
-               out_dtype: torch.dtype) -> torch.Tensor:
+def kl_fwd(logp: torch.Tensor, ref: torch.Tensor, kind: int, lr_clamp: float, out_clamp: float,
+           out_dtype: torch.dtype) -> torch.Tensor:
     """``logp``, ``ref``: [R, T] (any strides). Returns the estimator, contiguous [R, T] ``out_dtype``."""
     R, T = logp.shape
     out = torch.empty((R, T), dtype=out_dtype, device=logp.device)
@@ -90,8 +90,8 @@ def kl_forward(logp: torch.Tensor, ref: torch.Tensor, kind: int, lr_clamp: float
     return out
 
 
-def kl_backward(logp: torch.Tensor, ref: torch.Tensor, grad: torch.Tensor, kind: int, lr_clamp: float,
-                out_clamp: float, want_dlogp: bool, want_dref: bool, acc_dtype: torch.dtype):
+def kl_bwd(logp: torch.Tensor, ref: torch.Tensor, grad: torch.Tensor, kind: int, lr_clamp: float,
+           out_clamp: float, want_dlogp: bool, want_dref: bool, acc_dtype: torch.dtype):
     """Gradients w.r.t. ``logp`` and ``ref`` (contiguous [R, T], in each input's dtype; None if not wanted)."""
     R, T = logp.shape
     dlogp = torch.empty((R, T), dtype=logp.dtype, device=logp.device) if want_dlogp else None

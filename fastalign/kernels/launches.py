@@ -19,13 +19,14 @@ from dataclasses import dataclass
 import torch
 
 from fastalign.kernels import tuning
-from fastalign.kernels.gae import gae_triton
-from fastalign.kernels.group_advantages import group_advantages_triton
-from fastalign.kernels.kl import kl_backward, kl_forward
-from fastalign.kernels.linear_logprobs import dlogits_chunk, fold_chunk
-from fastalign.kernels.logprobs import logprobs_backward, logprobs_forward
-from fastalign.kernels.surrogate import surrogate_backward, surrogate_forward
+from fastalign.kernels.dtypes import acc_dtype
+from fastalign.kernels.gae import gae_fwd
+from fastalign.kernels.group_advantages import group_advantages_fwd
+from fastalign.kernels.kl import kl_bwd, kl_fwd
+from fastalign.kernels.linear_logprobs import linear_logprobs_tile_bwd, linear_logprobs_tile_fwd
+from fastalign.kernels.logprobs import logprobs_bwd, logprobs_fwd
 from fastalign.kernels.rows import rows_of
+from fastalign.kernels.surrogate import surrogate_bwd, surrogate_fwd
 
 BF16, FP16, FP32, FP64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
 NAME = {BF16: "bf16", FP16: "fp16", FP32: "fp32", FP64: "fp64"}
@@ -59,12 +60,12 @@ def _logprobs(batch: int, length: int, V: int, dtype: torch.dtype, shifted: bool
     (grad of logp, grad of entropy) in ``grads``."""
     rows, layout = rows_of(_meta(batch, length + shifted, V, dtype=dtype)[:, :length])
     targets = _meta(batch * length, dtype=torch.long)
-    logp, ent, lse = logprobs_forward(rows, layout.inner, layout.stride_outer, layout.stride_inner, targets,
-                                      1.0, -100, entropy)
+    logp, ent, lse = logprobs_fwd(rows, layout.inner, layout.stride_outer, layout.stride_inner, targets,
+                                  1.0, -100, entropy)
     for g_logp, g_ent in grads:
-        logprobs_backward(rows, layout.inner, layout.stride_outer, layout.stride_inner, targets, lse, ent,
-                          torch.empty_like(logp) if g_logp else None, torch.empty_like(lse) if g_ent else None,
-                          1.0, -100)
+        logprobs_bwd(rows, layout.inner, layout.stride_outer, layout.stride_inner, targets, lse, ent,
+                     torch.empty_like(logp) if g_logp else None, torch.empty_like(lse) if g_ent else None,
+                     1.0, -100)
 
 
 def _logprobs_cases() -> list[Case]:
@@ -119,16 +120,17 @@ def _linear_chunks(n: int, V: int, dtype: torch.dtype, softcap: float | None, en
     chunks = _tiles(n, rows, V, cols)
     for r0, r1, v0, v1 in chunks:
         tile = tile_buf[: (r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0)
-        fold_chunk(tile, targets[r0:r1], m[r0:r1], s[r0:r1], None if t is None else t[r0:r1], tgt[r0:r1],
-                   None if tmax is None else tmax[v0 // cols, r0:r1], v0, 1.0, 1.0, softcap)
+        linear_logprobs_tile_fwd(tile, targets[r0:r1], m[r0:r1], s[r0:r1], None if t is None else t[r0:r1],
+                                 tgt[r0:r1], None if tmax is None else tmax[v0 // cols, r0:r1], v0, 1.0, 1.0, softcap)
     lse = _meta(n)
     for g_logp, g_ent in grads:
         g, ge = _meta(n) if g_logp else None, _meta(n) if g_ent else None
         for r0, r1, v0, v1 in chunks:
             tile = tile_buf[: (r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0)
             dz = dz_buf[: (r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0)
-            dlogits_chunk(tile, dz, targets[r0:r1], lse[r0:r1], None if t is None else t[r0:r1],
-                          None if g is None else g[r0:r1], None if ge is None else ge[r0:r1], v0, 1.0, 1.0, softcap)
+            linear_logprobs_tile_bwd(tile, dz, targets[r0:r1], lse[r0:r1], None if t is None else t[r0:r1],
+                                     None if g is None else g[r0:r1], None if ge is None else ge[r0:r1], v0, 1.0, 1.0,
+                                     softcap)
 
 
 def _one_pass(n: int, V: int, dtype: torch.dtype, softcap: float | None, entropy: bool) -> None:
@@ -142,10 +144,10 @@ def _one_pass(n: int, V: int, dtype: torch.dtype, softcap: float | None, entropy
     for r0, r1, _, _ in _tiles(n, rows, V, V):
         k = r1 - r0
         m, s, tgt = _meta(k), _meta(k), _meta(k)
-        fold_chunk(tile_buf[:k], targets[r0:r1], m, s, _meta(k) if entropy else None, tgt, None, 0, 1.0, 1.0,
-                   softcap)
-        dlogits_chunk(tile_buf[:k], dz_buf[:k], targets[r0:r1], _meta(k), ent[r0:r1] if entropy else None, _meta(k),
-                      _meta(k) if entropy else None, 0, 1.0, 1.0, softcap)
+        linear_logprobs_tile_fwd(tile_buf[:k], targets[r0:r1], m, s, _meta(k) if entropy else None, tgt, None, 0,
+                                 1.0, 1.0, softcap)
+        linear_logprobs_tile_bwd(tile_buf[:k], dz_buf[:k], targets[r0:r1], _meta(k), ent[r0:r1] if entropy else None,
+                                 _meta(k), _meta(k) if entropy else None, 0, 1.0, 1.0, softcap)
 
 
 def _linear_cases() -> list[Case]:
@@ -181,10 +183,6 @@ def _linear_cases() -> list[Case]:
 
 # ---- KL, clipped surrogate, GAE: [R, T] token tensors -----------------------------------------
 
-def _acc(*xs: torch.Tensor) -> torch.dtype:
-    return FP64 if any(x.dtype == FP64 for x in xs) else FP32
-
-
 def _grad(R: int, T: int, dtype: torch.dtype, expanded: bool) -> torch.Tensor:
     """The upstream gradient of a [R, T] output: of a masked sum (dense) or of ``.mean()`` (stride 0)."""
     return _meta(1, 1, dtype=dtype).expand(R, T) if expanded else _meta(R, T, dtype=dtype)
@@ -193,13 +191,13 @@ def _grad(R: int, T: int, dtype: torch.dtype, expanded: bool) -> torch.Tensor:
 def _kl(logp: torch.Tensor, ref: torch.Tensor, kind: int, clamps: bool, expanded_grad: bool) -> None:
     """kl_penalty of [R, T] views (a contiguous pair goes as one row, as the op does); the gradient
     w.r.t. logp only (the reference is a constant)."""
-    acc = _acc(logp, ref)
+    acc = acc_dtype(logp.dtype, ref.dtype)
     grad = _grad(*logp.shape, acc, expanded_grad)
     if logp.is_contiguous() and ref.is_contiguous():
         logp, ref, grad = logp.view(1, -1), ref.view(1, -1), grad.reshape(1, -1)
     lr_clamp, out_clamp = (20.0, 10.0) if clamps else (math.inf, math.inf)
-    kl_forward(logp, ref, kind, lr_clamp, out_clamp, acc)
-    kl_backward(logp, ref, grad, kind, lr_clamp, out_clamp, True, False, acc)
+    kl_fwd(logp, ref, kind, lr_clamp, out_clamp, acc)
+    kl_bwd(logp, ref, grad, kind, lr_clamp, out_clamp, True, False, acc)
 
 
 def _surrogate(logp: torch.Tensor, adv: torch.Tensor, masked: bool, sequence: bool, dual_clip: bool,
@@ -207,24 +205,24 @@ def _surrogate(logp: torch.Tensor, adv: torch.Tensor, masked: bool, sequence: bo
     """clipped_surrogate on [R, T] (old log-probs laid out as logp): per-sequence advantages ``[R]`` are
     expanded over time; an absent mask is a stride-0 uint8 ones tensor."""
     R, T = logp.shape
-    acc = _acc(logp, adv)
+    acc = acc_dtype(logp.dtype, adv.dtype)
     adv = adv if adv.dim() == 2 else adv.reshape(R, 1).expand(R, T)
     mask = _meta(R, T, dtype=torch.uint8) if masked else _meta(1, 1, dtype=torch.uint8).expand(R, T)
     dual = 3.0 if dual_clip else math.inf
-    _, _, seq_lr, seq_n = surrogate_forward(logp, logp, adv, mask, 0.8, 1.28, dual, sequence, acc)
-    surrogate_backward(logp, logp, adv, mask, _grad(R, T, acc, expanded_grad), seq_lr, seq_n, 0.8, 1.28, dual,
-                       sequence, acc)
+    _, _, seq_lr, seq_n = surrogate_fwd(logp, logp, adv, mask, 0.8, 1.28, dual, sequence, acc)
+    surrogate_bwd(logp, logp, adv, mask, _grad(R, T, acc, expanded_grad), seq_lr, seq_n, 0.8, 1.28, dual,
+                  sequence, acc)
 
 
 def _gae(R: int, T: int, dtype: torch.dtype, masked: bool, bootstrap: bool) -> None:
     """gae: values ``[R, T + 1]`` sliced to ``[:, :T]`` with ``next_values = values[:, T]`` when
     bootstrapping, else zero next values (stride 0); no dones (stride 0)."""
-    acc = FP64 if dtype == FP64 else FP32
+    acc = acc_dtype(dtype)
     one = _meta(1, 1, dtype=torch.uint8)
     values = _meta(R, T + 1 if bootstrap else T, dtype=dtype)
     mask = _meta(R, T, dtype=torch.uint8) if masked else one.expand(R, T)
     nv = values[:, T].to(acc) if bootstrap else _meta(1, dtype=acc).expand(R)
-    gae_triton(_meta(R, T, dtype=dtype), values[:, :T], mask, one.expand(R, T), nv, 0.99, 0.95, acc)
+    gae_fwd(_meta(R, T, dtype=dtype), values[:, :T], mask, one.expand(R, T), nv, 0.99, 0.95, acc)
 
 
 def _token_cases() -> list[Case]:
@@ -272,8 +270,8 @@ PRESETS = {
 def _group_adv(n: int, ids: bool, dtype: torch.dtype, preset: str) -> None:
     """``n`` rewards in groups of 16: contiguous (``group_size``) or by ids (sorted by the launcher)."""
     loo, scale_mode, unbiased, singleton_raw, eps = PRESETS[preset]
-    group_advantages_triton(_meta(n, dtype=dtype), _meta(n, dtype=torch.long) if ids else None, 0 if ids else 16,
-                            eps, loo, scale_mode, unbiased, singleton_raw, FP64 if dtype == FP64 else FP32)
+    group_advantages_fwd(_meta(n, dtype=dtype), _meta(n, dtype=torch.long) if ids else None, 0 if ids else 16,
+                         eps, loo, scale_mode, unbiased, singleton_raw, acc_dtype(dtype))
 
 
 def _group_cases() -> list[Case]:

@@ -5,18 +5,18 @@ buffer (compute-dtype operands, fp32 accumulation; an fp32 tile by default), and
 consume it. The contract (the engine's, :mod:`fastalign.ops.lm_head`): the fold never writes the
 tile; the dZ pass reads each element once and writes dZ into ``dz``, which may be the tile itself.
 
-* fold (:func:`fold_chunk`): ``x = T^-1 * c * tanh(scale * z / c)`` (or ``x = scale * z / T``),
-  folded into the running per-row online-LSE state ``(m, s, t)`` with
+* fold (:func:`linear_logprobs_tile_fwd`): ``x = T^-1 * c * tanh(scale * z / c)`` (or
+  ``x = scale * z / T``), folded into the running per-row online-LSE state ``(m, s, t)`` with
   :func:`fastalign.kernels.logsumexp.online_lse_update` (t, for the entropy, kept relative to m);
   the target's ``x`` when the target falls in the chunk; optionally the tile's row max (the grad
   filter's bound). Grid: row blocks x column splits. A chunk wider than
   ``tuning.LINEAR_LOGPROBS_FOLD_COLS`` (the one-pass loss's full-vocabulary tiles) is split across
   programs that write partial ``(m, s, t)`` states ``[P, n]``, merged per row by one small launch
-  (:func:`_lin_fold_merge_kernel`, which also reads the target logit and writes the row max): the
-  grid has ``rows x P`` programs instead of one serial walk over 152k columns per row, and each tile
+  (:func:`_linear_logprobs_tile_merge_fwd_kernel`, which also reads the target logit and writes the
+  row max): the grid has ``rows x P`` programs instead of one serial walk over 152k columns per row, and each tile
   element is still read once.
-* dZ (:func:`dlogits_chunk`, one program per (row block, column block)): recomputes ``x``,
-  ``p = exp(x - lse)``, ``dx = g_logp (onehot - p) - g_ent p (x - lse + H)``, chains through 1/T,
+* dZ (:func:`linear_logprobs_tile_bwd`, one program per (row block, column block)): recomputes
+  ``x``, ``p = exp(x - lse)``, ``dx = g_logp (onehot - p) - g_ent p (x - lse + H)``, chains through 1/T,
   the softcap (``1 - tanh^2``) and ``scale``, and stores dZ in ``dz``'s dtype (the GEMM operand
   dtype: bf16/fp16 on CUDA, so the gradient GEMMs run in bf16/fp16 with fp32 accumulation).
 
@@ -69,7 +69,7 @@ def _finish_tile(tile_ptr, stride_tile, targets_ptr, tgt_ptr, tmax_ptr, cmax, ro
 
 
 @triton.jit
-def _lin_fold_kernel(
+def _linear_logprobs_tile_fwd_kernel(
     tile_ptr, stride_tile, targets_ptr, m_ptr, s_ptr, t_ptr, tgt_ptr, tmax_ptr,
     n_rows, n_cols, cols_per_program, vocab_start,
     scale, inv_temp, softcap,
@@ -78,7 +78,7 @@ def _lin_fold_kernel(
 ):
     """Program (row block, split): fold columns [split * cols_per_program, ...) of the tile. PARTIAL:
     into a fresh state stored at ``split * n_rows + row`` of the partial buffers (m_ptr, s_ptr,
-    t_ptr), merged by :func:`_lin_fold_merge_kernel`; else (one split) into the running state, with
+    t_ptr), merged by :func:`_linear_logprobs_tile_merge_fwd_kernel`; else (one split) into the running state, with
     the target logit and the row max."""
     scale = tl.cast(scale, tl.float32)
     inv_temp = tl.cast(inv_temp, tl.float32)
@@ -121,7 +121,7 @@ def _lin_fold_kernel(
 
 
 @triton.jit
-def _lin_fold_merge_kernel(
+def _linear_logprobs_tile_merge_fwd_kernel(
     tile_ptr, stride_tile, targets_ptr, pm_ptr, ps_ptr, pt_ptr, m_ptr, s_ptr, t_ptr, tgt_ptr, tmax_ptr,
     n_rows, n_cols, n_parts, vocab_start,
     scale, inv_temp, softcap,
@@ -161,7 +161,7 @@ def _lin_fold_merge_kernel(
 
 
 @triton.jit
-def _lin_bwd_epilogue_kernel(
+def _linear_logprobs_tile_bwd_kernel(
     tile_ptr, stride_tile, dz_ptr, stride_dz, targets_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr,
     n_rows, n_cols, vocab_start,
     scale, inv_temp, softcap,
@@ -206,9 +206,9 @@ def _lin_bwd_epilogue_kernel(
 # A tile is ``[n, C]`` (fp32, or bf16/fp16 logits; row stride ``tile.stride(0)``, unit column stride);
 # per-row vectors are fp32 of length n. ``softcap=None`` means no softcap.
 
-def fold_chunk(tile: torch.Tensor, targets: torch.Tensor, m: torch.Tensor, s: torch.Tensor, t: torch.Tensor | None,
-               tgt: torch.Tensor, tile_max: torch.Tensor | None, vocab_start: int, scale: float, inv_temp: float,
-               softcap: float | None) -> None:
+def linear_logprobs_tile_fwd(tile: torch.Tensor, targets: torch.Tensor, m: torch.Tensor, s: torch.Tensor,
+                             t: torch.Tensor | None, tgt: torch.Tensor, tile_max: torch.Tensor | None, vocab_start: int,
+                             scale: float, inv_temp: float, softcap: float | None) -> None:
     """Fold one vocabulary chunk's logits into the running (m, s, t) and the target logit, in place;
     ``tile_max`` (optional, ``[n]``) receives each row's max of x over the chunk. Never writes the tile."""
     n, n_cols = tile.shape
@@ -220,26 +220,26 @@ def fold_chunk(tile: torch.Tensor, targets: torch.Tensor, m: torch.Tensor, s: to
     flags = dict(HAS_SOFTCAP=softcap is not None, HAS_ENTROPY=t is not None, HAS_TILE_MAX=tile_max is not None)
     row_blocks = triton.cdiv(n, cfg.block_rows)
     if parts == 1:
-        _lin_fold_kernel[(row_blocks, 1)](
+        _linear_logprobs_tile_fwd_kernel[(row_blocks, 1)](
             tile, tile.stride(0), targets, m, s, t if t is not None else s, tgt,
             tile_max if tile_max is not None else m, n, n_cols, per, vocab_start, *hp, **flags, PARTIAL=False,
             BLOCK_R=cfg.block_rows, BLOCK_C=cfg.block_cols, num_warps=cfg.num_warps)
         return
     part = torch.empty((3 if t is not None else 2, parts, n), dtype=torch.float32, device=tile.device)
     pt = part[2] if t is not None else part[1]
-    _lin_fold_kernel[(row_blocks, parts)](
+    _linear_logprobs_tile_fwd_kernel[(row_blocks, parts)](
         tile, tile.stride(0), targets, part[0], part[1], pt, tgt, m, n, n_cols, per, vocab_start, *hp,
         **flags, PARTIAL=True, BLOCK_R=cfg.block_rows, BLOCK_C=cfg.block_cols, num_warps=cfg.num_warps)
     merge = tuning.LINEAR_LOGPROBS_MERGE_CONFIG
-    _lin_fold_merge_kernel[(triton.cdiv(n, merge.block_rows),)](
+    _linear_logprobs_tile_merge_fwd_kernel[(triton.cdiv(n, merge.block_rows),)](
         tile, tile.stride(0), targets, part[0], part[1], pt, m, s, t if t is not None else s, tgt,
         tile_max if tile_max is not None else m, n, n_cols, parts, vocab_start, *hp, **flags,
         BLOCK_R=merge.block_rows, BLOCK_P=max(2, triton.next_power_of_2(parts)), num_warps=merge.num_warps)
 
 
-def dlogits_chunk(tile: torch.Tensor, dz: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
-                  entropy: torch.Tensor | None, g_logp: torch.Tensor | None, g_ent: torch.Tensor | None,
-                  vocab_start: int, scale: float, inv_temp: float, softcap: float | None) -> None:
+def linear_logprobs_tile_bwd(tile: torch.Tensor, dz: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+                             entropy: torch.Tensor | None, g_logp: torch.Tensor | None, g_ent: torch.Tensor | None,
+                             vocab_start: int, scale: float, inv_temp: float, softcap: float | None) -> None:
     """Write dLoss/dZ of one tile into ``dz`` (may be ``tile`` itself: each element is read, then written,
     by the same program)."""
     n, n_cols = tile.shape
@@ -247,7 +247,7 @@ def dlogits_chunk(tile: torch.Tensor, dz: torch.Tensor, targets: torch.Tensor, l
         return
     cfg = tuning.linear_logprobs_bwd_config(n_cols)
     grid = (triton.cdiv(n, cfg.block_rows), triton.cdiv(n_cols, cfg.block_cols))
-    _lin_bwd_epilogue_kernel[grid](
+    _linear_logprobs_tile_bwd_kernel[grid](
         tile, tile.stride(0), dz, dz.stride(0), targets, lse,
         entropy if entropy is not None else lse, g_logp if g_logp is not None else lse,
         g_ent if g_ent is not None else lse,

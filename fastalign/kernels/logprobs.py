@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from fastalign.kernels import tuning
+from fastalign.kernels.dtypes import acc_dtype
 from fastalign.kernels.logsumexp import online_lse_finalize, online_lse_update
 
 
@@ -161,15 +162,14 @@ def _logprobs_bwd_kernel(
 
 # ---- launchers ---------------------------------------------------------------------------------
 
-def logprobs_forward(logits: torch.Tensor, inner: int, stride_outer: int, stride_inner: int, targets: torch.Tensor,
-                     inv_temp: float, ignore_index: int, with_entropy: bool):
+def logprobs_fwd(logits: torch.Tensor, inner: int, stride_outer: int, stride_inner: int, targets: torch.Tensor,
+                 inv_temp: float, ignore_index: int, with_entropy: bool):
     """Rows of ``logits`` are addressed by (inner, stride_outer, stride_inner) as in the module doc;
     ``targets`` is int64 [n_rows]. Returns (logp, entropy or None, lse), each [n_rows] in fp32
     (fp64 for fp64 logits)."""
     n_rows = targets.numel()
     V = logits.shape[-1]
-    out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    logp = torch.empty(n_rows, device=logits.device, dtype=out_dtype)
+    logp = torch.empty(n_rows, device=logits.device, dtype=acc_dtype(logits.dtype))
     lse = torch.empty_like(logp)
     entropy = torch.empty_like(logp) if with_entropy else logp  # dummy pointer when unused
     if n_rows == 0:
@@ -184,10 +184,10 @@ def logprobs_forward(logits: torch.Tensor, inner: int, stride_outer: int, stride
     return logp, (entropy if with_entropy else None), lse
 
 
-def logprobs_backward(logits: torch.Tensor, inner: int, stride_outer: int, stride_inner: int,
-                      targets: torch.Tensor, lse: torch.Tensor,
-                      entropy: torch.Tensor | None, grad_logp: torch.Tensor | None,
-                      grad_entropy: torch.Tensor | None, inv_temp: float, ignore_index: int) -> torch.Tensor:
+def logprobs_bwd(logits: torch.Tensor, inner: int, stride_outer: int, stride_inner: int,
+                 targets: torch.Tensor, lse: torch.Tensor,
+                 entropy: torch.Tensor | None, grad_logp: torch.Tensor | None,
+                 grad_entropy: torch.Tensor | None, inv_temp: float, ignore_index: int) -> torch.Tensor:
     """Returns dlogits as a contiguous ``[n_rows, V]`` tensor in the logits' dtype."""
     n_rows = targets.numel()
     V = logits.shape[-1]

@@ -26,9 +26,9 @@ import triton.language as tl
 from fastalign.kernels import tuning
 from fastalign.kernels.token_tiles import load_mask_tile, load_tile, tile_coords
 
-# Order of the partial sums each forward program writes.
-STAT_NAMES = ("count", "loss", "ratio", "approx_kl", "clip_low", "clip_high", "dual_clip")
-N_STATS = 8
+# The partial sums each forward program writes, in order (and the torch path's stats); "pad" is always 0.
+STAT_NAMES = ("count", "loss", "ratio", "approx_kl", "clip_low", "clip_high", "dual_clip", "pad")
+N_STATS = len(STAT_NAMES)
 # "No dual clip" as a finite fp32 bound (inf * 0 would make NaNs in lanes that are then discarded).
 _NO_DUAL = 3.0e38
 
@@ -80,7 +80,7 @@ def _count(flags, zero):
 
 
 @triton.jit
-def _surr_tok_fwd_kernel(
+def _surrogate_token_fwd_kernel(
     logp_ptr, old_ptr, adv_ptr, mask_ptr, loss_ptr, part_ptr,
     R, T, s_lp_r, s_lp_t, s_old_r, s_old_t, s_a_r, s_a_t, s_m_r, s_m_t,
     lo, hi, dual_c,
@@ -102,7 +102,7 @@ def _surr_tok_fwd_kernel(
 
 
 @triton.jit
-def _surr_tok_bwd_kernel(
+def _surrogate_token_bwd_kernel(
     logp_ptr, old_ptr, adv_ptr, mask_ptr, grad_ptr, dlogp_ptr,
     R, T, s_lp_r, s_lp_t, s_old_r, s_old_t, s_a_r, s_a_t, s_m_r, s_m_t, s_g_r, s_g_t,
     lo, hi, dual_c,
@@ -119,7 +119,7 @@ def _surr_tok_bwd_kernel(
 
 
 @triton.jit
-def _surr_seq_fwd_kernel(
+def _surrogate_sequence_fwd_kernel(
     logp_ptr, old_ptr, adv_ptr, mask_ptr, loss_ptr, part_ptr, seq_lr_ptr, seq_n_ptr,
     T, s_lp_r, s_lp_t, s_old_r, s_old_t, s_a_r, s_a_t, s_m_r, s_m_t,
     lo, hi, dual_c,
@@ -165,7 +165,7 @@ def _surr_seq_fwd_kernel(
 
 
 @triton.jit
-def _surr_seq_bwd_kernel(
+def _surrogate_sequence_bwd_kernel(
     adv_ptr, mask_ptr, grad_ptr, seq_lr_ptr, seq_n_ptr, dlogp_ptr,
     T, s_a_r, s_a_t, s_m_r, s_m_t, s_g_r, s_g_t,
     lo, hi, dual_c,
@@ -199,8 +199,8 @@ def _strides(x: torch.Tensor):
     return x.stride(0), x.stride(1)
 
 
-def surrogate_forward(logp, old, adv, mask, lo: float, hi: float, dual_c: float, sequence: bool,
-                      acc: torch.dtype):
+def surrogate_fwd(logp, old, adv, mask, lo: float, hi: float, dual_c: float, sequence: bool,
+                  acc: torch.dtype):
     """All inputs [R, T] (any strides; adv / mask may have stride-0 axes; mask uint8).
 
     Returns ``(loss [R, T] acc, partial stats [programs, 8] acc, seq_lr [R] or None, seq_n [R] or None)``.
@@ -217,7 +217,7 @@ def surrogate_forward(logp, old, adv, mask, lo: float, hi: float, dual_c: float,
         if R == 0:
             return loss, parts, seq_lr, seq_n
         cfg = tuning.seq_row_config(T)
-        _surr_seq_fwd_kernel[(R,)](
+        _surrogate_sequence_fwd_kernel[(R,)](
             logp, old, adv, mask, loss, parts, seq_lr, seq_n, T, *_strides(logp), *_strides(old),
             *_strides(adv), *_strides(mask), lo, hi, dual_c,
             FP64=fp64, BLOCK_T=cfg.block, num_warps=cfg.num_warps)
@@ -227,15 +227,15 @@ def surrogate_forward(logp, old, adv, mask, lo: float, hi: float, dual_c: float,
     cfg = tuning.token_tile_config(R, T)
     grid = (triton.cdiv(R, cfg.block_r), triton.cdiv(T, cfg.block_t))
     parts = torch.empty((grid[0] * grid[1], N_STATS), dtype=acc, device=dev)
-    _surr_tok_fwd_kernel[grid](
+    _surrogate_token_fwd_kernel[grid](
         logp, old, adv, mask, loss, parts, R, T, *_strides(logp), *_strides(old), *_strides(adv),
         *_strides(mask), lo, hi, dual_c,
         FP64=fp64, BLOCK_R=cfg.block_r, BLOCK_T=cfg.block_t, num_warps=cfg.num_warps)
     return loss, parts, None, None
 
 
-def surrogate_backward(logp, old, adv, mask, grad, seq_lr, seq_n, lo: float, hi: float, dual_c: float,
-                       sequence: bool, acc: torch.dtype) -> torch.Tensor:
+def surrogate_bwd(logp, old, adv, mask, grad, seq_lr, seq_n, lo: float, hi: float, dual_c: float,
+                  sequence: bool, acc: torch.dtype) -> torch.Tensor:
     """d loss / d logp as a contiguous [R, T] tensor in logp's dtype."""
     R, T = logp.shape
     dual_c = min(dual_c, _NO_DUAL)
@@ -245,13 +245,13 @@ def surrogate_backward(logp, old, adv, mask, grad, seq_lr, seq_n, lo: float, hi:
     fp64 = acc == torch.float64
     if sequence:
         cfg = tuning.seq_row_config(T)
-        _surr_seq_bwd_kernel[(R,)](
+        _surrogate_sequence_bwd_kernel[(R,)](
             adv, mask, grad, seq_lr, seq_n, dlogp, T, *_strides(adv), *_strides(mask), *_strides(grad),
             lo, hi, dual_c, FP64=fp64, BLOCK_T=cfg.block, num_warps=cfg.num_warps)
         return dlogp
     cfg = tuning.token_tile_config(R, T)
     grid = (triton.cdiv(R, cfg.block_r), triton.cdiv(T, cfg.block_t))
-    _surr_tok_bwd_kernel[grid](
+    _surrogate_token_bwd_kernel[grid](
         logp, old, adv, mask, grad, dlogp, R, T, *_strides(logp), *_strides(old), *_strides(adv),
         *_strides(mask), *_strides(grad), lo, hi, dual_c,
         FP64=fp64, BLOCK_R=cfg.block_r, BLOCK_T=cfg.block_t, num_warps=cfg.num_warps)

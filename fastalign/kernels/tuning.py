@@ -184,7 +184,7 @@ def seq_row_config(cols: int) -> RowConfig:
 GROUP_ADV_CONFIGS = (RowConfig(256, 4),)
 
 
-def group_adv_config(n: int) -> RowConfig:
+def group_adv_config() -> RowConfig:
     return GROUP_ADV_CONFIGS[0]
 
 

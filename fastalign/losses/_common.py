@@ -6,7 +6,8 @@ from typing import Sequence
 
 import torch
 
-from fastalign._validation import check_float, check_mask, check_same_device, result_dtype
+from fastalign._validation import check_float, check_mask, check_same_device
+from fastalign.kernels.dtypes import acc_dtype
 
 
 def as_compute(x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -15,10 +16,10 @@ def as_compute(x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | Non
 
 
 def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
-    return result_dtype(*(t.dtype for t in tensors if t is not None and t.is_floating_point()))
+    return acc_dtype(*(t.dtype for t in tensors if t is not None and t.is_floating_point()))
 
 
-def check_float_vectors(op: str, names: Sequence[str], tensors: Sequence[torch.Tensor | None], *, length_of: str | None = None):
+def check_float_vectors(op: str, names: Sequence[str], tensors: Sequence[torch.Tensor | None]):
     """Every given tensor is a float tensor of shape ``[B]`` with one shared ``B`` and device."""
     ref_name, ref = None, None
     for name, t in zip(names, tensors):
@@ -49,34 +50,8 @@ def check_lengths(op: str, name: str, lengths, like: torch.Tensor) -> torch.Tens
     return lengths
 
 
-def check_number(value, name: str, op: str, *, lo: float | None = None, hi: float | None = None,
-                 lo_open: bool = False, hi_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{op}: {name} must be a Python number, got {type(value).__name__}")
-    v = float(value)
-    bad = (
-        (lo is not None and (v <= lo if lo_open else v < lo))
-        or (hi is not None and (v >= hi if hi_open else v > hi))
-        or v != v
-    )
-    if bad:
-        lb = "(" if lo_open else "["
-        rb = ")" if hi_open else "]"
-        raise ValueError(
-            f"{op}: {name} must be in {lb}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{rb}, got {value}"
-        )
-    return v
-
-
-def check_choice(value, name: str, op: str, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ValueError(f"{op}: {name} must be one of {tuple(choices)}, got {value!r}")
-    return value
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean of ``x`` over ``mask`` (all elements when None); 0 for an empty mask, no host sync."""
-    if mask is None:
-        return x.mean() if x.numel() else x.sum()
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` over the 1 (True) entries of ``mask`` (bool or 0/1, broadcast against ``x``); 0 for
+    an all-zero mask, no host sync."""
     m = mask.to(x.dtype)
     return (x * m).sum() / m.sum().clamp(min=1.0)

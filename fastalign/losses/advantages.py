@@ -18,8 +18,8 @@ from typing import Literal
 import torch
 
 from fastalign._dispatch import Impl
-from fastalign._validation import check_float, check_same_device
-from fastalign.losses._common import check_choice
+from fastalign._validation import check_choice, check_float, check_same_device
+from fastalign.kernels.dtypes import acc_dtype
 from fastalign.ops.group_advantages import group_advantages
 
 _PRESETS = {
@@ -90,7 +90,7 @@ def remax_advantages(rewards: torch.Tensor, greedy_rewards: torch.Tensor, *, gro
             raise ValueError(f"{op}: greedy_rewards must have shape ({N // group_size},) for group_size={group_size}, "
                              f"got {tuple(greedy_rewards.shape)}")
         base = greedy_rewards.repeat_interleave(group_size)
-    dt = torch.float64 if torch.float64 in (rewards.dtype, greedy_rewards.dtype) else torch.float32
+    dt = acc_dtype(rewards.dtype, greedy_rewards.dtype)
     adv = rewards.to(dt) - base.to(dt)
     return torch.nan_to_num(adv, nan=0.0)
 

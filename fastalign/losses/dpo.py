@@ -18,14 +18,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from fastalign.losses._common import (
-    as_compute,
-    check_choice,
-    check_float_vectors,
-    check_lengths,
-    check_number,
-    compute_dtype,
-)
+from fastalign._validation import check_choice, check_number
+from fastalign.losses._common import as_compute, check_float_vectors, check_lengths, compute_dtype
 
 DPOLossType = Literal["sigmoid", "ipo", "hinge", "robust"]
 Reduction = Literal["mean", "sum", "none"]
@@ -48,23 +42,23 @@ def _mean0(x: torch.Tensor) -> torch.Tensor:
     return x.mean() if x.numel() else x.sum()
 
 
-def _preference_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps) -> dict[str, torch.Tensor]:
+def _preference_metrics(chosen_rewards, rejected_rewards, chosen_logp, rejected_logp) -> dict[str, torch.Tensor]:
     cr, rr = chosen_rewards.detach(), rejected_rewards.detach()
     return {
         "rewards/chosen": _mean0(cr),
         "rewards/rejected": _mean0(rr),
         "rewards/accuracies": _mean0((cr > rr).to(cr.dtype)),
         "rewards/margins": _mean0(cr - rr),
-        "logps/chosen": _mean0(chosen_logps),
-        "logps/rejected": _mean0(rejected_logps),
+        "logps/chosen": _mean0(chosen_logp),
+        "logps/rejected": _mean0(rejected_logp),
     }
 
 
 def dpo_loss(
-    chosen_logps: torch.Tensor,
-    rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor | None = None,
-    ref_rejected_logps: torch.Tensor | None = None,
+    chosen_logp: torch.Tensor,
+    rejected_logp: torch.Tensor,
+    ref_chosen_logp: torch.Tensor | None = None,
+    ref_rejected_logp: torch.Tensor | None = None,
     *,
     beta: float = 0.1,
     loss_type: DPOLossType = "sigmoid",
@@ -75,7 +69,7 @@ def dpo_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Direct Preference Optimization (Rafailov et al. 2023) and its pairwise variants.
 
-    With ``h = (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)``
+    With ``h = (chosen_logp - ref_chosen_logp) - (rejected_logp - ref_rejected_logp)``
     (a missing reference counts as 0: reference-free):
 
     - ``"sigmoid"``: ``-(1 - eps) log sigma(beta h) - eps log sigma(-beta h)`` (``eps = label_smoothing``,
@@ -89,9 +83,9 @@ def dpo_loss(
       (Chowdhury et al. 2024), ``eps`` in ``[0, 0.5)``.
 
     Args:
-        chosen_logps, rejected_logps: ``[B]`` float, policy log-probs of the chosen / rejected
+        chosen_logp, rejected_logp: ``[B]`` float, policy log-probs of the chosen / rejected
             completions (summed over their tokens). Differentiable.
-        ref_chosen_logps, ref_rejected_logps: ``[B]`` float or None (both or neither), reference
+        ref_chosen_logp, ref_rejected_logp: ``[B]`` float or None (both or neither), reference
             log-probs; treated as constants (detached).
         beta: > 0.
         loss_type: see above.
@@ -117,11 +111,11 @@ def dpo_loss(
     op = "dpo_loss"
     like = check_float_vectors(
         op,
-        ("chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps"),
-        (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps),
+        ("chosen_logp", "rejected_logp", "ref_chosen_logp", "ref_rejected_logp"),
+        (chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp),
     )
-    if (ref_chosen_logps is None) != (ref_rejected_logps is None):
-        raise ValueError(f"{op}: pass both ref_chosen_logps and ref_rejected_logps or neither, got only one")
+    if (ref_chosen_logp is None) != (ref_rejected_logp is None):
+        raise ValueError(f"{op}: pass both ref_chosen_logp and ref_rejected_logp or neither, got only one")
     beta = check_number(beta, "beta", op, lo=0.0, lo_open=True)
     check_choice(loss_type, "loss_type", op, _DPO_TYPES)
     check_choice(reduction, "reduction", op, _REDUCTIONS)
@@ -139,13 +133,13 @@ def dpo_loss(
         check_lengths(op, "chosen_lengths", chosen_lengths, like)
         check_lengths(op, "rejected_lengths", rejected_lengths, like)
 
-    dt = compute_dtype(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    pc, pr = as_compute(chosen_logps, dt), as_compute(rejected_logps, dt)
-    if ref_chosen_logps is None:
+    dt = compute_dtype(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp)
+    pc, pr = as_compute(chosen_logp, dt), as_compute(rejected_logp, dt)
+    if ref_chosen_logp is None:
         chosen_lr, rejected_lr = pc, pr
     else:
-        chosen_lr = pc - as_compute(ref_chosen_logps, dt).detach()
-        rejected_lr = pr - as_compute(ref_rejected_logps, dt).detach()
+        chosen_lr = pc - as_compute(ref_chosen_logp, dt).detach()
+        rejected_lr = pr - as_compute(ref_rejected_logp, dt).detach()
 
     if loss_type == "ipo":
         if chosen_lengths is not None:
@@ -167,27 +161,28 @@ def dpo_loss(
 
 
 def simpo_loss(
-    chosen_logps: torch.Tensor,
-    rejected_logps: torch.Tensor,
+    chosen_logp: torch.Tensor,
+    rejected_logp: torch.Tensor,
     chosen_lengths: torch.Tensor,
     rejected_lengths: torch.Tensor,
     *,
     beta: float = 2.0,
-    gamma: float = 1.0,
+    margin: float = 1.0,
     label_smoothing: float = 0.0,
     reduction: Reduction = "mean",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """SimPO (Meng et al. 2024): reference-free, length-normalized, with a target margin.
 
-    ``z = beta * (chosen_logps / |y_w| - rejected_logps / |y_l|) - gamma``;
+    ``z = beta * (chosen_logp / |y_w| - rejected_logp / |y_l|) - margin``;
     loss ``-(1 - eps) log sigma(z) - eps log sigma(-z)`` (TRL's CPOTrainer ``loss_type="simpo"``,
-    whose ``simpo_gamma`` is this ``gamma``). Defaults ``beta=2.0, gamma=1.0`` are the SimPO
-    repository's (``gamma_beta_ratio=0.5``).
+    whose ``simpo_gamma`` is this ``margin``, the paper's gamma). Defaults ``beta=2.0, margin=1.0`` are
+    the SimPO repository's (``gamma_beta_ratio=0.5``).
 
     Args:
-        chosen_logps, rejected_logps: ``[B]`` float, summed policy log-probs. Differentiable.
+        chosen_logp, rejected_logp: ``[B]`` float, summed policy log-probs. Differentiable.
         chosen_lengths, rejected_lengths: ``[B]`` numeric token counts (clamped to >= 1).
-        beta: > 0. gamma: the reward margin (any real). label_smoothing: in ``[0, 0.5]``.
+        beta: > 0. margin: the target reward margin, the paper's gamma (any real).
+        label_smoothing: in ``[0, 0.5]``.
         reduction: ``"mean"`` | ``"sum"`` | ``"none"``.
 
     Returns:
@@ -201,19 +196,19 @@ def simpo_loss(
         0.3133
     """
     op = "simpo_loss"
-    like = check_float_vectors(op, ("chosen_logps", "rejected_logps"), (chosen_logps, rejected_logps))
+    like = check_float_vectors(op, ("chosen_logp", "rejected_logp"), (chosen_logp, rejected_logp))
     check_lengths(op, "chosen_lengths", chosen_lengths, like)
     check_lengths(op, "rejected_lengths", rejected_lengths, like)
     beta = check_number(beta, "beta", op, lo=0.0, lo_open=True)
-    gamma = check_number(gamma, "gamma", op)
+    margin = check_number(margin, "margin", op)
     eps = check_number(label_smoothing, "label_smoothing", op, lo=0.0, hi=0.5)
     check_choice(reduction, "reduction", op, _REDUCTIONS)
 
-    dt = compute_dtype(chosen_logps, rejected_logps)
-    pc, pr = as_compute(chosen_logps, dt), as_compute(rejected_logps, dt)
+    dt = compute_dtype(chosen_logp, rejected_logp)
+    pc, pr = as_compute(chosen_logp, dt), as_compute(rejected_logp, dt)
     avg_c = pc / chosen_lengths.to(dt).clamp(min=1.0)
     avg_r = pr / rejected_lengths.to(dt).clamp(min=1.0)
-    z = beta * (avg_c - avg_r) - gamma
+    z = beta * (avg_c - avg_r) - margin
     per_pair = -F.logsigmoid(z) if eps == 0.0 else -(1.0 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
     metrics = _preference_metrics(beta * avg_c, beta * avg_r, pc, pr)
     return _reduce(per_pair, reduction), metrics
@@ -230,8 +225,8 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 
 def orpo_loss(
-    chosen_logps: torch.Tensor,
-    rejected_logps: torch.Tensor,
+    chosen_logp: torch.Tensor,
+    rejected_logp: torch.Tensor,
     chosen_lengths: torch.Tensor,
     rejected_lengths: torch.Tensor,
     *,
@@ -240,15 +235,15 @@ def orpo_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """ORPO (Hong et al. 2024): the chosen completions' NLL plus an odds-ratio preference term.
 
-    With average log-probs ``a_w = chosen_logps / |y_w|``, ``a_l = rejected_logps / |y_l|``
+    With average log-probs ``a_w = chosen_logp / |y_w|``, ``a_l = rejected_logp / |y_l|``
     (lengths clamped to >= 1) and ``log odds(a) = a - log(1 - exp(a))``:
     ``L_OR = -log sigma(log odds(a_w) - log odds(a_l))`` and
-    ``loss = NLL - beta * mean(log sigma(...))`` where ``NLL = -sum(chosen_logps) / sum(|y_w|)`` is
+    ``loss = NLL - beta * mean(log sigma(...))`` where ``NLL = -sum(chosen_logp) / sum(|y_w|)`` is
     the token-mean cross-entropy of the chosen completions (as TRL's ORPOTrainer, whose ``beta`` is
     the paper's lambda). With ``reduction="sum"`` the odds-ratio term is summed over pairs instead.
 
     Args:
-        chosen_logps, rejected_logps: ``[B]`` float, summed policy log-probs (each average must be
+        chosen_logp, rejected_logp: ``[B]`` float, summed policy log-probs (each average must be
             < 0, i.e. probability < 1). Differentiable.
         chosen_lengths, rejected_lengths: ``[B]`` numeric token counts.
         beta: >= 0, the weight of the odds-ratio term.
@@ -267,14 +262,14 @@ def orpo_loss(
         (1.0, 1.0238)
     """
     op = "orpo_loss"
-    like = check_float_vectors(op, ("chosen_logps", "rejected_logps"), (chosen_logps, rejected_logps))
+    like = check_float_vectors(op, ("chosen_logp", "rejected_logp"), (chosen_logp, rejected_logp))
     check_lengths(op, "chosen_lengths", chosen_lengths, like)
     check_lengths(op, "rejected_lengths", rejected_lengths, like)
     beta = check_number(beta, "beta", op, lo=0.0)
     check_choice(reduction, "reduction", op, ("mean", "sum"))
 
-    dt = compute_dtype(chosen_logps, rejected_logps)
-    pc, pr = as_compute(chosen_logps, dt), as_compute(rejected_logps, dt)
+    dt = compute_dtype(chosen_logp, rejected_logp)
+    pc, pr = as_compute(chosen_logp, dt), as_compute(rejected_logp, dt)
     len_c = chosen_lengths.to(dt).clamp(min=1.0)
     avg_c = pc / len_c
     avg_r = pr / rejected_lengths.to(dt).clamp(min=1.0)
@@ -291,33 +286,33 @@ def orpo_loss(
 
 
 def kto_loss(
-    policy_logps: torch.Tensor,
-    ref_logps: torch.Tensor,
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
     desirable: torch.Tensor,
     *,
     beta: float = 0.1,
     kl: torch.Tensor | float | None = None,
-    policy_kl_logps: torch.Tensor | None = None,
-    ref_kl_logps: torch.Tensor | None = None,
+    kl_logp: torch.Tensor | None = None,
+    ref_kl_logp: torch.Tensor | None = None,
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
     reduction: Reduction = "mean",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """KTO (Ethayarajh et al. 2024): unpaired desirable / undesirable completions around a reference point.
 
-    With log-ratio ``r = policy_logps - ref_logps`` and reference point ``z0`` (a constant, no gradient):
+    With log-ratio ``r = logp - ref_logp`` and reference point ``z0`` (a constant, no gradient):
     desirable ``lambda_D (1 - sigma(beta (r - z0)))``, undesirable ``lambda_U (1 - sigma(beta (z0 - r)))``;
     the loss is the mean over all ``B`` completions (as TRL's KTOTrainer ``loss_type="kto"``).
 
-    ``z0`` is ``kl`` when given; otherwise ``clamp(mean(policy_kl_logps - ref_kl_logps), min=0)``
+    ``z0`` is ``kl`` when given; otherwise ``clamp(mean(kl_logp - ref_kl_logp), min=0)``
     (the KL estimate from mismatched prompt/completion pairs, TRL's convention, detached);
     otherwise 0. Note ``z0`` is on the log-ratio scale (``beta`` multiplies it inside the sigmoid).
 
     Args:
-        policy_logps, ref_logps: ``[B]`` float, summed log-probs (``ref_logps`` detached).
+        logp, ref_logp: ``[B]`` float, summed log-probs (``ref_logp`` detached).
         desirable: ``[B]`` bool or 0/1, True for desirable (thumbs-up) completions.
         beta: > 0. kl: optional precomputed reference point (float or 0-d tensor; detached).
-        policy_kl_logps, ref_kl_logps: ``[K]`` float, log-probs of the mismatched KL completions.
+        kl_logp, ref_kl_logp: ``[K]`` float, log-probs of the mismatched KL completions.
         desirable_weight, undesirable_weight: >= 0, ``lambda_D`` and ``lambda_U``.
         reduction: ``"mean"`` | ``"sum"`` | ``"none"`` (per-completion ``[B]``).
 
@@ -335,7 +330,7 @@ def kto_loss(
         0.475
     """
     op = "kto_loss"
-    like = check_float_vectors(op, ("policy_logps", "ref_logps"), (policy_logps, ref_logps))
+    like = check_float_vectors(op, ("logp", "ref_logp"), (logp, ref_logp))
     if not isinstance(desirable, torch.Tensor):
         raise TypeError(f"{op}: desirable must be a torch.Tensor of shape [B], got {type(desirable).__name__}")
     check_lengths(op, "desirable", desirable, like)
@@ -343,18 +338,18 @@ def kto_loss(
     wd = check_number(desirable_weight, "desirable_weight", op, lo=0.0)
     wu = check_number(undesirable_weight, "undesirable_weight", op, lo=0.0)
     check_choice(reduction, "reduction", op, _REDUCTIONS)
-    if (policy_kl_logps is None) != (ref_kl_logps is None):
-        raise ValueError(f"{op}: pass both policy_kl_logps and ref_kl_logps or neither, got only one")
-    if policy_kl_logps is not None:
-        check_float_vectors(op, ("policy_kl_logps", "ref_kl_logps"), (policy_kl_logps, ref_kl_logps))
-        if policy_kl_logps.device != like.device:
-            raise ValueError(f"{op}: policy_kl_logps must be on {like.device}, got {policy_kl_logps.device}")
+    if (kl_logp is None) != (ref_kl_logp is None):
+        raise ValueError(f"{op}: pass both kl_logp and ref_kl_logp or neither, got only one")
+    if kl_logp is not None:
+        check_float_vectors(op, ("kl_logp", "ref_kl_logp"), (kl_logp, ref_kl_logp))
+        if kl_logp.device != like.device:
+            raise ValueError(f"{op}: kl_logp must be on {like.device}, got {kl_logp.device}")
         if kl is not None:
-            raise ValueError(f"{op}: pass either kl or policy_kl_logps/ref_kl_logps, not both")
+            raise ValueError(f"{op}: pass either kl or kl_logp/ref_kl_logp, not both")
 
-    dt = compute_dtype(policy_logps, ref_logps)
-    p = as_compute(policy_logps, dt)
-    lr = p - as_compute(ref_logps, dt).detach()
+    dt = compute_dtype(logp, ref_logp)
+    p = as_compute(logp, dt)
+    lr = p - as_compute(ref_logp, dt).detach()
     if kl is not None:
         if isinstance(kl, torch.Tensor):
             if kl.numel() != 1:
@@ -362,8 +357,8 @@ def kto_loss(
             z0 = kl.detach().to(device=p.device, dtype=dt).reshape(())
         else:
             z0 = torch.tensor(check_number(kl, "kl", op), device=p.device, dtype=dt)
-    elif policy_kl_logps is not None:
-        diff = (policy_kl_logps.detach().to(dt) - ref_kl_logps.detach().to(dt))
+    elif kl_logp is not None:
+        diff = (kl_logp.detach().to(dt) - ref_kl_logp.detach().to(dt))
         z0 = (diff.mean() if diff.numel() else diff.sum()).clamp(min=0.0)
     else:
         z0 = torch.zeros((), device=p.device, dtype=dt)
@@ -394,18 +389,19 @@ def reward_model_loss(
     rejected_rewards: torch.Tensor,
     *,
     margin: torch.Tensor | None = None,
-    center_rewards_coefficient: float | None = None,
+    center_rewards_coef: float | None = None,
     reduction: Literal["mean", "sum"] = "mean",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Bradley-Terry reward-model loss (InstructGPT; tutorial section 3.2).
 
     ``-log sigma(r_w - r_l - margin)`` averaged over pairs, plus
-    ``center_rewards_coefficient * mean((r_w + r_l)^2)`` when given (TRL's RewardTrainer).
+    ``center_rewards_coef * mean((r_w + r_l)^2)`` when given (TRL's RewardTrainer's
+    ``center_rewards_coefficient``).
 
     Args:
         chosen_rewards, rejected_rewards: ``[B]`` float scalar rewards. Differentiable.
         margin: optional ``[B]`` float per-pair margin (constant).
-        center_rewards_coefficient: optional >= 0 weight of the centering term (Eisenstein et al. 2023).
+        center_rewards_coef: optional >= 0 weight of the centering term (Eisenstein et al. 2023).
         reduction: ``"mean"`` | ``"sum"`` over pairs.
 
     Returns:
@@ -422,15 +418,15 @@ def reward_model_loss(
     op = "reward_model_loss"
     check_float_vectors(op, ("chosen_rewards", "rejected_rewards", "margin"), (chosen_rewards, rejected_rewards, margin))
     check_choice(reduction, "reduction", op, ("mean", "sum"))
-    if center_rewards_coefficient is not None:
-        center_rewards_coefficient = check_number(center_rewards_coefficient, "center_rewards_coefficient", op, lo=0.0)
+    if center_rewards_coef is not None:
+        center_rewards_coef = check_number(center_rewards_coef, "center_rewards_coef", op, lo=0.0)
     dt = compute_dtype(chosen_rewards, rejected_rewards, margin)
     rc, rr = as_compute(chosen_rewards, dt), as_compute(rejected_rewards, dt)
     diff = rc - rr
     z = diff if margin is None else diff - as_compute(margin, dt).detach()
     loss = _reduce(-F.logsigmoid(z), reduction)
-    if center_rewards_coefficient is not None:
-        loss = loss + center_rewards_coefficient * _reduce((rc + rr) ** 2, "mean")
+    if center_rewards_coef is not None:
+        loss = loss + center_rewards_coef * _reduce((rc + rr) ** 2, "mean")
     metrics = {
         "accuracy": _mean0((diff > 0).to(dt)),
         "margin": _mean0(diff),

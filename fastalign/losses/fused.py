@@ -34,18 +34,19 @@ import torch
 from fastalign._config import resolve
 from fastalign._dispatch import Impl, select_impl
 from fastalign._validation import (
+    check_choice,
     check_float,
     check_index_range,
     check_int,
     check_mask,
-    check_positive,
+    check_number,
     check_same_device,
 )
-from fastalign.losses._common import as_compute, check_choice, check_number, compute_dtype
+from fastalign.losses._common import as_compute, compute_dtype, masked_mean
 from fastalign.losses.dpo import DPOLossType, dpo_loss
 from fastalign.losses.grpo import (
     GRPOLossType,
-    ISLevel,
+    Level,
     check_advantages,
     grpo_loss,
     grpo_normalize,
@@ -62,7 +63,7 @@ Mode = Literal["auto", "one_pass", "two_pass"]
 
 # ---- the one-pass autograd wrapper ----------------------------------------------------------------
 
-class _FusedTokenLoss(torch.autograd.Function):
+class FusedTokenLossFunction(torch.autograd.Function):
     """Forward computes the loss value *and* its gradients w.r.t. hidden / weight / bias in one pass
     (:func:`fastalign.ops.lm_head.one_pass`); backward scales them, in place, by the (scalar) upstream
     gradient (one elementwise pass over each gradient: inherent to forming them in the forward)."""
@@ -116,9 +117,8 @@ def _prep_head(op, hidden, weight, targets, mask, bias, temperature, softcap, im
         raise ValueError(f"{op}: mask must have shape {(B, T)} (hidden.shape[:2]), got {tuple(mask.shape)}")
     if bias is not None and tuple(bias.shape) != (V,):
         raise ValueError(f"{op}: bias must have shape ({V},), got {tuple(bias.shape)}")
-    inv_temp = 1.0 / check_positive(temperature, "temperature", op)
-    if softcap is not None:
-        softcap = check_positive(softcap, "softcap", op)
+    inv_temp = 1.0 / check_number(temperature, "temperature", op, lo=0, lo_open=True)
+    softcap = check_number(softcap, "softcap", op, lo=0, lo_open=True, optional=True)
     compact = resolve("compact_ignored", compact_ignored, op)
     backend = select_impl(impl, device, op=op)
     valid = mask.bool()
@@ -137,23 +137,12 @@ def _unfused_logp(hidden, weight, targets_ig, bias, walk, compact, with_entropy=
     return logp.view(targets_ig.shape), None if ent is None else ent.view(targets_ig.shape)
 
 
-def _masked_mean(x, valid):
-    m = valid.to(x.dtype)
-    return (x * m).sum() / m.sum().clamp(min=1.0)
-
-
 def _entropy_metrics(metrics, ent_bt, valid):
     if ent_bt is not None:
         ent_bt = ent_bt.detach()
         metrics["entropies"] = ent_bt
-        metrics["entropy"] = _masked_mean(ent_bt, valid)
+        metrics["entropy"] = masked_mean(ent_bt, valid)
     return metrics
-
-
-def _check_coef(value, name, op) -> float:
-    from fastalign.losses._common import check_number
-
-    return check_number(value, name, op, lo=0.0)
 
 
 def _one_pass(hidden, weight, bias, targets_ig, valid, per_token_fn, weights_bt, finalize_fn, *, walk, compact,
@@ -213,7 +202,7 @@ def _one_pass(hidden, weight, bias, targets_ig, valid, per_token_fn, weights_bt,
             loss = loss - entropy_coef * out["metrics"]["entropy"].to(loss.dtype)
         return loss.detach()
 
-    loss, _ = _FusedTokenLoss.apply(h_rows, weight, bias, tg, token_grad, finalize, walk, with_entropy)
+    loss, _ = FusedTokenLossFunction.apply(h_rows, weight, bias, tg, token_grad, finalize, walk, with_entropy)
     return loss, out["metrics"]
 
 
@@ -245,7 +234,7 @@ def linear_grpo_loss(
     eps_high: float | None = None,
     delta: float | None = None,
     loss_type: GRPOLossType = "grpo",
-    importance_sampling_level: ISLevel = "token",
+    level: Level = "token",
     max_completion_length: int | None = None,
     num_items: torch.Tensor | float | None = None,
     kl_bias_correction: bool = False,
@@ -284,7 +273,7 @@ def linear_grpo_loss(
         row_block: rows per tile (None: ``kernels.tuning``), both forms.
         compact_ignored: True: masked rows are gathered away before the GEMMs (one host sync);
             False: every row is computed, no sync; None: ``fastalign.get_config().compact_ignored``.
-        impl: backend of the epilogues.
+        impl: backend of the epilogues and of the ops the loss calls (:func:`fastalign.k3_kl`).
 
     Host syncs (docs/host-syncs.md): the target-range check (``fastalign.config(index_checks=False)``
     skips it) and the row compaction (``compact_ignored=False``); none with both off.
@@ -307,7 +296,7 @@ def linear_grpo_loss(
     op = "linear_grpo_loss"
     B, T, V, D, inv_temp, softcap, backend, valid, targets_ig, compact = _prep_head(
         op, hidden, weight, targets, mask, bias, temperature, softcap, impl, compact_ignored)
-    scale = check_positive(logit_scale, "logit_scale", op)
+    scale = check_number(logit_scale, "logit_scale", op, lo=0, lo_open=True)
     check_choice(mode, "mode", op, ("auto", "one_pass", "two_pass"))
     walk = lm_head.make_walk(hidden, weight, HeadTransform(scale, inv_temp, softcap), backend, chunk_size=chunk_size,
                              row_block=check_row_block(row_block, op))
@@ -319,25 +308,25 @@ def linear_grpo_loss(
     check_advantages(advantages, op, B, T)
     beta, eps_low_, eps_high_, delta_ = validate_grpo_args(
         op, beta=beta, eps_low=eps_low, eps_high=eps_high, delta=delta, loss_type=loss_type,
-        importance_sampling_level=importance_sampling_level, max_completion_length=max_completion_length,
-        num_items=num_items, T=T, has_ref=ref_logp is not None)
-    if mode == "one_pass" and importance_sampling_level == "sequence":
+        level=level, max_completion_length=max_completion_length,
+        num_items=num_items, has_ref=ref_logp is not None)
+    if mode == "one_pass" and level == "sequence":
         raise ValueError(f"{op}: mode='one_pass' needs token-level ratios; sequence-level (GSPO) ratios take two passes")
-    one_pass = mode == "one_pass" or (mode == "auto" and importance_sampling_level == "token")
+    one_pass = mode == "one_pass" or (mode == "auto" and level == "token")
 
-    entropy_coef = _check_coef(entropy_coef, "entropy_coef", op)
+    entropy_coef = check_number(entropy_coef, "entropy_coef", op, lo=0)
     for name, v in (("sapo_temperature_pos", sapo_temperature_pos), ("sapo_temperature_neg", sapo_temperature_neg)):
         check_number(v, name, op, lo=0.0, lo_open=True)
     loss_kw = dict(ref_logp=ref_logp, beta=beta, eps_low=eps_low, eps_high=eps_high, delta=delta, loss_type=loss_type,
-                   importance_sampling_level=importance_sampling_level, max_completion_length=max_completion_length,
+                   level=level, max_completion_length=max_completion_length,
                    num_items=num_items, kl_bias_correction=kl_bias_correction, importance_weights=importance_weights,
-                   sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg)
+                   sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg, impl=impl)
     if not one_pass:
         logp, ent = _unfused_logp(hidden, weight, targets_ig, bias, walk, compact,
                                   with_entropy=return_entropy or entropy_coef != 0.0)
         loss, metrics = grpo_loss(logp, old_logp, advantages, mask, **loss_kw)
         if entropy_coef != 0.0:
-            loss = loss - entropy_coef * _masked_mean(ent, valid)
+            loss = loss - entropy_coef * masked_mean(ent, valid)
         metrics["logp"] = logp.detach()
         return loss, _entropy_metrics(metrics, ent, valid)
 
@@ -355,9 +344,9 @@ def linear_grpo_loss(
         old = lp2.detach() if old_f is None else col(old_f)
         per_tok, *_ = grpo_per_token(
             lp2, old, col(adv_f), torch.ones_like(lp2), col(ref_f), beta=beta, eps_low=eps_low_, eps_high=eps_high_,
-            delta=delta_, loss_type=loss_type, importance_sampling_level="token", kl_bias_correction=kl_bias_correction,
+            delta=delta_, loss_type=loss_type, level="token", kl_bias_correction=kl_bias_correction,
             importance_weights=col(iw_f), sapo_temperature_pos=float(sapo_temperature_pos),
-            sapo_temperature_neg=float(sapo_temperature_neg))
+            sapo_temperature_neg=float(sapo_temperature_neg), impl=impl)
         return per_tok.squeeze(1)
 
     w = _normalizer_weights(m, lambda x: grpo_normalize(x, m, loss_type, max_completion_length, num_items))
@@ -387,8 +376,8 @@ def linear_ppo_policy_loss(
     eps_low: float = 0.2,
     eps_high: float | None = None,
     dual_clip: float | None = None,
-    level: Literal["token", "sequence"] = "token",
-    ent_coef: float = 0.0,
+    level: Level = "token",
+    entropy_coef: float = 0.0,
     mode: Mode = "auto",
     return_entropy: bool = False,
     chunk_size: int | None = None,
@@ -398,7 +387,7 @@ def linear_ppo_policy_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """:func:`fastalign.losses.ppo_policy_loss` (token-mean clipped surrogate, dual-clip optional) on the
     log-probs of ``hidden [B, T, D]`` through ``weight [V, D]`` at ``targets [B, T]``, minus
-    ``ent_coef * mean_mask(entropy)`` (the tutorial's entropy bonus; its gradient in the same pass).
+    ``entropy_coef * mean_mask(entropy)`` (the tutorial's entropy bonus; its gradient in the same pass).
 
     ``mode``, ``compact_ignored`` and the host syncs as :func:`linear_grpo_loss` (``level="sequence"``
     takes two passes). Add the value loss (:func:`fastalign.losses.value_loss`) for the tutorial's
@@ -408,7 +397,7 @@ def linear_ppo_policy_loss(
         hidden, weight, targets, mask: as :func:`linear_grpo_loss`. advantages: ``[B, T]`` (or
             ``[B]`` / ``[B, 1]``); old_logp: ``[B, T]``.
         bias, temperature, softcap: the head. eps_low, eps_high, dual_clip, level: as
-            :func:`ppo_policy_loss`. ent_coef: >= 0, the entropy bonus.
+            :func:`ppo_policy_loss`. entropy_coef: >= 0, the entropy bonus.
         mode, return_entropy, chunk_size, row_block, compact_ignored, impl: as :func:`linear_grpo_loss`.
 
     Returns:
@@ -441,14 +430,14 @@ def linear_ppo_policy_loss(
     if mode == "one_pass" and level == "sequence":
         raise ValueError(f"{op}: mode='one_pass' needs token-level ratios; level='sequence' takes two passes")
     one_pass = mode == "one_pass" or (mode == "auto" and level == "token")
-    ent_coef = _check_coef(ent_coef, "ent_coef", op)
+    entropy_coef = check_number(entropy_coef, "entropy_coef", op, lo=0)
     kw = dict(eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, level=level, impl=impl)
     if not one_pass:
         logp, ent = _unfused_logp(hidden, weight, targets_ig, bias, walk, compact,
-                                  with_entropy=return_entropy or ent_coef != 0.0)
+                                  with_entropy=return_entropy or entropy_coef != 0.0)
         loss, metrics = ppo_policy_loss(logp, old_logp, advantages, mask, **kw)
-        if ent_coef != 0.0:
-            loss = loss - ent_coef * _masked_mean(ent, valid)
+        if entropy_coef != 0.0:
+            loss = loss - entropy_coef * masked_mean(ent, valid)
         metrics["logp"] = logp.detach()
         return loss, _entropy_metrics(metrics, ent, valid)
 
@@ -472,7 +461,7 @@ def linear_ppo_policy_loss(
         return loss, metrics
 
     return _one_pass(hidden, weight, bias, targets_ig, valid, per_token_fn, w, finalize_fn, walk=walk, compact=compact,
-                     with_entropy=return_entropy, entropy_coef=ent_coef)
+                     with_entropy=return_entropy, entropy_coef=entropy_coef)
 
 
 # ---- DPO -----------------------------------------------------------------------------------------
@@ -482,7 +471,7 @@ def linear_dpo_loss(
     weight: torch.Tensor,
     targets: torch.Tensor,
     mask: torch.Tensor,
-    ref_logps: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
     *,
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
@@ -501,7 +490,7 @@ def linear_dpo_loss(
 
     Args:
         hidden: ``[2B, T, D]``; weight ``[V, D]``; targets ``[2B, T]``; mask ``[2B, T]`` (completion
-            tokens). ref_logps: ``[2B]`` summed reference log-probs (chosen first) or None
+            tokens). ref_logp: ``[2B]`` summed reference log-probs (chosen first) or None
             (reference-free).
         beta, loss_type, label_smoothing: as :func:`dpo_loss` (``"ipo"`` uses the mask's lengths).
         chunk_size, row_block, compact_ignored, impl: as :func:`linear_grpo_loss` (and its host syncs).
@@ -530,10 +519,10 @@ def linear_dpo_loss(
         op, hidden, weight, targets, mask, bias, temperature, softcap, impl, compact_ignored)
     if B2 % 2:
         raise ValueError(f"{op}: hidden must hold chosen rows then rejected rows (an even count), got {B2} rows")
-    if ref_logps is not None:
-        check_float(ref_logps, "ref_logps", op)
-        if tuple(ref_logps.shape) != (B2,):
-            raise ValueError(f"{op}: ref_logps must have shape ({B2},), got {tuple(ref_logps.shape)}")
+    if ref_logp is not None:
+        check_float(ref_logp, "ref_logp", op)
+        if tuple(ref_logp.shape) != (B2,):
+            raise ValueError(f"{op}: ref_logp must have shape ({B2},), got {tuple(ref_logp.shape)}")
     walk = lm_head.make_walk(hidden, weight, HeadTransform(1.0, inv_temp, softcap), backend, chunk_size=chunk_size,
                              row_block=check_row_block(row_block, op))
     logp, _ = _unfused_logp(hidden, weight, targets_ig, bias, walk, compact,
@@ -541,6 +530,6 @@ def linear_dpo_loss(
     seq = logp.sum(-1)
     lengths = valid.sum(-1)
     B = B2 // 2
-    rc, rr = (None, None) if ref_logps is None else (ref_logps[:B], ref_logps[B:])
+    rc, rr = (None, None) if ref_logp is None else (ref_logp[:B], ref_logp[B:])
     return dpo_loss(seq[:B], seq[B:], rc, rr, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
                     chosen_lengths=lengths[:B], rejected_lengths=lengths[B:])

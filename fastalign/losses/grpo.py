@@ -13,14 +13,16 @@ from typing import Literal
 
 import torch
 
-from fastalign._validation import check_float, check_mask, check_same_device
-from fastalign.losses._common import as_compute, check_choice, check_number, compute_dtype
+from fastalign._dispatch import Impl
+from fastalign._validation import check_choice, check_float, check_mask, check_number, check_same_device
+from fastalign.losses._common import as_compute, compute_dtype, masked_mean
+from fastalign.ops.kl import k3_kl
+from fastalign.ops.surrogate import Level
 
 GRPOLossType = Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"]
-ISLevel = Literal["token", "sequence"]
 
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
-IS_LEVELS = ("token", "sequence")
+LEVELS = ("token", "sequence")
 
 
 def _check_token_tensor(x, name: str, op: str, shape) -> torch.Tensor:
@@ -37,11 +39,11 @@ def check_advantages(adv, op: str, B: int, T: int) -> None:
         raise ValueError(f"{op}: advantages must have shape [B]={B}, [B, 1] or [B, T]=({B}, {T}), got {tuple(adv.shape)}")
 
 
-def validate_grpo_args(op: str, *, beta, eps_low, eps_high, delta, loss_type, importance_sampling_level,
-                       max_completion_length, num_items, T: int, has_ref: bool):
+def validate_grpo_args(op: str, *, beta, eps_low, eps_high, delta, loss_type, level,
+                       max_completion_length, num_items, has_ref: bool):
     """Checks shared by :func:`grpo_loss` and the fused form; returns the resolved scalars."""
     check_choice(loss_type, "loss_type", op, GRPO_LOSS_TYPES)
-    check_choice(importance_sampling_level, "importance_sampling_level", op, IS_LEVELS)
+    check_choice(level, "level", op, LEVELS)
     beta = check_number(beta, "beta", op, lo=0.0)
     eps_low = check_number(eps_low, "eps_low", op, lo=0.0)
     if loss_type == "cispo":
@@ -108,20 +110,22 @@ def grpo_per_token(
     eps_high: float,
     delta: float | None,
     loss_type: str,
-    importance_sampling_level: str,
+    level: str,
     kl_bias_correction: bool,
     importance_weights: torch.Tensor | None,
     sapo_temperature_pos: float = 1.0,
     sapo_temperature_neg: float = 1.05,
+    impl: Impl = "auto",
 ):
     """Per-token GRPO loss ``[B, T]`` (or ``[B, 1]``-broadcast) and the tensors its metrics need.
 
-    All inputs are already in the compute dtype; ``m`` is the float mask.
+    All inputs are already in the compute dtype; ``m`` is the float mask. The k3 KL is
+    :func:`fastalign.k3_kl` on ``impl``.
     """
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(1)
     log_ratio = logp - old_logp
-    if importance_sampling_level == "token":
+    if level == "token":
         log_w = log_ratio
     else:
         log_w = ((log_ratio * m).sum(-1) / m.sum(-1).clamp(min=1.0)).unsqueeze(-1)
@@ -129,8 +133,7 @@ def grpo_per_token(
 
     per_token_kl = None
     if ref_logp is not None:
-        d = ref_logp - logp
-        per_token_kl = torch.exp(d) - d - 1.0
+        per_token_kl = k3_kl(logp, ref_logp, impl=impl)  # exp(ref - logp) - (ref - logp) - 1
         if kl_bias_correction:
             per_token_kl = per_token_kl * coef_1
 
@@ -163,7 +166,7 @@ def grpo_metrics(per_token_kl, coef_1, advantages, m, *, loss_type, eps_low, eps
         x = x.detach()
         if x.shape[-1] == 1 and m.shape[-1] != 1:
             return x.sum() / max(x.shape[0], 1)
-        return (x * m).sum() / m.sum().clamp(min=1.0)
+        return masked_mean(x, m)
 
     out: dict[str, torch.Tensor] = {}
     if per_token_kl is not None:
@@ -195,13 +198,14 @@ def grpo_loss(
     eps_high: float | None = None,
     delta: float | None = None,
     loss_type: GRPOLossType = "grpo",
-    importance_sampling_level: ISLevel = "token",
+    level: Level = "token",
     max_completion_length: int | None = None,
     num_items: torch.Tensor | float | None = None,
     kl_bias_correction: bool = False,
     importance_weights: torch.Tensor | None = None,
     sapo_temperature_pos: float = 1.0,
     sapo_temperature_neg: float = 1.05,
+    impl: Impl = "auto",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO-family policy loss from per-token log-probabilities.
 
@@ -231,12 +235,13 @@ def grpo_loss(
         ref_logp: ``[B, T]`` float, the reference model's log-probs; needed when ``beta != 0``.
         beta: KL coefficient (>= 0). eps_low, eps_high: clip range (``eps_high`` defaults to
             ``eps_low``; required for cispo). delta: optional cap (> 0) on ``coef_1``.
-        loss_type, importance_sampling_level: see above.
+        loss_type, level: see above.
         max_completion_length: ``dr_grpo``'s constant. num_items: ``dapo``/``cispo``'s denominator
             (number or one-element tensor; no host sync).
         kl_bias_correction: TRL's ``use_bias_correction_kl``.
         importance_weights: optional ``[B, T]`` or ``[B, 1]`` float multiplier of the policy term.
         sapo_temperature_pos, sapo_temperature_neg: SAPO's gate temperatures (> 0).
+        impl: backend of the k3 KL term (:func:`fastalign.k3_kl`).
 
     Returns:
         ``(loss, metrics)``: metrics (detached 0-d) ``policy_loss`` (the loss itself), ``kl`` (when
@@ -275,8 +280,8 @@ def grpo_loss(
                       importance_weights=importance_weights)
     beta, eps_low, eps_high, delta = validate_grpo_args(
         op, beta=beta, eps_low=eps_low, eps_high=eps_high, delta=delta, loss_type=loss_type,
-        importance_sampling_level=importance_sampling_level, max_completion_length=max_completion_length,
-        num_items=num_items, T=T, has_ref=ref_logp is not None,
+        level=level, max_completion_length=max_completion_length,
+        num_items=num_items, has_ref=ref_logp is not None,
     )
 
     sapo_temperature_pos = check_number(sapo_temperature_pos, "sapo_temperature_pos", op, lo=0.0, lo_open=True)
@@ -291,8 +296,9 @@ def grpo_loss(
 
     per_token, per_token_kl, coef_1, adv2 = grpo_per_token(
         lp, old, adv, m, ref, beta=beta, eps_low=eps_low, eps_high=eps_high, delta=delta, loss_type=loss_type,
-        importance_sampling_level=importance_sampling_level, kl_bias_correction=kl_bias_correction,
+        level=level, kl_bias_correction=kl_bias_correction,
         importance_weights=iw, sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
+        impl=impl,
     )
     loss = grpo_normalize(per_token, m, loss_type, max_completion_length, num_items)
     metrics = {"policy_loss": loss.detach()}

@@ -1,31 +1,25 @@
 """PPO losses (tutorial section 2.4): clipped policy surrogate (dual-clip optional), value loss
 (optionally clipped around the old values), entropy bonus; token-means over the action mask.
 
-``loss = policy + c_v * value - c_e * entropy`` with the tutorial's defaults ``eps = 0.2``,
-``c_v = 0.5``, ``c_e = 0.01``. The fused policy term from hidden states is
+``loss = policy + value_coef * value - entropy_coef * entropy`` with the tutorial's defaults
+``eps = 0.2``, ``c_v = value_coef = 0.5``, ``c_e = entropy_coef = 0.01``. The fused policy term from hidden states is
 :func:`fastalign.losses.linear_ppo_policy_loss`.
 """
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
 from fastalign._dispatch import Impl
-from fastalign._validation import check_float, check_mask, check_same_device
-from fastalign.losses._common import as_compute, check_choice, check_number, compute_dtype
-from fastalign.ops.surrogate import clipped_surrogate_with_stats
+from fastalign._validation import check_choice, check_float, check_mask, check_number, check_same_device
+from fastalign.losses._common import as_compute, compute_dtype, masked_mean
+from fastalign.ops.surrogate import Level, clipped_surrogate_with_stats
 
 
 def _check_bt(x, name, op, shape):
     check_float(x, name, op)
     if tuple(x.shape) != tuple(shape):
         raise ValueError(f"{op}: {name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
-
-
-def _mmean(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    return (x * m).sum() / m.sum().clamp(min=1.0)
 
 
 def validate_ppo_policy_args(op, eps_low, eps_high, dual_clip, level):
@@ -61,7 +55,7 @@ def ppo_policy_loss(
     eps_low: float = 0.2,
     eps_high: float | None = None,
     dual_clip: float | None = None,
-    level: Literal["token", "sequence"] = "token",
+    level: Level = "token",
     impl: Impl = "auto",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO-Clip policy loss, token-mean over ``mask``.
@@ -110,8 +104,7 @@ def ppo_policy_loss(
     per_token, stats = clipped_surrogate_with_stats(
         logp, old_logp.detach(), advantages.detach(), eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip,
         mask=mask, level=level, impl=impl)
-    m = mask.to(per_token.dtype)
-    loss = per_token.sum() / m.sum().clamp(min=1.0)
+    loss = masked_mean(per_token, mask)
     metrics = {"approx_kl": stats["approx_kl"], "clip_frac": stats["clip_frac"],
                "clip_frac_low": stats["clip_frac_low"], "clip_frac_high": stats["clip_frac_high"]}
     if dual_clip is not None:
@@ -125,16 +118,16 @@ def value_loss(
     mask: torch.Tensor,
     *,
     old_values: torch.Tensor | None = None,
-    clip: float | None = None,
+    value_clip: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Value loss ``mean_m (V - R)^2`` (the tutorial's, without a 1/2 factor).
 
-    With ``clip`` (needs ``old_values``): ``mean_m max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2)``
+    With ``value_clip`` (needs ``old_values``): ``mean_m max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2)``
     (PPO2's clipped value loss).
 
     Args:
         values: ``[B, T]`` float (differentiable). returns: ``[B, T]`` float (constant).
-        mask: ``[B, T]`` bool or 0/1. old_values: ``[B, T]`` float. clip: > 0.
+        mask: ``[B, T]`` bool or 0/1. old_values: ``[B, T]`` float. value_clip: > 0.
 
     Returns:
         ``(loss, metrics)`` with ``vf_clip_frac`` (share of tokens where the clipped term is larger).
@@ -146,7 +139,7 @@ def value_loss(
         >>> loss.item()  # (1 + 4) / 2
         2.5
         >>> loss, m = value_loss(torch.tensor([[1.0, 2.0]]), torch.zeros(1, 2), torch.ones(1, 2),
-        ...                      old_values=torch.zeros(1, 2), clip=0.5)
+        ...                      old_values=torch.zeros(1, 2), value_clip=0.5)
         >>> loss.item(), m["vf_clip_frac"].item()  # the clipped terms (0.25) are smaller: max keeps the raw ones
         (2.5, 0.0)
     """
@@ -156,26 +149,25 @@ def value_loss(
     check_mask(mask, "mask", op)
     if mask.shape != values.shape:
         raise ValueError(f"{op}: mask must have shape {tuple(values.shape)}, got {tuple(mask.shape)}")
-    if clip is not None:
-        clip = check_number(clip, "clip", op, lo=0.0, lo_open=True)
+    if value_clip is not None:
+        value_clip = check_number(value_clip, "value_clip", op, lo=0.0, lo_open=True)
         if old_values is None:
-            raise ValueError(f"{op}: clip={clip} needs old_values (the values at sampling time), got None")
+            raise ValueError(f"{op}: value_clip={value_clip} needs old_values (the values at sampling time), got None")
     if old_values is not None:
         _check_bt(old_values, "old_values", op, values.shape)
     check_same_device(op, values=values, returns=returns, mask=mask, old_values=old_values)
     dt = compute_dtype(values, returns, old_values)
     v = as_compute(values, dt)
     R = as_compute(returns, dt).detach()
-    m = mask.to(dt)
     err = (v - R) ** 2
     metrics: dict[str, torch.Tensor] = {}
-    if clip is not None:
+    if value_clip is not None:
         vo = as_compute(old_values, dt).detach()
-        v_clipped = vo + torch.clamp(v - vo, -clip, clip)
+        v_clipped = vo + torch.clamp(v - vo, -value_clip, value_clip)
         err_c = (v_clipped - R) ** 2
-        metrics["vf_clip_frac"] = _mmean((err_c > err).to(dt).detach(), m)
+        metrics["vf_clip_frac"] = masked_mean((err_c > err).to(dt).detach(), mask)
         err = torch.max(err, err_c)
-    return _mmean(err, m), metrics
+    return masked_mean(err, mask), metrics
 
 
 def ppo_loss(
@@ -192,11 +184,11 @@ def ppo_loss(
     eps_high: float | None = None,
     dual_clip: float | None = None,
     value_clip: float | None = None,
-    vf_coef: float = 0.5,
-    ent_coef: float = 0.01,
+    value_coef: float = 0.5,
+    entropy_coef: float = 0.01,
     impl: Impl = "auto",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Full PPO objective of the tutorial: ``policy + vf_coef * value - ent_coef * entropy``.
+    """Full PPO objective of the tutorial: ``policy + value_coef * value - entropy_coef * entropy``.
 
     Each term is a token-mean over ``mask``. ``values``/``returns`` (both or neither) add the value
     loss (:func:`value_loss`, clipped around ``old_values`` with ``value_clip``); ``entropy``
@@ -207,9 +199,9 @@ def ppo_loss(
         logp, old_logp, advantages, mask, eps_low, eps_high, dual_clip, impl: as in
             :func:`ppo_policy_loss` (token-level ratios).
         values, returns: ``[B, T]`` float or None (both or neither); ``values`` differentiable.
-        old_values, value_clip: the value clip of :func:`value_loss` (``old_values`` and ``clip``).
+        old_values, value_clip: the value clip of :func:`value_loss`.
         entropy: ``[B, T]`` float or None, per-token entropy (differentiable).
-        vf_coef, ent_coef: ``>= 0`` weights of the value loss and the entropy bonus.
+        value_coef, entropy_coef: ``>= 0`` weights of the value loss and the entropy bonus.
 
     Returns:
         ``(loss, metrics)``: ``policy``, ``value``, ``entropy`` (when given), ``approx_kl``,
@@ -227,8 +219,8 @@ def ppo_loss(
         ['approx_kl', 'clip_frac', 'clip_frac_high', 'clip_frac_low', 'entropy', 'policy', 'value']
     """
     op = "ppo_loss"
-    vf_coef = check_number(vf_coef, "vf_coef", op, lo=0.0)
-    ent_coef = check_number(ent_coef, "ent_coef", op, lo=0.0)
+    value_coef = check_number(value_coef, "value_coef", op, lo=0.0)
+    entropy_coef = check_number(entropy_coef, "entropy_coef", op, lo=0.0)
     if (values is None) != (returns is None):
         raise ValueError(f"{op}: pass both values and returns or neither, got only one")
     pol, metrics = ppo_policy_loss(logp, old_logp, advantages, mask, eps_low=eps_low, eps_high=eps_high,
@@ -236,13 +228,13 @@ def ppo_loss(
     loss = pol
     metrics = {"policy": pol.detach(), **metrics}
     if values is not None:
-        vl, vm = value_loss(values, returns, mask, old_values=old_values, clip=value_clip)
-        loss = loss + vf_coef * vl
+        vl, vm = value_loss(values, returns, mask, old_values=old_values, value_clip=value_clip)
+        loss = loss + value_coef * vl
         metrics["value"] = vl.detach()
         metrics.update(vm)
     if entropy is not None:
         _check_bt(entropy, "entropy", op, logp.shape)
-        ent = _mmean(as_compute(entropy, compute_dtype(entropy, logp)), mask.to(compute_dtype(entropy, logp)))
-        loss = loss - ent_coef * ent
+        ent = masked_mean(as_compute(entropy, compute_dtype(entropy, logp)), mask)
+        loss = loss - entropy_coef * ent
         metrics["entropy"] = ent.detach()
     return loss, metrics

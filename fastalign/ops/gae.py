@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from fastalign._dispatch import Impl, select_impl
-from fastalign._validation import check_float, check_in_range, check_mask, check_same_device, result_dtype
+from fastalign._validation import check_float, check_mask, check_number, check_same_device
+from fastalign.kernels.dtypes import acc_dtype
 from fastalign.ops._tokens import as_rows, check_token_mask, mask_u8
 
 _OP = "gae"
@@ -50,14 +51,14 @@ def reverse_linear_scan(c: torch.Tensor, d: torch.Tensor, block: int = TORCH_GAE
         d = torch.cat([d, d.new_zeros(B, pad)], 1)
     c3, d3 = _reverse_scan_doubling(c.reshape(B, nb, block), d.reshape(B, nb, block))
     # carry into block k = X at the first step of block k + 1
-    cb, db = _reverse_scan_doubling(c3[:, :, 0].clone(), d3[:, :, 0].clone())  # (it reuses its inputs)
+    _, db = _reverse_scan_doubling(c3[:, :, 0].clone(), d3[:, :, 0].clone())  # (it reuses its inputs)
     carry = torch.cat([db[:, 1:], db.new_zeros(B, 1)], 1)
     x = torch.addcmul(d3, c3, carry[:, :, None])
     x = x.view(B, nb * block)
     return x[:, :T].contiguous() if pad else x
 
 
-def torch_gae(rewards, values, mask, dones, next_values, gamma, lam, acc, *, has_mask=True, has_dones=True):
+def gae_fwd_torch(rewards, values, mask, dones, next_values, gamma, lam, acc, *, has_mask=True, has_dones=True):
     B, T = rewards.shape
     if B * T == 0:
         return rewards.new_zeros((B, T), dtype=acc), rewards.new_zeros((B, T), dtype=acc)
@@ -148,12 +149,12 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None =
         if tuple(next_values.shape) not in (lead, lead + (1,)):
             raise ValueError(f"{_OP}: next_values must have shape {lead} or {lead + (1,)}, "
                              f"got {tuple(next_values.shape)}")
-    gamma = check_in_range(gamma, "gamma", _OP, 0.0, 1.0)
-    lam = check_in_range(lam, "lam", _OP, 0.0, 1.0)
+    gamma = check_number(gamma, "gamma", _OP, lo=0, hi=1)
+    lam = check_number(lam, "lam", _OP, lo=0, hi=1)
     device = check_same_device(_OP, rewards=rewards, values=values, mask=mask, dones=dones,
                                next_values=next_values)
     backend = select_impl(impl, device, op=_OP)
-    acc = result_dtype(rewards.dtype, values.dtype)
+    acc = acc_dtype(rewards.dtype, values.dtype)
 
     r2, v2 = as_rows(rewards.detach()), as_rows(values.detach())
     B, T = r2.shape
@@ -166,12 +167,12 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None =
         nv = next_values.detach().reshape(B).to(acc)
     with torch.no_grad():
         if backend == "triton":
-            from fastalign.kernels.gae import gae_triton
+            from fastalign.kernels.gae import gae_fwd
 
-            adv, ret = gae_triton(r2, v2, m2, d2, nv, gamma, lam, acc)
+            adv, ret = gae_fwd(r2, v2, m2, d2, nv, gamma, lam, acc)
         else:
-            adv, ret = torch_gae(r2, v2, m2, d2, nv, gamma, lam, acc, has_mask=mask is not None,
-                                 has_dones=dones is not None)
+            adv, ret = gae_fwd_torch(r2, v2, m2, d2, nv, gamma, lam, acc, has_mask=mask is not None,
+                                     has_dones=dones is not None)
     return adv.view(shape), ret.view(shape)
 
 
@@ -208,12 +209,9 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, unbiased: bool = True,
     check_mask(mask, "mask", op)
     if tuple(mask.shape) != tuple(x.shape):
         raise ValueError(f"{op}: mask must have the shape of x {tuple(x.shape)}, got {tuple(mask.shape)}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"{op}: eps must be a Python number, got {type(eps).__name__}")
-    if not eps >= 0:
-        raise ValueError(f"{op}: eps must be >= 0, got {eps}")
+    eps = check_number(eps, "eps", op, lo=0)
     check_same_device(op, x=x, mask=mask)
-    acc = result_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     xf = x.to(acc)
     m = mask != 0
     n = m.sum().to(acc)

@@ -12,7 +12,8 @@ from typing import Literal
 import torch
 
 from fastalign._dispatch import Impl, select_impl
-from fastalign._validation import check_float, check_int, check_same_device, result_dtype
+from fastalign._validation import check_choice, check_float, check_int, check_number, check_same_device
+from fastalign.kernels.dtypes import acc_dtype
 
 _OP = "group_advantages"
 _SCALES = {"none": 0, "group": 1, "batch": 2}
@@ -48,7 +49,7 @@ def _per_sample(v: torch.Tensor, inv: torch.Tensor | None, size: int) -> torch.T
     return v.repeat_interleave(size) if inv is None else v.index_select(0, inv)
 
 
-def torch_group_advantages(rewards, ids, group_size, eps, loo, scale_mode, unbiased, singleton_raw, acc):
+def group_advantages_fwd_torch(rewards, ids, group_size, eps, loo, scale_mode, unbiased, singleton_raw, acc):
     """``adv_i = (r_i - shift_g) / den_g``: per-group sums of ``r`` and then of the centred squares
     (a two-pass variance), each handed back to the samples: with ``group_size``, row sums of the
     ``[G, size]`` view and ``repeat_interleave``; with ids, ``bincount`` / ``scatter_add`` over dense
@@ -181,24 +182,18 @@ def group_advantages(
         if N % group_size:
             raise ValueError(f"{_OP}: the number of rewards ({N}) must be a multiple of group_size ({group_size})")
         gs = group_size
-    if baseline not in ("mean", "loo"):
-        raise ValueError(f"{_OP}: baseline must be 'mean' or 'loo', got {baseline!r}")
-    if scale not in _SCALES:
-        raise ValueError(f"{_OP}: scale must be one of {tuple(_SCALES)}, got {scale!r}")
-    if singleton not in ("zero", "raw"):
-        raise ValueError(f"{_OP}: singleton must be 'zero' or 'raw', got {singleton!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"{_OP}: eps must be a Python number, got {type(eps).__name__}")
-    if not eps >= 0:
-        raise ValueError(f"{_OP}: eps must be >= 0, got {eps}")
+    check_choice(baseline, "baseline", _OP, ("mean", "loo"))
+    check_choice(scale, "scale", _OP, tuple(_SCALES))
+    check_choice(singleton, "singleton", _OP, ("zero", "raw"))
+    eps = check_number(eps, "eps", _OP, lo=0)
     device = check_same_device(_OP, rewards=rewards, group_ids=group_ids)
     backend = select_impl(impl, device, op=_OP)
-    acc = result_dtype(rewards.dtype)
+    acc = acc_dtype(rewards.dtype)
     ids = None if group_ids is None else group_ids.to(torch.int64).contiguous()
     args = (gs, float(eps), baseline == "loo", _SCALES[scale], bool(unbiased), singleton == "raw")
     rewards = rewards.detach()  # no autograd graph on either path (cheaper than torch.no_grad)
     if backend == "triton":
-        from fastalign.kernels.group_advantages import group_advantages_triton
+        from fastalign.kernels.group_advantages import group_advantages_fwd
 
-        return group_advantages_triton(rewards.contiguous(), ids, *args, acc)
-    return torch_group_advantages(rewards, ids, *args, acc)
+        return group_advantages_fwd(rewards.contiguous(), ids, *args, acc)
+    return group_advantages_fwd_torch(rewards, ids, *args, acc)

@@ -1,6 +1,6 @@
 """``kl_penalty`` / ``k3_kl``: per-token KL estimators between policy and reference log-probs.
 
-input checks -> :class:`_KLPenalty` (thin autograd.Function) -> :mod:`fastalign.kernels.kl` or the
+input checks -> :class:`KLPenaltyFunction` (thin autograd.Function) -> :mod:`fastalign.kernels.kl` or the
 torch path below, chosen by :func:`fastalign._dispatch.select_impl`.
 """
 
@@ -12,7 +12,8 @@ from typing import Literal
 import torch
 
 from fastalign._dispatch import Impl, select_impl
-from fastalign._validation import check_float, check_same_device, result_dtype
+from fastalign._validation import check_choice, check_float, check_number, check_same_device
+from fastalign.kernels.dtypes import acc_dtype
 from fastalign.ops._tokens import as_rows
 
 _OP = "kl_penalty"
@@ -23,8 +24,8 @@ KLKind = Literal["k1", "k2", "k3"]
 
 # ---- torch path ---------------------------------------------------------------------------------
 
-def torch_kl_forward(logp, ref, kind: int, lr_clamp: float, out_clamp: float, acc: torch.dtype,
-                     want_grad: bool = True):
+def kl_fwd_torch(logp, ref, kind: int, lr_clamp: float, out_clamp: float, acc: torch.dtype,
+                 want_grad: bool = True):
     """(estimator, d estimator / d logp or None); d / d ref is the negative. torch.clamp's gradient
     convention: zero where a clamp is active."""
     x = logp.to(acc) - ref.to(acc)
@@ -53,19 +54,19 @@ def torch_kl_forward(logp, ref, kind: int, lr_clamp: float, out_clamp: float, ac
 
 # ---- autograd -------------------------------------------------------------------------------------
 
-class _KLPenalty(torch.autograd.Function):
+class KLPenaltyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logp, ref, kind, lr_clamp, out_clamp, backend):
-        acc = result_dtype(logp.dtype, ref.dtype)
+        acc = acc_dtype(logp.dtype, ref.dtype)
         if backend == "triton":
-            from fastalign.kernels.kl import kl_forward
+            from fastalign.kernels.kl import kl_fwd
 
-            out = kl_forward(logp, ref, kind, lr_clamp, out_clamp, acc)
+            out = kl_fwd(logp, ref, kind, lr_clamp, out_clamp, acc)
             ctx.save_for_backward(logp, ref)
         else:
             # the torch path keeps the slope (one [R, T] tensor) instead of recomputing it
             want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-            out, slope = torch_kl_forward(logp, ref, kind, lr_clamp, out_clamp, acc, want_grad)
+            out, slope = kl_fwd_torch(logp, ref, kind, lr_clamp, out_clamp, acc, want_grad)
             ctx.save_for_backward(slope)
         ctx.args = (kind, lr_clamp, out_clamp, backend, acc, logp.dtype, ref.dtype)
         return out
@@ -75,10 +76,10 @@ class _KLPenalty(torch.autograd.Function):
         kind, lr_clamp, out_clamp, backend, acc, lp_dtype, ref_dtype = ctx.args
         want_lp, want_ref = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if backend == "triton":
-            from fastalign.kernels.kl import kl_backward
+            from fastalign.kernels.kl import kl_bwd
 
             logp, ref = ctx.saved_tensors
-            dlogp, dref = kl_backward(logp, ref, grad, kind, lr_clamp, out_clamp, want_lp, want_ref, acc)
+            dlogp, dref = kl_bwd(logp, ref, grad, kind, lr_clamp, out_clamp, want_lp, want_ref, acc)
         else:
             (slope,) = ctx.saved_tensors
             d = grad.to(acc) * slope
@@ -88,16 +89,6 @@ class _KLPenalty(torch.autograd.Function):
 
 
 # ---- public functions ---------------------------------------------------------------------------
-
-def _check_clamp(value, name: str) -> float:
-    if value is None:
-        return math.inf
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{_OP}: {name} must be None or a positive number, got {type(value).__name__}")
-    if not value > 0:
-        raise ValueError(f"{_OP}: {name} must be None or > 0, got {value}")
-    return float(value)
-
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: KLKind = "k3", *,
                clamp: float | None = None, log_ratio_clamp: float | None = None,
@@ -146,17 +137,18 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: KLKind = "k3", 
     if tuple(logp.shape) != tuple(ref_logp.shape):
         raise ValueError(f"{_OP}: ref_logp must have the shape of logp {tuple(logp.shape)}, "
                          f"got {tuple(ref_logp.shape)}")
-    if kind not in _KINDS:
-        raise ValueError(f"{_OP}: kind must be one of {tuple(_KINDS)}, got {kind!r}")
-    out_clamp = _check_clamp(clamp, "clamp")
-    lr_clamp = _check_clamp(log_ratio_clamp, "log_ratio_clamp")
+    check_choice(kind, "kind", _OP, tuple(_KINDS))
+    out_clamp = check_number(clamp, "clamp", _OP, lo=0, lo_open=True, optional=True)
+    out_clamp = math.inf if out_clamp is None else out_clamp
+    lr_clamp = check_number(log_ratio_clamp, "log_ratio_clamp", _OP, lo=0, lo_open=True, optional=True)
+    lr_clamp = math.inf if lr_clamp is None else lr_clamp
     device = check_same_device(_OP, logp=logp, ref_logp=ref_logp)
     backend = select_impl(impl, device, op=_OP)
     if logp.is_contiguous() and ref_logp.is_contiguous():  # purely elementwise: one long row
         lp2, ref2 = logp.view(1, -1), ref_logp.view(1, -1)
     else:
         lp2, ref2 = as_rows(logp), as_rows(ref_logp)
-    out = _KLPenalty.apply(lp2, ref2, _KINDS[kind], lr_clamp, out_clamp, backend)
+    out = KLPenaltyFunction.apply(lp2, ref2, _KINDS[kind], lr_clamp, out_clamp, backend)
     return out.view(logp.shape)
 
 

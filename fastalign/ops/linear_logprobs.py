@@ -1,7 +1,7 @@
 """``linear_logprobs``: per-token log-probs (and entropy) straight from hidden states and the lm_head
 weight, never materializing the ``[N, V]`` logits.
 
-Input checks -> :class:`_LinearLogprobs` (a thin autograd.Function) -> the tile walks of the LM-head
+Input checks -> :class:`LinearLogprobsFunction` (a thin autograd.Function) -> the tile walks of the LM-head
 engine, :mod:`fastalign.ops.lm_head` (which has the math, the tile order, the memory accounting and
 the gradient filter's error bound). :func:`apply_linear_logprobs` is the row-level entry the fused
 losses and the transformers integration share.
@@ -29,7 +29,7 @@ from fastalign._validation import (
     check_float,
     check_index_range,
     check_int,
-    check_positive,
+    check_number,
     check_same_device,
 )
 from fastalign.ops import lm_head
@@ -40,7 +40,7 @@ _OP = "linear_logprobs"
 
 # ---- autograd -----------------------------------------------------------------------------------
 
-class _LinearLogprobs(torch.autograd.Function):
+class LinearLogprobsFunction(torch.autograd.Function):
     """Thin: runs the engine's walks; saves hidden/weight/bias (by reference), targets, the forward's
     per-row results (and tile maxima for the grad filter)."""
 
@@ -87,15 +87,15 @@ def apply_linear_logprobs(hidden2d: torch.Tensor, weight: torch.Tensor, bias: to
     and the transformers integration."""
     args = (walk, with_entropy, grad_filter_eps)
     if ignore_index is None:
-        return _LinearLogprobs.apply(hidden2d, weight, bias, targets, None, *args)
+        return LinearLogprobsFunction.apply(hidden2d, weight, bias, targets, None, *args)
     valid = targets != ignore_index
     if not compact_ignored:
-        return _LinearLogprobs.apply(hidden2d, weight, bias, targets, valid, *args)
+        return LinearLogprobsFunction.apply(hidden2d, weight, bias, targets, valid, *args)
     idx = valid.nonzero().squeeze(1)  # the host sync: ignored rows never reach a GEMM
     if idx.numel() == targets.shape[0]:  # none ignored: no gather copy
-        return _LinearLogprobs.apply(hidden2d, weight, bias, targets, None, *args)
-    logp_v, ent_v = _LinearLogprobs.apply(hidden2d.index_select(0, idx), weight, bias, targets.index_select(0, idx),
-                                          None, *args)
+        return LinearLogprobsFunction.apply(hidden2d, weight, bias, targets, None, *args)
+    logp_v, ent_v = LinearLogprobsFunction.apply(hidden2d.index_select(0, idx), weight, bias,
+                                                 targets.index_select(0, idx), None, *args)
     n = targets.shape[0]
     logp = logp_v.new_zeros(n).index_copy(0, idx, logp_v)
     ent = None if ent_v is None else ent_v.new_zeros(n).index_copy(0, idx, ent_v)
@@ -196,9 +196,8 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, soft
                          f"got {tuple(targets.shape)}")
     if bias is not None and tuple(bias.shape) != (V,):
         raise ValueError(f"{_OP}: bias must have shape ({V},), got {tuple(bias.shape)}")
-    inv_temp = 1.0 / check_positive(temperature, "temperature", _OP)
-    if softcap is not None:
-        softcap = check_positive(softcap, "softcap", _OP)
+    inv_temp = 1.0 / check_number(temperature, "temperature", _OP, lo=0, lo_open=True)
+    softcap = check_number(softcap, "softcap", _OP, lo=0, lo_open=True, optional=True)
     if chunk_size is not None:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
             raise ValueError(f"{_OP}: chunk_size must be a positive int or None, got {chunk_size!r}")

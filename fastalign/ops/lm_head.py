@@ -84,6 +84,7 @@ import torch
 
 from fastalign._config import get_config
 from fastalign.kernels import tuning
+from fastalign.kernels.dtypes import acc_dtype
 
 _LOW = (torch.float16, torch.bfloat16)
 
@@ -145,11 +146,6 @@ def compute_dtype_for(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype
     if torch.is_autocast_enabled(dev) and torch.float64 not in (hidden.dtype, weight.dtype):
         return torch.get_autocast_dtype(dev)
     return torch.promote_types(hidden.dtype, weight.dtype)
-
-
-def acc_dtype(compute_dtype: torch.dtype) -> torch.dtype:
-    """The softmax math and accumulation dtype: fp64 for fp64, else fp32."""
-    return torch.float64 if compute_dtype == torch.float64 else torch.float32
 
 
 @functools.cache
@@ -242,8 +238,8 @@ class Walk:
     def epilogues(self) -> tuple[Callable, Callable]:
         """``(fold, dlogits)`` honouring the module's epilogue contract."""
         if self.backend == "triton" and self.acc == torch.float32:
-            return _triton_fold, _triton_dlogits
-        return torch_fold, torch_dlogits
+            return _linear_logprobs_tile_fwd_triton, _linear_logprobs_tile_bwd_triton
+        return linear_logprobs_tile_fwd_torch, linear_logprobs_tile_bwd_torch
 
 
 def make_walk(hidden: torch.Tensor, weight: torch.Tensor, head: HeadTransform, backend: str, *,
@@ -260,8 +256,9 @@ def make_walk(hidden: torch.Tensor, weight: torch.Tensor, head: HeadTransform, b
 
 # ---- epilogues ----------------------------------------------------------------------------------
 
-def torch_fold(tile: torch.Tensor, targets: torch.Tensor, m: torch.Tensor, s: torch.Tensor, t: torch.Tensor | None,
-               tgt: torch.Tensor, tile_max: torch.Tensor | None, vocab_start: int, head: HeadTransform) -> None:
+def linear_logprobs_tile_fwd_torch(tile: torch.Tensor, targets: torch.Tensor, m: torch.Tensor, s: torch.Tensor,
+                                   t: torch.Tensor | None, tgt: torch.Tensor, tile_max: torch.Tensor | None,
+                                   vocab_start: int, head: HeadTransform) -> None:
     """Fold one ``[n, C]`` logits tile into the running online-LSE state (see kernels/logsumexp.py:
     t relative to m); never writes the tile."""
     n, n_cols = tile.shape
@@ -288,9 +285,9 @@ def torch_fold(tile: torch.Tensor, targets: torch.Tensor, m: torch.Tensor, s: to
     m.copy_(m_new)
 
 
-def torch_dlogits(tile: torch.Tensor, dz: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
-                  entropy: torch.Tensor | None, g_logp: torch.Tensor | None, g_ent: torch.Tensor | None,
-                  vocab_start: int, head: HeadTransform) -> None:
+def linear_logprobs_tile_bwd_torch(tile: torch.Tensor, dz: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+                                   entropy: torch.Tensor | None, g_logp: torch.Tensor | None,
+                                   g_ent: torch.Tensor | None, vocab_start: int, head: HeadTransform) -> None:
     """dLoss/dZ of one tile into ``dz`` (computed in the tile, copied when ``dz`` is another buffer):
     ``dx = g (onehot - p) - g_ent p (logp + H)``, then ``dz = dx f'(z)``."""
     n, n_cols = tile.shape
@@ -314,16 +311,17 @@ def torch_dlogits(tile: torch.Tensor, dz: torch.Tensor, targets: torch.Tensor, l
         dz.copy_(d)
 
 
-def _triton_fold(tile, targets, m, s, t, tgt, tile_max, vocab_start, head: HeadTransform) -> None:
-    from fastalign.kernels.linear_logprobs import fold_chunk
+def _linear_logprobs_tile_fwd_triton(tile, targets, m, s, t, tgt, tile_max, vocab_start, head: HeadTransform) -> None:
+    from fastalign.kernels.linear_logprobs import linear_logprobs_tile_fwd
 
-    fold_chunk(tile, targets, m, s, t, tgt, tile_max, vocab_start, *head.args)
+    linear_logprobs_tile_fwd(tile, targets, m, s, t, tgt, tile_max, vocab_start, *head.args)
 
 
-def _triton_dlogits(tile, dz, targets, lse, entropy, g_logp, g_ent, vocab_start, head: HeadTransform) -> None:
-    from fastalign.kernels.linear_logprobs import dlogits_chunk
+def _linear_logprobs_tile_bwd_triton(tile, dz, targets, lse, entropy, g_logp, g_ent, vocab_start,
+                                     head: HeadTransform) -> None:
+    from fastalign.kernels.linear_logprobs import linear_logprobs_tile_bwd
 
-    dlogits_chunk(tile, dz, targets, lse, entropy, g_logp, g_ent, vocab_start, *head.args)
+    linear_logprobs_tile_bwd(tile, dz, targets, lse, entropy, g_logp, g_ent, vocab_start, *head.args)
 
 
 # ---- the walks ----------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """``logprobs_from_logits``: per-token log-prob of the target (and entropy) from ``[..., V]`` logits.
 
-input checks -> :class:`_LogprobsFromLogits` (thin autograd.Function) -> the Triton kernels
+input checks -> :class:`LogprobsFromLogitsFunction` (thin autograd.Function) -> the Triton kernels
 (:mod:`fastalign.kernels.logprobs`) or the chunked torch path below, chosen by
 :func:`fastalign._dispatch.select_impl`.
 """
@@ -16,20 +16,17 @@ from fastalign._validation import (
     check_float,
     check_index_range,
     check_int,
-    check_positive,
+    check_number,
     check_same_device,
 )
 from fastalign.kernels import tuning
+from fastalign.kernels.dtypes import acc_dtype
 from fastalign.kernels.rows import RowLayout, iter_row_chunks, rows_of
 
 _OP = "logprobs_from_logits"
 
 
 # ---- torch path (plain CPU, fp64, or forced) ----------------------------------------------------
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
 
 def _chunk_log_softmax(chunk: torch.Tensor, inv_temp: float, acc: torch.dtype) -> torch.Tensor:
     """log_softmax of one row chunk in ``acc`` precision: one fused kernel, one chunk-sized buffer."""
@@ -38,11 +35,11 @@ def _chunk_log_softmax(chunk: torch.Tensor, inv_temp: float, acc: torch.dtype) -
     return torch.log_softmax(chunk, dim=-1, dtype=acc)
 
 
-def torch_logprobs_forward(logits: torch.Tensor, layout: RowLayout, targets: torch.Tensor, inv_temp: float,
-                           ignore_index: int, with_entropy: bool):
+def logprobs_fwd_torch(logits: torch.Tensor, layout: RowLayout, targets: torch.Tensor, inv_temp: float,
+                       ignore_index: int, with_entropy: bool):
     """Chunked over rows: extra memory is one or two ``rows_per_chunk x V`` fp32 buffers."""
     V = logits.shape[-1]
-    acc = _acc_dtype(logits.dtype)
+    acc = acc_dtype(logits.dtype)
     logp = torch.empty(layout.n_rows, dtype=acc, device=logits.device)
     lse = torch.empty_like(logp)
     entropy = torch.empty_like(logp) if with_entropy else None
@@ -68,12 +65,12 @@ def torch_logprobs_forward(logits: torch.Tensor, layout: RowLayout, targets: tor
     return logp, entropy, lse
 
 
-def torch_logprobs_backward(logits: torch.Tensor, layout: RowLayout, targets: torch.Tensor, lse: torch.Tensor,
-                            entropy: torch.Tensor | None, grad_logp: torch.Tensor | None,
-                            grad_entropy: torch.Tensor | None, inv_temp: float, ignore_index: int) -> torch.Tensor:
+def logprobs_bwd_torch(logits: torch.Tensor, layout: RowLayout, targets: torch.Tensor, lse: torch.Tensor,
+                       entropy: torch.Tensor | None, grad_logp: torch.Tensor | None,
+                       grad_entropy: torch.Tensor | None, inv_temp: float, ignore_index: int) -> torch.Tensor:
     """dlogits = (g_logp * (onehot - p) - g_ent * p * (log p + H)) / T, chunk by chunk, in place."""
     V = logits.shape[-1]
-    acc = _acc_dtype(logits.dtype)
+    acc = acc_dtype(logits.dtype)
     grad = torch.empty((layout.n_rows, V), dtype=logits.dtype, device=logits.device)
     valid = targets != ignore_index
     hit = valid & (targets >= 0) & (targets < V)
@@ -116,16 +113,16 @@ def torch_logprobs_backward(logits: torch.Tensor, layout: RowLayout, targets: to
 
 # ---- autograd -------------------------------------------------------------------------------------
 
-class _LogprobsFromLogits(torch.autograd.Function):
+class LogprobsFromLogitsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, layout, targets, inv_temp, ignore_index, with_entropy, backend):
         if backend == "triton":
-            from fastalign.kernels.logprobs import logprobs_forward
+            from fastalign.kernels.logprobs import logprobs_fwd
 
-            logp, entropy, lse = logprobs_forward(logits, layout.inner, layout.stride_outer, layout.stride_inner,
-                                                  targets, inv_temp, ignore_index, with_entropy)
+            logp, entropy, lse = logprobs_fwd(logits, layout.inner, layout.stride_outer, layout.stride_inner,
+                                              targets, inv_temp, ignore_index, with_entropy)
         else:
-            logp, entropy, lse = torch_logprobs_forward(logits, layout, targets, inv_temp, ignore_index, with_entropy)
+            logp, entropy, lse = logprobs_fwd_torch(logits, layout, targets, inv_temp, ignore_index, with_entropy)
         # Saved for backward: the logits (by reference), the targets and O(N) row statistics only.
         ctx.save_for_backward(logits, targets, lse, entropy)
         ctx.layout, ctx.inv_temp, ctx.ignore_index, ctx.backend = layout, inv_temp, ignore_index, backend
@@ -147,11 +144,11 @@ class _LogprobsFromLogits(torch.autograd.Function):
         args = (targets, lse, entropy, grad_logp, grad_entropy, ctx.inv_temp, ctx.ignore_index)
         layout = ctx.layout
         if ctx.backend == "triton":
-            from fastalign.kernels.logprobs import logprobs_backward
+            from fastalign.kernels.logprobs import logprobs_bwd
 
-            grad = logprobs_backward(logits, layout.inner, layout.stride_outer, layout.stride_inner, *args)
+            grad = logprobs_bwd(logits, layout.inner, layout.stride_outer, layout.stride_inner, *args)
         else:
-            grad = torch_logprobs_backward(logits, layout, *args)
+            grad = logprobs_bwd_torch(logits, layout, *args)
         return grad.view(logits.shape), None, None, None, None, None, None
 
 
@@ -217,7 +214,7 @@ def logprobs_from_logits(logits, targets, *, temperature=1.0, ignore_index=-100,
         raise ValueError(f"{_OP}: targets must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, "
                          f"got {tuple(targets.shape)}")
     device = check_same_device(_OP, logits=logits, targets=targets)
-    temperature = check_positive(temperature, "temperature", _OP)
+    temperature = check_number(temperature, "temperature", _OP, lo=0, lo_open=True)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"{_OP}: ignore_index must be an int, got {type(ignore_index).__name__}")
     V = logits.shape[-1]
@@ -228,8 +225,8 @@ def logprobs_from_logits(logits, targets, *, temperature=1.0, ignore_index=-100,
     check_index_range(flat_targets, V, "targets", _OP, ignore=ignore_index,
                       allowed=f"[0, {V}) or ignore_index={ignore_index}")  # host sync unless index_checks=False
     rows, layout = rows_of(logits)
-    out = _LogprobsFromLogits.apply(rows, layout, flat_targets, 1.0 / temperature, ignore_index,
-                                    bool(return_entropy), backend)
+    out = LogprobsFromLogitsFunction.apply(rows, layout, flat_targets, 1.0 / temperature, ignore_index,
+                                           bool(return_entropy), backend)
     lead = logits.shape[:-1]
     if return_entropy:
         return out[0].view(lead), out[1].view(lead)

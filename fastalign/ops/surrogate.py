@@ -1,6 +1,6 @@
 """``clipped_surrogate`` / ``clipped_surrogate_with_stats``: the PPO / GRPO / GSPO policy loss per token.
 
-input checks -> :class:`_ClippedSurrogate` (thin autograd.Function) -> :mod:`fastalign.kernels.surrogate`
+input checks -> :class:`ClippedSurrogateFunction` (thin autograd.Function) -> :mod:`fastalign.kernels.surrogate`
 or the torch path below, chosen by :func:`fastalign._dispatch.select_impl`.
 """
 
@@ -12,8 +12,9 @@ from typing import Literal
 import torch
 
 from fastalign._dispatch import Impl, select_impl
-from fastalign._validation import check_float, check_same_device, result_dtype
-from fastalign.kernels.surrogate import N_STATS
+from fastalign._validation import check_choice, check_float, check_number, check_same_device
+from fastalign.kernels.dtypes import acc_dtype
+from fastalign.kernels.surrogate import N_STATS, STAT_NAMES
 from fastalign.ops._tokens import as_rows, check_token_mask, mask_u8, ones_u8
 
 _OP = "clipped_surrogate"
@@ -38,7 +39,7 @@ def _terms(r, A, lo, hi, dual_c):
     return loss, active, dual
 
 
-def torch_surrogate_forward(logp, old, adv, mask, lo, hi, dual_c, sequence, acc, want_grad=True, want_stats=True):
+def surrogate_fwd_torch(logp, old, adv, mask, lo, hi, dual_c, sequence, acc, want_grad=True, want_stats=True):
     """Returns (loss, stats [1, 8] or None, seq_lr, seq_n, grad factor or None).
 
     The grad factor makes the backward one multiply: token level ``dlogp = g * factor``;
@@ -74,7 +75,7 @@ def torch_surrogate_forward(logp, old, adv, mask, lo, hi, dual_c, sequence, acc,
     return loss, stats, seq_lr, seq_n, factor
 
 
-def torch_surrogate_backward(mask, grad, factor, sequence, dtype):
+def surrogate_bwd_torch(mask, grad, factor, sequence, dtype):
     if sequence:
         d_row = (grad.to(factor.dtype) * factor).sum(-1)
         return torch.where(mask != 0, d_row[:, None], 0.0).to(dtype)
@@ -83,23 +84,23 @@ def torch_surrogate_backward(mask, grad, factor, sequence, dtype):
 
 # ---- autograd -------------------------------------------------------------------------------------
 
-class _ClippedSurrogate(torch.autograd.Function):
+class ClippedSurrogateFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logp, old, adv, mask, lo, hi, dual_c, sequence, backend, want_stats):
-        acc = result_dtype(logp.dtype, old.dtype, adv.dtype)
+        acc = acc_dtype(logp.dtype, old.dtype, adv.dtype)
         args = (lo, hi, dual_c, sequence, acc)
         want_grad = ctx.needs_input_grad[0]
         factor = None
         if backend == "triton":
-            from fastalign.kernels.surrogate import surrogate_forward
+            from fastalign.kernels.surrogate import surrogate_fwd
 
-            loss, parts, seq_lr, seq_n = surrogate_forward(logp, old, adv, mask, *args)
+            loss, parts, seq_lr, seq_n = surrogate_fwd(logp, old, adv, mask, *args)
             stats = parts.sum(0)
             ctx.save_for_backward(logp, old, adv, mask, seq_lr, seq_n)
         else:
             # the torch path saves one [R, T] gradient factor instead of recomputing in backward
-            loss, parts, seq_lr, seq_n, factor = torch_surrogate_forward(logp, old, adv, mask, *args,
-                                                                         want_grad=want_grad, want_stats=want_stats)
+            loss, parts, seq_lr, seq_n, factor = surrogate_fwd_torch(logp, old, adv, mask, *args,
+                                                                     want_grad=want_grad, want_stats=want_stats)
             stats = parts.sum(0) if parts is not None else loss.new_zeros(N_STATS)
             ctx.save_for_backward(mask, factor)
         ctx.mark_non_differentiable(stats)
@@ -111,23 +112,17 @@ class _ClippedSurrogate(torch.autograd.Function):
         if grad_loss is None or not ctx.needs_input_grad[0]:
             return (None,) * 10
         if ctx.backend == "triton":
-            from fastalign.kernels.surrogate import surrogate_backward
+            from fastalign.kernels.surrogate import surrogate_bwd
 
             logp, old, adv, mask, seq_lr, seq_n = ctx.saved_tensors
-            d = surrogate_backward(logp, old, adv, mask, grad_loss, seq_lr, seq_n, *ctx.args)
+            d = surrogate_bwd(logp, old, adv, mask, grad_loss, seq_lr, seq_n, *ctx.args)
         else:
             mask, factor = ctx.saved_tensors
-            d = torch_surrogate_backward(mask, grad_loss, factor, ctx.args[3], ctx.logp_dtype)
+            d = surrogate_bwd_torch(mask, grad_loss, factor, ctx.args[3], ctx.logp_dtype)
         return (d,) + (None,) * 9
 
 
 # ---- public functions ---------------------------------------------------------------------------
-
-def _number(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{_OP}: {name} must be a Python number, got {type(value).__name__}")
-    return float(value)
-
 
 def _prepare(logp, old_logp, advantages, eps_low, eps_high, dual_clip, mask, level, impl):
     check_float(logp, "logp", _OP)
@@ -145,20 +140,11 @@ def _prepare(logp, old_logp, advantages, eps_low, eps_high, dual_clip, mask, lev
                          f"(per sequence), got {adv_shape}")
     if mask is not None:
         check_token_mask(mask, shape, "mask", _OP)
-    if level not in ("token", "sequence"):
-        raise ValueError(f"{_OP}: level must be 'token' or 'sequence', got {level!r}")
-    eps_low = _number(eps_low, "eps_low")
-    if not 0 <= eps_low <= 1:
-        raise ValueError(f"{_OP}: eps_low must be in [0, 1], got {eps_low}")
-    eps_high = eps_low if eps_high is None else _number(eps_high, "eps_high")
-    if not eps_high >= 0:
-        raise ValueError(f"{_OP}: eps_high must be >= 0, got {eps_high}")
-    if dual_clip is None:
-        dual_c = math.inf
-    else:
-        dual_c = _number(dual_clip, "dual_clip")
-        if not dual_c > 1:
-            raise ValueError(f"{_OP}: dual_clip must be None or > 1, got {dual_c}")
+    check_choice(level, "level", _OP, ("token", "sequence"))
+    eps_low = check_number(eps_low, "eps_low", _OP, lo=0, hi=1)
+    eps_high = eps_low if eps_high is None else check_number(eps_high, "eps_high", _OP, lo=0)
+    dual_c = check_number(dual_clip, "dual_clip", _OP, lo=1, lo_open=True, optional=True)
+    dual_c = math.inf if dual_c is None else dual_c
     device = check_same_device(_OP, logp=logp, old_logp=old_logp, advantages=advantages, mask=mask)
     backend = select_impl(impl, device, op=_OP)
 
@@ -173,17 +159,19 @@ def _prepare(logp, old_logp, advantages, eps_low, eps_high, dual_clip, mask, lev
 
 
 def _stats_dict(stats: torch.Tensor) -> dict[str, torch.Tensor]:
-    count = stats[0]
+    """The public means from the summed partial stats (``kernels.surrogate.STAT_NAMES`` order)."""
+    sums = dict(zip(STAT_NAMES, stats.unbind()))
+    count = sums["count"]
     denom = count.clamp(min=1.0)
-    low, high = stats[4] / denom, stats[5] / denom
+    low, high = sums["clip_low"] / denom, sums["clip_high"] / denom
     return {
-        "loss_mean": stats[1] / denom,
-        "ratio_mean": stats[2] / denom,
-        "approx_kl": stats[3] / denom,
+        "loss_mean": sums["loss"] / denom,
+        "ratio_mean": sums["ratio"] / denom,
+        "approx_kl": sums["approx_kl"] / denom,
         "clip_frac_low": low,
         "clip_frac_high": high,
         "clip_frac": low + high,
-        "dual_clip_frac": stats[6] / denom,
+        "dual_clip_frac": sums["dual_clip"] / denom,
         "n_tokens": count,
     }
 
@@ -222,7 +210,7 @@ def clipped_surrogate_with_stats(
         {'clip_frac_low': 0.3333, 'clip_frac_high': 0.3333, 'loss_mean': -0.8, 'n_tokens': 3.0}
     """
     prepared = _prepare(logp, old_logp, advantages, eps_low, eps_high, dual_clip, mask, level, impl)
-    loss, stats = _ClippedSurrogate.apply(*prepared, True)
+    loss, stats = ClippedSurrogateFunction.apply(*prepared, True)
     return loss.view(logp.shape), _stats_dict(stats)
 
 
@@ -265,5 +253,5 @@ def clipped_surrogate(
         [-1.2, -0.5, 0.0]
     """
     prepared = _prepare(logp, old_logp, advantages, eps_low, eps_high, dual_clip, mask, level, impl)
-    loss, _ = _ClippedSurrogate.apply(*prepared, False)
+    loss, _ = ClippedSurrogateFunction.apply(*prepared, False)
     return loss.view(logp.shape)

@@ -51,7 +51,7 @@ def ppo_step(policy, value, batch: dict, eps_clip: float = 0.2, c_v: float = 0.5
     V = value(ids)
     V = V.squeeze(-1) if V.dim() == 3 else V
     loss, m = ppo_loss(lp, batch["old_log_probs"], batch["advantages"], batch["action_mask"], values=V,
-                       returns=batch["returns"], entropy=ent, eps_low=eps_clip, vf_coef=c_v, ent_coef=c_e)
+                       returns=batch["returns"], entropy=ent, eps_low=eps_clip, value_coef=c_v, entropy_coef=c_e)
     return loss, m
 
 

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 import fastalign
-from fastalign.bench.core import BenchCase, autograd_runner, device_defaults, with_config
+from fastalign.bench.core import BenchCase, autograd_runner, device_defaults, dtype_name, with_config
 
 CUDA_SHAPES = [  # (N tokens, D, V) of real heads, bf16
     (16384, 3584, 152064),  # Qwen2.5-7B
@@ -138,7 +138,7 @@ def cases_for(device: torch.device, shapes, dtype, impl: str, ops=("fwd", "bwd",
     peers = _peers(device, softcap) if with_peers else {}
     out = []
     for N, D, V in shapes:
-        shape = f"N={N},D={D},V={V},{str(dtype).replace('torch.', '')}" + (f",softcap={softcap:g}" if softcap else "")
+        shape = f"N={N},D={D},V={V},{dtype_name(dtype)}" + (f",softcap={softcap:g}" if softcap else "")
         ndv = float(N) * D * V
         isz = dtype.itemsize
         for op in ops:

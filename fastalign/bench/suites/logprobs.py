@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 import fastalign
-from fastalign.bench.core import BenchCase, autograd_runner, device_defaults
+from fastalign.bench.core import BenchCase, autograd_runner, device_defaults, dtype_name
 
 CUDA_SHAPES = [  # (N tokens, V) of real heads, bf16
     (8192, 152064),  # Qwen2.5
@@ -70,7 +70,7 @@ def cases_for(device: torch.device, shapes, dtype, impl: str, ops=("fwd", "bwd",
     peers = _peers(device) if with_peers else {}
     out = []
     for N, V in shapes:
-        shape = f"N={N},V={V},{str(dtype).replace('torch.', '')}"
+        shape = f"N={N},V={V},{dtype_name(dtype)}"
         nbytes = N * V * dtype.itemsize
         for op in ops:
             moved = {"fwd": nbytes, "bwd": 2 * nbytes, "fwd+bwd": 3 * nbytes}[op]

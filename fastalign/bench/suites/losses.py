@@ -5,7 +5,7 @@ the tutorial's materializing reference against fastalign's fused losses, and ins
   loss (GRPO section 5.4, DPO 4.5, PPO 2.5 with its entropy bonus), ``[N, V]`` materialized.
 - fastalign: ``linear_grpo_loss`` (one pass over the vocabulary, and the two-pass form =
   ``linear_logprobs`` + ``grpo_loss``, the 1.25x target's comparison), ``linear_dpo_loss``,
-  ``linear_ppo_policy_loss(ent_coef=0.01)`` + ``value_loss`` (PPO with the entropy bonus, one and
+  ``linear_ppo_policy_loss(entropy_coef=0.01)`` + ``value_loss`` (PPO with the entropy bonus, one and
   two passes) and ``linear_ppo_policy_loss`` (policy term alone, one pass).
 - peers (CUDA, where installed): TRL 1.16's fused LM head (``ChunkedLogProbFunction``) + the GRPO
   formula, what ``GRPOTrainer`` runs; Liger's ``LigerFusedLinearGRPOLoss`` / ``LigerFusedLinearDPOLoss``.
@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from fastalign.bench.core import BenchCase, device_defaults, with_config
+from fastalign.bench.core import BenchCase, device_defaults, dtype_name, with_config
 
 # (name, B, T, D, V, dtype): the completion tokens of B sequences of T tokens against a real head
 CUDA_SHAPES = [
@@ -212,7 +212,7 @@ def _ppo_cases(shape, B, T, D, V, dtype, device, impl, flops) -> list[BenchCase]
 
     def ours(mode):
         def run(h, W, tgt, mask, adv, old, values, returns):
-            pol, _ = linear_ppo_policy_loss(h, W, tgt, mask, adv, old, ent_coef=0.01, mode=mode, impl=impl)
+            pol, _ = linear_ppo_policy_loss(h, W, tgt, mask, adv, old, entropy_coef=0.01, mode=mode, impl=impl)
             val, _ = value_loss(values, returns, mask)
             return torch.autograd.grad(pol + 0.5 * val, (h, W, values))
         return run
@@ -245,7 +245,7 @@ def cases_for(device: torch.device, shapes, dtype, impl: str, families=("grpo", 
     loss also with its alternative dW accumulation."""
     out: list[BenchCase] = []
     for name, B, T, D, V in shapes:
-        shape = f"{name}:B={B},T={T},D={D},V={V},{str(dtype).replace('torch.', '')}"
+        shape = f"{name}:B={B},T={T},D={D},V={V},{dtype_name(dtype)}"
         flops = 6.0 * B * T * D * V
         if "grpo" in families:
             out.extend(_grpo_cases(shape, B, T, D, V, dtype, device, impl, flops, variants=variants))

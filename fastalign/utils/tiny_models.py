@@ -1,9 +1,15 @@
-"""Tiny, fully local models, tokenizers and datasets for trainer-level tests (no hub downloads).
+"""Tiny, fully local models, tokenizers and datasets for the tests and the examples (no hub downloads).
+
+A test / example utility, not part of the library's API: ``tests/`` and ``examples/`` both import it
+from here (neither can import the other). Importing this module costs nothing beyond torch: the
+optional dependencies (``transformers``, ``tokenizers``, ``datasets``) are imported inside the
+functions that need them.
 
 ``tiny_tokenizer()``: a character-level tokenizer (``tokenizers`` WordLevel wrapped in
 ``PreTrainedTokenizerFast``) with pad/bos/eos/unk and a minimal chat template;
-``tiny_qwen2(vocab_size=..., seed=...)``: a randomly initialised 2-layer Qwen2 causal LM with
-hidden size 32; ``tiny_prompt_dataset(n)``: an in-memory ``datasets.Dataset`` of short prompts.
+``tiny_qwen2(vocab_size=..., seed=...)``: a randomly initialised 2-layer Qwen2 causal LM (hidden
+size 32 by default); ``tiny_prompt_dataset(n)``: an in-memory ``datasets.Dataset`` of short prompts;
+``save_tiny_model(path)``: a tiny model and its tokenizer saved where a trainer can load them by path.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ def tiny_vocab(size: int = 256) -> dict[str, int]:
 
 def tiny_tokenizer(vocab_size: int = 256):
     """A character-level fast tokenizer whose vocabulary has exactly ``vocab_size`` entries."""
+    # optional dependencies (transformers brings tokenizers): imported here, not at module import
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -46,7 +53,8 @@ def tiny_tokenizer(vocab_size: int = 256):
 
 def tiny_qwen2(vocab_size: int = 256, seed: int = 0, hidden_size: int = 32, num_layers: int = 2,
                tie_word_embeddings: bool = False):
-    """A random Qwen2ForCausalLM small enough for CPU trainer tests; token ids match tiny_tokenizer."""
+    """A random Qwen2ForCausalLM small enough for CPU trainer runs; token ids match tiny_tokenizer."""
+    # transformers is an optional dependency of fastalign: imported here, not at module import
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     vocab = tiny_vocab(vocab_size)
@@ -66,6 +74,7 @@ def tiny_qwen2(vocab_size: int = 256, seed: int = 0, hidden_size: int = 32, num_
 
 def tiny_prompt_dataset(n: int = 8, conversational: bool = False):
     """An in-memory dataset of short prompts (plain text, or chat messages when ``conversational``)."""
+    # datasets is an optional dependency (TRL's): imported here, not at module import
     from datasets import Dataset
 
     words = ["add 2 and 3", "count to five", "say hello", "spell cat", "name a color", "2 + 2 =",
@@ -74,3 +83,11 @@ def tiny_prompt_dataset(n: int = 8, conversational: bool = False):
     if conversational:
         return Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in prompts]})
     return Dataset.from_dict({"prompt": prompts})
+
+
+def save_tiny_model(path: str) -> str:
+    """:func:`tiny_qwen2` (hidden size 64) and :func:`tiny_tokenizer` saved under ``path`` (returned), for
+    code that loads a model by name or path (the examples pass it to TRL's trainers)."""
+    tiny_qwen2(hidden_size=64).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
