@@ -34,15 +34,27 @@ def main(argv=None):
     model = args.model
     if model is None:
         model = save_tiny_model(os.path.join(out, "tiny"))
-    data = Dataset.from_dict({
-        "prompt": ["a b c", "d e", "f g h i", "j", "k l", "m n o"] * 4,
-        "chosen": ["x y", "z", "k l m", "n o", "p", "q r"] * 4,
-        "rejected": ["p", "q r s", "t", "u v w", "x y z", "a"] * 4,
-    })
-    cfg = DPOConfig(output_dir=out, per_device_train_batch_size=4, max_steps=args.steps, loss_type=[args.loss_type],
-                    beta=args.beta, label_smoothing=0.1 if args.loss_type == "robust" else 0.0,
-                    learning_rate=1e-6 if args.model else 1e-3, logging_steps=1, report_to=[], save_strategy="no",
-                    bf16=args.bf16, use_cpu=not args.bf16)
+    data = Dataset.from_dict(
+        {
+            "prompt": ["a b c", "d e", "f g h i", "j", "k l", "m n o"] * 4,
+            "chosen": ["x y", "z", "k l m", "n o", "p", "q r"] * 4,
+            "rejected": ["p", "q r s", "t", "u v w", "x y z", "a"] * 4,
+        }
+    )
+    cfg = DPOConfig(
+        output_dir=out,
+        per_device_train_batch_size=4,
+        max_steps=args.steps,
+        loss_type=[args.loss_type],
+        beta=args.beta,
+        label_smoothing=0.1 if args.loss_type == "robust" else 0.0,
+        learning_rate=1e-6 if args.model else 1e-3,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        bf16=args.bf16,
+        use_cpu=not args.bf16,
+    )
     cls = DPOTrainer if args.stock else FastalignDPOTrainer
     trainer = cls(model=model, args=cfg, train_dataset=data)
     trainer.train()

@@ -39,12 +39,26 @@ def main(argv=None):
     if model is None:
         model = save_tiny_model(os.path.join(out, "tiny"))
     prompts = ["a b c", "d e f g", "h i", "j k l", "m n", "o p q", "r s t u", "v w"]
-    cfg = GRPOConfig(output_dir=out, per_device_train_batch_size=4, num_generations=4, max_completion_length=16,
-                     max_steps=args.steps, loss_type=args.loss_type, beta=args.beta, learning_rate=1e-5 if args.model else 1e-3,
-                     logging_steps=1, report_to=[], save_strategy="no", bf16=args.bf16, use_cpu=not args.bf16,
-                     gradient_checkpointing=False)
+    cfg = GRPOConfig(
+        output_dir=out,
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=16,
+        max_steps=args.steps,
+        loss_type=args.loss_type,
+        beta=args.beta,
+        learning_rate=1e-5 if args.model else 1e-3,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        bf16=args.bf16,
+        use_cpu=not args.bf16,
+        gradient_checkpointing=False,
+    )
     cls = GRPOTrainer if args.stock else FastalignGRPOTrainer
-    trainer = cls(model=model, reward_funcs=reward_len, args=cfg, train_dataset=Dataset.from_dict({"prompt": prompts * 8}))
+    trainer = cls(
+        model=model, reward_funcs=reward_len, args=cfg, train_dataset=Dataset.from_dict({"prompt": prompts * 8})
+    )
     trainer.train()
     for row in trainer.state.log_history:
         if "loss" in row:

@@ -80,8 +80,13 @@ def _replaced(base: Config, op: str, **changes) -> Config:
     return dataclasses.replace(base, **{k: v for k, v in changes.items() if v is not None})
 
 
-def set_config(*, index_checks: bool | None = None, compact_ignored: bool | None = None,
-               fp32_logits: bool | None = None, dw_fp32: bool | None = None) -> Config:
+def set_config(
+    *,
+    index_checks: bool | None = None,
+    compact_ignored: bool | None = None,
+    fp32_logits: bool | None = None,
+    dw_fp32: bool | None = None,
+) -> Config:
     """Change the process-wide defaults (``None`` keeps a setting); returns the previous defaults.
     Inside a ``with fastalign.config(...)`` block that block's settings still apply.
 
@@ -104,14 +109,25 @@ def set_config(*, index_checks: bool | None = None, compact_ignored: bool | None
     global _defaults
     with _defaults_lock:
         previous = _defaults
-        _defaults = _replaced(previous, "fastalign.set_config", index_checks=index_checks,
-                              compact_ignored=compact_ignored, fp32_logits=fp32_logits, dw_fp32=dw_fp32)
+        _defaults = _replaced(
+            previous,
+            "fastalign.set_config",
+            index_checks=index_checks,
+            compact_ignored=compact_ignored,
+            fp32_logits=fp32_logits,
+            dw_fp32=dw_fp32,
+        )
     return previous
 
 
 @contextlib.contextmanager
-def config(*, index_checks: bool | None = None, compact_ignored: bool | None = None,
-           fp32_logits: bool | None = None, dw_fp32: bool | None = None) -> Iterator[Config]:
+def config(
+    *,
+    index_checks: bool | None = None,
+    compact_ignored: bool | None = None,
+    fp32_logits: bool | None = None,
+    dw_fp32: bool | None = None,
+) -> Iterator[Config]:
     """``with fastalign.config(index_checks=False): ...``: the settings for this block, in this
     thread / task only (``None`` keeps the current one); nests; yields the settings in effect.
 
@@ -129,8 +145,14 @@ def config(*, index_checks: bool | None = None, compact_ignored: bool | None = N
         >>> fastalign.get_config().index_checks
         True
     """
-    scoped = _replaced(get_config(), "fastalign.config", index_checks=index_checks, compact_ignored=compact_ignored,
-                       fp32_logits=fp32_logits, dw_fp32=dw_fp32)
+    scoped = _replaced(
+        get_config(),
+        "fastalign.config",
+        index_checks=index_checks,
+        compact_ignored=compact_ignored,
+        fp32_logits=fp32_logits,
+        dw_fp32=dw_fp32,
+    )
     token = _scoped.set(scoped)
     try:
         yield scoped
@@ -143,6 +165,7 @@ def resolve(name: str, value: bool | None, op: str) -> bool:
     if value is None:
         return getattr(get_config(), name)
     if not isinstance(value, bool):
-        raise TypeError(f"{op}: {name} must be a bool or None (None: fastalign.get_config().{name}), "
-                        f"got {type(value).__name__}")
+        raise TypeError(
+            f"{op}: {name} must be a bool or None (None: fastalign.get_config().{name}), got {type(value).__name__}"
+        )
     return value

@@ -50,8 +50,17 @@ def check_same_device(op: str, **tensors) -> torch.device:
     return dev
 
 
-def check_number(value, name: str, op: str, *, lo: float | None = None, hi: float | None = None,
-                 lo_open: bool = False, hi_open: bool = False, optional: bool = False) -> float | None:
+def check_number(
+    value,
+    name: str,
+    op: str,
+    *,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    optional: bool = False,
+) -> float | None:
     """``value`` as a float: a Python number (not a bool), not NaN, within the bounds given (``lo_open`` /
     ``hi_open``: that bound excluded). ``optional``: None is allowed too, and returned as None."""
     if optional and value is None:
@@ -85,8 +94,9 @@ def check_choice(value, name: str, op: str, choices: Sequence[str]) -> str:
     return value
 
 
-def check_index_range(idx: torch.Tensor, hi: int, name: str, op: str, *, ignore: int | None = None,
-                      allowed: str | None = None) -> None:
+def check_index_range(
+    idx: torch.Tensor, hi: int, name: str, op: str, *, ignore: int | None = None, allowed: str | None = None
+) -> None:
     """Raise ValueError if an entry of ``idx`` (other than ``ignore``) is outside ``[0, hi)``.
 
     One device->host sync (``bool(bad.any())``), skipped when ``fastalign.get_config().index_checks``

@@ -14,8 +14,11 @@ from pathlib import Path
 
 def _bench(args: argparse.Namespace) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
-        print("fastalign bench: TRITON_INTERPRET=1 is set; the CPU benchmarks time the torch path and are "
-              "unaffected, but unset it to benchmark real kernels on a GPU.", file=sys.stderr)
+        print(
+            "fastalign bench: TRITON_INTERPRET=1 is set; the CPU benchmarks time the torch path and are "
+            "unaffected, but unset it to benchmark real kernels on a GPU.",
+            file=sys.stderr,
+        )
     import torch
 
     from fastalign.bench.core import discover_suites, run_cases
@@ -77,10 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--no-write", action="store_true")
     b.add_argument("--no-plot", action="store_true")
     b.set_defaults(func=_bench)
-    sub.add_parser("check-kernels", add_help=False,
-                   help="compile the kernels that run (as their representative launches specialize them) "
-                        "for sm_80 / sm_90 without a GPU; report registers, spills, shared memory and "
-                        "occupancy; fail on spills (options: see `fastalign check-kernels --help`)")
+    sub.add_parser(
+        "check-kernels",
+        add_help=False,
+        help="compile the kernels that run (as their representative launches specialize them) "
+        "for sm_80 / sm_90 without a GPU; report registers, spills, shared memory and "
+        "occupancy; fail on spills (options: see `fastalign check-kernels --help`)",
+    )
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "check-kernels":
         from fastalign.kernels.aot import main as check_kernels

@@ -27,7 +27,8 @@ def _check_interpreter_numpy() -> None:
         raise pytest.UsageError(
             f"the Triton {triton.__version__} interpreter fails with NumPy {numpy.__version__} "
             "('only 0-dimensional arrays can be converted to Python scalars'); "
-            "use triton >= 3.7 or pip install 'numpy<2.4'")
+            "use triton >= 3.7 or pip install 'numpy<2.4'"
+        )
 
 
 _check_interpreter_numpy()
@@ -44,8 +45,10 @@ def _interpreter_rounds_bf16_to_nearest_even() -> None:
     from triton.runtime import interpreter as interp
 
     if not all(hasattr(interp, n) for n in ("InterpreterBuilder", "TensorHandle")):
-        raise pytest.UsageError("this Triton's interpreter has no InterpreterBuilder.cast_impl to correct "
-                                "(fp32 -> bf16 rounding); update tests/conftest.py")
+        raise pytest.UsageError(
+            "this Triton's interpreter has no InterpreterBuilder.cast_impl to correct "
+            "(fp32 -> bf16 rounding); update tests/conftest.py"
+        )
     cast = interp.InterpreterBuilder.cast_impl
 
     def cast_impl(self, src, dst_type):

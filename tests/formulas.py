@@ -19,8 +19,9 @@ def logprobs_fp64(logits: torch.Tensor, targets: torch.Tensor, temperature: floa
     return torch.where(valid, logp, zero), torch.where(valid, entropy, zero)
 
 
-def linear_logprobs_fp64(h, W, targets, b=None, temperature: float = 1.0, softcap: float | None = None,
-                         ignore_index: int = -100):
+def linear_logprobs_fp64(
+    h, W, targets, b=None, temperature: float = 1.0, softcap: float | None = None, ignore_index: int = -100
+):
     """fp64 :func:`logprobs_fp64` of the materialized logits ``softcap(h @ W.T + b)`` (``c * tanh(z / c)``
     with a softcap c). Differentiable."""
     z = h.double() @ W.double().T

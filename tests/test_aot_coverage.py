@@ -70,6 +70,7 @@ def test_every_kernel_is_compiled(compiled):
 
 def _tuned() -> dict[str, list[dict]]:
     """Per kernel, the launch parameters of every config in ``tuning`` that its launcher can select."""
+
     def rows(configs, block):
         return [{block: c.block, "num_warps": c.num_warps} for c in configs]
 
@@ -84,8 +85,9 @@ def _tuned() -> dict[str, list[dict]]:
         "logprobs._logprobs_fwd_kernel": rows(tuning.LOGPROBS_FWD_CONFIGS, "BLOCK_V"),
         "logprobs._logprobs_bwd_kernel": rows(tuning.LOGPROBS_BWD_CONFIGS, "BLOCK_V"),
         "linear_logprobs._linear_logprobs_tile_fwd_kernel": epilogue(tuning.LINEAR_LOGPROBS_FWD_CONFIGS),
-        "linear_logprobs._linear_logprobs_tile_merge_fwd_kernel": [{"BLOCK_R": merge.block_rows,
-                                                                    "num_warps": merge.num_warps}],
+        "linear_logprobs._linear_logprobs_tile_merge_fwd_kernel": [
+            {"BLOCK_R": merge.block_rows, "num_warps": merge.num_warps}
+        ],
         "linear_logprobs._linear_logprobs_tile_bwd_kernel": epilogue(tuning.LINEAR_LOGPROBS_BWD_CONFIGS),
         "kl._kl_fwd_kernel": tiles(tuning.TOKEN_TILE_CONFIGS),
         "kl._kl_bwd_kernel": tiles(tuning.TOKEN_TILE_CONFIGS),
@@ -102,8 +104,12 @@ def _tuned() -> dict[str, list[dict]]:
 def test_every_tuning_config_is_compiled(compiled):
     tuned = _tuned()
     assert set(tuned) == set(_kernels()), "a kernel was added or renamed: list its tuning configs in _tuned()"
-    missing = [(kernel, want) for kernel, configs in tuned.items() for want in configs
-               if not any(c["kernel"] == kernel and want.items() <= c["params"].items() for c in compiled)]
+    missing = [
+        (kernel, want)
+        for kernel, configs in tuned.items()
+        for want in configs
+        if not any(c["kernel"] == kernel and want.items() <= c["params"].items() for c in compiled)
+    ]
     assert not missing, f"tuning configs no representative launch selects: {missing}"
 
 
@@ -123,8 +129,14 @@ def test_recorder_specializes_like_the_runtime():
     v = specialize(launches[0])
     # pointers: 16-byte aligned base -> divisibility 16, x[1:] (4 bytes in) -> none; ints: 152064 = 16 * 9504
     # -> divisibility 16, 151665 -> none, 1 -> the constant 1; floats and constexprs as given
-    assert v.signature == {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32", "m": "i32", "stride": "constexpr",
-                           "BLOCK": "constexpr"}
+    assert v.signature == {
+        "x_ptr": "*fp32",
+        "y_ptr": "*fp32",
+        "n": "i32",
+        "m": "i32",
+        "stride": "constexpr",
+        "BLOCK": "constexpr",
+    }
     assert v.attrs[(0,)] == [["tt.divisibility", 16]] and v.attrs[(1,)] == []
     assert v.attrs[(2,)] == [["tt.divisibility", 16]] and v.attrs[(3,)] == []
     assert v.constexprs == {(4,): 1, (5,): 16}
@@ -139,17 +151,21 @@ def test_recorder_specializes_like_the_runtime():
 
 
 def test_ptxas_log_parser():
-    sm80 = ("ptxas info    : 0 bytes gmem\n"
-            "ptxas info    : Compiling entry function 'k' for 'sm_80'\n"
-            "ptxas info    : Function properties for k\n"
-            "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
-            "ptxas info    : Used 40 registers, 380 bytes cmem[0]\n")
+    sm80 = (
+        "ptxas info    : 0 bytes gmem\n"
+        "ptxas info    : Compiling entry function 'k' for 'sm_80'\n"
+        "ptxas info    : Function properties for k\n"
+        "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
+        "ptxas info    : Used 40 registers, 380 bytes cmem[0]\n"
+    )
     assert parse_ptxas_log(sm80) == (40, 0, 0, 0)
-    spilling = ("ptxas info    : Compiling entry function 'k' for 'sm_90a'\n"
-                "ptxas info    : Function properties for k\n"
-                "    104 bytes stack frame, 120 bytes spill stores, 96 bytes spill loads\n"
-                "ptxas info    : Used 128 registers, used 1 barriers, 104 bytes cumulative stack size, "
-                "380 bytes cmem[0]\n")
+    spilling = (
+        "ptxas info    : Compiling entry function 'k' for 'sm_90a'\n"
+        "ptxas info    : Function properties for k\n"
+        "    104 bytes stack frame, 120 bytes spill stores, 96 bytes spill loads\n"
+        "ptxas info    : Used 128 registers, used 1 barriers, 104 bytes cumulative stack size, "
+        "380 bytes cmem[0]\n"
+    )
     assert parse_ptxas_log(spilling) == (128, 104, 120, 96)
     with pytest.raises(ValueError):
         parse_ptxas_log("ptxas info    : 0 bytes gmem\n")
@@ -190,7 +206,8 @@ def test_a_spill_fails_the_check():
     regs, stack, stores, loads = parse_ptxas_log(
         "ptxas info    : Function properties for k\n"
         "    8 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads\n"
-        "ptxas info    : Used 255 registers, 380 bytes cmem[0]\n")
+        "ptxas info    : Used 255 registers, 380 bytes cmem[0]\n"
+    )
     spilled = Resources(regs, stores, loads, stack, 0, 4)
     clean = _res(40, 4)
     assert failures([v], {(0, 80): clean, (0, 90): clean}) == []

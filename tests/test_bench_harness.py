@@ -36,9 +36,12 @@ def _case(kind, checks=False, record=None):
             if record is not None:
                 record.append(fastalign.get_config())
             return torch.ones(3)
+
         return run
-    return BenchCase("s", "op", "shape", f"{kind}{'+checks' if checks else ''}", kind, make, checks=checks,
-                     essential_bytes=0)
+
+    return BenchCase(
+        "s", "op", "shape", f"{kind}{'+checks' if checks else ''}", kind, make, checks=checks, essential_bytes=0
+    )
 
 
 def test_fastalign_rows_are_timed_without_host_syncs_unless_asked():
@@ -57,8 +60,12 @@ def test_ratios_against_baseline_floor_and_peers():
     def res(impl, kind, ms, peak, extra=None):
         return BenchResult("s", "op", "shape", impl, kind, ms, peak, extra_mb=extra)
 
-    rows = [res("ref", "baseline", 10.0, 100.0), res("ours", "fastalign", 4.0, 10.0, extra=1.0),
-            res("gemms", "floor", 3.2, 5.0), res("peer", "peer", 8.0, 50.0)]
+    rows = [
+        res("ref", "baseline", 10.0, 100.0),
+        res("ours", "fastalign", 4.0, 10.0, extra=1.0),
+        res("gemms", "floor", 3.2, 5.0),
+        res("peer", "peer", 8.0, 50.0),
+    ]
     add_ratios(rows)
     ref, ours, floor, peer = rows
     assert ours.speedup_vs_baseline == pytest.approx(2.5)

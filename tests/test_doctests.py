@@ -82,7 +82,10 @@ def test_every_public_function_has_args_returns_example(name):
     for fn in PUBLIC[name]:
         func = getattr(module, fn)
         doc = func.__doc__ or ""
-        sections = ("Args:", "Returns:", "Example:", ">>> ") if inspect.signature(func).parameters else (
-            "Returns:", "Example:", ">>> ")
+        sections = (
+            ("Args:", "Returns:", "Example:", ">>> ")
+            if inspect.signature(func).parameters
+            else ("Returns:", "Example:", ">>> ")
+        )
         for section in sections:
             assert section in doc, f"{name}.{fn}: docstring has no {section!r}"

@@ -59,8 +59,11 @@ def _data(B, T, seed=0, dtype=torch.float32, p_mask=0.3, p_done=0.05):
     return r, v, mask, dones, nv
 
 
-CASES = [(B, T, gl) for B, T in [(3, 7), (1, 1), (4, 1), (2, 129)]
-         for gl in [(1.0, 0.95), (0.99, 0.9), (0.5, 1.0), (1.0, 0.0)]]
+CASES = [
+    (B, T, gl)
+    for B, T in [(3, 7), (1, 1), (4, 1), (2, 129)]
+    for gl in [(1.0, 0.95), (0.99, 0.9), (0.5, 1.0), (1.0, 0.0)]
+]
 CASES += [(3, 600, (0.99, 0.9)), (1, 3000, (1.0, 0.95))]  # several chunks / blocks
 
 
@@ -132,8 +135,16 @@ def test_long_rows(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_dtypes_leading_dims_and_strides(impl):
     r, v, mask, dones, nv = _data(6, 33, seed=5, dtype=torch.float64)
-    adv, ret = gae(r.view(2, 3, 33), v.view(2, 3, 33), mask.view(2, 3, 33).float(), gamma=0.9, lam=0.8,
-                   dones=dones.view(2, 3, 33).long(), next_values=nv.view(2, 3), impl=impl)
+    adv, ret = gae(
+        r.view(2, 3, 33),
+        v.view(2, 3, 33),
+        mask.view(2, 3, 33).float(),
+        gamma=0.9,
+        lam=0.8,
+        dones=dones.view(2, 3, 33).long(),
+        next_values=nv.view(2, 3),
+        impl=impl,
+    )
     assert adv.dtype == torch.float64 and adv.shape == (2, 3, 33)
     ea, er = ref_gae(r, v, mask, dones, nv, 0.9, 0.8)
     torch.testing.assert_close(adv.view(6, 33), ea, rtol=1e-10, atol=1e-10)
@@ -205,8 +216,9 @@ def test_masked_whiten(shift_mean):
     r, _, mask, _, _ = _data(4, 30, seed=9)
     x = 3.0 + 2.0 * r
     out = masked_whiten(x, mask, shift_mean=shift_mean)
-    torch.testing.assert_close(out.double(), verl_masked_whiten(x.double(), mask.double(), shift_mean),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        out.double(), verl_masked_whiten(x.double(), mask.double(), shift_mean), rtol=1e-5, atol=1e-5
+    )
     pop = masked_whiten(x, mask.long(), unbiased=False, eps=0.0)
     sel = x[mask].double()
     torch.testing.assert_close(pop[mask].double(), (sel - sel.mean()) / sel.std(unbiased=False), rtol=1e-5, atol=1e-5)
@@ -223,8 +235,9 @@ def test_cuda_matches_torch_path_fp64():
     B, T = 64, 8192
     r, v, mask, dones, nv = _data(B, T, seed=13, p_mask=0.25, p_done=0.002)
     adv, ret = gae(r.cuda(), v.cuda(), mask.cuda(), gamma=0.999, lam=0.95, dones=dones.cuda(), next_values=nv.cuda())
-    ea, er = gae(r.double(), v.double(), mask, gamma=0.999, lam=0.95, dones=dones, next_values=nv.double(),
-                 impl="torch")
+    ea, er = gae(
+        r.double(), v.double(), mask, gamma=0.999, lam=0.95, dones=dones, next_values=nv.double(), impl="torch"
+    )
     tol = dict(rtol=1e-5, atol=1e-5 * max(1.0, float(ea.abs().max())))
     torch.testing.assert_close(adv.cpu().double(), ea, **tol)
     torch.testing.assert_close(ret.cpu().double(), er, **tol)

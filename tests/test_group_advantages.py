@@ -25,6 +25,7 @@ def run(monkeypatch):
             monkeypatch.setattr(tuning, "GROUP_ADV_BATCH_PARTS", 4)
             impl = "triton"
         return group_advantages(*args, impl=impl, **kwargs)
+
     return call
 
 
@@ -64,7 +65,7 @@ def _data(n_groups=7, seed=0, nan=False, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     sizes = torch.randint(1, 9, (n_groups,), generator=g)
     sizes[0] = 1  # a singleton
-    raw_ids = torch.randint(-10**12, 10**12, (n_groups,), generator=g)  # arbitrary int64 values
+    raw_ids = torch.randint(-(10**12), 10**12, (n_groups,), generator=g)  # arbitrary int64 values
     ids = torch.repeat_interleave(raw_ids, sizes)
     perm = torch.randperm(ids.numel(), generator=g)
     ids = ids[perm]
@@ -116,8 +117,7 @@ def test_equals_tutorial_scatter_formula(run, impl):
     sizes = torch.randint(1, 8, (12,), generator=g)
     gid = torch.repeat_interleave(torch.arange(12), sizes)[torch.randperm(int(sizes.sum()), generator=g)]
     r = torch.randn(gid.numel(), generator=g)
-    torch.testing.assert_close(run(r, gid, impl=impl), tutorial_group_advantages(r, gid),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(run(r, gid, impl=impl), tutorial_group_advantages(r, gid), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -245,8 +245,9 @@ def test_groups_larger_than_a_block(run, impl):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("n_groups", [100, 5000])  # N ~ 450 (2 programs) and ~22500 (88)
-@pytest.mark.parametrize("opts", [dict(), dict(baseline="loo", scale="batch", unbiased=True),
-                                  dict(singleton="raw", unbiased=True, eps=1e-6)])
+@pytest.mark.parametrize(
+    "opts", [dict(), dict(baseline="loo", scale="batch", unbiased=True), dict(singleton="raw", unbiased=True, eps=1e-6)]
+)
 def test_cuda_matches_torch_path(n_groups, opts):
     r, ids = _data(n_groups=n_groups, seed=2, nan=True)
     out = group_advantages(r.cuda(), ids.cuda(), **opts)
@@ -261,6 +262,7 @@ def test_cuda_matches_torch_path(n_groups, opts):
 # The default Triton block is 256 positions (512-lane windows): a group is walked as a long run when
 # it does not end in its owner's window. "triton-tiny" (4 / 8) gets small data: the interpreter runs
 # its many programs one by one.
+
 
 def _shuffled_groups(sizes, seed, nan=0.0, ids=None):
     """fp64 rewards (a share NaN) and shuffled ids for groups of the given sizes (ids 0.. unless given)."""
@@ -278,8 +280,9 @@ def _check(out, r, ids, tol=1e-10, **opts):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("opts", [dict(), dict(baseline="loo", scale="batch", unbiased=True, singleton="raw"),
-                                  dict(scale="none", eps=0.0)])
+@pytest.mark.parametrize(
+    "opts", [dict(), dict(baseline="loo", scale="batch", unbiased=True, singleton="raw"), dict(scale="none", eps=0.0)]
+)
 def test_runs_longer_than_the_window(run, impl, opts):
     """Ids 0 and 1 sorted first: the group of 400 starts at position 200 and ends past its owner's
     window (the tiny tiles: 20 and 40); pairs and singletons after; some NaN."""
@@ -303,8 +306,11 @@ def test_one_group_and_all_singletons(run, impl, opts):
         assert (out == 0).all()
 
 
-@pytest.mark.parametrize("impl,n", [(impl, n) for impl in IMPLS[:2] for n in (1, 255, 256, 257, 511, 512, 513)]
-                         + [("triton-tiny", n) for n in (1, 2, 7, 8, 9, 17)])
+@pytest.mark.parametrize(
+    "impl,n",
+    [(impl, n) for impl in IMPLS[:2] for n in (1, 255, 256, 257, 511, 512, 513)]
+    + [("triton-tiny", n) for n in (1, 2, 7, 8, 9, 17)],
+)
 def test_sizes_around_the_block(run, impl, n):
     """N at and past a block and a window, groups of 1..20, some NaN."""
     g = torch.Generator().manual_seed(n)
@@ -352,8 +358,9 @@ def test_contiguous_groups_longer_than_the_window(run, impl, opts):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("group_size", [1, 5])
-@pytest.mark.parametrize("opts", [dict(), dict(baseline="loo", scale="batch", unbiased=True),
-                                  dict(singleton="raw", scale="none")])
+@pytest.mark.parametrize(
+    "opts", [dict(), dict(baseline="loo", scale="batch", unbiased=True), dict(singleton="raw", scale="none")]
+)
 def test_group_size_without_nan(run, impl, group_size, opts):
     """No NaN: the torch path keeps to the [G, size] view (no labels)."""
     r = torch.randn(6 * group_size, generator=torch.Generator().manual_seed(group_size), dtype=torch.float64)
@@ -378,5 +385,9 @@ def test_triton_equals_torch_path(baseline, scale):
     r, ids = _shuffled_groups(sizes, seed=19, nan=0.05)
     for unbiased, singleton in ((False, "zero"), (True, "raw")):
         opts = dict(baseline=baseline, scale=scale, unbiased=unbiased, singleton=singleton, eps=1e-6)
-        torch.testing.assert_close(group_advantages(r, ids, impl="triton", **opts),
-                                   group_advantages(r, ids, impl="torch", **opts), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(
+            group_advantages(r, ids, impl="triton", **opts),
+            group_advantages(r, ids, impl="torch", **opts),
+            rtol=1e-12,
+            atol=1e-12,
+        )

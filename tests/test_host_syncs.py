@@ -68,46 +68,97 @@ def _cases():
     lens = torch.tensor([3, 4, 5, 6])
     c, r = (torch.randn(4) - 5).requires_grad_(), (torch.randn(4) - 5).requires_grad_()
     return [
-        ("logprobs_from_logits", lambda i: fastalign.logprobs_from_logits(logits, t, return_entropy=True, impl=i), IMPLS),
-        ("linear_logprobs", lambda i: fastalign.linear_logprobs(h, W, t, bias=b, return_entropy=True, chunk_size=16,
-                                                                impl=i), IMPLS),
+        (
+            "logprobs_from_logits",
+            lambda i: fastalign.logprobs_from_logits(logits, t, return_entropy=True, impl=i),
+            IMPLS,
+        ),
+        (
+            "linear_logprobs",
+            lambda i: fastalign.linear_logprobs(h, W, t, bias=b, return_entropy=True, chunk_size=16, impl=i),
+            IMPLS,
+        ),
         ("k3_kl", lambda i: fastalign.k3_kl(lp, ref, impl=i), IMPLS),
         ("kl_penalty", lambda i: fastalign.kl_penalty(lp, ref, "k2", clamp=3.0, log_ratio_clamp=5.0, impl=i), IMPLS),
-        ("clipped_surrogate", lambda i: fastalign.clipped_surrogate(lp, old, adv, mask=mask, dual_clip=3.0, impl=i),
-         IMPLS),
-        ("clipped_surrogate[sequence]", lambda i: fastalign.clipped_surrogate(lp, old, adv, mask=mask, level="sequence",
-                                                                              impl=i), IMPLS),
-        ("clipped_surrogate_with_stats", lambda i: fastalign.clipped_surrogate_with_stats(lp, old, adv, mask=mask,
-                                                                                          impl=i), IMPLS),
-        ("gae", lambda i: fastalign.gae(old, ref, mask, dones=mask & (lp.detach() < -2), next_values=adv, impl=i),
-         IMPLS),
+        (
+            "clipped_surrogate",
+            lambda i: fastalign.clipped_surrogate(lp, old, adv, mask=mask, dual_clip=3.0, impl=i),
+            IMPLS,
+        ),
+        (
+            "clipped_surrogate[sequence]",
+            lambda i: fastalign.clipped_surrogate(lp, old, adv, mask=mask, level="sequence", impl=i),
+            IMPLS,
+        ),
+        (
+            "clipped_surrogate_with_stats",
+            lambda i: fastalign.clipped_surrogate_with_stats(lp, old, adv, mask=mask, impl=i),
+            IMPLS,
+        ),
+        (
+            "gae",
+            lambda i: fastalign.gae(old, ref, mask, dones=mask & (lp.detach() < -2), next_values=adv, impl=i),
+            IMPLS,
+        ),
         ("masked_whiten", lambda i: fastalign.masked_whiten(old, mask), ["torch"]),
-        ("group_advantages[ids]", lambda i: fastalign.group_advantages(adv, torch.tensor([7, 7, -2, -2]), impl=i),
-         ["triton"]),
+        (
+            "group_advantages[ids]",
+            lambda i: fastalign.group_advantages(adv, torch.tensor([7, 7, -2, -2]), impl=i),
+            ["triton"],
+        ),
         ("group_advantages[size]", lambda i: fastalign.group_advantages(adv, group_size=2, impl=i), ["triton"]),
-        ("grpo_loss", lambda i: L.grpo_loss(lp, old, adv, mask, ref_logp=ref, kl_bias_correction=True, impl=i),
-         IMPLS),
-        ("grpo_loss[gspo]", lambda i: L.grpo_loss(lp, old, adv, mask, ref_logp=ref, level="sequence", impl=i),
-         IMPLS),
-        ("grpo_loss[dapo]", lambda i: L.grpo_loss(lp, old, adv, mask, loss_type="dapo", beta=0.0, delta=3.0), ["torch"]),
-        ("grpo_loss[dr_grpo]", lambda i: L.grpo_loss(lp, old, adv, mask, loss_type="dr_grpo", beta=0.0,
-                                                     max_completion_length=T), ["torch"]),
-        ("grpo_loss[cispo]", lambda i: L.grpo_loss(lp, old, adv, mask, loss_type="cispo", beta=0.0, eps_high=4.0),
-         ["torch"]),
+        ("grpo_loss", lambda i: L.grpo_loss(lp, old, adv, mask, ref_logp=ref, kl_bias_correction=True, impl=i), IMPLS),
+        ("grpo_loss[gspo]", lambda i: L.grpo_loss(lp, old, adv, mask, ref_logp=ref, level="sequence", impl=i), IMPLS),
+        (
+            "grpo_loss[dapo]",
+            lambda i: L.grpo_loss(lp, old, adv, mask, loss_type="dapo", beta=0.0, delta=3.0),
+            ["torch"],
+        ),
+        (
+            "grpo_loss[dr_grpo]",
+            lambda i: L.grpo_loss(lp, old, adv, mask, loss_type="dr_grpo", beta=0.0, max_completion_length=T),
+            ["torch"],
+        ),
+        (
+            "grpo_loss[cispo]",
+            lambda i: L.grpo_loss(lp, old, adv, mask, loss_type="cispo", beta=0.0, eps_high=4.0),
+            ["torch"],
+        ),
         ("grpo_loss[sapo]", lambda i: L.grpo_loss(lp, old, adv, mask, loss_type="sapo", beta=0.0), ["torch"]),
         ("ppo_policy_loss", lambda i: L.ppo_policy_loss(lp, old, adv, mask, dual_clip=3.0, impl=i), IMPLS),
-        ("ppo_loss", lambda i: L.ppo_loss(lp, old, adv, mask, values=vals, returns=ref, old_values=old, value_clip=0.2,
-                                          entropy=-old, impl=i), IMPLS),
+        (
+            "ppo_loss",
+            lambda i: L.ppo_loss(
+                lp, old, adv, mask, values=vals, returns=ref, old_values=old, value_clip=0.2, entropy=-old, impl=i
+            ),
+            IMPLS,
+        ),
         ("value_loss", lambda i: L.value_loss(vals, ref, mask, old_values=old, value_clip=0.2), ["torch"]),
         ("dpo_loss", lambda i: L.dpo_loss(c, r, c.detach() + 0.1, r.detach() - 0.1), ["torch"]),
-        ("dpo_loss[ipo]", lambda i: L.dpo_loss(c, r, loss_type="ipo", chosen_lengths=lens, rejected_lengths=lens),
-         ["torch"]),
-        ("linear_grpo_loss[one_pass]", lambda i: L.linear_grpo_loss(h, W, t, hmask, adv, old_logp=old, ref_logp=ref,
-                                                                    bias=b, entropy_coef=0.1, impl=i), IMPLS),
-        ("linear_grpo_loss[two_pass]", lambda i: L.linear_grpo_loss(h, W, t, hmask, adv, old_logp=old, ref_logp=ref,
-                                                                    mode="two_pass", entropy_coef=0.1, impl=i), IMPLS),
-        ("linear_ppo_policy_loss", lambda i: L.linear_ppo_policy_loss(h, W, t, hmask, adv, old, entropy_coef=0.1,
-                                                                       impl=i), IMPLS),
+        (
+            "dpo_loss[ipo]",
+            lambda i: L.dpo_loss(c, r, loss_type="ipo", chosen_lengths=lens, rejected_lengths=lens),
+            ["torch"],
+        ),
+        (
+            "linear_grpo_loss[one_pass]",
+            lambda i: L.linear_grpo_loss(
+                h, W, t, hmask, adv, old_logp=old, ref_logp=ref, bias=b, entropy_coef=0.1, impl=i
+            ),
+            IMPLS,
+        ),
+        (
+            "linear_grpo_loss[two_pass]",
+            lambda i: L.linear_grpo_loss(
+                h, W, t, hmask, adv, old_logp=old, ref_logp=ref, mode="two_pass", entropy_coef=0.1, impl=i
+            ),
+            IMPLS,
+        ),
+        (
+            "linear_ppo_policy_loss",
+            lambda i: L.linear_ppo_policy_loss(h, W, t, hmask, adv, old, entropy_coef=0.1, impl=i),
+            IMPLS,
+        ),
         ("linear_dpo_loss", lambda i: L.linear_dpo_loss(h2, W, t2, mask2, torch.randn(2 * B), impl=i), IMPLS),
     ]
 
@@ -147,8 +198,11 @@ def test_no_host_syncs_integrations():
     head = LMHead(W, b, softcap=5.0, logit_scale=2.0)
     with fastalign.config(**NO_SYNCS):
         rec = _record(lambda: hidden_logprobs(h, head, t, return_entropy=True))
-        rec_trl = _record(lambda: FastalignChunkedLogProbFunction.apply(
-            h.reshape(-1, D), W, b, t.reshape(-1).clamp(min=0), 0.9, 16, outputs=("log_probs", "entropy"))[:2])
+        rec_trl = _record(
+            lambda: FastalignChunkedLogProbFunction.apply(
+                h.reshape(-1, D), W, b, t.reshape(-1).clamp(min=0), 0.9, 16, outputs=("log_probs", "entropy")
+            )[:2]
+        )
     assert not rec.events, rec.report()
     assert not rec_trl.events, rec_trl.report()
 
@@ -172,7 +226,8 @@ def test_documented_syncs_with_the_defaults(impl):
         assert ops(lambda: ll(compact_ignored=True)) == [READ, NONZERO]  # the call's own setting wins
     for mode in ("one_pass", "two_pass"):
         grpo = lambda **kw: L.linear_grpo_loss(  # noqa: E731
-            h, W, t, mask, adv, old_logp=old, mode=mode, beta=0.0, impl=impl, **kw)
+            h, W, t, mask, adv, old_logp=old, mode=mode, beta=0.0, impl=impl, **kw
+        )
         assert ops(grpo) == [READ, NONZERO], mode
         assert ops(lambda: grpo(compact_ignored=False)) == [READ], mode
     assert ops(lambda: L.linear_ppo_policy_loss(h, W, t, mask, adv, old, impl=impl)) == [READ, NONZERO]

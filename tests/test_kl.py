@@ -16,7 +16,7 @@ def ref_kl(logp, ref, kind, clamp=None, lr_clamp=None):
     if kind == "k1":
         v = x
     elif kind == "k2":
-        v = 0.5 * x ** 2
+        v = 0.5 * x**2
     else:
         d = -x  # ref - logp
         v = torch.exp(d) - d - 1
@@ -115,7 +115,8 @@ def test_gradcheck_fp64(impl, kind):
     ref.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda a, b: kl_penalty(a, b, kind, impl=impl), (logp, ref))
     assert torch.autograd.gradcheck(
-        lambda a, b: kl_penalty(a, b, kind, clamp=1.5, log_ratio_clamp=2.5, impl=impl), (logp, ref))
+        lambda a, b: kl_penalty(a, b, kind, clamp=1.5, log_ratio_clamp=2.5, impl=impl), (logp, ref)
+    )
 
 
 def test_only_one_input_requires_grad():

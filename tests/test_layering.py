@@ -34,8 +34,12 @@ def _module(path: pathlib.Path) -> str:
 
 def test_kernels_import_no_layer_above_them():
     above = ("fastalign.ops", "fastalign.losses", "fastalign.integrations", "fastalign.bench", "fastalign.reference")
-    bad = [(_module(p), mod) for p in sorted((ROOT / "kernels").glob("*.py"))
-           for mod, _ in _imports(p) if mod.startswith(above) or mod == "fastalign"]
+    bad = [
+        (_module(p), mod)
+        for p in sorted((ROOT / "kernels").glob("*.py"))
+        for mod, _ in _imports(p)
+        if mod.startswith(above) or mod == "fastalign"
+    ]
     assert not bad, f"kernels import the layers above them: {bad}"
 
 
@@ -60,8 +64,13 @@ def test_no_underscore_attributes_of_other_modules():
                 continue
             bound.update({n: f"{mod}.{n}" for n in names} if names else {mod.split(".")[0]: mod})
         for node in ast.walk(ast.parse(p.read_text())):
-            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in bound
-                    and node.attr.startswith("_") and not node.attr.startswith("__")):
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id in bound
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+            ):
                 bad.append((me, f"{bound[node.value.id]}.{node.attr}"))
     assert not bad, f"underscore names used across modules: {bad}"
 
@@ -72,4 +81,7 @@ def test_the_walk_sees_relative_and_nested_imports(tmp_path):
     src = tmp_path / "x.py"
     src.write_text("def f():\n    from ..ops import lm_head\n    from . import tuning\n    from .rows import _x\n")
     assert list(_imports(src, "fastalign.kernels.x")) == [
-        ("fastalign.ops", ["lm_head"]), ("fastalign.kernels", ["tuning"]), ("fastalign.kernels.rows", ["_x"])]
+        ("fastalign.ops", ["lm_head"]),
+        ("fastalign.kernels", ["tuning"]),
+        ("fastalign.kernels.rows", ["_x"]),
+    ]

@@ -33,12 +33,36 @@ def _leaf(x, dtype=None):
     return None if x is None else x.detach().to(dtype or x.dtype).clone().requires_grad_()
 
 
-def _check(h, W, targets, impl, *, b=None, temperature=1.0, softcap=None, ignore_index=-100, entropy=True,
-           chunk_size=None, row_block=None, floor=1e-5, grad_floor=1e-5):
+def _check(
+    h,
+    W,
+    targets,
+    impl,
+    *,
+    b=None,
+    temperature=1.0,
+    softcap=None,
+    ignore_index=-100,
+    entropy=True,
+    chunk_size=None,
+    row_block=None,
+    floor=1e-5,
+    grad_floor=1e-5,
+):
     ins = [_leaf(h), _leaf(W), _leaf(b)]
-    out = fastalign.linear_logprobs(ins[0], ins[1], targets, bias=ins[2], temperature=temperature, softcap=softcap,
-                                    ignore_index=ignore_index, return_entropy=entropy, chunk_size=chunk_size,
-                                    row_block=row_block, impl=impl)
+    out = fastalign.linear_logprobs(
+        ins[0],
+        ins[1],
+        targets,
+        bias=ins[2],
+        temperature=temperature,
+        softcap=softcap,
+        ignore_index=ignore_index,
+        return_entropy=entropy,
+        chunk_size=chunk_size,
+        row_block=row_block,
+        impl=impl,
+    )
     logp, ent = out if entropy else (out, None)
     refs = [_leaf(x, torch.float64) for x in (h, W, b)]
     r_lp, r_ent = linear_logprobs_fp64(refs[0], refs[1], targets, refs[2], temperature, softcap, ignore_index)
@@ -62,7 +86,9 @@ def _check(h, W, targets, impl, *, b=None, temperature=1.0, softcap=None, ignore
             continue
         assert x.grad.dtype == x.dtype and x.grad.shape == x.shape
         assert max_err(x.grad, r.grad) <= 2 * max_err(m.grad, r.grad) + grad_floor, (
-            max_err(x.grad, r.grad), max_err(m.grad, r.grad))
+            max_err(x.grad, r.grad),
+            max_err(m.grad, r.grad),
+        )
     ignored = targets == ignore_index
     if ignored.any():
         assert logp[ignored].abs().max() == 0
@@ -81,30 +107,44 @@ def _inputs(N, D, V, dtype=torch.float32, bias=False, scale=1.0):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("N,D,V,chunk", [(1, 8, 1, None), (37, 8, 500, 128), (300, 8, 500, 128),
-                                         (37, 96, 2053, None), (3, 8, 32001, None)])
+@pytest.mark.parametrize(
+    "N,D,V,chunk", [(1, 8, 1, None), (37, 8, 500, 128), (300, 8, 500, 128), (37, 96, 2053, None), (3, 8, 32001, None)]
+)
 def test_matches_reference_shapes(impl, N, D, V, chunk):
     h, W, t, _ = _inputs(N, D, V, scale=3.0)
     _check(h, W, t, impl, chunk_size=chunk)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("opts", [
-    dict(bias=True),
-    dict(softcap=5.0),
-    dict(temperature=0.7),
-    dict(bias=True, softcap=2.0, temperature=1.3, ignore=True),
-    dict(ignore=True, entropy=False),
-    dict(ignore=True, ignore_index=7),
-])
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(bias=True),
+        dict(softcap=5.0),
+        dict(temperature=0.7),
+        dict(bias=True, softcap=2.0, temperature=1.3, ignore=True),
+        dict(ignore=True, entropy=False),
+        dict(ignore=True, ignore_index=7),
+    ],
+)
 def test_options(impl, opts):
     N, D, V = 37, 16, 500
     h, W, t, b = _inputs(N, D, V, bias=opts.get("bias", False), scale=4.0)
     ii = opts.get("ignore_index", -100)
     if opts.get("ignore"):
         t[::3] = ii  # with ii = 7 (a real token id), every row whose target is 7 is ignored too
-    _check(h, W, t, impl, b=b, temperature=opts.get("temperature", 1.0), softcap=opts.get("softcap"),
-           ignore_index=ii, entropy=opts.get("entropy", True), chunk_size=128)
+    _check(
+        h,
+        W,
+        t,
+        impl,
+        b=b,
+        temperature=opts.get("temperature", 1.0),
+        softcap=opts.get("softcap"),
+        ignore_index=ii,
+        entropy=opts.get("entropy", True),
+        chunk_size=128,
+    )
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -211,8 +251,9 @@ def test_low_precision_tile_rounds_biased_logits_once(dtype, monkeypatch):
     h, W, t, b = _inputs(256, 256, 2053, dtype=dtype, bias=True, scale=2.0)
     t[::7] = -100
     with fastalign.config(fp32_logits=False):
-        logp = fastalign.linear_logprobs(h, W, t, bias=b, softcap=30.0, temperature=0.9, chunk_size=512,
-                                         row_block=100, impl="triton")
+        logp = fastalign.linear_logprobs(
+            h, W, t, bias=b, softcap=30.0, temperature=0.9, chunk_size=512, row_block=100, impl="triton"
+        )
     r_lp, _ = linear_logprobs_fp64(h.double(), W.double(), t, b.double(), 0.9, 30.0)
     # the materialized logits rounded once (fp32 GEMM + bias, one cast): what F.linear does on a GPU
     z = (h.float() @ W.float().T + b.float()).to(dtype).float()
@@ -221,18 +262,16 @@ def test_low_precision_tile_rounds_biased_logits_once(dtype, monkeypatch):
     assert max_err(logp, r_lp) <= 1.5 * max_err(once, r_lp), (max_err(logp, r_lp), max_err(once, r_lp))
 
 
-def test_gemm_path_from_capability_check(monkeypatch):
-    """The GEMM operand dtype follows torch's capability (no error decides it): bf16 operands into
-    fp32 output on CUDA where torch.mm has out_dtype, else fp32 operands (with a warning on CUDA)."""
+def test_gemm_operand_dtype():
+    """bf16/fp16 GEMM operands into an fp32 tile on CUDA (torch >= 2.11, the floor, has the
+    out_dtype GEMM), fp32 operands on the CPU (no mixed-dtype GEMM there)."""
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert lm_head.mm_out_dtype_supported() == (tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 8))
-    monkeypatch.setattr(lm_head, "mm_out_dtype_supported", lambda: True)
+    assert all("dtype_out" in op.overloads() for op in (torch.ops.aten.mm, torch.ops.aten.addmm))
     assert lm_head.gemm_dtype(torch.bfloat16, cuda) == torch.bfloat16
+    assert lm_head.gemm_dtype(torch.float16, cuda) == torch.float16
     assert lm_head.gemm_dtype(torch.bfloat16, cpu) == torch.float32
     assert lm_head.gemm_dtype(torch.float32, cuda) == torch.float32
-    monkeypatch.setattr(lm_head, "mm_out_dtype_supported", lambda: False)
-    with pytest.warns(RuntimeWarning, match=r"torch >= 2\.8"):
-        assert lm_head.gemm_dtype(torch.float16, cuda) == torch.float32
+    assert lm_head.gemm_dtype(torch.float64, cpu) == torch.float64
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -319,6 +358,7 @@ def test_fold_split_across_programs(impl):
 
 # ---- gradient filter (grad_filter_eps) ---------------------------------------------------------
 
+
 def _count_mm(monkeypatch) -> list:
     """Counts the GEMM calls (instrumentation only: the calls run unchanged)."""
     calls, real_mm, real_addmm = [], torch.mm, torch.Tensor.addmm_
@@ -338,8 +378,19 @@ def _count_mm(monkeypatch) -> list:
 
 def _filtered(h, W, b, t, impl, eps, g, ge, monkeypatch=None):
     x = [_leaf(v) for v in (h, W, b)]
-    lp, ent = fastalign.linear_logprobs(x[0], x[1], t, bias=x[2], softcap=30.0, temperature=0.9, return_entropy=True,
-                                        chunk_size=64, row_block=8, grad_filter_eps=eps, impl=impl)
+    lp, ent = fastalign.linear_logprobs(
+        x[0],
+        x[1],
+        t,
+        bias=x[2],
+        softcap=30.0,
+        temperature=0.9,
+        return_entropy=True,
+        chunk_size=64,
+        row_block=8,
+        grad_filter_eps=eps,
+        impl=impl,
+    )
     calls = _count_mm(monkeypatch) if monkeypatch is not None else []
     ((lp * g).sum() + (ent * ge).sum()).backward()
     if monkeypatch is not None:
@@ -438,8 +489,18 @@ def test_gradcheck_fp64(impl, compact):
     t[2] = -100
 
     def f(h, W, b):
-        return fastalign.linear_logprobs(h, W, t, bias=b, temperature=0.8, softcap=2.5, return_entropy=True,
-                                         chunk_size=3, compact_ignored=compact, impl=impl)
+        return fastalign.linear_logprobs(
+            h,
+            W,
+            t,
+            bias=b,
+            temperature=0.8,
+            softcap=2.5,
+            return_entropy=True,
+            chunk_size=3,
+            compact_ignored=compact,
+            impl=impl,
+        )
 
     assert torch.autograd.gradcheck(f, (h, W, b))
 
@@ -455,8 +516,7 @@ def test_no_nv_sized_allocation(impl):
     W.requires_grad_()
     b.requires_grad_()
     with AllocationTracker() as tr:
-        lp, ent = fastalign.linear_logprobs(h, W, t, bias=b, softcap=3.0, return_entropy=True, chunk_size=64,
-                                            impl=impl)
+        lp, ent = fastalign.linear_logprobs(h, W, t, bias=b, softcap=3.0, return_entropy=True, chunk_size=64, impl=impl)
         (lp.sum() + ent.sum()).backward()
     assert tr.largest_numel() < N * V, max(tr.allocations, key=lambda a: a.nbytes)
     grad_bytes = 4 * (h.numel() + W.numel() + b.numel())
@@ -464,6 +524,7 @@ def test_no_nv_sized_allocation(impl):
 
 
 # ---- TRL 1.16 parity ----------------------------------------------------------------------------
+
 
 def _trl_function():
     kernels = pytest.importorskip("trl.kernels")
@@ -479,8 +540,17 @@ def test_parity_with_trl_chunked_logprob(softcap, temperature, impl):
     leaves_trl = [_leaf(x) for x in (h, W, b)]
     lp_t, ent_t, *_ = fn.apply(*leaves_trl[:3], t, temperature, 256, softcap, 1.0, ("entropy",))
     leaves = [_leaf(x) for x in (h, W, b)]
-    lp, ent = fastalign.linear_logprobs(leaves[0], leaves[1], t, bias=leaves[2], temperature=temperature,
-                                        softcap=softcap, return_entropy=True, chunk_size=128, impl=impl)
+    lp, ent = fastalign.linear_logprobs(
+        leaves[0],
+        leaves[1],
+        t,
+        bias=leaves[2],
+        temperature=temperature,
+        softcap=softcap,
+        return_entropy=True,
+        chunk_size=128,
+        impl=impl,
+    )
     refs = [_leaf(x, torch.float64) for x in (h, W, b)]
     r_lp, r_ent = linear_logprobs_fp64(refs[0], refs[1], t, refs[2], temperature, softcap)
     # the two fp32 implementations agree to within the sum of their own errors vs fp64
@@ -497,6 +567,7 @@ def test_parity_with_trl_chunked_logprob(softcap, temperature, impl):
 
 
 # ---- input errors -------------------------------------------------------------------------------
+
 
 def test_errors():
     h, W, t, _ = _inputs(4, 8, 10)
@@ -525,6 +596,7 @@ def test_errors():
 
 
 # ---- CUDA (skipped without a GPU) ---------------------------------------------------------------
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fp32_logits", [True, False])

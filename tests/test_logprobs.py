@@ -31,8 +31,9 @@ def _torch_materialized(logits, targets, temperature, ignore_index=-100):
 
 def _check(logits, targets, impl, temperature=1.0, ignore_index=-100, entropy=True, floor=1e-5):
     logits = logits.detach().requires_grad_()
-    out = fastalign.logprobs_from_logits(logits, targets, temperature=temperature, ignore_index=ignore_index,
-                                         return_entropy=entropy, impl=impl)
+    out = fastalign.logprobs_from_logits(
+        logits, targets, temperature=temperature, ignore_index=ignore_index, return_entropy=entropy, impl=impl
+    )
     logp, ent = out if entropy else (out, None)
     ref_x = logits.detach().double().requires_grad_()
     ref_lp, ref_ent = logprobs_fp64(ref_x, targets, temperature, ignore_index)

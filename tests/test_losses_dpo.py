@@ -38,7 +38,9 @@ def _ref_dpo(pc, pr, rc, rr, beta, kind, eps, lc=None, lr=None):
     raise AssertionError
 
 
-@pytest.mark.parametrize("kind,eps", [("sigmoid", 0.0), ("sigmoid", 0.1), ("hinge", 0.0), ("ipo", 0.0), ("robust", 0.0), ("robust", 0.2)])
+@pytest.mark.parametrize(
+    "kind,eps", [("sigmoid", 0.0), ("sigmoid", 0.1), ("hinge", 0.0), ("ipo", 0.0), ("robust", 0.0), ("robust", 0.2)]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_dpo_matches_formula(kind, eps, dtype):
     pc, pr, rc, rr, lc, lr = _pairs(dtype=dtype)
@@ -89,9 +91,11 @@ def test_dpo_gradcheck(kind):
     pc.requires_grad_(True)
     pr.requires_grad_(True)
     eps = 0.1 if kind in ("sigmoid", "robust") else 0.0
-    f = lambda a, b: dpo_loss(a, b, rc, rr, beta=0.2, loss_type=kind, label_smoothing=eps,
-                              chosen_lengths=lc, rejected_lengths=lr)[0] if kind == "ipo" else \
-        dpo_loss(a, b, rc, rr, beta=0.2, loss_type=kind, label_smoothing=eps)[0]
+    lengths = {"chosen_lengths": lc, "rejected_lengths": lr} if kind == "ipo" else {}
+
+    def f(a, b):
+        return dpo_loss(a, b, rc, rr, beta=0.2, loss_type=kind, label_smoothing=eps, **lengths)[0]
+
     assert torch.autograd.gradcheck(f, (pc, pr))
 
 

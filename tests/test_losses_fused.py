@@ -45,10 +45,10 @@ def _ref_grpo(lp, old, ref, adv, mask, beta, el, eh, loss_type, bias_corr=False)
     kl = torch.exp(d) - d - 1
     if bias_corr:
         kl = kl * r
-    l = (pol + beta * kl) * m
+    per_token = (pol + beta * kl) * m
     if loss_type == "grpo":
-        return (l.sum(-1) / m.sum(-1).clamp(min=1)).mean()
-    return l.sum() / m.sum()
+        return (per_token.sum(-1) / m.sum(-1).clamp(min=1)).mean()
+    return per_token.sum() / m.sum()
 
 
 def _grads(loss, *ts):
@@ -67,9 +67,23 @@ def test_linear_grpo_matches_reference(mode, impl, loss_type, bias_corr, T, cap)
     old = (lp0 + torch.randn(lp0.shape, generator=g, dtype=torch.float64) * 0.2).to(dtype)
     ref = (lp0 + torch.randn(lp0.shape, generator=g, dtype=torch.float64) * 0.2).to(dtype)
     leaves = [t.clone().requires_grad_(True) for t in (h, W, b)]
-    loss, metrics = linear_grpo_loss(*leaves[:2], tgt, mask, adv.to(dtype), bias=leaves[2], old_logp=old, ref_logp=ref,
-                                     temperature=T, softcap=cap, beta=0.05, eps_high=0.28, loss_type=loss_type,
-                                     kl_bias_correction=bias_corr, mode=mode, impl=impl)
+    loss, metrics = linear_grpo_loss(
+        *leaves[:2],
+        tgt,
+        mask,
+        adv.to(dtype),
+        bias=leaves[2],
+        old_logp=old,
+        ref_logp=ref,
+        temperature=T,
+        softcap=cap,
+        beta=0.05,
+        eps_high=0.28,
+        loss_type=loss_type,
+        kl_bias_correction=bias_corr,
+        mode=mode,
+        impl=impl,
+    )
     gd = _grads(loss, *leaves)
     rl = [t.detach().double().requires_grad_(True) for t in (h, W, b)]
     lp = _logp_fp64(*rl, tgt, mask, T, cap)
@@ -91,10 +105,15 @@ def test_one_pass_equals_two_pass_and_unfused_all_options():
     ref = lp0 + 0.3 * torch.randn(lp0.shape, dtype=torch.float64)
     iw = torch.rand(lp0.shape, dtype=torch.float64) + 0.5
     advt = torch.randn(lp0.shape, dtype=torch.float64)
-    for kw in (dict(loss_type="dapo", num_items=11.0, delta=1.3), dict(loss_type="dr_grpo", max_completion_length=9),
-               dict(loss_type="cispo", eps_high=1.1, beta=0.0), dict(importance_weights=iw),
-               dict(old_logp=None, beta=0.0), dict(loss_type="sapo", sapo_temperature_neg=2.0),
-               dict(loss_type="luspo", delta=1.2)):
+    for kw in (
+        dict(loss_type="dapo", num_items=11.0, delta=1.3),
+        dict(loss_type="dr_grpo", max_completion_length=9),
+        dict(loss_type="cispo", eps_high=1.1, beta=0.0),
+        dict(importance_weights=iw),
+        dict(old_logp=None, beta=0.0),
+        dict(loss_type="sapo", sapo_temperature_neg=2.0),
+        dict(loss_type="luspo", delta=1.2),
+    ):
         kw = {"old_logp": old, "ref_logp": ref, **kw}
         a_adv = advt if "importance_weights" in kw else adv
         outs = []
@@ -118,13 +137,11 @@ def test_sequence_level_uses_two_passes():
     with torch.no_grad():
         lp0 = _logp_fp64(h, W, b, tgt, mask)
     old = lp0 + 0.2
-    loss, _ = linear_grpo_loss(h, W, tgt, mask, adv, bias=b, old_logp=old, beta=0.0,
-                               level="sequence", impl="torch")
+    loss, _ = linear_grpo_loss(h, W, tgt, mask, adv, bias=b, old_logp=old, beta=0.0, level="sequence", impl="torch")
     exp_, _ = grpo_loss(lp0, old, adv, mask, beta=0.0, level="sequence")
     torch.testing.assert_close(loss, exp_)
     with pytest.raises(ValueError, match="one_pass' needs token-level"):
-        linear_grpo_loss(h, W, tgt, mask, adv, old_logp=old, beta=0.0, level="sequence",
-                         mode="one_pass")
+        linear_grpo_loss(h, W, tgt, mask, adv, old_logp=old, beta=0.0, level="sequence", mode="one_pass")
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
@@ -172,8 +189,16 @@ def test_linear_dpo(loss_type):
     want = (exp_, *_grads(exp_, rh, rW))
     for a, e in zip(got, want):
         torch.testing.assert_close(a, e.detach(), rtol=1e-9, atol=1e-11)
-    l2, _ = dpo_loss(seq[:2].detach(), seq[2:].detach(), ref[:2], ref[2:], beta=0.2, loss_type=loss_type,
-                     chosen_lengths=n[:2], rejected_lengths=n[2:])
+    l2, _ = dpo_loss(
+        seq[:2].detach(),
+        seq[2:].detach(),
+        ref[:2],
+        ref[2:],
+        beta=0.2,
+        loss_type=loss_type,
+        chosen_lengths=n[:2],
+        rejected_lengths=n[2:],
+    )
     torch.testing.assert_close(loss, l2)
 
 
@@ -225,8 +250,20 @@ def test_bad_inputs():
 def test_entropy_by_product(mode, impl):
     dtype = torch.float32 if impl == "triton" else torch.float64
     h, W, b, tgt, mask, adv = _data(dtype=dtype)
-    _, m = linear_grpo_loss(h, W, tgt, mask, adv.to(dtype), bias=b, beta=0.0, temperature=0.8, softcap=3.0,
-                            mode=mode, return_entropy=True, impl=impl)
+    _, m = linear_grpo_loss(
+        h,
+        W,
+        tgt,
+        mask,
+        adv.to(dtype),
+        bias=b,
+        beta=0.0,
+        temperature=0.8,
+        softcap=3.0,
+        mode=mode,
+        return_entropy=True,
+        impl=impl,
+    )
     z = h.double() @ W.double().t() + b.double()
     x = 3.0 * torch.tanh(z / 3.0) / 0.8
     ent = -(torch.softmax(x, -1) * torch.log_softmax(x, -1)).sum(-1) * mask
@@ -245,8 +282,9 @@ def test_one_pass_never_materializes_n_by_v():
     hh, WW = h.clone().requires_grad_(True), W.clone().requires_grad_(True)
     rows = 4
     with AllocationTracker() as tr:
-        loss, _ = linear_grpo_loss(hh, WW, tgt, mask, adv.float(), beta=0.0, mode="one_pass", row_block=rows,
-                                   impl="torch")
+        loss, _ = linear_grpo_loss(
+            hh, WW, tgt, mask, adv.float(), beta=0.0, mode="one_pass", row_block=rows, impl="torch"
+        )
         torch.autograd.grad(loss, (hh, WW))
     # the largest tensors are the weight-sized dW and one [rows, V] tile, never [N, V] = 256 x V
     assert tr.largest_numel() <= max(V * D, rows * V, B * T * D)
@@ -275,12 +313,37 @@ def test_entropy_bonus_gradient(mode, impl):
     for which in ("ppo", "grpo"):
         leaves = [t.clone().requires_grad_(True) for t in (h, W, b)]
         if which == "ppo":
-            loss, m = linear_ppo_policy_loss(leaves[0], leaves[1], tgt, mask, advt, old, bias=leaves[2], temperature=0.9,
-                                             softcap=2.5, entropy_coef=0.05, mode=mode, impl=impl)
+            loss, m = linear_ppo_policy_loss(
+                leaves[0],
+                leaves[1],
+                tgt,
+                mask,
+                advt,
+                old,
+                bias=leaves[2],
+                temperature=0.9,
+                softcap=2.5,
+                entropy_coef=0.05,
+                mode=mode,
+                impl=impl,
+            )
         else:
-            loss, m = linear_grpo_loss(leaves[0], leaves[1], tgt, mask, adv.to(dtype), old_logp=old, bias=leaves[2],
-                                       temperature=0.9, softcap=2.5, beta=0.0, loss_type="dapo", entropy_coef=0.05,
-                                       mode=mode, impl=impl)
+            loss, m = linear_grpo_loss(
+                leaves[0],
+                leaves[1],
+                tgt,
+                mask,
+                adv.to(dtype),
+                old_logp=old,
+                bias=leaves[2],
+                temperature=0.9,
+                softcap=2.5,
+                beta=0.0,
+                loss_type="dapo",
+                entropy_coef=0.05,
+                mode=mode,
+                impl=impl,
+            )
         got = (loss, *_grads(loss, *leaves))
         rl = [t.detach().double().requires_grad_(True) for t in (h, W, b)]
         lp, ent_mean = ref_parts(*rl)
@@ -315,7 +378,7 @@ def test_cuda_bf16_one_pass_matches_two_pass_and_fp64(dw_fp32):
     g = torch.Generator().manual_seed(0)
     B, T, D, V = 4, 96, 256, 4099
     h = (torch.randn(B, T, D, generator=g) * 0.5).to(dev, torch.bfloat16)
-    W = (torch.randn(V, D, generator=g) * D ** -0.5).to(dev, torch.bfloat16)
+    W = (torch.randn(V, D, generator=g) * D**-0.5).to(dev, torch.bfloat16)
     tgt = torch.randint(0, V, (B, T), generator=g).to(dev)
     mask = (torch.rand(B, T, generator=g) > 0.2).to(dev)
     adv = torch.randn(B, generator=g).to(dev)
@@ -327,8 +390,20 @@ def test_cuda_bf16_one_pass_matches_two_pass_and_fp64(dw_fp32):
     for mode in ("one_pass", "two_pass"):
         hh, WW = h.clone().requires_grad_(True), W.clone().requires_grad_(True)
         with fastalign.config(dw_fp32=dw_fp32):
-            loss, m = linear_grpo_loss(hh, WW, tgt, mask, adv, old_logp=old, ref_logp=ref, eps_high=0.28, mode=mode,
-                                       return_entropy=True, row_block=64, impl="triton")
+            loss, m = linear_grpo_loss(
+                hh,
+                WW,
+                tgt,
+                mask,
+                adv,
+                old_logp=old,
+                ref_logp=ref,
+                eps_high=0.28,
+                mode=mode,
+                return_entropy=True,
+                row_block=64,
+                impl="triton",
+            )
         out[mode] = (loss, *_grads(loss, hh, WW), m["entropy"])
     hh, WW = h.double().requires_grad_(True), W.double().requires_grad_(True)
     lp = torch.where(mask, torch.log_softmax(hh @ WW.t(), -1).gather(-1, tgt[..., None]).squeeze(-1), 0.0)
@@ -356,8 +431,9 @@ def test_one_pass_uncompacted_equals_compacted(impl, loss):
         leaves = [t.clone().requires_grad_(True) for t in (h, W, b)]
         kw = dict(bias=leaves[2], mode="one_pass", return_entropy=True, compact_ignored=compact, impl=impl)
         if loss == "grpo":
-            out, m = linear_grpo_loss(leaves[0], leaves[1], tgt, mask, adv, old_logp=old, beta=0.0,
-                                      entropy_coef=0.05, **kw)
+            out, m = linear_grpo_loss(
+                leaves[0], leaves[1], tgt, mask, adv, old_logp=old, beta=0.0, entropy_coef=0.05, **kw
+            )
         else:
             out, m = linear_ppo_policy_loss(leaves[0], leaves[1], tgt, mask, adv, old, entropy_coef=0.05, **kw)
         return out, m, _grads(out, *leaves)
@@ -382,8 +458,19 @@ def test_one_pass_wide_vocabulary_split_fold(impl):
     out = {}
     for mode in ("one_pass", "two_pass"):
         leaves = [t.clone().requires_grad_(True) for t in (h, W, b)]
-        loss, m = linear_grpo_loss(leaves[0], leaves[1], tgt, mask, adv.to(dtype), bias=leaves[2], beta=0.0,
-                                   softcap=3.0, entropy_coef=0.05, mode=mode, impl=impl)
+        loss, m = linear_grpo_loss(
+            leaves[0],
+            leaves[1],
+            tgt,
+            mask,
+            adv.to(dtype),
+            bias=leaves[2],
+            beta=0.0,
+            softcap=3.0,
+            entropy_coef=0.05,
+            mode=mode,
+            impl=impl,
+        )
         out[mode] = (loss, *_grads(loss, *leaves))
     tol = dict(rtol=2e-5, atol=2e-6) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-11)
     for a, c in zip(out["one_pass"], out["two_pass"]):
@@ -394,8 +481,10 @@ def test_one_pass_wide_vocabulary_split_fold(impl):
     lp = torch.where(mask, lp_all.gather(-1, tgt.clamp(min=0)[..., None]).squeeze(-1), 0.0)
     ent = -(lp_all.exp() * lp_all).sum(-1)
     mf = mask.double()
-    exp_ = _ref_grpo(lp, lp.detach(), lp.detach(), adv.to(dtype).double(), mask, 0.0, 0.2, 0.2, "grpo") \
+    exp_ = (
+        _ref_grpo(lp, lp.detach(), lp.detach(), adv.to(dtype).double(), mask, 0.0, 0.2, 0.2, "grpo")
         - 0.05 * (ent * mf).sum() / mf.sum()
+    )
     for a, e in zip(out["one_pass"], (exp_, *_grads(exp_, *rl))):
         torch.testing.assert_close(a.double(), e.detach(), **tol)
 

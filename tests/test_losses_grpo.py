@@ -25,8 +25,24 @@ def _inputs(B=5, T=7, seed=0, adv_shape="B", dtype=torch.float64):
     return [t.to(dtype) for t in (logp, old, ref, adv)] + [mask]
 
 
-def _reference(logp, old, ref, adv, mask, *, beta=0.04, eps_low=0.2, eps_high=None, delta=None, loss_type="grpo",
-               level="token", max_len=None, num_items=None, bias=False, iw=None):
+def _reference(
+    logp,
+    old,
+    ref,
+    adv,
+    mask,
+    *,
+    beta=0.04,
+    eps_low=0.2,
+    eps_high=None,
+    delta=None,
+    loss_type="grpo",
+    level="token",
+    max_len=None,
+    num_items=None,
+    bias=False,
+    iw=None,
+):
     """Plain loops over sequences and tokens."""
     logp, old, ref, adv = (x.double() for x in (logp, old, ref, adv))
     eps_high = eps_low if eps_high is None else eps_high
@@ -86,9 +102,19 @@ CASES = [
 
 def _call(logp, old, ref, adv, mask, c, iw=None):
     return grpo_loss(
-        logp, old, adv, mask, ref_logp=ref, beta=c.get("beta", 0.04), eps_high=c.get("eps_high"), delta=c.get("delta"),
-        loss_type=c.get("loss_type", "grpo"), level=c.get("level", "token"),
-        max_completion_length=c.get("max_len"), num_items=c.get("num_items"), kl_bias_correction=c.get("bias", False),
+        logp,
+        old,
+        adv,
+        mask,
+        ref_logp=ref,
+        beta=c.get("beta", 0.04),
+        eps_high=c.get("eps_high"),
+        delta=c.get("delta"),
+        loss_type=c.get("loss_type", "grpo"),
+        level=c.get("level", "token"),
+        max_completion_length=c.get("max_len"),
+        num_items=c.get("num_items"),
+        kl_bias_correction=c.get("bias", False),
         importance_weights=iw,
     )
 
@@ -116,8 +142,9 @@ def test_importance_weights():
     logp, old, ref, adv, mask = _inputs()
     iw = torch.rand(logp.shape, dtype=torch.float64) + 0.5
     loss, _ = _call(logp, old, ref, adv, mask, dict(loss_type="bnpo"), iw=iw)
-    torch.testing.assert_close(loss, torch.tensor(_reference(logp, old, ref, adv, mask, loss_type="bnpo", iw=iw),
-                                                  dtype=torch.float64))
+    torch.testing.assert_close(
+        loss, torch.tensor(_reference(logp, old, ref, adv, mask, loss_type="bnpo", iw=iw), dtype=torch.float64)
+    )
 
 
 def test_tutorial_default_on_policy_gradient():
@@ -241,8 +268,9 @@ def test_sapo_and_luspo_formulas():
     d = ref - logp
     per = per + 0.04 * (torch.exp(d) - d - 1)
     expected = ((per * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
-    loss, metrics = grpo_loss(logp, old, adv, mask, ref_logp=ref, loss_type="sapo", sapo_temperature_pos=1.3,
-                              sapo_temperature_neg=0.7)
+    loss, metrics = grpo_loss(
+        logp, old, adv, mask, ref_logp=ref, loss_type="sapo", sapo_temperature_pos=1.3, sapo_temperature_neg=0.7
+    )
     torch.testing.assert_close(loss, expected)
     assert "clip_ratio/low_mean" not in metrics
     # luspo: sum over each sequence's tokens, mean over sequences (sequence-level ratio)

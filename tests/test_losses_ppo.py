@@ -31,10 +31,10 @@ def _ref_policy(logp, old, adv, mask, eps_low, eps_high, dual):
                 continue
             r = math.exp(float(logp[i, t] - old[i, t]))
             a = float(adv[i, t])
-            l = -min(r * a, min(max(r, 1 - eps_low), 1 + eps_high) * a)
+            loss_t = -min(r * a, min(max(r, 1 - eps_low), 1 + eps_high) * a)
             if dual is not None and a < 0:
-                l = min(l, -dual * a)
-            tot += l
+                loss_t = min(loss_t, -dual * a)
+            tot += loss_t
             n += 1
     return tot / max(n, 1)
 
@@ -55,7 +55,9 @@ def _ref_value(v, R, mask, vo=None, clip=None):
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
-@pytest.mark.parametrize("eps_low,eps_high,dual", [(0.2, None, None), (0.1, 0.28, None), (0.2, None, 3.0), (0.2, 0.3, 1.5)])
+@pytest.mark.parametrize(
+    "eps_low,eps_high,dual", [(0.2, None, None), (0.1, 0.28, None), (0.2, None, 3.0), (0.2, 0.3, 1.5)]
+)
 def test_policy(eps_low, eps_high, dual, impl):
     logp, old, adv, *_, mask = _inputs(dtype=torch.float32 if impl == "triton" else torch.float64)
     loss, m = ppo_policy_loss(logp, old, adv, mask, eps_low=eps_low, eps_high=eps_high, dual_clip=dual, impl=impl)
@@ -75,8 +77,10 @@ def test_policy_sequence_level_and_1d_advantages():
     logp, old, adv, *_, mask = _inputs()
     a = adv[:, 0]
     loss, _ = ppo_policy_loss(logp, old, a, mask)
-    torch.testing.assert_close(loss, torch.tensor(_ref_policy(logp, old, a[:, None].expand_as(logp), mask, 0.2, 0.2, None),
-                                                  dtype=torch.float64))
+    torch.testing.assert_close(
+        loss,
+        torch.tensor(_ref_policy(logp, old, a[:, None].expand_as(logp), mask, 0.2, 0.2, None), dtype=torch.float64),
+    )
     lossq, _ = ppo_policy_loss(logp, old, a, mask, level="sequence")
     mf = mask.double()
     s = ((logp - old) * mf).sum(-1) / mf.sum(-1)
@@ -99,8 +103,11 @@ def test_full_objective_defaults_and_grads():
     ee = ent.clone().requires_grad_(True)
     loss, m = ppo_loss(lp, old, adv, mask, values=vv, returns=R, entropy=ee)
     mf = mask.double()
-    expected = _ref_policy(logp, old, adv, mask, 0.2, 0.2, None) + 0.5 * _ref_value(v, R, mask) \
+    expected = (
+        _ref_policy(logp, old, adv, mask, 0.2, 0.2, None)
+        + 0.5 * _ref_value(v, R, mask)
         - 0.01 * float((ent * mf).sum() / mf.sum())
+    )
     torch.testing.assert_close(loss, torch.tensor(expected, dtype=torch.float64))
     loss.backward()
     torch.testing.assert_close(vv.grad, 0.5 * 2 * (v - R) * mf / mf.sum())
@@ -108,15 +115,17 @@ def test_full_objective_defaults_and_grads():
     assert set(m) >= {"policy", "value", "entropy", "approx_kl", "clip_frac"}
     assert torch.autograd.gradcheck(
         lambda x, y: ppo_loss(x, old, adv, mask, values=y, returns=R, old_values=vo, value_clip=0.3, dual_clip=2.0)[0],
-        (logp.clone().requires_grad_(True),
-         v.clone().requires_grad_(True)))
+        (logp.clone().requires_grad_(True), v.clone().requires_grad_(True)),
+    )
 
 
 def test_float32_and_bf16():
     logp, old, adv, v, vo, R, ent, mask = _inputs(dtype=torch.bfloat16)
     loss, _ = ppo_loss(logp, old, adv, mask, values=v, returns=R)
     assert loss.dtype == torch.float32
-    ref = _ref_policy(logp.double(), old.double(), adv.double(), mask, 0.2, 0.2, None) + 0.5 * _ref_value(v.double(), R.double(), mask)
+    ref = _ref_policy(logp.double(), old.double(), adv.double(), mask, 0.2, 0.2, None) + 0.5 * _ref_value(
+        v.double(), R.double(), mask
+    )
     torch.testing.assert_close(loss.double(), torch.tensor(ref, dtype=torch.float64), rtol=1e-5, atol=1e-6)
 
 

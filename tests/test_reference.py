@@ -13,8 +13,15 @@ V = 41
 
 def _lm(seed):
     torch.manual_seed(seed)
-    cfg = transformers.Qwen2Config(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    cfg = transformers.Qwen2Config(
+        vocab_size=V,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+    )
     return transformers.Qwen2ForCausalLM(cfg).double()
 
 
@@ -57,8 +64,9 @@ def _assert_same(a, b, keys=None):
     torch.testing.assert_close(la, lb, rtol=1e-9, atol=1e-11)
     if isinstance(ma, dict):
         for k in keys or ma:
-            torch.testing.assert_close(torch.as_tensor(ma[k]).double(), torch.as_tensor(mb[k]).double(),
-                                       rtol=1e-9, atol=1e-11, msg=k)
+            torch.testing.assert_close(
+                torch.as_tensor(ma[k]).double(), torch.as_tensor(mb[k]).double(), rtol=1e-9, atol=1e-11, msg=k
+            )
     for da, db in zip(ga, gb):
         assert da.keys() == db.keys()
         for n in da:
@@ -72,7 +80,7 @@ def _seq_batch(B=4, L=9, seed=0):
     starts = torch.randint(2, 5, (B,), generator=g)
     ends = torch.randint(6, L + 1, (B,), generator=g)
     for i in range(B):
-        mask[i, starts[i]:ends[i]] = 1
+        mask[i, starts[i] : ends[i]] = 1
     return g, ids, mask
 
 
@@ -92,10 +100,13 @@ def test_ppo_step_equal():
     g, ids, mask = _seq_batch()
     with torch.no_grad():
         lp = tutorial.token_log_probs(policy, ids)
-    batch = {"input_ids": ids, "action_mask": mask,
-             "old_log_probs": lp + 0.3 * torch.randn(lp.shape, generator=g, dtype=torch.float64),
-             "advantages": torch.randn(lp.shape, generator=g, dtype=torch.float64),
-             "returns": torch.randn(lp.shape, generator=g, dtype=torch.float64)}
+    batch = {
+        "input_ids": ids,
+        "action_mask": mask,
+        "old_log_probs": lp + 0.3 * torch.randn(lp.shape, generator=g, dtype=torch.float64),
+        "advantages": torch.randn(lp.shape, generator=g, dtype=torch.float64),
+        "returns": torch.randn(lp.shape, generator=g, dtype=torch.float64),
+    }
     a = _run(tutorial.ppo_step, [policy, value], policy, value, batch)
     b = _run(on_fastalign.ppo_step, [policy, value], policy, value, batch)
     _assert_same(a, b, keys=("policy", "value", "entropy", "approx_kl"))
@@ -109,10 +120,13 @@ def test_grpo_loss_equal():
     g, ids, mask = _seq_batch(B=6)
     with torch.no_grad():
         lp = tutorial.token_log_probs(policy, ids)
-    batch = {"input_ids": ids, "action_mask": mask,
-             "old_log_probs": lp + 0.3 * torch.randn(lp.shape, generator=g, dtype=torch.float64),
-             "rewards": torch.randn(6, generator=g, dtype=torch.float64),
-             "group_id": torch.tensor([0, 0, 1, 1, 1, 0])}
+    batch = {
+        "input_ids": ids,
+        "action_mask": mask,
+        "old_log_probs": lp + 0.3 * torch.randn(lp.shape, generator=g, dtype=torch.float64),
+        "rewards": torch.randn(6, generator=g, dtype=torch.float64),
+        "group_id": torch.tensor([0, 0, 1, 1, 1, 0]),
+    }
     a = _run(tutorial.grpo_loss, [policy], policy, ref, batch)
     b = _run(on_fastalign.grpo_loss, [policy], policy, ref, batch)
     _assert_same(a, b, keys=("kl", "reward_mean", "advantage_std"))

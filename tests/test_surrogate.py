@@ -51,8 +51,9 @@ CASES = [
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("opts", CASES)
-@pytest.mark.parametrize("shape,seq_adv", [((3, 7), False), ((4, 33), True), ((1, 1), False),
-                                           ((2, 3, 70), False), ((5, 300), True)])
+@pytest.mark.parametrize(
+    "shape,seq_adv", [((3, 7), False), ((4, 33), True), ((1, 1), False), ((2, 3, 70), False), ((5, 300), True)]
+)
 def test_matches_reference(impl, level, opts, shape, seq_adv):
     logp, old, adv, mask = _inputs(shape, seq_adv, seed=len(shape) * 7 + shape[-1])
     logp.requires_grad_(True)
@@ -85,8 +86,12 @@ def test_gradcheck_fp64(impl, level):
     logp, old, adv, mask = _inputs((3, 6), seed=11, dtype=torch.float64, spread=0.3)
     mask[0] = False  # an all-masked row
     logp.requires_grad_(True)
-    fn = lambda x: clipped_surrogate(x, old, adv, mask=mask, eps_low=0.2, eps_high=0.25, dual_clip=2.0,
-                                     level=level, impl=impl)
+
+    def fn(x):
+        return clipped_surrogate(
+            x, old, adv, mask=mask, eps_low=0.2, eps_high=0.25, dual_clip=2.0, level=level, impl=impl
+        )
+
     assert torch.autograd.gradcheck(fn, (logp,))
 
 
@@ -95,8 +100,9 @@ def test_gradcheck_fp64(impl, level):
 def test_stats(impl, level):
     logp, old, adv, mask = _inputs((6, 45), seed=5, spread=0.5)
     logp = logp + 0.5 * torch.randn(6, 1, generator=torch.Generator().manual_seed(1))  # per-row ratio spread
-    loss, stats = clipped_surrogate_with_stats(logp, old, adv, mask=mask, eps_low=0.2, eps_high=0.28,
-                                               dual_clip=2.0, level=level, impl=impl)
+    loss, stats = clipped_surrogate_with_stats(
+        logp, old, adv, mask=mask, eps_low=0.2, eps_high=0.28, dual_clip=2.0, level=level, impl=impl
+    )
     m = mask.double()
     n = m.sum()
     lr = logp.double() - old.double()
@@ -122,8 +128,10 @@ def test_stats(impl, level):
         assert stats[k].dim() == 0 and not stats[k].requires_grad
         torch.testing.assert_close(stats[k].double(), v, rtol=1e-5, atol=1e-6, msg=k)
     assert expect["clip_frac_low"] > 0 and expect["clip_frac_high"] > 0
-    torch.testing.assert_close(loss, clipped_surrogate(logp, old, adv, mask=mask, eps_low=0.2, eps_high=0.28,
-                                                       dual_clip=2.0, level=level, impl=impl))
+    torch.testing.assert_close(
+        loss,
+        clipped_surrogate(logp, old, adv, mask=mask, eps_low=0.2, eps_high=0.28, dual_clip=2.0, level=level, impl=impl),
+    )
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -193,8 +201,9 @@ def test_exported():
 def test_cuda_matches_reference(level):
     logp, old, adv, mask = _inputs((64, 8192 + 5), seq_adv=True, seed=21)
     lp = logp.cuda().requires_grad_(True)
-    out, stats = clipped_surrogate_with_stats(lp, old.cuda(), adv.cuda(), mask=mask.cuda(), eps_high=0.28,
-                                              dual_clip=3.0, level=level)
+    out, stats = clipped_surrogate_with_stats(
+        lp, old.cuda(), adv.cuda(), mask=mask.cuda(), eps_high=0.28, dual_clip=3.0, level=level
+    )
     lp64 = logp.detach().double().requires_grad_(True)
     expect = ref_loss(lp64, old, adv, mask, eps_high=0.28, dual_clip=3.0, level=level)
     torch.testing.assert_close(out.cpu().double(), expect, rtol=1e-5, atol=1e-6)
@@ -202,7 +211,8 @@ def test_cuda_matches_reference(level):
     out.backward(g.cuda())
     expect.backward(g.double())
     torch.testing.assert_close(lp.grad.cpu().double(), lp64.grad, rtol=1e-5, atol=1e-6)
-    _, cpu_stats = clipped_surrogate_with_stats(logp, old, adv, mask=mask, eps_high=0.28, dual_clip=3.0,
-                                                level=level, impl="torch")
+    _, cpu_stats = clipped_surrogate_with_stats(
+        logp, old, adv, mask=mask, eps_high=0.28, dual_clip=3.0, level=level, impl="torch"
+    )
     for k in cpu_stats:
         torch.testing.assert_close(stats[k].cpu(), cpu_stats[k], rtol=1e-4, atol=1e-5, msg=k)

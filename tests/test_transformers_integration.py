@@ -13,8 +13,15 @@ from fastalign.integrations.transformers import (  # noqa: E402
     logit_scale_of,
 )
 
-SMALL = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=64)
+SMALL = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
 
 
 def _model(kind, **over):
@@ -53,8 +60,10 @@ def _ref_logprobs(model, ids, am, T=1.0, keep=0):
     return lp, ent
 
 
-@pytest.mark.parametrize("kind,over", [("qwen2", {}), ("qwen2", {"tie_word_embeddings": True}), ("gemma2", {}),
-                                       ("cohere", {}), ("granite", {})])
+@pytest.mark.parametrize(
+    "kind,over",
+    [("qwen2", {}), ("qwen2", {"tie_word_embeddings": True}), ("gemma2", {}), ("cohere", {}), ("granite", {})],
+)
 @pytest.mark.parametrize("keep,T", [(0, 1.0), (4, 0.7)])
 def test_logprobs_equal_model_logits(kind, over, keep, T):
     model = _model(kind, **over)
@@ -63,7 +72,9 @@ def test_logprobs_equal_model_logits(kind, over, keep, T):
         am = torch.ones_like(am)  # Gemma-2's eager attention gives NaN rows on fully padded fp64 queries
     with torch.no_grad():
         ref_lp, ref_ent = _ref_logprobs(model, ids, am, T, keep)
-        lp, ent = causal_lm_logprobs(model, ids, am, logits_to_keep=keep, temperature=T, return_entropy=True, impl="torch")
+        lp, ent = causal_lm_logprobs(
+            model, ids, am, logits_to_keep=keep, temperature=T, return_entropy=True, impl="torch"
+        )
     torch.testing.assert_close(lp, ref_lp, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(ent, ref_ent, rtol=1e-9, atol=1e-9)
 

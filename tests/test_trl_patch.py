@@ -76,9 +76,10 @@ def test_apply_signature_and_outputs_match_trl(softcap, scale, temperature, bias
 
 def _grpo_step(tmp_path, patch: bool):
     """One GRPOTrainer optimizer step from a fixed seed; returns (loss, {param name: grad})."""
-    from fastalign.utils.tiny_models import tiny_prompt_dataset, tiny_qwen2, tiny_tokenizer
     from transformers import TrainerCallback, set_seed
     from trl import GRPOConfig, GRPOTrainer
+
+    from fastalign.utils.tiny_models import tiny_prompt_dataset, tiny_qwen2, tiny_tokenizer
 
     grads: dict[str, torch.Tensor] = {}
 
@@ -93,18 +94,35 @@ def _grpo_step(tmp_path, patch: bool):
 
     set_seed(0)
     args = GRPOConfig(
-        output_dir=str(tmp_path / ("patched" if patch else "plain")), per_device_train_batch_size=4,
-        num_generations=4, max_completion_length=8, max_steps=1, learning_rate=1e-3, logging_steps=1,
-        report_to="none", save_strategy="no", use_cpu=True, seed=0, beta=0.04, temperature=0.9,
-        dataloader_num_workers=0, disable_tqdm=True, bf16=False,  # fp32 end to end: a tight comparison
+        output_dir=str(tmp_path / ("patched" if patch else "plain")),
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=8,
+        max_steps=1,
+        learning_rate=1e-3,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        beta=0.04,
+        temperature=0.9,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        bf16=False,  # fp32 end to end: a tight comparison
     )
     # saved to disk: with beta > 0 GRPOTrainer loads its reference model from the policy's path
     model_dir = tmp_path / "tiny_qwen2"
     if not model_dir.exists():
         tiny_qwen2(vocab_size=256, seed=0).save_pretrained(model_dir)
-    trainer = GRPOTrainer(model=str(model_dir), reward_funcs=reward, args=args,
-                          train_dataset=tiny_prompt_dataset(8), processing_class=tiny_tokenizer(256),
-                          callbacks=[GrabGrads()])
+    trainer = GRPOTrainer(
+        model=str(model_dir),
+        reward_funcs=reward,
+        args=args,
+        train_dataset=tiny_prompt_dataset(8),
+        processing_class=tiny_tokenizer(256),
+        callbacks=[GrabGrads()],
+    )
     calls = fa_trl.FastalignChunkedLogProbFunction.calls
     if patch:
         with fa_trl.patched():

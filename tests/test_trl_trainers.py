@@ -31,17 +31,37 @@ def _reward(completions, **kw):
 
 
 def _grpo_args(tmp, **kw):
-    base = dict(output_dir=str(tmp), per_device_train_batch_size=4, num_generations=4, max_completion_length=6,
-                max_steps=2, num_iterations=2, beta=0.1, learning_rate=0.5, optim="sgd", report_to=[], logging_steps=1,
-                save_strategy="no", use_cpu=True, seed=0, bf16=False, gradient_checkpointing=False)
+    base = dict(
+        output_dir=str(tmp),
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=6,
+        max_steps=2,
+        num_iterations=2,
+        beta=0.1,
+        learning_rate=0.5,
+        optim="sgd",
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        bf16=False,
+        gradient_checkpointing=False,
+    )
     base.update(kw)
     return trl.GRPOConfig(**base)
 
 
 def _train_grpo(cls, path, tmp, **kw):
     ds = datasets.Dataset.from_dict({"prompt": ["a b c", "d e f g", "h i", "j k l"] * 2})
-    tr = cls(model=path, reward_funcs=_reward, args=_grpo_args(tmp, **kw), train_dataset=ds,
-             processing_class=make_tokenizer())
+    tr = cls(
+        model=path,
+        reward_funcs=_reward,
+        args=_grpo_args(tmp, **kw),
+        train_dataset=ds,
+        processing_class=make_tokenizer(),
+    )
     tr.train()
     logs = [h for h in tr.state.log_history if "loss" in h]
     return logs, {n: p.detach().clone() for n, p in tr.model.named_parameters()}
@@ -60,16 +80,30 @@ def _compare(logs_a, logs_b, params_a, params_b, keys):
         torch.testing.assert_close(params_a[n], params_b[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
-GRPO_KEYS = ("loss", "grad_norm", "kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean",
-             "clip_ratio/region_mean", "clip_ratio/low_min", "clip_ratio/high_max", "cispo_clip_ratio")
+GRPO_KEYS = (
+    "loss",
+    "grad_norm",
+    "kl",
+    "entropy",
+    "clip_ratio/low_mean",
+    "clip_ratio/high_mean",
+    "clip_ratio/region_mean",
+    "clip_ratio/low_min",
+    "clip_ratio/high_max",
+    "cispo_clip_ratio",
+)
 
 
 # whole training runs (generation, buffering, accumulation, optimizer); every option of the loss itself is
 # compared on synthetic batches in test_grpo_compute_loss_equals_trl below
-@pytest.mark.parametrize("kw", [
-    dict(loss_type="dapo", epsilon_high=0.28, delta=1.5, use_bias_correction_kl=True),
-    dict(loss_type="grpo", beta=0.0, gradient_accumulation_steps=2, num_iterations=1),
-], ids=["dapo_delta_biaskl", "grpo_accum"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(loss_type="dapo", epsilon_high=0.28, delta=1.5, use_bias_correction_kl=True),
+        dict(loss_type="grpo", beta=0.0, gradient_accumulation_steps=2, num_iterations=1),
+    ],
+    ids=["dapo_delta_biaskl", "grpo_accum"],
+)
 def test_grpo_dropin_equals_stock(tiny_path, tmp_path, kw):
     logs_a, params_a = _train_grpo(trl.GRPOTrainer, tiny_path, tmp_path / "a", **kw)
     logs_b, params_b = _train_grpo(FastalignGRPOTrainer, tiny_path, tmp_path / "b", **kw)
@@ -78,24 +112,45 @@ def test_grpo_dropin_equals_stock(tiny_path, tmp_path, kw):
 
 def test_grpo_dropin_refuses_what_it_cannot_reproduce(tiny_path, tmp_path):
     ds = datasets.Dataset.from_dict({"prompt": ["a b"] * 4})
-    for kw, msg in ((dict(entropy_coef=0.01, use_adaptive_entropy=True), "use_adaptive_entropy"),
-                    (dict(loss_type="vespo"), "loss_type='vespo' is not supported")):
+    for kw, msg in (
+        (dict(entropy_coef=0.01, use_adaptive_entropy=True), "use_adaptive_entropy"),
+        (dict(loss_type="vespo"), "loss_type='vespo' is not supported"),
+    ):
         with pytest.raises(ValueError, match=msg):
-            FastalignGRPOTrainer(model=tiny_path, reward_funcs=_reward, args=_grpo_args(tmp_path, **kw),
-                                 train_dataset=ds, processing_class=make_tokenizer())
+            FastalignGRPOTrainer(
+                model=tiny_path,
+                reward_funcs=_reward,
+                args=_grpo_args(tmp_path, **kw),
+                train_dataset=ds,
+                processing_class=make_tokenizer(),
+            )
 
 
 def _dpo_ds():
-    return datasets.Dataset.from_dict({
-        "prompt": ["a b c", "d e", "f g h i", "j"] * 2,
-        "chosen": ["x y", "z", "k l m", "n o"] * 2,
-        "rejected": ["p", "q r s", "t", "u v w"] * 2,
-    })
+    return datasets.Dataset.from_dict(
+        {
+            "prompt": ["a b c", "d e", "f g h i", "j"] * 2,
+            "chosen": ["x y", "z", "k l m", "n o"] * 2,
+            "rejected": ["p", "q r s", "t", "u v w"] * 2,
+        }
+    )
 
 
 def _train_dpo(cls, path, tmp, **kw):
-    base = dict(output_dir=str(tmp), per_device_train_batch_size=4, max_steps=2, learning_rate=0.5, optim="sgd", report_to=[],
-                logging_steps=1, save_strategy="no", use_cpu=True, seed=0, bf16=False, beta=0.2)
+    base = dict(
+        output_dir=str(tmp),
+        per_device_train_batch_size=4,
+        max_steps=2,
+        learning_rate=0.5,
+        optim="sgd",
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        bf16=False,
+        beta=0.2,
+    )
     base.update(kw)
     tr = cls(model=path, args=trl.DPOConfig(**base), train_dataset=_dpo_ds(), processing_class=make_tokenizer())
     tr.train()
@@ -103,15 +158,31 @@ def _train_dpo(cls, path, tmp, **kw):
     return logs, {n: p.detach().clone() for n, p in tr.model.named_parameters()}
 
 
-DPO_KEYS = ("loss", "grad_norm", "entropy", "rewards/chosen", "rewards/rejected", "rewards/margins",
-            "rewards/accuracies", "logps/chosen", "logps/rejected", "num_tokens", "logits/chosen", "logits/rejected")
+DPO_KEYS = (
+    "loss",
+    "grad_norm",
+    "entropy",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+    "num_tokens",
+    "logits/chosen",
+    "logits/rejected",
+)
 
 
-@pytest.mark.parametrize("kw", [
-    dict(loss_type=["sigmoid"]),
-    dict(loss_type=["ipo"]),
-    dict(loss_type=["hinge", "robust"], loss_weights=[0.7, 0.3], label_smoothing=0.1),
-], ids=["sigmoid", "ipo", "hinge+robust"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(loss_type=["sigmoid"]),
+        dict(loss_type=["ipo"]),
+        dict(loss_type=["hinge", "robust"], loss_weights=[0.7, 0.3], label_smoothing=0.1),
+    ],
+    ids=["sigmoid", "ipo", "hinge+robust"],
+)
 def test_dpo_dropin_equals_stock(tiny_path, tmp_path, kw):
     logs_a, params_a = _train_dpo(trl.DPOTrainer, tiny_path, tmp_path / "a", **kw)
     logs_b, params_b = _train_dpo(FastalignDPOTrainer, tiny_path, tmp_path / "b", **kw)
@@ -127,11 +198,17 @@ def test_dpo_dropin_refuses_unsupported(tiny_path, tmp_path):
 
 # ---- _compute_loss against TRL's on synthetic batches (every supported option, no training loop) ----
 
+
 @pytest.fixture(scope="module")
 def grpo_pair(tiny_path, tmp_path_factory):
     ds = datasets.Dataset.from_dict({"prompt": ["a b"] * 4})
-    tr = FastalignGRPOTrainer(model=tiny_path, reward_funcs=_reward, train_dataset=ds, processing_class=make_tokenizer(),
-                              args=_grpo_args(tmp_path_factory.mktemp("pair"), max_completion_length=7))
+    tr = FastalignGRPOTrainer(
+        model=tiny_path,
+        reward_funcs=_reward,
+        train_dataset=ds,
+        processing_class=make_tokenizer(),
+        args=_grpo_args(tmp_path_factory.mktemp("pair"), max_completion_length=7),
+    )
     tr.model.train()
     tr.current_gradient_accumulation_steps = 2
     return tr
@@ -153,9 +230,13 @@ def _synthetic_batch(tr, seed=0, B=4, P=3, T=7):
         lp = tr.model(input_ids=ids, attention_mask=am, labels=labels, fused_lm_head=True).log_probs[:, -T:]
     noise = lambda s: torch.randn(B, T, generator=g) * s  # noqa: E731
     return {
-        "prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
-        "completion_mask": completion_mask, "advantages": torch.randn(B, generator=g),
-        "old_per_token_logps": lp + noise(0.3), "ref_per_token_logps": lp + noise(0.3),
+        "prompt_ids": prompt_ids,
+        "prompt_mask": prompt_mask,
+        "completion_ids": completion_ids,
+        "completion_mask": completion_mask,
+        "advantages": torch.randn(B, generator=g),
+        "old_per_token_logps": lp + noise(0.3),
+        "ref_per_token_logps": lp + noise(0.3),
         "importance_sampling_ratio": torch.rand(B, T, generator=g) + 0.5,
         "num_items_in_batch": torch.tensor(13.0),
     }

@@ -114,6 +114,7 @@ def with_config(fn: Callable, **settings) -> Callable:
     def run(*args):
         with fastalign.config(**settings):
             return fn(*args)
+
     return run
 
 
@@ -121,9 +122,11 @@ def autograd_runner(op: str, fn: Callable, args: tuple, wrt: tuple, grad_out: to
     """The callable to time for ``op``: "fwd" (no autograd), "bwd" (the backward of one graph built
     here and kept), or "fwd+bwd"; gradients are taken w.r.t. ``wrt`` (members of ``args``)."""
     if op == "fwd":
+
         def run():
             with torch.no_grad():
                 return fn(*args)
+
         return run
     for t in wrt:
         t.requires_grad_()
@@ -194,6 +197,7 @@ def _cuda_batch(fn, device, budget_s: float, min_runs: int) -> list[float]:
     def batch():
         for _ in range(n):
             fn()
+
     return _repeat(lambda: _event_ms(device, batch) / n, budget_s, min_runs)
 
 
@@ -219,11 +223,13 @@ def _cuda_flushed(fn, device, budget_s: float, min_runs: int) -> list[float]:
     def one():
         flush.zero_()  # outside the events: evicts the inputs from L2
         return _event_ms(device, fn)
+
     return _repeat(one, budget_s, min_runs)
 
 
-def time_call(fn: Callable[[], Any], device: torch.device, *, method: str = "batch", min_runs: int = 3,
-              budget_s: float = 1.0) -> tuple[float, str]:
+def time_call(
+    fn: Callable[[], Any], device: torch.device, *, method: str = "batch", min_runs: int = 3, budget_s: float = 1.0
+) -> tuple[float, str]:
     """``(median ms per call, method used)`` after one warm-up call; ``method`` as in the module doc
     (CUDA only; on CPU every call is timed alone with ``perf_counter``)."""
     if method not in ("batch", "graph", "flushed"):
@@ -231,10 +237,12 @@ def time_call(fn: Callable[[], Any], device: torch.device, *, method: str = "bat
     fn()
     _sync(device)
     if device.type != "cuda":
+
         def wall():
             t0 = time.perf_counter()
             fn()
             return (time.perf_counter() - t0) * 1e3
+
         return statistics.median(_repeat(wall, budget_s, min_runs)), "wall"
     if method == "graph":
         try:
@@ -314,8 +322,14 @@ def add_ratios(results: list[BenchResult]) -> None:
                 r.vs_peers = {p.impl: p.median_ms / r.median_ms for p in peers if p.median_ms and r.median_ms}
 
 
-def run_cases(cases: list[BenchCase], device: torch.device, *, progress: bool = True,
-              budget_s: float = 1.0, on_result: Callable[[BenchResult], None] | None = None) -> list[BenchResult]:
+def run_cases(
+    cases: list[BenchCase],
+    device: torch.device,
+    *,
+    progress: bool = True,
+    budget_s: float = 1.0,
+    on_result: Callable[[BenchResult], None] | None = None,
+) -> list[BenchResult]:
     """Measure every case in order; ``on_result`` sees each result as soon as it exists (the GPU
     window writes its files there, so a run cut off keeps what it finished)."""
     iterator = cases

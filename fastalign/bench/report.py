@@ -40,18 +40,29 @@ def machine_info(device: torch.device) -> dict:
     info["commit"] = os.environ.get("FASTALIGN_COMMIT")
     if not info["commit"]:
         try:
-            info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                            cwd=Path(__file__).resolve().parents[2], timeout=10).stdout.strip() or None
+            info["commit"] = (
+                subprocess.run(
+                    ["git", "rev-parse", "--short", "HEAD"],
+                    capture_output=True,
+                    text=True,
+                    cwd=Path(__file__).resolve().parents[2],
+                    timeout=10,
+                ).stdout.strip()
+                or None
+            )
         except Exception:
             info["commit"] = None
     return info
 
 
 def machine_line(info: dict) -> str:
-    dev = info.get("gpu") or (f"CPU ({info.get('cpu')}, {info.get('cpu_count')} cores, "
-                              f"{info.get('torch_threads')} torch thread(s))")
-    return (f"{dev}; torch {info['torch']}, triton {info.get('triton')}, python {info['python']}; "
-            f"commit {info.get('commit')}; {info['date']}")
+    dev = info.get("gpu") or (
+        f"CPU ({info.get('cpu')}, {info.get('cpu_count')} cores, {info.get('torch_threads')} torch thread(s))"
+    )
+    return (
+        f"{dev}; torch {info['torch']}, triton {info.get('triton')}, python {info['python']}; "
+        f"commit {info.get('commit')}; {info['date']}"
+    )
 
 
 def _fmt(x, spec: str, suffix: str = "") -> str:
@@ -79,18 +90,41 @@ def apply_probe(results: list[BenchResult], probe: dict | None) -> None:
         r.gbps_of_probe = r.gbps / copy if r.gbps is not None and copy else None
 
 
-_COLUMNS = ("op", "shape", "impl", "median ms", "timing", "peak MiB", "speed vs ref", "mem vs ref",
-            "extra mem vs ref", "TFLOP/s", "GB/s", "time vs floor", "vs peers")
+_COLUMNS = (
+    "op",
+    "shape",
+    "impl",
+    "median ms",
+    "timing",
+    "peak MiB",
+    "speed vs ref",
+    "mem vs ref",
+    "extra mem vs ref",
+    "TFLOP/s",
+    "GB/s",
+    "time vs floor",
+    "vs peers",
+)
 
 
 def _row(r: BenchResult, peak_tflops, peak_gbps) -> list[str]:
     if r.error:
         return [f"{r.suite}/{r.op}", r.shape, r.impl, f"error: {r.error}"] + [""] * (len(_COLUMNS) - 4)
-    return [f"{r.suite}/{r.op}", r.shape, r.impl, _fmt(r.median_ms, ".3f"), r.method or "-",
-            _fmt(r.peak_mb, ".1f"), _fmt(r.speedup_vs_baseline, ".2f", "x"), _fmt(r.memory_vs_baseline, ".3f", "x"),
-            _fmt(r.extra_vs_baseline, ".4f", "x"), _rate(r.tflops, r.tflops_of_probe, peak_tflops, ".1f"),
-            _rate(r.gbps, r.gbps_of_probe, peak_gbps, ".0f"), _fmt(r.vs_floor, ".2f", "x"),
-            ", ".join(f"{k} {v:.2f}x" for k, v in r.vs_peers.items())]
+    return [
+        f"{r.suite}/{r.op}",
+        r.shape,
+        r.impl,
+        _fmt(r.median_ms, ".3f"),
+        r.method or "-",
+        _fmt(r.peak_mb, ".1f"),
+        _fmt(r.speedup_vs_baseline, ".2f", "x"),
+        _fmt(r.memory_vs_baseline, ".3f", "x"),
+        _fmt(r.extra_vs_baseline, ".4f", "x"),
+        _rate(r.tflops, r.tflops_of_probe, peak_tflops, ".1f"),
+        _rate(r.gbps, r.gbps_of_probe, peak_gbps, ".0f"),
+        _fmt(r.vs_floor, ".2f", "x"),
+        ", ".join(f"{k} {v:.2f}x" for k, v in r.vs_peers.items()),
+    ]
 
 
 def markdown_table(results: list[BenchResult], info: dict | None = None) -> str:
@@ -130,7 +164,6 @@ def write_results(results: list[BenchResult], info: dict, out_dir: Path, tag: st
         "graph (CUDA-graph replays), flushed (L2 flushed before each call; the GB/s rows), wall (CPU). "
         "TFLOP/s and GB/s also as a share of the ceilings probed on this machine and of the datasheet. "
         "`time vs floor`: time over the group's floor row (e.g. the op's own GEMMs alone). "
-        "`vs peers`: this row's speedup over each installed peer.\n\n"
-        + markdown_table(results, info) + "\n"
+        "`vs peers`: this row's speedup over each installed peer.\n\n" + markdown_table(results, info) + "\n"
     )
     return json_path, md_path

@@ -24,9 +24,23 @@ from fastalign.bench.suites.linear_logprobs import own_gemms
 # (N, D, V): the Qwen2.5-7B head (all tiles) and the Gemma-2-2B head (its wide vocabulary)
 LINEAR = {"qwen": ((16384, 3584, 152064), (64, 32, 1000)), "gemma": ((8192, 2304, 256000), (64, 32, 999))}
 LINEAR_TILES = {  # (row_block, chunk_size)
-    "qwen": ([(4096, 4096), (4096, 8192), (8192, 4096), (8192, 8192), (16384, 4096), (2048, 16384),
-              (2048, 4096), (4096, 2048), (2048, 2048), (1024, 4096), (2048, 8192), (8192, 1024)],
-             [(32, 256), (16, 512)]),
+    "qwen": (
+        [
+            (4096, 4096),
+            (4096, 8192),
+            (8192, 4096),
+            (8192, 8192),
+            (16384, 4096),
+            (2048, 16384),
+            (2048, 4096),
+            (4096, 2048),
+            (2048, 2048),
+            (1024, 4096),
+            (2048, 8192),
+            (8192, 1024),
+        ],
+        [(32, 256), (16, 512)],
+    ),
     "gemma": ([(4096, 4096), (4096, 8192), (8192, 4096), (2048, 4096), (2048, 2048), (4096, 2048)], [(32, 256)]),
 }
 GRPO = ((4, 4096, 3584, 152064), (2, 16, 32, 500))  # (B, T, D, V)
@@ -41,6 +55,7 @@ def _cached(build: Callable[[], tuple]) -> Callable[[], tuple]:
         if not box:
             box.append(build())
         return box[0]
+
     return get
 
 
@@ -48,10 +63,11 @@ def _linear_inputs(N, D, V, dtype, device):
     def build():
         gen = torch.Generator(device=device).manual_seed(0)
         h = torch.randn(N, D, generator=gen, device=device).to(dtype)
-        W = (torch.randn(V, D, generator=gen, device=device) * D ** -0.5).to(dtype)
+        W = (torch.randn(V, D, generator=gen, device=device) * D**-0.5).to(dtype)
         t = torch.randint(0, V, (N,), generator=gen, device=device)
         g = torch.randn(N, generator=gen, device=device)
         return h, W, t, g
+
     return _cached(build)
 
 
@@ -63,13 +79,16 @@ def _linear_cases(key: str, dry: bool, dtype, device, impl: str) -> list[BenchCa
     out = []
     for rows, cols in LINEAR_TILES[key][1 if dry else 0]:
         op = f"linear_logprobs fwd+bwd [rows={rows},cols={cols}]"  # a group per tile: its own floor
+
         def call(h, W, t, rows=rows, cols=cols):
             return fastalign.linear_logprobs(h, W, t, row_block=rows, chunk_size=cols, impl=impl)
 
         for fp32 in (True, False):
+
             def make(fn=with_config(call, fp32_logits=fp32)):
                 h, W, t, g = inputs()
                 return autograd_runner("fwd+bwd", fn, (h, W, t), (h, W), g)
+
             name = f"fastalign[{impl}{'' if fp32 else ',fp32_logits=False'}]"
             out.append(BenchCase("sweep", op, shape, name, "fastalign", make, flops=flops))
 
@@ -77,6 +96,7 @@ def _linear_cases(key: str, dry: bool, dtype, device, impl: str) -> list[BenchCa
             h, W, t, _ = inputs()
             floor = own_gemms("fwd+bwd", rows=rows, cols=cols)
             return lambda: floor(h.detach(), W.detach(), t)
+
         out.append(BenchCase("sweep", op, shape, "own GEMMs only", "floor", make_floor, flops=flops))
     return out
 
@@ -89,7 +109,7 @@ def _grpo_cases(dry: bool, dtype, device, impl: str) -> list[BenchCase]:
     def build():
         gen = torch.Generator(device=device).manual_seed(1)
         h = (torch.randn(B, T, D, generator=gen, device=device) * 0.5).to(dtype).requires_grad_(True)
-        W = (torch.randn(V, D, generator=gen, device=device) * D ** -0.5).to(dtype).requires_grad_(True)
+        W = (torch.randn(V, D, generator=gen, device=device) * D**-0.5).to(dtype).requires_grad_(True)
         tgt = torch.randint(0, V, (B, T), generator=gen, device=device)
         lengths = torch.randint(T // 2, T + 1, (B, 1), generator=gen, device=device)
         mask = torch.arange(T, device=device)[None, :] < lengths
@@ -97,19 +117,24 @@ def _grpo_cases(dry: bool, dtype, device, impl: str) -> list[BenchCase]:
         old = -torch.rand(B, T, generator=gen, device=device) * 5
         ref = old + torch.randn(B, T, generator=gen, device=device) * 0.05
         return h, W, tgt, mask, adv, old, ref
+
     inputs = _cached(build)
     shape = f"B={B},T={T},D={D},V={V},{dtype_name(dtype)}"
     out = []
     for mode in ("one_pass", "two_pass"):
         for rows in GRPO_ROWS[1 if dry else 0] if mode == "one_pass" else [None]:
+
             def make(rows=rows, mode=mode):
                 h, W, tgt, mask, adv, old, ref = inputs()
 
                 def run():
-                    loss, _ = linear_grpo_loss(h, W, tgt, mask, adv, old_logp=old, ref_logp=ref, mode=mode,
-                                               row_block=rows, impl=impl)
+                    loss, _ = linear_grpo_loss(
+                        h, W, tgt, mask, adv, old_logp=old, ref_logp=ref, mode=mode, row_block=rows, impl=impl
+                    )
                     return torch.autograd.grad(loss, (h, W))
+
                 return run
+
             name = f"fastalign[{impl},{mode.replace('_', '-')},rows={'default' if rows is None else rows}]"
             out.append(BenchCase("sweep", "grpo fwd+bwd", shape, name, "fastalign", make, flops=6.0 * B * T * D * V))
     return out

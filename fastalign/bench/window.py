@@ -57,6 +57,7 @@ def _shapes(key: str, dry: bool):
 
 # ---- a. probe ------------------------------------------------------------------------------------
 
+
 def _median_ms(fn, device: torch.device) -> float:
     from fastalign.bench.core import time_call
 
@@ -124,17 +125,28 @@ def _fast_path_checks(device: torch.device) -> list[dict]:
         return torch.autograd.grad(out.float().sum(), wrt)
 
     calls = {
-        "logprobs_from_logits": (lambda: fastalign.logprobs_from_logits(logits, lt), (logits,),
-                                 ("_logprobs_fwd_kernel", "_logprobs_bwd_kernel")),
-        "linear_logprobs": (lambda: fastalign.linear_logprobs(h, W, t), (h, W),
-                            ("_linear_logprobs_tile_fwd_kernel", "_linear_logprobs_tile_bwd_kernel")),
-        "linear_grpo_loss(one_pass)": (lambda: linear_grpo_loss(h.view(1, N, D), W, t.view(1, N), mask.new_ones(1, N),
-                                                                 adv[:1], beta=0.0, mode="one_pass")[0], (h, W), ()),
+        "logprobs_from_logits": (
+            lambda: fastalign.logprobs_from_logits(logits, lt),
+            (logits,),
+            ("_logprobs_fwd_kernel", "_logprobs_bwd_kernel"),
+        ),
+        "linear_logprobs": (
+            lambda: fastalign.linear_logprobs(h, W, t),
+            (h, W),
+            ("_linear_logprobs_tile_fwd_kernel", "_linear_logprobs_tile_bwd_kernel"),
+        ),
+        "linear_grpo_loss(one_pass)": (
+            lambda: linear_grpo_loss(
+                h.view(1, N, D), W, t.view(1, N), mask.new_ones(1, N), adv[:1], beta=0.0, mode="one_pass"
+            )[0],
+            (h, W),
+            (),
+        ),
         "k3_kl": (lambda: fastalign.k3_kl(lp, old), (lp,), ()),
         "clipped_surrogate": (lambda: fastalign.clipped_surrogate(lp, old.detach(), adv, mask=mask), (lp,), ()),
     }
     checks = []
-    if cuda:  # the linear_logprobs GEMMs need cuBLAS' fp32 output from bf16 operands (torch >= 2.8)
+    if cuda:  # the linear_logprobs GEMMs need cuBLAS' fp32 output from bf16 operands
         row = {"op": "torch.mm(bf16, bf16, out_dtype=fp32)"}
         try:
             a = torch.randn(64, 64, device=device, dtype=torch.bfloat16)
@@ -155,8 +167,9 @@ def _fast_path_checks(device: torch.device) -> list[dict]:
             problems = []
             if out.dtype not in (torch.float32, torch.float64):
                 problems.append(f"output dtype {out.dtype}, expected fp32")
-            problems += [f"grad dtype {g.dtype} != input dtype {x.dtype}" for g, x in zip(grads, wrt)
-                         if g.dtype != x.dtype]
+            problems += [
+                f"grad dtype {g.dtype} != input dtype {x.dtype}" for g, x in zip(grads, wrt) if g.dtype != x.dtype
+            ]
             if cuda:
                 missing = [k for k in kernels if not any(k in n for n in names)]
                 if missing:
@@ -185,8 +198,11 @@ def probe(device: torch.device, dry: bool) -> dict:
     out: dict = {"dry_run": dry}
     if cuda:
         props = torch.cuda.get_device_properties(device)
-        out.update(sm_count=props.multi_processor_count, memory_gib=round(props.total_memory / 2**30, 1),
-                   l2_mib=round(getattr(props, "L2_cache_size", 0) / 2**20, 1))
+        out.update(
+            sm_count=props.multi_processor_count,
+            memory_gib=round(props.total_memory / 2**30, 1),
+            l2_mib=round(getattr(props, "L2_cache_size", 0) / 2**20, 1),
+        )
     dt = torch.bfloat16 if cuda else torch.float32
     n = 8192 if cuda else 256
     out["gemm_tflops_8192"] = _gemm_tflops(n, n, n, dt, device)
@@ -199,8 +215,9 @@ def probe(device: torch.device, dry: bool) -> dict:
     out["gemm_tflops_tiles"] = {
         "fwd logits tile [rows,D]x[D,cols]->fp32": _gemm_tflops(rows, cols, D, dt, device, out_dtype=acc),
         "fwd logits tile ->bf16 (compute-dtype tile)": _gemm_tflops(rows, cols, D, dt, device),
-        "bwd dH += dZ[rows,cols] x W[cols,D] (fp32 acc)": _gemm_tflops(rows, D, cols, dt, device, out_dtype=acc,
-                                                                       accumulate=True),
+        "bwd dH += dZ[rows,cols] x W[cols,D] (fp32 acc)": _gemm_tflops(
+            rows, D, cols, dt, device, out_dtype=acc, accumulate=True
+        ),
         "bwd dW = dZ^T[cols,rows] x H[rows,D] (fp32)": _gemm_tflops(cols, D, rows, dt, device, out_dtype=acc),
     }
     out["copy_gbps"] = _copy_gbps(device, (1 << 30) if cuda else (16 << 20))
@@ -211,6 +228,7 @@ def probe(device: torch.device, dry: bool) -> dict:
 
 
 # ---- b. tests ------------------------------------------------------------------------------------
+
 
 def run_gpu_tests(out_dir: Path, timeout_s: float) -> dict:
     """``pytest -m gpu`` in a subprocess, its output streamed to ``tests.txt``; cut at ``timeout_s``."""
@@ -234,6 +252,7 @@ def run_gpu_tests(out_dir: Path, timeout_s: float) -> dict:
 
 # ---- c. benchmarks -------------------------------------------------------------------------------
 
+
 def bench_groups(device: torch.device, dry: bool) -> list[tuple[str, list[BenchCase]]]:
     """The headline cases, most important first, as (group name, cases)."""
     from fastalign.bench.suites import linear_logprobs, logprobs, losses, token_ops
@@ -242,18 +261,39 @@ def bench_groups(device: torch.device, dry: bool) -> list[tuple[str, list[BenchC
     dt = torch.bfloat16 if cuda else torch.float32
     impl = "triton" if cuda else "torch"
     return [
-        ("logprobs_from_logits", logprobs.cases_for(device, _shapes("logprobs", dry), dt, impl, with_checks=True)
-         + logprobs.cases_for(device, _shapes("logprobs_odd", dry), dt, impl, ops=("fwd+bwd",), with_peers=False)),
-        ("linear_logprobs (Qwen2.5-7B head)",
-         linear_logprobs.cases_for(device, _shapes("linear", dry), dt, impl, ops=("fwd+bwd", "fwd"),
-                                   variants=True, with_checks=True, gemm_floor=True)),
-        ("linear_logprobs (Gemma-2 head, softcap)",
-         linear_logprobs.cases_for(device, _shapes("gemma", dry), dt, impl, ops=("fwd+bwd",),
-                                   softcap=GEMMA_SOFTCAP, gemm_floor=True)),
-        ("fused GRPO loss", losses.cases_for(device, _shapes("grpo", dry), dt, impl, families=("grpo",),
-                                             variants=True)),
-        ("token ops", token_ops.cases_for(device, _shapes("tokens", dry), _shapes("groups", dry), impl)
-         + token_ops.cases_for(device, _shapes("tokens_bandwidth", dry), [], impl, bandwidth=True)),
+        (
+            "logprobs_from_logits",
+            logprobs.cases_for(device, _shapes("logprobs", dry), dt, impl, with_checks=True)
+            + logprobs.cases_for(device, _shapes("logprobs_odd", dry), dt, impl, ops=("fwd+bwd",), with_peers=False),
+        ),
+        (
+            "linear_logprobs (Qwen2.5-7B head)",
+            linear_logprobs.cases_for(
+                device,
+                _shapes("linear", dry),
+                dt,
+                impl,
+                ops=("fwd+bwd", "fwd"),
+                variants=True,
+                with_checks=True,
+                gemm_floor=True,
+            ),
+        ),
+        (
+            "linear_logprobs (Gemma-2 head, softcap)",
+            linear_logprobs.cases_for(
+                device, _shapes("gemma", dry), dt, impl, ops=("fwd+bwd",), softcap=GEMMA_SOFTCAP, gemm_floor=True
+            ),
+        ),
+        (
+            "fused GRPO loss",
+            losses.cases_for(device, _shapes("grpo", dry), dt, impl, families=("grpo",), variants=True),
+        ),
+        (
+            "token ops",
+            token_ops.cases_for(device, _shapes("tokens", dry), _shapes("groups", dry), impl)
+            + token_ops.cases_for(device, _shapes("tokens_bandwidth", dry), [], impl, bandwidth=True),
+        ),
     ]
 
 
@@ -261,8 +301,9 @@ def _skipped(case: BenchCase, why: str) -> BenchResult:
     return BenchResult(case.suite, case.op, case.shape, case.impl, case.kind, None, None, error=why)
 
 
-def run_benchmarks(device: torch.device, dry: bool, info: dict, out_dir: Path, deadline: float,
-                   budget_s: float, sweep: bool = False) -> list[BenchResult]:
+def run_benchmarks(
+    device: torch.device, dry: bool, info: dict, out_dir: Path, deadline: float, budget_s: float, sweep: bool = False
+) -> list[BenchResult]:
     """The headline groups, or with ``sweep`` the tile sweep (:mod:`fastalign.bench.sweep`)."""
     from fastalign.bench.sweep import sweep_groups
 
@@ -303,6 +344,7 @@ def _plot(results, info, out_dir: Path, sweep: bool = False) -> None:
 
 # ---- driver --------------------------------------------------------------------------------------
 
+
 def _versions() -> dict:
     from importlib import metadata
 
@@ -320,12 +362,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/results/gpu/window", help="directory for the window's files")
     parser.add_argument("--dry-run", action="store_true", help="the same code on the CPU at tiny shapes")
     parser.add_argument("--seconds", type=float, default=450.0, help="the whole window's time, imports excluded")
-    parser.add_argument("--skip", action="append", default=[], choices=["probe", "tests", "bench"],
-                        help="leave a stage out (repeatable)")
-    parser.add_argument("--sweep", action="store_true",
-                        help="benchmark the tile sweep (fastalign.bench.sweep) instead of the headline groups")
-    parser.add_argument("--budget", type=float, default=None,
-                        help="seconds of timing per case after warm-up (default 0.3; 0.02 in a dry run)")
+    parser.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        choices=["probe", "tests", "bench"],
+        help="leave a stage out (repeatable)",
+    )
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="benchmark the tile sweep (fastalign.bench.sweep) instead of the headline groups",
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds of timing per case after warm-up (default 0.3; 0.02 in a dry run)",
+    )
     args = parser.parse_args(argv)
     t0 = time.monotonic()
     deadline = t0 + args.seconds - RESERVE_S
@@ -351,9 +405,11 @@ def main(argv: list[str] | None = None) -> int:
         info["probe"]["seconds"] = round(time.monotonic() - t, 1)
         (out_dir / f"{TAG}.json").write_text(json.dumps({"machine": info, "results": []}, indent=1))
         p = info["probe"]
-        print(f"[window] probe ({p['seconds']} s): GEMM {p['gemm_tflops_8192']:.1f} TFLOP/s at "
-              f"{p['gemm_shape_8192']}, copy {p['copy_gbps']:.0f} GB/s, fast paths ok: {p['fast_paths_ok']}",
-              flush=True)
+        print(
+            f"[window] probe ({p['seconds']} s): GEMM {p['gemm_tflops_8192']:.1f} TFLOP/s at "
+            f"{p['gemm_shape_8192']}, copy {p['copy_gbps']:.0f} GB/s, fast paths ok: {p['fast_paths_ok']}",
+            flush=True,
+        )
         for c in p["fast_paths"]:
             if not c.get("ok"):
                 print(f"[window]   fast path NOT taken: {c['op']}: {c.get('problems')}", flush=True)
@@ -373,8 +429,11 @@ def main(argv: list[str] | None = None) -> int:
     failed = [r for r in results if r.error and r.kind == "fastalign" and not r.error.startswith("not run")]
     tests_rc = info.get("gpu_tests", {}).get("returncode", 0)
     ok = not failed and tests_rc in (0, 5) and info.get("probe", {}).get("fast_paths_ok", True)
-    print(f"[window] done in {info['window']['seconds_used']} s: "
-          f"{'ok' if ok else 'PROBLEMS (see window.md / tests.txt)'}", flush=True)
+    print(
+        f"[window] done in {info['window']['seconds_used']} s: "
+        f"{'ok' if ok else 'PROBLEMS (see window.md / tests.txt)'}",
+        flush=True,
+    )
     return 0 if ok else 1
 
 

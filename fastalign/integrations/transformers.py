@@ -88,8 +88,14 @@ def _keep(h: torch.Tensor, logits_to_keep) -> torch.Tensor:
     return h if logits_to_keep == 0 else h[:, -logits_to_keep:]
 
 
-def final_hidden_states(model, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                        *, logits_to_keep: int | torch.Tensor = 0, **kwargs) -> torch.Tensor:
+def final_hidden_states(
+    model,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    logits_to_keep: int | torch.Tensor = 0,
+    **kwargs,
+) -> torch.Tensor:
     """The last hidden states ``[B, L', D]`` of a causal LM: the tensor its lm_head would project.
 
     ``logits_to_keep`` follows transformers: an int ``k > 0`` keeps the last ``k`` positions (0: all),
@@ -101,9 +107,19 @@ def final_hidden_states(model, input_ids: torch.Tensor | None = None, attention_
     return _keep(h, logits_to_keep)
 
 
-def hidden_logprobs(hidden: torch.Tensor, head: LMHead, targets: torch.Tensor, *, temperature: float = 1.0,
-                    ignore_index: int = -100, return_entropy: bool = False, chunk_size: int | None = None,
-                    compact_ignored: bool | None = None, grad_filter_eps: float | None = None, impl: Impl = "auto"):
+def hidden_logprobs(
+    hidden: torch.Tensor,
+    head: LMHead,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    chunk_size: int | None = None,
+    compact_ignored: bool | None = None,
+    grad_filter_eps: float | None = None,
+    impl: Impl = "auto",
+):
     """Per-token log-probs (and entropy) of ``targets`` under ``head`` applied to ``hidden [..., D]``.
 
     The same as ``log_softmax(softcap(scale * lm_head(hidden)) / T)[targets]`` without the logits.
@@ -112,32 +128,66 @@ def hidden_logprobs(hidden: torch.Tensor, head: LMHead, targets: torch.Tensor, *
     from fastalign.ops.linear_logprobs import apply_linear_logprobs, check_grad_filter_eps, linear_logprobs
 
     if head.logit_scale == 1.0:
-        return linear_logprobs(hidden, head.weight, targets, bias=head.bias, temperature=temperature,
-                               softcap=head.softcap, ignore_index=ignore_index, return_entropy=return_entropy,
-                               chunk_size=chunk_size, compact_ignored=compact_ignored,
-                               grad_filter_eps=grad_filter_eps, impl=impl)
+        return linear_logprobs(
+            hidden,
+            head.weight,
+            targets,
+            bias=head.bias,
+            temperature=temperature,
+            softcap=head.softcap,
+            ignore_index=ignore_index,
+            return_entropy=return_entropy,
+            chunk_size=chunk_size,
+            compact_ignored=compact_ignored,
+            grad_filter_eps=grad_filter_eps,
+            impl=impl,
+        )
     inv_temp = 1.0 / check_number(temperature, "temperature", _OP, lo=0, lo_open=True)
     check_int(targets, "targets", _OP)
     compact = resolve("compact_ignored", compact_ignored, _OP)
     V, D = head.weight.shape
     backend = select_impl(impl, hidden.device, op=_OP)
     targets_flat = targets.reshape(-1).long()
-    check_index_range(targets_flat, V, "targets", _OP, ignore=ignore_index,
-                      allowed=f"[0, {V}) or ignore_index={ignore_index}")  # host sync unless index_checks=False
-    walk = lm_head.make_walk(hidden, head.weight, lm_head.HeadTransform(float(head.logit_scale), inv_temp, head.softcap),
-                             backend, chunk_size=chunk_size)
-    logp, ent = apply_linear_logprobs(hidden.reshape(-1, D), head.weight, head.bias, targets_flat, walk,
-                                      with_entropy=bool(return_entropy), ignore_index=ignore_index,
-                                      compact_ignored=compact,
-                                      grad_filter_eps=check_grad_filter_eps(grad_filter_eps, _OP))
+    check_index_range(
+        targets_flat, V, "targets", _OP, ignore=ignore_index, allowed=f"[0, {V}) or ignore_index={ignore_index}"
+    )  # host sync unless index_checks=False
+    walk = lm_head.make_walk(
+        hidden,
+        head.weight,
+        lm_head.HeadTransform(float(head.logit_scale), inv_temp, head.softcap),
+        backend,
+        chunk_size=chunk_size,
+    )
+    logp, ent = apply_linear_logprobs(
+        hidden.reshape(-1, D),
+        head.weight,
+        head.bias,
+        targets_flat,
+        walk,
+        with_entropy=bool(return_entropy),
+        ignore_index=ignore_index,
+        compact_ignored=compact,
+        grad_filter_eps=check_grad_filter_eps(grad_filter_eps, _OP),
+    )
     logp = logp.view(targets.shape)
     return (logp, ent.view(targets.shape)) if return_entropy else logp
 
 
-def causal_lm_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                       logits_to_keep: int = 0, temperature: float = 1.0, labels: torch.Tensor | None = None,
-                       ignore_index: int = -100, return_entropy: bool = False, chunk_size: int | None = None,
-                       compact_ignored: bool | None = None, impl: Impl = "auto", **kwargs):
+def causal_lm_logprobs(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    logits_to_keep: int = 0,
+    temperature: float = 1.0,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    chunk_size: int | None = None,
+    compact_ignored: bool | None = None,
+    impl: Impl = "auto",
+    **kwargs,
+):
     """Per-token log-probs of a causal LM's own next tokens, ``[B, L - 1]`` (or ``[B, k]`` with
     ``logits_to_keep = k``: the log-probs of the last ``k`` tokens, TRL's convention).
 
@@ -154,11 +204,19 @@ def causal_lm_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Ten
     tokens = input_ids if labels is None else labels
     h = final_hidden_states(model, input_ids, attention_mask, **kwargs)
     if logits_to_keep:
-        h = h[:, -logits_to_keep - 1:-1]
+        h = h[:, -logits_to_keep - 1 : -1]
         targets = tokens[:, -logits_to_keep:]
     else:
         h = h[:, :-1]
         targets = tokens[:, 1:]
-    return hidden_logprobs(h, lm_head_of(model), targets, temperature=temperature, ignore_index=ignore_index,
-                           return_entropy=return_entropy, chunk_size=chunk_size, compact_ignored=compact_ignored,
-                           impl=impl)
+    return hidden_logprobs(
+        h,
+        lm_head_of(model),
+        targets,
+        temperature=temperature,
+        ignore_index=ignore_index,
+        return_entropy=return_entropy,
+        chunk_size=chunk_size,
+        compact_ignored=compact_ignored,
+        impl=impl,
+    )

@@ -56,8 +56,9 @@ class TRLLinearLogprobsFunction(torch.autograd.Function):
     """TRL's argument order and outputs, the LM-head engine's walks (:mod:`fastalign.ops.lm_head`)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping, logit_scale,
-                with_entropy):
+    def forward(
+        ctx, hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping, logit_scale, with_entropy
+    ):
         ctx.set_materialize_grads(False)
         backend = select_impl("auto", hidden.device, op="trl.ChunkedLogProbFunction")
         softcap = None if final_logit_softcapping is None else float(final_logit_softcapping)
@@ -78,11 +79,18 @@ class TRLLinearLogprobsFunction(torch.autograd.Function):
         acc = stats.lse.dtype
         with maybe_gather_lm_head_ctx(weight, bias):
             d_h, d_w, d_b = lm_head.backward(
-                hidden, weight, bias, targets, stats,
+                hidden,
+                weight,
+                bias,
+                targets,
+                stats,
                 None if g_logp is None else g_logp.to(acc),
-                None if (g_ent is None or stats.entropy is None) else g_ent.to(acc), ctx.walk,
-                need_hidden=ctx.needs_input_grad[0], need_weight=ctx.needs_input_grad[1],
-                need_bias=bias is not None and ctx.needs_input_grad[2])
+                None if (g_ent is None or stats.entropy is None) else g_ent.to(acc),
+                ctx.walk,
+                need_hidden=ctx.needs_input_grad[0],
+                need_weight=ctx.needs_input_grad[1],
+                need_bias=bias is not None and ctx.needs_input_grad[2],
+            )
         return d_h, d_w, d_b, None, None, None, None, None, None
 
 
@@ -93,20 +101,40 @@ class FastalignChunkedLogProbFunction:
     fallbacks = 0  # calls handed to TRL's original (outputs fastalign does not compute)
 
     @staticmethod
-    def apply(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-              temperature: float, chunk_size: int, final_logit_softcapping: float | None = None,
-              logit_scale: float = 1.0, outputs: tuple[str, ...] = _TRL_OPTIONAL_OUTPUTS):
+    def apply(
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        temperature: float,
+        chunk_size: int,
+        final_logit_softcapping: float | None = None,
+        logit_scale: float = 1.0,
+        outputs: tuple[str, ...] = _TRL_OPTIONAL_OUTPUTS,
+    ):
         unsupported = [o for o in outputs if o not in _SUPPORTED_OUTPUTS]
         if unsupported:
             if _original_cls is None:
-                raise ValueError(f"fastalign's TRL drop-in computes only log_probs and entropy; got outputs "
-                                 f"{tuple(outputs)} and TRL's original function is not available")
+                raise ValueError(
+                    f"fastalign's TRL drop-in computes only log_probs and entropy; got outputs "
+                    f"{tuple(outputs)} and TRL's original function is not available"
+                )
             FastalignChunkedLogProbFunction.fallbacks += 1
-            return _original_cls.apply(hidden, weight, bias, targets, temperature, chunk_size,
-                                       final_logit_softcapping, logit_scale, outputs)
+            return _original_cls.apply(
+                hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping, logit_scale, outputs
+            )
         FastalignChunkedLogProbFunction.calls += 1
-        logp, entropy = TRLLinearLogprobsFunction.apply(hidden, weight, bias, targets, temperature, chunk_size,
-                                                        final_logit_softcapping, logit_scale, "entropy" in outputs)
+        logp, entropy = TRLLinearLogprobsFunction.apply(
+            hidden,
+            weight,
+            bias,
+            targets,
+            temperature,
+            chunk_size,
+            final_logit_softcapping,
+            logit_scale,
+            "entropy" in outputs,
+        )
         return logp, entropy, None, None, None
 
 

@@ -15,8 +15,9 @@
   (weighted combinations included), as ``DPOTrainer._compute_loss``.
 
 What they cannot reproduce is refused with a ``ValueError`` at construction (or at the first batch
-for per-batch inputs), never silently changed: GRPO's adaptive entropy control, other loss types, MoE aux loss, vision inputs; DPO's other
-loss types, f-divergences, WPO weighting, LD-DPO, MoE aux loss, vision inputs, ``return_outputs``.
+for per-batch inputs), never silently changed: GRPO's adaptive entropy control, other loss types,
+MoE aux loss, vision inputs; DPO's other loss types, f-divergences, WPO weighting, LD-DPO, MoE aux
+loss, vision inputs, ``return_outputs``.
 The DPO drop-in logs TRL's metrics except ``mean_token_accuracy`` (an argmax over the vocabulary:
 another pass) and, for softcapped heads, ``logits/*``.
 
@@ -27,7 +28,6 @@ lm_head weight are used directly, not through a DDP / FSDP / DeepSpeed wrapper's
 """
 
 from __future__ import annotations
-
 
 import torch
 
@@ -44,6 +44,7 @@ except ImportError as e:  # pragma: no cover
 try:
     from accelerate.utils import is_peft_model
 except ImportError:  # pragma: no cover
+
     def is_peft_model(model):  # type: ignore[no-redef]
         return False
 
@@ -63,8 +64,10 @@ def _world_devices(trainer) -> int:
 def _check_single_process(trainer) -> None:
     n = trainer.accelerator.num_processes
     if n > 1:
-        raise ValueError(f"{type(trainer).__name__}: runs in one process only (the backbone and the lm_head weight are "
-                         f"used outside the DDP / FSDP / DeepSpeed wrapper), got num_processes={n}; use the TRL trainer")
+        raise ValueError(
+            f"{type(trainer).__name__}: runs in one process only (the backbone and the lm_head weight are "
+            f"used outside the DDP / FSDP / DeepSpeed wrapper), got num_processes={n}; use the TRL trainer"
+        )
 
 
 class FastalignGRPOTrainer(GRPOTrainer):
@@ -86,17 +89,25 @@ class FastalignGRPOTrainer(GRPOTrainer):
         name = type(self).__name__
         _check_single_process(self)
         if self.loss_type not in self.SUPPORTED_LOSS_TYPES:
-            raise ValueError(f"{name}: loss_type={self.loss_type!r} is not supported (supported: "
-                             f"{self.SUPPORTED_LOSS_TYPES}); use trl.GRPOTrainer for it")
+            raise ValueError(
+                f"{name}: loss_type={self.loss_type!r} is not supported (supported: "
+                f"{self.SUPPORTED_LOSS_TYPES}); use trl.GRPOTrainer for it"
+            )
         if getattr(self, "use_adaptive_entropy", False):
-            raise ValueError(f"{name}: use_adaptive_entropy=True (the adaptive entropy controller) is not supported; "
-                             "a static entropy_coef is; use trl.GRPOTrainer for it")
+            raise ValueError(
+                f"{name}: use_adaptive_entropy=True (the adaptive entropy controller) is not supported; "
+                "a static entropy_coef is; use trl.GRPOTrainer for it"
+            )
         if self.aux_loss_enabled:
             raise ValueError(f"{name}: MoE router aux loss (router_aux_loss_coef != 0) is not supported")
 
     def _compute_loss(self, model, inputs):
         name = type(self).__name__
-        extra = [k for k in ("pixel_values", "image_grid_thw", "token_type_ids", "mm_token_type_ids") if inputs.get(k) is not None]
+        extra = [
+            k
+            for k in ("pixel_values", "image_grid_thw", "token_type_ids", "mm_token_type_ids")
+            if inputs.get(k) is not None
+        ]
         if extra:
             raise ValueError(f"{name}: multimodal / token-type inputs {extra} are not supported; use trl.GRPOTrainer")
         prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
@@ -110,7 +121,7 @@ class FastalignGRPOTrainer(GRPOTrainer):
         lm = _unwrapped_lm(self, model)
         head = lm_head_of(lm)
         with self.accelerator.autocast():
-            hidden = final_hidden_states(lm, input_ids, attention_mask)[:, -T - 1:-1]
+            hidden = final_hidden_states(lm, input_ids, attention_mask)[:, -T - 1 : -1]
         cast_fp32 = getattr(self.args, "cast_lm_head_to_fp32", False)
         if cast_fp32:
             hidden = hidden.float()
@@ -126,21 +137,35 @@ class FastalignGRPOTrainer(GRPOTrainer):
             iw = inputs["importance_sampling_ratio"]
         # TRL's bonus is - coef * mean_mask(H) / accumulation steps; the non-dapo/cispo types divide everything below
         accum = self.current_gradient_accumulation_steps if mode == "train" else 1
-        entropy_coef = float(getattr(self, "entropy_coef", 0.0)) if getattr(self, "_entropy_bonus_enabled", False) else 0.0
+        entropy_coef = (
+            float(getattr(self, "entropy_coef", 0.0)) if getattr(self, "_entropy_bonus_enabled", False) else 0.0
+        )
         if loss_type in ("dapo", "cispo"):
             entropy_coef = entropy_coef / accum
         ctx = torch.autocast(hidden.device.type, enabled=False) if cast_fp32 else self.accelerator.autocast()
         token_masks = self.top_entropy_quantile < 1.0 or self.off_policy_mask_threshold is not None
         with ctx:
             if token_masks:
-                loss, metrics = self._fastalign_masked_loss(hidden, head, completion_ids, mask, inputs, iw, num_items,
-                                                            entropy_coef)
+                loss, metrics = self._fastalign_masked_loss(
+                    hidden, head, completion_ids, mask, inputs, iw, num_items, entropy_coef
+                )
             else:
                 loss, metrics = linear_grpo_loss(
-                    hidden, head.weight, completion_ids, mask, inputs["advantages"], **self._fastalign_grpo_kwargs(
-                        inputs, num_items, iw), bias=head.bias, temperature=self.temperature, softcap=head.softcap,
-                    logit_scale=head.logit_scale, entropy_coef=entropy_coef, mode=self.fastalign_mode,
-                    return_entropy=True, impl=self.fastalign_impl)
+                    hidden,
+                    head.weight,
+                    completion_ids,
+                    mask,
+                    inputs["advantages"],
+                    **self._fastalign_grpo_kwargs(inputs, num_items, iw),
+                    bias=head.bias,
+                    temperature=self.temperature,
+                    softcap=head.softcap,
+                    logit_scale=head.logit_scale,
+                    entropy_coef=entropy_coef,
+                    mode=self.fastalign_mode,
+                    return_entropy=True,
+                    impl=self.fastalign_impl,
+                )
         if loss_type in ("grpo", "bnpo", "dr_grpo", "sapo", "luspo") and mode == "train":
             loss = loss / self.current_gradient_accumulation_steps
         if getattr(self, "_entropy_bonus_enabled", False):
@@ -155,20 +180,28 @@ class FastalignGRPOTrainer(GRPOTrainer):
         return dict(
             old_logp=inputs.get("old_per_token_logps"),
             ref_logp=inputs["ref_per_token_logps"] if self.beta != 0.0 else None,
-            beta=self.beta, eps_low=self.epsilon_low, eps_high=self.epsilon_high,
-            delta=None if loss_type in ("cispo", "sapo") else self.args.delta, loss_type=loss_type,
+            beta=self.beta,
+            eps_low=self.epsilon_low,
+            eps_high=self.epsilon_high,
+            delta=None if loss_type in ("cispo", "sapo") else self.args.delta,
+            loss_type=loss_type,
             level=self.importance_sampling_level,
-            max_completion_length=self.max_completion_length, num_items=num_items,
-            kl_bias_correction=bool(self.args.use_bias_correction_kl), importance_weights=importance_weights,
-            sapo_temperature_pos=self.args.sapo_temperature_pos, sapo_temperature_neg=self.args.sapo_temperature_neg)
+            max_completion_length=self.max_completion_length,
+            num_items=num_items,
+            kl_bias_correction=bool(self.args.use_bias_correction_kl),
+            importance_weights=importance_weights,
+            sapo_temperature_pos=self.args.sapo_temperature_pos,
+            sapo_temperature_neg=self.args.sapo_temperature_neg,
+        )
 
     def _fastalign_masked_loss(self, hidden, head, completion_ids, mask, inputs, iw, num_items, entropy_coef):
         """The entropy mask and the off-policy sequence mask need every token's entropy / log-prob before
         any gradient: two passes (``linear_logprobs`` forward, then its backward). Both masks multiply the
         policy term as TRL applies them (with the vLLM ratio: one product of token weights)."""
         targets = completion_ids.masked_fill(mask == 0, -100)
-        logp, ent = hidden_logprobs(hidden, head, targets, temperature=self.temperature, return_entropy=True,
-                                    impl=self.fastalign_impl)
+        logp, ent = hidden_logprobs(
+            hidden, head, targets, temperature=self.temperature, return_entropy=True, impl=self.fastalign_impl
+        )
         adv = inputs["advantages"]
         adv2 = adv.unsqueeze(1) if adv.dim() == 1 else adv
         weights = iw
@@ -176,8 +209,13 @@ class FastalignGRPOTrainer(GRPOTrainer):
             old = inputs.get("old_per_token_logps")
             old = logp.detach() if old is None else old
             sampling = inputs.get("sampling_per_token_logps", old)
-            opsm = self.get_off_policy_mask(advantages=adv2, per_token_logps=logp, sampling_per_token_logps=sampling,
-                                            mask=mask, off_policy_threshold=self.off_policy_mask_threshold)
+            opsm = self.get_off_policy_mask(
+                advantages=adv2,
+                per_token_logps=logp,
+                sampling_per_token_logps=sampling,
+                mask=mask,
+                off_policy_threshold=self.off_policy_mask_threshold,
+            )
             opsm = opsm.to(logp.dtype)
             weights = opsm if weights is None else opsm * weights
         entropy_mask = None
@@ -242,9 +280,11 @@ class FastalignGRPOTrainer(GRPOTrainer):
         self._metrics[mode]["clip_ratio/high_mean"].append(global_masked_mean(high.float()))
         self._metrics[mode]["clip_ratio/region_mean"].append(global_masked_mean((low | high).float()))
         self._metrics[mode]["clip_ratio/low_min"].append(
-            nanmin(self.accelerator.gather(masked_seq_mean(low.float()))).item())
+            nanmin(self.accelerator.gather(masked_seq_mean(low.float()))).item()
+        )
         self._metrics[mode]["clip_ratio/high_max"].append(
-            nanmax(self.accelerator.gather(masked_seq_mean(high.float()))).item())
+            nanmax(self.accelerator.gather(masked_seq_mean(high.float()))).item()
+        )
 
 
 class FastalignDPOTrainer(DPOTrainer):
@@ -264,10 +304,14 @@ class FastalignDPOTrainer(DPOTrainer):
         _check_single_process(self)
         bad = [t for t in self.loss_types if t not in self.SUPPORTED_LOSS_TYPES]
         if bad:
-            raise ValueError(f"{name}: loss_type {bad} not supported (supported: {self.SUPPORTED_LOSS_TYPES}); "
-                             "use trl.DPOTrainer for it")
+            raise ValueError(
+                f"{name}: loss_type {bad} not supported (supported: {self.SUPPORTED_LOSS_TYPES}); "
+                "use trl.DPOTrainer for it"
+            )
         if self.f_divergence_type != "reverse_kl":
-            raise ValueError(f"{name}: f_divergence_type={self.f_divergence_type!r} is not supported (only 'reverse_kl')")
+            raise ValueError(
+                f"{name}: f_divergence_type={self.f_divergence_type!r} is not supported (only 'reverse_kl')"
+            )
         if self.use_weighting:
             raise ValueError(f"{name}: use_weighting=True (WPO) is not supported")
         if self.ld_alpha is not None:
@@ -280,8 +324,10 @@ class FastalignDPOTrainer(DPOTrainer):
     def _compute_loss(self, model, inputs, return_outputs):
         name = type(self).__name__
         if return_outputs:
-            raise ValueError(f"{name}: return_outputs=True (logits for compute_metrics) is not supported: "
-                             "fastalign never builds the logits")
+            raise ValueError(
+                f"{name}: return_outputs=True (logits for compute_metrics) is not supported: "
+                "fastalign never builds the logits"
+            )
         non_model = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
         extra = [k for k in inputs if k not in non_model and k not in _MODEL_INPUTS]
         if extra:
@@ -314,9 +360,16 @@ class FastalignDPOTrainer(DPOTrainer):
         loss = 0.0
         for loss_type, weight in zip(self.loss_types, self.loss_weights, strict=True):
             part, _ = dpo_loss(
-                chosen_logps, rejected_logps, ref_chosen, ref_rejected, beta=self.beta, loss_type=loss_type,
+                chosen_logps,
+                rejected_logps,
+                ref_chosen,
+                ref_rejected,
+                beta=self.beta,
+                loss_type=loss_type,
                 label_smoothing=self.label_smoothing if loss_type == "robust" else 0.0,
-                chosen_lengths=chosen_len, rejected_lengths=rejected_len)
+                chosen_lengths=chosen_len,
+                rejected_lengths=rejected_len,
+            )
             loss = loss + part * weight
 
         self._fastalign_log(entropy, shift_mask, inputs, chosen_logps, rejected_logps, ref_chosen, ref_rejected, mode)
@@ -342,8 +395,9 @@ class FastalignDPOTrainer(DPOTrainer):
             self._metrics[mode][f"logits/{part}"].append(total / count if count > 0 else 0.0)
 
     @torch.no_grad()
-    def _fastalign_log(self, entropy, mask, inputs, chosen_logps, rejected_logps, ref_chosen, ref_rejected,
-                       mode) -> None:
+    def _fastalign_log(
+        self, entropy, mask, inputs, chosen_logps, rejected_logps, ref_chosen, ref_rejected, mode
+    ) -> None:
         acc = self.accelerator
         ent_sum = acc.gather_for_metrics((entropy.detach() * mask).sum()).sum()
         n_tok = acc.gather_for_metrics(mask.sum()).sum()
@@ -357,7 +411,9 @@ class FastalignDPOTrainer(DPOTrainer):
         cr, rr = acc.gather(chosen_rewards), acc.gather(rejected_rewards)
         self._metrics[mode]["rewards/chosen"].append(cr.mean().item())
         self._metrics[mode]["rewards/rejected"].append(rr.mean().item())
-        self._metrics[mode]["rewards/accuracies"].append(acc.gather((chosen_rewards > rejected_rewards).float()).mean().item())
+        self._metrics[mode]["rewards/accuracies"].append(
+            acc.gather((chosen_rewards > rejected_rewards).float()).mean().item()
+        )
         self._metrics[mode]["rewards/margins"].append(acc.gather(chosen_rewards - rejected_rewards).mean().item())
         self._metrics[mode]["logps/chosen"].append(acc.gather(chosen_logps.detach()).mean().item())
         self._metrics[mode]["logps/rejected"].append(acc.gather(rejected_logps.detach()).mean().item())

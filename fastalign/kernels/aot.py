@@ -100,8 +100,16 @@ class Variant:
 
     @property
     def key(self) -> str:
-        return repr((self.kernel.__module__, self.kernel.__name__, self.signature, self.constexprs, self.attrs,
-                     sorted(self.options.items())))
+        return repr(
+            (
+                self.kernel.__module__,
+                self.kernel.__name__,
+                self.signature,
+                self.constexprs,
+                self.attrs,
+                sorted(self.options.items()),
+            )
+        )
 
 
 def _short(v: Any) -> str:
@@ -224,6 +232,7 @@ def failures(variants: list[Variant], results: dict) -> list[str]:
 
 # ---- the report ---------------------------------------------------------------------------------
 
+
 def _cell(r: Resources | str, cap: int) -> list[str]:
     if isinstance(r, str):
         return ["FAIL", "", "", "", ""]
@@ -296,17 +305,20 @@ def console_table(variants: list[Variant], results: dict) -> str:
         lines.append(kernel)
         for config, *cells in table:
             n = len(_RESOURCES)
-            per_arch = [cells[k * n:(k + 1) * n] for k in range(len(ARCHS))]
-            res = "  ".join(f"sm_{cap} {r:>3} {smem:>6} {spill:>5} {stack:>3} {occ:<20}"
-                            for cap, (r, smem, spill, stack, occ) in zip(ARCHS, per_arch))
+            per_arch = [cells[k * n : (k + 1) * n] for k in range(len(ARCHS))]
+            res = "  ".join(
+                f"sm_{cap} {r:>3} {smem:>6} {spill:>5} {stack:>3} {occ:<20}"
+                for cap, (r, smem, spill, stack, occ) in zip(ARCHS, per_arch)
+            )
             lines.append(f"  {config:<60} {res} {cells[-2]}")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fastalign check-kernels",
-                                     description="compile the kernels that run for sm_80 / sm_90; "
-                                                 "fail on spills or shared memory over the limit")
+    parser = argparse.ArgumentParser(
+        prog="fastalign check-kernels",
+        description="compile the kernels that run for sm_80 / sm_90; fail on spills or shared memory over the limit",
+    )
     parser.add_argument("--filter", help="only kernels, or launch cases, whose name contains this")
     parser.add_argument("--report", metavar="PATH", help="write the resource table as markdown")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only the summary and failures")
@@ -328,8 +340,10 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.report).write_text(markdown(variants, results))
         print(f"wrote {args.report}")
     failed = failures(variants, results)
-    print(f"check-kernels: {len(variants)} specializations x {len(ARCHS)} archs, {len(failed)} failures "
-          f"({time.perf_counter() - t0:.0f}s)")
+    print(
+        f"check-kernels: {len(variants)} specializations x {len(ARCHS)} archs, {len(failed)} failures "
+        f"({time.perf_counter() - t0:.0f}s)"
+    )
     for f in failed:
         print("  " + f)
     return 1 if failed else 0

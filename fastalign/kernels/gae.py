@@ -30,10 +30,29 @@ def _affine_then(c_first, d_first, c_next, d_next):
 
 @triton.jit
 def _gae_fwd_kernel(
-    rew_ptr, val_ptr, mask_ptr, done_ptr, nv_ptr, adv_ptr, ret_ptr,
-    T, s_r_b, s_r_t, s_v_b, s_v_t, s_m_b, s_m_t, s_d_b, s_d_t, s_nv,
-    gamma_hi, gamma_lo, lam_hi, lam_lo,
-    FP64: tl.constexpr, BLOCK: tl.constexpr,
+    rew_ptr,
+    val_ptr,
+    mask_ptr,
+    done_ptr,
+    nv_ptr,
+    adv_ptr,
+    ret_ptr,
+    T,
+    s_r_b,
+    s_r_t,
+    s_v_b,
+    s_v_t,
+    s_m_b,
+    s_m_t,
+    s_d_b,
+    s_d_t,
+    s_nv,
+    gamma_hi,
+    gamma_lo,
+    lam_hi,
+    lam_lo,
+    FP64: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     if FP64:
@@ -67,8 +86,7 @@ def _gae_fwd_kernel(
         done = (tl.load(done_ptr + row * s_d_b + t * s_d_t, mask=m, other=0) != 0) & m
         not_done = tl.where(done, zero, one)
         delta = r + gamma * nv * not_done - v
-        c_a, d_a = tl.associative_scan((tl.where(m, gl * not_done, one), tl.where(m, delta, zero)), 0,
-                                       _affine_then)
+        c_a, d_a = tl.associative_scan((tl.where(m, gl * not_done, one), tl.where(m, delta, zero)), 0, _affine_then)
         a = d_a + c_a * carry_a
         out = row * T + t
         tl.store(adv_ptr + out, tl.where(m, a, zero), mask=inb)
@@ -98,8 +116,27 @@ def gae_fwd(rewards, values, mask, dones, next_values, gamma: float, lam: float,
         return adv, ret
     cfg = tuning.gae_config(T)
     _gae_fwd_kernel[(B,)](
-        rewards, values, mask, dones, next_values, adv, ret, T,
-        rewards.stride(0), rewards.stride(1), values.stride(0), values.stride(1),
-        mask.stride(0), mask.stride(1), dones.stride(0), dones.stride(1), next_values.stride(0),
-        *_split(gamma), *_split(lam), FP64=acc == torch.float64, BLOCK=cfg.block, num_warps=cfg.num_warps)
+        rewards,
+        values,
+        mask,
+        dones,
+        next_values,
+        adv,
+        ret,
+        T,
+        rewards.stride(0),
+        rewards.stride(1),
+        values.stride(0),
+        values.stride(1),
+        mask.stride(0),
+        mask.stride(1),
+        dones.stride(0),
+        dones.stride(1),
+        next_values.stride(0),
+        *_split(gamma),
+        *_split(lam),
+        FP64=acc == torch.float64,
+        BLOCK=cfg.block,
+        num_warps=cfg.num_warps,
+    )
     return adv, ret

@@ -174,8 +174,24 @@ def _group_advantages_std_fwd_kernel(rewards_ptr, parts_ptr, N, chunk, FP64: tl.
 
 
 @triton.jit
-def _long_run(rewards_ptr, keys_ptr, perm_ptr, out_ptr, a, N, group_size, b_std, eps,
-              loo, scale_mode, unbiased, singleton_raw, MODE: tl.constexpr, acc: tl.constexpr, W: tl.constexpr):
+def _long_run(
+    rewards_ptr,
+    keys_ptr,
+    perm_ptr,
+    out_ptr,
+    a,
+    N,
+    group_size,
+    b_std,
+    eps,
+    loo,
+    scale_mode,
+    unbiased,
+    singleton_raw,
+    MODE: tl.constexpr,
+    acc: tl.constexpr,
+    W: tl.constexpr,
+):
     """The run with head ``a``, walked in chunks of ``W``: count and sum (finding its end ``b``: equal
     keys are a prefix of each chunk), then the deviations from the mean, then the advantages."""
     lanes = tl.arange(0, W).to(tl.int64)
@@ -213,9 +229,23 @@ def _long_run(rewards_ptr, keys_ptr, perm_ptr, out_ptr, a, N, group_size, b_std,
 
 @triton.jit
 def _group_advantages_fwd_kernel(
-    rewards_ptr, keys_ptr, perm_ptr, parts_ptr, out_ptr, N, group_size, n_parts, eps,
-    loo, scale_mode, unbiased, singleton_raw,
-    MODE: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr, PARTS: tl.constexpr,
+    rewards_ptr,
+    keys_ptr,
+    perm_ptr,
+    parts_ptr,
+    out_ptr,
+    N,
+    group_size,
+    n_parts,
+    eps,
+    loo,
+    scale_mode,
+    unbiased,
+    singleton_raw,
+    MODE: tl.constexpr,
+    FP64: tl.constexpr,
+    BLOCK: tl.constexpr,
+    PARTS: tl.constexpr,
 ):
     acc: tl.constexpr = tl.float64 if FP64 else tl.float32
     W: tl.constexpr = 2 * BLOCK
@@ -249,13 +279,37 @@ def _group_advantages_fwd_kernel(
     last_head = tl.max(tl.where(head, lanes, -1), 0)
     open_end = tl.sum((tail & (lanes == W - 1)).to(tl.int32), 0) == 0
     if open_end & (last_head >= 0) & (last_head < BLOCK):
-        _long_run(rewards_ptr, keys_ptr, perm_ptr, out_ptr, k0 + last_head, N, group_size, b_std, eps,
-                  loo, scale_mode, unbiased, singleton_raw, MODE, acc, W)
+        _long_run(
+            rewards_ptr,
+            keys_ptr,
+            perm_ptr,
+            out_ptr,
+            k0 + last_head,
+            N,
+            group_size,
+            b_std,
+            eps,
+            loo,
+            scale_mode,
+            unbiased,
+            singleton_raw,
+            MODE,
+            acc,
+            W,
+        )
 
 
-def group_advantages_fwd(rewards: torch.Tensor, ids: torch.Tensor | None, group_size: int, eps: float,
-                         loo: bool, scale_mode: int, unbiased: bool, singleton_raw: bool,
-                         out_dtype: torch.dtype) -> torch.Tensor:
+def group_advantages_fwd(
+    rewards: torch.Tensor,
+    ids: torch.Tensor | None,
+    group_size: int,
+    eps: float,
+    loo: bool,
+    scale_mode: int,
+    unbiased: bool,
+    singleton_raw: bool,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
     """``rewards`` [N] (contiguous), ``ids`` [N] int64 or None (then contiguous groups of ``group_size``)."""
     N = rewards.shape[0]
     out = torch.empty(N, dtype=out_dtype, device=rewards.device)
@@ -273,11 +327,28 @@ def group_advantages_fwd(rewards: torch.Tensor, ids: torch.Tensor | None, group_
         chunk = bcfg.block * triton.cdiv(triton.cdiv(N, bcfg.block), tuning.GROUP_ADV_BATCH_PARTS)
         n_parts = triton.cdiv(N, chunk)
         parts = torch.empty(3, n_parts, dtype=out_dtype, device=rewards.device)
-        _group_advantages_std_fwd_kernel[(n_parts,)](rewards, parts, N, chunk, FP64=fp64, BLOCK=bcfg.block,
-                                      num_warps=bcfg.num_warps)
+        _group_advantages_std_fwd_kernel[(n_parts,)](
+            rewards, parts, N, chunk, FP64=fp64, BLOCK=bcfg.block, num_warps=bcfg.num_warps
+        )
     cfg = tuning.group_adv_config()
     _group_advantages_fwd_kernel[(triton.cdiv(N, cfg.block),)](
-        rewards, keys, perm, parts, out, N, max(group_size, 1), n_parts, eps,
-        int(loo), scale_mode, int(unbiased), int(singleton_raw),
-        MODE=mode, FP64=fp64, BLOCK=cfg.block, PARTS=tuning.GROUP_ADV_BATCH_PARTS, num_warps=cfg.num_warps)
+        rewards,
+        keys,
+        perm,
+        parts,
+        out,
+        N,
+        max(group_size, 1),
+        n_parts,
+        eps,
+        int(loo),
+        scale_mode,
+        int(unbiased),
+        int(singleton_raw),
+        MODE=mode,
+        FP64=fp64,
+        BLOCK=cfg.block,
+        PARTS=tuning.GROUP_ADV_BATCH_PARTS,
+        num_warps=cfg.num_warps,
+    )
     return out

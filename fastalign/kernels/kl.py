@@ -35,15 +35,27 @@ def _kl_value_and_slope(x, kind, out_clamp):
 
 @triton.jit
 def _kl_fwd_kernel(
-    logp_ptr, ref_ptr, out_ptr,
-    R, T, s_lp_r, s_lp_t, s_ref_r, s_ref_t,
-    kind, lr_clamp, out_clamp,
-    FP64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
+    logp_ptr,
+    ref_ptr,
+    out_ptr,
+    R,
+    T,
+    s_lp_r,
+    s_lp_t,
+    s_ref_r,
+    s_ref_t,
+    kind,
+    lr_clamp,
+    out_clamp,
+    FP64: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
     rows, cols, inb = tile_coords(R, T, BLOCK_R, BLOCK_T)
     acc: tl.constexpr = tl.float64 if FP64 else tl.float32
-    x = (load_tile(logp_ptr, rows, cols, s_lp_r, s_lp_t, inb, acc)
-         - load_tile(ref_ptr, rows, cols, s_ref_r, s_ref_t, inb, acc))
+    x = load_tile(logp_ptr, rows, cols, s_lp_r, s_lp_t, inb, acc) - load_tile(
+        ref_ptr, rows, cols, s_ref_r, s_ref_t, inb, acc
+    )
     x = tl.minimum(tl.maximum(x, -lr_clamp), lr_clamp)
     val, _ = _kl_value_and_slope(x, kind, out_clamp)
     tl.store(out_ptr + rows * T + cols, val, mask=inb)
@@ -51,16 +63,34 @@ def _kl_fwd_kernel(
 
 @triton.jit
 def _kl_bwd_kernel(
-    logp_ptr, ref_ptr, grad_ptr, dlogp_ptr, dref_ptr,
-    R, T, s_lp_r, s_lp_t, s_ref_r, s_ref_t, s_g_r, s_g_t,
-    kind, lr_clamp, out_clamp, want_dlogp, want_dref,
-    FP64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
+    logp_ptr,
+    ref_ptr,
+    grad_ptr,
+    dlogp_ptr,
+    dref_ptr,
+    R,
+    T,
+    s_lp_r,
+    s_lp_t,
+    s_ref_r,
+    s_ref_t,
+    s_g_r,
+    s_g_t,
+    kind,
+    lr_clamp,
+    out_clamp,
+    want_dlogp,
+    want_dref,
+    FP64: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
     rows, cols, inb = tile_coords(R, T, BLOCK_R, BLOCK_T)
     acc: tl.constexpr = tl.float64 if FP64 else tl.float32
     g = load_tile(grad_ptr, rows, cols, s_g_r, s_g_t, inb, acc)
-    x_raw = (load_tile(logp_ptr, rows, cols, s_lp_r, s_lp_t, inb, acc)
-             - load_tile(ref_ptr, rows, cols, s_ref_r, s_ref_t, inb, acc))
+    x_raw = load_tile(logp_ptr, rows, cols, s_lp_r, s_lp_t, inb, acc) - load_tile(
+        ref_ptr, rows, cols, s_ref_r, s_ref_t, inb, acc
+    )
     x_inside = (x_raw >= -lr_clamp) & (x_raw <= lr_clamp)
     x = tl.minimum(tl.maximum(x_raw, -lr_clamp), lr_clamp)
     _, slope = _kl_value_and_slope(x, kind, out_clamp)
@@ -75,8 +105,9 @@ def _grid(R: int, T: int, cfg):
     return (triton.cdiv(R, cfg.block_r), triton.cdiv(T, cfg.block_t))
 
 
-def kl_fwd(logp: torch.Tensor, ref: torch.Tensor, kind: int, lr_clamp: float, out_clamp: float,
-           out_dtype: torch.dtype) -> torch.Tensor:
+def kl_fwd(
+    logp: torch.Tensor, ref: torch.Tensor, kind: int, lr_clamp: float, out_clamp: float, out_dtype: torch.dtype
+) -> torch.Tensor:
     """``logp``, ``ref``: [R, T] (any strides). Returns the estimator, contiguous [R, T] ``out_dtype``."""
     R, T = logp.shape
     out = torch.empty((R, T), dtype=out_dtype, device=logp.device)
@@ -84,14 +115,37 @@ def kl_fwd(logp: torch.Tensor, ref: torch.Tensor, kind: int, lr_clamp: float, ou
         return out
     cfg = tuning.token_tile_config(R, T)
     _kl_fwd_kernel[_grid(R, T, cfg)](
-        logp, ref, out, R, T, logp.stride(0), logp.stride(1), ref.stride(0), ref.stride(1),
-        kind, lr_clamp, out_clamp,
-        FP64=out_dtype == torch.float64, BLOCK_R=cfg.block_r, BLOCK_T=cfg.block_t, num_warps=cfg.num_warps)
+        logp,
+        ref,
+        out,
+        R,
+        T,
+        logp.stride(0),
+        logp.stride(1),
+        ref.stride(0),
+        ref.stride(1),
+        kind,
+        lr_clamp,
+        out_clamp,
+        FP64=out_dtype == torch.float64,
+        BLOCK_R=cfg.block_r,
+        BLOCK_T=cfg.block_t,
+        num_warps=cfg.num_warps,
+    )
     return out
 
 
-def kl_bwd(logp: torch.Tensor, ref: torch.Tensor, grad: torch.Tensor, kind: int, lr_clamp: float,
-           out_clamp: float, want_dlogp: bool, want_dref: bool, acc_dtype: torch.dtype):
+def kl_bwd(
+    logp: torch.Tensor,
+    ref: torch.Tensor,
+    grad: torch.Tensor,
+    kind: int,
+    lr_clamp: float,
+    out_clamp: float,
+    want_dlogp: bool,
+    want_dref: bool,
+    acc_dtype: torch.dtype,
+):
     """Gradients w.r.t. ``logp`` and ``ref`` (contiguous [R, T], in each input's dtype; None if not wanted)."""
     R, T = logp.shape
     dlogp = torch.empty((R, T), dtype=logp.dtype, device=logp.device) if want_dlogp else None
@@ -103,7 +157,27 @@ def kl_bwd(logp: torch.Tensor, ref: torch.Tensor, grad: torch.Tensor, kind: int,
     d1 = dlogp if dlogp is not None else dref
     d2 = dref if dref is not None else dlogp
     _kl_bwd_kernel[_grid(R, T, cfg)](
-        logp, ref, grad, d1, d2, R, T, logp.stride(0), logp.stride(1), ref.stride(0), ref.stride(1),
-        grad.stride(0), grad.stride(1), kind, lr_clamp, out_clamp, int(want_dlogp), int(want_dref),
-        FP64=acc_dtype == torch.float64, BLOCK_R=cfg.block_r, BLOCK_T=cfg.block_t, num_warps=cfg.num_warps)
+        logp,
+        ref,
+        grad,
+        d1,
+        d2,
+        R,
+        T,
+        logp.stride(0),
+        logp.stride(1),
+        ref.stride(0),
+        ref.stride(1),
+        grad.stride(0),
+        grad.stride(1),
+        kind,
+        lr_clamp,
+        out_clamp,
+        int(want_dlogp),
+        int(want_dref),
+        FP64=acc_dtype == torch.float64,
+        BLOCK_R=cfg.block_r,
+        BLOCK_T=cfg.block_t,
+        num_warps=cfg.num_warps,
+    )
     return dlogp, dref

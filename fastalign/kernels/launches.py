@@ -54,41 +54,83 @@ def _meta(*shape: int, dtype: torch.dtype = FP32) -> torch.Tensor:
 
 # ---- log-probs from logits ------------------------------------------------------------------------
 
-def _logprobs(batch: int, length: int, V: int, dtype: torch.dtype, shifted: bool, entropy: bool,
-              grads: tuple[tuple[bool, bool], ...]) -> None:
+
+def _logprobs(
+    batch: int,
+    length: int,
+    V: int,
+    dtype: torch.dtype,
+    shifted: bool,
+    entropy: bool,
+    grads: tuple[tuple[bool, bool], ...],
+) -> None:
     """logits ``[batch, length (+1), V]`` (``logits[:, :-1]`` when shifted), forward, then one backward per
     (grad of logp, grad of entropy) in ``grads``."""
     rows, layout = rows_of(_meta(batch, length + shifted, V, dtype=dtype)[:, :length])
     targets = _meta(batch * length, dtype=torch.long)
-    logp, ent, lse = logprobs_fwd(rows, layout.inner, layout.stride_outer, layout.stride_inner, targets,
-                                  1.0, -100, entropy)
+    logp, ent, lse = logprobs_fwd(
+        rows, layout.inner, layout.stride_outer, layout.stride_inner, targets, 1.0, -100, entropy
+    )
     for g_logp, g_ent in grads:
-        logprobs_bwd(rows, layout.inner, layout.stride_outer, layout.stride_inner, targets, lse, ent,
-                     torch.empty_like(logp) if g_logp else None, torch.empty_like(lse) if g_ent else None,
-                     1.0, -100)
+        logprobs_bwd(
+            rows,
+            layout.inner,
+            layout.stride_outer,
+            layout.stride_inner,
+            targets,
+            lse,
+            ent,
+            torch.empty_like(logp) if g_logp else None,
+            torch.empty_like(lse) if g_ent else None,
+            1.0,
+            -100,
+        )
 
 
 def _logprobs_cases() -> list[Case]:
     cases = []
     for head, (V, _, _) in HEADS.items():
-        cases.append(Case(f"logprobs {head} bf16 logits[:, :-1]",
-                          lambda V=V: (_logprobs(4, 4096, V, BF16, True, False, ((True, False),)),
-                                       _logprobs(4, 4096, V, BF16, True, True, ((True, True),)))))
-    cases.append(Case("logprobs qwen2.5-7b fp32 [N, V]",
-                      lambda: (_logprobs(1, N_TOKENS, 152064, FP32, False, False, ((True, False),)),
-                               _logprobs(1, N_TOKENS, 152064, FP32, False, True, ((True, True),)))))
+        cases.append(
+            Case(
+                f"logprobs {head} bf16 logits[:, :-1]",
+                lambda V=V: (
+                    _logprobs(4, 4096, V, BF16, True, False, ((True, False),)),
+                    _logprobs(4, 4096, V, BF16, True, True, ((True, True),)),
+                ),
+            )
+        )
+    cases.append(
+        Case(
+            "logprobs qwen2.5-7b fp32 [N, V]",
+            lambda: (
+                _logprobs(1, N_TOKENS, 152064, FP32, False, False, ((True, False),)),
+                _logprobs(1, N_TOKENS, 152064, FP32, False, True, ((True, True),)),
+            ),
+        )
+    )
     # every forward / backward block size in every dtype (V 100 .. 5000: the 256 .. 8192 configs)
     for dtype in (BF16, FP16, FP32, FP64):
         for V in (100, 1000, 3000, 5000):
-            cases.append(Case(f"logprobs {NAME[dtype]} V {V} logits[:, :-1]",
-                              lambda V=V, dtype=dtype: (_logprobs(3, 7, V, dtype, True, False, ()),
-                                                        _logprobs(3, 7, V, dtype, True, True, ((True, True),)))))
-    cases.append(Case("logprobs fp32 V 1000, entropy gradient only",
-                      lambda: _logprobs(3, 7, 1000, FP32, True, True, ((False, True),))))
+            cases.append(
+                Case(
+                    f"logprobs {NAME[dtype]} V {V} logits[:, :-1]",
+                    lambda V=V, dtype=dtype: (
+                        _logprobs(3, 7, V, dtype, True, False, ()),
+                        _logprobs(3, 7, V, dtype, True, True, ((True, True),)),
+                    ),
+                )
+            )
+    cases.append(
+        Case(
+            "logprobs fp32 V 1000, entropy gradient only",
+            lambda: _logprobs(3, 7, 1000, FP32, True, True, ((False, True),)),
+        )
+    )
     return cases
 
 
 # ---- log-probs from hidden states ---------------------------------------------------------------
+
 
 def _tiles(n: int, rows: int, V: int, cols: int) -> list[tuple[int, int, int, int]]:
     """The (row block, vocabulary chunk) tiles ``(r0, r1, v0, v1)`` in the ops' order, less repeats: a tile
@@ -104,8 +146,16 @@ def _tiles(n: int, rows: int, V: int, cols: int) -> list[tuple[int, int, int, in
     return out
 
 
-def _linear_chunks(n: int, V: int, dtype: torch.dtype, softcap: float | None, entropy: bool,
-                   grads: tuple[tuple[bool, bool], ...], compute_tile: bool = False, tile_max: bool = False) -> None:
+def _linear_chunks(
+    n: int,
+    V: int,
+    dtype: torch.dtype,
+    softcap: float | None,
+    entropy: bool,
+    grads: tuple[tuple[bool, bool], ...],
+    compute_tile: bool = False,
+    tile_max: bool = False,
+) -> None:
     """The LM-head engine's epilogues (``ops/lm_head.py``), tile by tile as its walks run on CUDA
     (rows outer, chunks inner): fp32 logits tiles, or bf16/fp16 ones with ``compute_tile``
     (``fastalign.config(fp32_logits=False)``); dZ in the compute dtype, in place when that is the
@@ -120,17 +170,38 @@ def _linear_chunks(n: int, V: int, dtype: torch.dtype, softcap: float | None, en
     chunks = _tiles(n, rows, V, cols)
     for r0, r1, v0, v1 in chunks:
         tile = tile_buf[: (r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0)
-        linear_logprobs_tile_fwd(tile, targets[r0:r1], m[r0:r1], s[r0:r1], None if t is None else t[r0:r1],
-                                 tgt[r0:r1], None if tmax is None else tmax[v0 // cols, r0:r1], v0, 1.0, 1.0, softcap)
+        linear_logprobs_tile_fwd(
+            tile,
+            targets[r0:r1],
+            m[r0:r1],
+            s[r0:r1],
+            None if t is None else t[r0:r1],
+            tgt[r0:r1],
+            None if tmax is None else tmax[v0 // cols, r0:r1],
+            v0,
+            1.0,
+            1.0,
+            softcap,
+        )
     lse = _meta(n)
     for g_logp, g_ent in grads:
         g, ge = _meta(n) if g_logp else None, _meta(n) if g_ent else None
         for r0, r1, v0, v1 in chunks:
             tile = tile_buf[: (r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0)
             dz = dz_buf[: (r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0)
-            linear_logprobs_tile_bwd(tile, dz, targets[r0:r1], lse[r0:r1], None if t is None else t[r0:r1],
-                                     None if g is None else g[r0:r1], None if ge is None else ge[r0:r1], v0, 1.0, 1.0,
-                                     softcap)
+            linear_logprobs_tile_bwd(
+                tile,
+                dz,
+                targets[r0:r1],
+                lse[r0:r1],
+                None if t is None else t[r0:r1],
+                None if g is None else g[r0:r1],
+                None if ge is None else ge[r0:r1],
+                v0,
+                1.0,
+                1.0,
+                softcap,
+            )
 
 
 def _one_pass(n: int, V: int, dtype: torch.dtype, softcap: float | None, entropy: bool) -> None:
@@ -144,44 +215,81 @@ def _one_pass(n: int, V: int, dtype: torch.dtype, softcap: float | None, entropy
     for r0, r1, _, _ in _tiles(n, rows, V, V):
         k = r1 - r0
         m, s, tgt = _meta(k), _meta(k), _meta(k)
-        linear_logprobs_tile_fwd(tile_buf[:k], targets[r0:r1], m, s, _meta(k) if entropy else None, tgt, None, 0,
-                                 1.0, 1.0, softcap)
-        linear_logprobs_tile_bwd(tile_buf[:k], dz_buf[:k], targets[r0:r1], _meta(k), ent[r0:r1] if entropy else None,
-                                 _meta(k), _meta(k) if entropy else None, 0, 1.0, 1.0, softcap)
+        linear_logprobs_tile_fwd(
+            tile_buf[:k], targets[r0:r1], m, s, _meta(k) if entropy else None, tgt, None, 0, 1.0, 1.0, softcap
+        )
+        linear_logprobs_tile_bwd(
+            tile_buf[:k],
+            dz_buf[:k],
+            targets[r0:r1],
+            _meta(k),
+            ent[r0:r1] if entropy else None,
+            _meta(k),
+            _meta(k) if entropy else None,
+            0,
+            1.0,
+            1.0,
+            softcap,
+        )
 
 
 def _linear_cases() -> list[Case]:
     cases = []
     both = ((True, False), (True, True))
     for head, (V, D, cap) in HEADS.items():
-        cases.append(Case(f"linear_logprobs {head} bf16",
-                          lambda V=V, cap=cap: (_linear_chunks(N_TOKENS, V, BF16, cap, False, both[:1]),
-                                                _linear_chunks(N_TOKENS, V, BF16, cap, True, both[1:]))))
+        cases.append(
+            Case(
+                f"linear_logprobs {head} bf16",
+                lambda V=V, cap=cap: (
+                    _linear_chunks(N_TOKENS, V, BF16, cap, False, both[:1]),
+                    _linear_chunks(N_TOKENS, V, BF16, cap, True, both[1:]),
+                ),
+            )
+        )
     cases += [
         Case("linear_logprobs qwen2.5-7b fp32", lambda: _linear_chunks(N_TOKENS, 152064, FP32, None, True, both)),
-        Case("linear_logprobs qwen2.5-7b bf16 tiles",
-             lambda: _linear_chunks(N_TOKENS, 152064, BF16, None, True, both, compute_tile=True)),
-        Case("linear_logprobs qwen2.5-7b bf16, grad filter (tile maxima)",
-             lambda: _linear_chunks(N_TOKENS, 152064, BF16, None, False, both[:1], tile_max=True)),
-        Case("linear_logprobs bf16 N 300 V 1000 bf16 tiles",
-             lambda: _linear_chunks(300, 1000, BF16, None, False, both[:1], compute_tile=True)),
+        Case(
+            "linear_logprobs qwen2.5-7b bf16 tiles",
+            lambda: _linear_chunks(N_TOKENS, 152064, BF16, None, True, both, compute_tile=True),
+        ),
+        Case(
+            "linear_logprobs qwen2.5-7b bf16, grad filter (tile maxima)",
+            lambda: _linear_chunks(N_TOKENS, 152064, BF16, None, False, both[:1], tile_max=True),
+        ),
+        Case(
+            "linear_logprobs bf16 N 300 V 1000 bf16 tiles",
+            lambda: _linear_chunks(300, 1000, BF16, None, False, both[:1], compute_tile=True),
+        ),
     ]
     for head, entropy in (("qwen2.5-7b", False), ("gemma-2-9b", True)):
         V, _, cap = HEADS[head]
-        cases.append(Case(f"one-pass fused loss {head} bf16{', entropy bonus' if entropy else ''}",
-                          lambda V=V, cap=cap, entropy=entropy: _one_pass(N_TOKENS, V, BF16, cap, entropy)))
+        cases.append(
+            Case(
+                f"one-pass fused loss {head} bf16{', entropy bonus' if entropy else ''}",
+                lambda V=V, cap=cap, entropy=entropy: _one_pass(N_TOKENS, V, BF16, cap, entropy),
+            )
+        )
     # every epilogue tile (chunks of 50 .. 3000 columns) in every dtype; the split fold with its merge
     # (with tile maxima) in every tile dtype
     for dtype in (BF16, FP16, FP32):
         for V in (50, 200, 1000, 3000):
-            cases.append(Case(f"linear_logprobs {NAME[dtype]} N 300 V {V} softcap, entropy",
-                              lambda V=V, dtype=dtype: _linear_chunks(300, V, dtype, 30.0, True, both[1:])))
-        cases.append(Case(f"one-pass fused loss {NAME[dtype]} N 300 V 40000",
-                          lambda dtype=dtype: _one_pass(300, 40000, dtype, None, False)))
+            cases.append(
+                Case(
+                    f"linear_logprobs {NAME[dtype]} N 300 V {V} softcap, entropy",
+                    lambda V=V, dtype=dtype: _linear_chunks(300, V, dtype, 30.0, True, both[1:]),
+                )
+            )
+        cases.append(
+            Case(
+                f"one-pass fused loss {NAME[dtype]} N 300 V 40000",
+                lambda dtype=dtype: _one_pass(300, 40000, dtype, None, False),
+            )
+        )
     return cases
 
 
 # ---- KL, clipped surrogate, GAE: [R, T] token tensors -----------------------------------------
+
 
 def _grad(R: int, T: int, dtype: torch.dtype, expanded: bool) -> torch.Tensor:
     """The upstream gradient of a [R, T] output: of a masked sum (dense) or of ``.mean()`` (stride 0)."""
@@ -200,8 +308,9 @@ def _kl(logp: torch.Tensor, ref: torch.Tensor, kind: int, clamps: bool, expanded
     kl_bwd(logp, ref, grad, kind, lr_clamp, out_clamp, True, False, acc)
 
 
-def _surrogate(logp: torch.Tensor, adv: torch.Tensor, masked: bool, sequence: bool, dual_clip: bool,
-               expanded_grad: bool = False) -> None:
+def _surrogate(
+    logp: torch.Tensor, adv: torch.Tensor, masked: bool, sequence: bool, dual_clip: bool, expanded_grad: bool = False
+) -> None:
     """clipped_surrogate on [R, T] (old log-probs laid out as logp): per-sequence advantages ``[R]`` are
     expanded over time; an absent mask is a stride-0 uint8 ones tensor."""
     R, T = logp.shape
@@ -210,8 +319,7 @@ def _surrogate(logp: torch.Tensor, adv: torch.Tensor, masked: bool, sequence: bo
     mask = _meta(R, T, dtype=torch.uint8) if masked else _meta(1, 1, dtype=torch.uint8).expand(R, T)
     dual = 3.0 if dual_clip else math.inf
     _, _, seq_lr, seq_n = surrogate_fwd(logp, logp, adv, mask, 0.8, 1.28, dual, sequence, acc)
-    surrogate_bwd(logp, logp, adv, mask, _grad(R, T, acc, expanded_grad), seq_lr, seq_n, 0.8, 1.28, dual,
-                  sequence, acc)
+    surrogate_bwd(logp, logp, adv, mask, _grad(R, T, acc, expanded_grad), seq_lr, seq_n, 0.8, 1.28, dual, sequence, acc)
 
 
 def _gae(R: int, T: int, dtype: torch.dtype, masked: bool, bootstrap: bool) -> None:
@@ -228,17 +336,24 @@ def _gae(R: int, T: int, dtype: torch.dtype, masked: bool, bootstrap: bool) -> N
 def _token_cases() -> list[Case]:
     B, T = TOKEN_B, TOKEN_T
     full, sliced = _meta(B, T), _meta(B, T + 1)[:, :T]  # contiguous; a [:, :-1] slice
-    cases = [Case(f"kl k{kind} B {B} T {T}", lambda kind=kind: _kl(full, full, kind, False, True))
-             for kind in (1, 2, 3)]
+    cases = [
+        Case(f"kl k{kind} B {B} T {T}", lambda kind=kind: _kl(full, full, kind, False, True)) for kind in (1, 2, 3)
+    ]
     cases += [
-        Case(f"kl k3 clamped, bf16 ref, B {B} T {T} [:, :-1] slices",
-             lambda: _kl(sliced, _meta(B, T + 1, dtype=BF16)[:, :T], 3, True, False)),
+        Case(
+            f"kl k3 clamped, bf16 ref, B {B} T {T} [:, :-1] slices",
+            lambda: _kl(sliced, _meta(B, T + 1, dtype=BF16)[:, :T], 3, True, False),
+        ),
         Case(f"surrogate GRPO B {B} T {T}", lambda: _surrogate(full, _meta(B), True, False, False)),
-        Case(f"surrogate PPO dual clip, per-token advantages, B {B} T {T} [:, :-1] slices",
-             lambda: _surrogate(sliced, _meta(B, T), True, False, True)),
+        Case(
+            f"surrogate PPO dual clip, per-token advantages, B {B} T {T} [:, :-1] slices",
+            lambda: _surrogate(sliced, _meta(B, T), True, False, True),
+        ),
         Case(f"surrogate GSPO B {B} T {T}", lambda: _surrogate(full, _meta(B), True, True, False)),
-        Case("surrogate packed [1, 65536], no mask, loss.mean()",
-             lambda: _surrogate(_meta(1, 65536), _meta(1, 65536), False, False, False, True)),
+        Case(
+            "surrogate packed [1, 65536], no mask, loss.mean()",
+            lambda: _surrogate(_meta(1, 65536), _meta(1, 65536), False, False, False, True),
+        ),
         Case(f"gae B {B} T {T} masked, bootstrapped", lambda: _gae(B, T, FP32, True, True)),
         Case(f"gae B {B} T {T} bf16", lambda: _gae(B, T, BF16, False, False)),
     ]
@@ -247,11 +362,17 @@ def _token_cases() -> list[Case]:
     for dtype in (BF16, FP16, FP32, FP64):
         for t in (10, 50, 200, 1000) if dtype == FP32 else (10, 50, 200):
             lp, adv = _meta(5, t + 1, dtype=dtype)[:, :t], _meta(5, dtype=dtype)
-            cases.append(Case(f"token ops {NAME[dtype]} [5, {t}] [:, :-1] slices",
-                              lambda lp=lp, adv=adv, t=t: (_kl(lp, lp, 3, True, False),
-                                                           _surrogate(lp, adv, True, False, False),
-                                                           _surrogate(lp, adv, True, True, False),
-                                                           _gae(5, t, lp.dtype, True, False))))
+            cases.append(
+                Case(
+                    f"token ops {NAME[dtype]} [5, {t}] [:, :-1] slices",
+                    lambda lp=lp, adv=adv, t=t: (
+                        _kl(lp, lp, 3, True, False),
+                        _surrogate(lp, adv, True, False, False),
+                        _surrogate(lp, adv, True, True, False),
+                        _gae(5, t, lp.dtype, True, False),
+                    ),
+                )
+            )
     return cases
 
 
@@ -270,18 +391,36 @@ PRESETS = {
 def _group_adv(n: int, ids: bool, dtype: torch.dtype, preset: str) -> None:
     """``n`` rewards in groups of 16: contiguous (``group_size``) or by ids (sorted by the launcher)."""
     loo, scale_mode, unbiased, singleton_raw, eps = PRESETS[preset]
-    group_advantages_fwd(_meta(n, dtype=dtype), _meta(n, dtype=torch.long) if ids else None, 0 if ids else 16,
-                         eps, loo, scale_mode, unbiased, singleton_raw, acc_dtype(dtype))
+    group_advantages_fwd(
+        _meta(n, dtype=dtype),
+        _meta(n, dtype=torch.long) if ids else None,
+        0 if ids else 16,
+        eps,
+        loo,
+        scale_mode,
+        unbiased,
+        singleton_raw,
+        acc_dtype(dtype),
+    )
 
 
 def _group_cases() -> list[Case]:
     """Every preset with contiguous groups of 64 x 16 samples; GRPO and verl with ids; odd N in bf16 / fp64."""
     runs = [(preset, False) for preset in PRESETS] + [(preset, True) for preset in ("GRPO", "verl")]
-    cases = [Case(f"group_advantages {preset} N 1024 {'ids' if ids else 'group_size 16'}",
-                  lambda ids=ids, preset=preset: _group_adv(1024, ids, FP32, preset)) for preset, ids in runs]
+    cases = [
+        Case(
+            f"group_advantages {preset} N 1024 {'ids' if ids else 'group_size 16'}",
+            lambda ids=ids, preset=preset: _group_adv(1024, ids, FP32, preset),
+        )
+        for preset, ids in runs
+    ]
     for dtype in (BF16, FP64):
-        cases.append(Case(f"group_advantages GRPO {NAME[dtype]} N 1000 ids",
-                          lambda dtype=dtype: _group_adv(1000, True, dtype, "GRPO")))
+        cases.append(
+            Case(
+                f"group_advantages GRPO {NAME[dtype]} N 1000 ids",
+                lambda dtype=dtype: _group_adv(1000, True, dtype, "GRPO"),
+            )
+        )
     return cases
 
 

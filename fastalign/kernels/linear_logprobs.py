@@ -27,7 +27,6 @@ Row offsets are int64 (``rows * stride`` never wraps).
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
@@ -56,8 +55,23 @@ def _head(z, scale, inv_temp, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _finish_tile(tile_ptr, stride_tile, targets_ptr, tgt_ptr, tmax_ptr, cmax, rows, row_ok, n_cols, vocab_start,
-                 scale, inv_temp, softcap, HAS_SOFTCAP: tl.constexpr, HAS_TILE_MAX: tl.constexpr):
+def _finish_tile(
+    tile_ptr,
+    stride_tile,
+    targets_ptr,
+    tgt_ptr,
+    tmax_ptr,
+    cmax,
+    rows,
+    row_ok,
+    n_cols,
+    vocab_start,
+    scale,
+    inv_temp,
+    softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_TILE_MAX: tl.constexpr,
+):
     """After a tile's fold: its row max (if asked) and tgt[row] = x at the row's target, when the
     target falls in this chunk."""
     if HAS_TILE_MAX:
@@ -70,11 +84,27 @@ def _finish_tile(tile_ptr, stride_tile, targets_ptr, tgt_ptr, tmax_ptr, cmax, ro
 
 @triton.jit
 def _linear_logprobs_tile_fwd_kernel(
-    tile_ptr, stride_tile, targets_ptr, m_ptr, s_ptr, t_ptr, tgt_ptr, tmax_ptr,
-    n_rows, n_cols, cols_per_program, vocab_start,
-    scale, inv_temp, softcap,
-    HAS_SOFTCAP: tl.constexpr, HAS_ENTROPY: tl.constexpr, HAS_TILE_MAX: tl.constexpr, PARTIAL: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    tile_ptr,
+    stride_tile,
+    targets_ptr,
+    m_ptr,
+    s_ptr,
+    t_ptr,
+    tgt_ptr,
+    tmax_ptr,
+    n_rows,
+    n_cols,
+    cols_per_program,
+    vocab_start,
+    scale,
+    inv_temp,
+    softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ENTROPY: tl.constexpr,
+    HAS_TILE_MAX: tl.constexpr,
+    PARTIAL: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     """Program (row block, split): fold columns [split * cols_per_program, ...) of the tile. PARTIAL:
     into a fresh state stored at ``split * n_rows + row`` of the partial buffers (m_ptr, s_ptr,
@@ -116,17 +146,50 @@ def _linear_logprobs_tile_fwd_kernel(
     if HAS_ENTROPY:
         tl.store(t_ptr + out, t, mask=row_ok)
     if not PARTIAL:
-        _finish_tile(tile_ptr, stride_tile, targets_ptr, tgt_ptr, tmax_ptr, cmax, rows, row_ok, n_cols, vocab_start,
-                     scale, inv_temp, softcap, HAS_SOFTCAP, HAS_TILE_MAX)
+        _finish_tile(
+            tile_ptr,
+            stride_tile,
+            targets_ptr,
+            tgt_ptr,
+            tmax_ptr,
+            cmax,
+            rows,
+            row_ok,
+            n_cols,
+            vocab_start,
+            scale,
+            inv_temp,
+            softcap,
+            HAS_SOFTCAP,
+            HAS_TILE_MAX,
+        )
 
 
 @triton.jit
 def _linear_logprobs_tile_merge_fwd_kernel(
-    tile_ptr, stride_tile, targets_ptr, pm_ptr, ps_ptr, pt_ptr, m_ptr, s_ptr, t_ptr, tgt_ptr, tmax_ptr,
-    n_rows, n_cols, n_parts, vocab_start,
-    scale, inv_temp, softcap,
-    HAS_SOFTCAP: tl.constexpr, HAS_ENTROPY: tl.constexpr, HAS_TILE_MAX: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
+    tile_ptr,
+    stride_tile,
+    targets_ptr,
+    pm_ptr,
+    ps_ptr,
+    pt_ptr,
+    m_ptr,
+    s_ptr,
+    t_ptr,
+    tgt_ptr,
+    tmax_ptr,
+    n_rows,
+    n_cols,
+    n_parts,
+    vocab_start,
+    scale,
+    inv_temp,
+    softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ENTROPY: tl.constexpr,
+    HAS_TILE_MAX: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
     """Merge the ``[n_parts, n]`` partial states of one tile into the running (m, s, t); each partial
     t is relative to its own m: moved to the common max M as ``e^(m_i - M) (t_i - (M - m_i) s_i)``.
@@ -156,17 +219,47 @@ def _linear_logprobs_tile_merge_fwd_kernel(
         moved = tl.where(ps > 0, beta * (pt - (m_safe[None, :] - pm) * ps), 0.0)
         tl.store(t_ptr + rows, alpha * (t - shift) + tl.sum(moved, axis=0), mask=row_ok)
     tl.store(m_ptr + rows, m_new, mask=row_ok)
-    _finish_tile(tile_ptr, stride_tile, targets_ptr, tgt_ptr, tmax_ptr, cmax, rows, row_ok, n_cols, vocab_start,
-                 scale, inv_temp, softcap, HAS_SOFTCAP, HAS_TILE_MAX)
+    _finish_tile(
+        tile_ptr,
+        stride_tile,
+        targets_ptr,
+        tgt_ptr,
+        tmax_ptr,
+        cmax,
+        rows,
+        row_ok,
+        n_cols,
+        vocab_start,
+        scale,
+        inv_temp,
+        softcap,
+        HAS_SOFTCAP,
+        HAS_TILE_MAX,
+    )
 
 
 @triton.jit
 def _linear_logprobs_tile_bwd_kernel(
-    tile_ptr, stride_tile, dz_ptr, stride_dz, targets_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr,
-    n_rows, n_cols, vocab_start,
-    scale, inv_temp, softcap,
-    HAS_SOFTCAP: tl.constexpr, HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    tile_ptr,
+    stride_tile,
+    dz_ptr,
+    stride_dz,
+    targets_ptr,
+    lse_ptr,
+    ent_ptr,
+    g_logp_ptr,
+    g_ent_ptr,
+    n_rows,
+    n_cols,
+    vocab_start,
+    scale,
+    inv_temp,
+    softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_GRAD_LOGP: tl.constexpr,
+    HAS_GRAD_ENTROPY: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     scale = tl.cast(scale, tl.float32)
     inv_temp = tl.cast(inv_temp, tl.float32)
@@ -206,9 +299,20 @@ def _linear_logprobs_tile_bwd_kernel(
 # A tile is ``[n, C]`` (fp32, or bf16/fp16 logits; row stride ``tile.stride(0)``, unit column stride);
 # per-row vectors are fp32 of length n. ``softcap=None`` means no softcap.
 
-def linear_logprobs_tile_fwd(tile: torch.Tensor, targets: torch.Tensor, m: torch.Tensor, s: torch.Tensor,
-                             t: torch.Tensor | None, tgt: torch.Tensor, tile_max: torch.Tensor | None, vocab_start: int,
-                             scale: float, inv_temp: float, softcap: float | None) -> None:
+
+def linear_logprobs_tile_fwd(
+    tile: torch.Tensor,
+    targets: torch.Tensor,
+    m: torch.Tensor,
+    s: torch.Tensor,
+    t: torch.Tensor | None,
+    tgt: torch.Tensor,
+    tile_max: torch.Tensor | None,
+    vocab_start: int,
+    scale: float,
+    inv_temp: float,
+    softcap: float | None,
+) -> None:
     """Fold one vocabulary chunk's logits into the running (m, s, t) and the target logit, in place;
     ``tile_max`` (optional, ``[n]``) receives each row's max of x over the chunk. Never writes the tile."""
     n, n_cols = tile.shape
@@ -221,25 +325,86 @@ def linear_logprobs_tile_fwd(tile: torch.Tensor, targets: torch.Tensor, m: torch
     row_blocks = triton.cdiv(n, cfg.block_rows)
     if parts == 1:
         _linear_logprobs_tile_fwd_kernel[(row_blocks, 1)](
-            tile, tile.stride(0), targets, m, s, t if t is not None else s, tgt,
-            tile_max if tile_max is not None else m, n, n_cols, per, vocab_start, *hp, **flags, PARTIAL=False,
-            BLOCK_R=cfg.block_rows, BLOCK_C=cfg.block_cols, num_warps=cfg.num_warps)
+            tile,
+            tile.stride(0),
+            targets,
+            m,
+            s,
+            t if t is not None else s,
+            tgt,
+            tile_max if tile_max is not None else m,
+            n,
+            n_cols,
+            per,
+            vocab_start,
+            *hp,
+            **flags,
+            PARTIAL=False,
+            BLOCK_R=cfg.block_rows,
+            BLOCK_C=cfg.block_cols,
+            num_warps=cfg.num_warps,
+        )
         return
     part = torch.empty((3 if t is not None else 2, parts, n), dtype=torch.float32, device=tile.device)
     pt = part[2] if t is not None else part[1]
     _linear_logprobs_tile_fwd_kernel[(row_blocks, parts)](
-        tile, tile.stride(0), targets, part[0], part[1], pt, tgt, m, n, n_cols, per, vocab_start, *hp,
-        **flags, PARTIAL=True, BLOCK_R=cfg.block_rows, BLOCK_C=cfg.block_cols, num_warps=cfg.num_warps)
+        tile,
+        tile.stride(0),
+        targets,
+        part[0],
+        part[1],
+        pt,
+        tgt,
+        m,
+        n,
+        n_cols,
+        per,
+        vocab_start,
+        *hp,
+        **flags,
+        PARTIAL=True,
+        BLOCK_R=cfg.block_rows,
+        BLOCK_C=cfg.block_cols,
+        num_warps=cfg.num_warps,
+    )
     merge = tuning.LINEAR_LOGPROBS_MERGE_CONFIG
     _linear_logprobs_tile_merge_fwd_kernel[(triton.cdiv(n, merge.block_rows),)](
-        tile, tile.stride(0), targets, part[0], part[1], pt, m, s, t if t is not None else s, tgt,
-        tile_max if tile_max is not None else m, n, n_cols, parts, vocab_start, *hp, **flags,
-        BLOCK_R=merge.block_rows, BLOCK_P=max(2, triton.next_power_of_2(parts)), num_warps=merge.num_warps)
+        tile,
+        tile.stride(0),
+        targets,
+        part[0],
+        part[1],
+        pt,
+        m,
+        s,
+        t if t is not None else s,
+        tgt,
+        tile_max if tile_max is not None else m,
+        n,
+        n_cols,
+        parts,
+        vocab_start,
+        *hp,
+        **flags,
+        BLOCK_R=merge.block_rows,
+        BLOCK_P=max(2, triton.next_power_of_2(parts)),
+        num_warps=merge.num_warps,
+    )
 
 
-def linear_logprobs_tile_bwd(tile: torch.Tensor, dz: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
-                             entropy: torch.Tensor | None, g_logp: torch.Tensor | None, g_ent: torch.Tensor | None,
-                             vocab_start: int, scale: float, inv_temp: float, softcap: float | None) -> None:
+def linear_logprobs_tile_bwd(
+    tile: torch.Tensor,
+    dz: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor | None,
+    g_logp: torch.Tensor | None,
+    g_ent: torch.Tensor | None,
+    vocab_start: int,
+    scale: float,
+    inv_temp: float,
+    softcap: float | None,
+) -> None:
     """Write dLoss/dZ of one tile into ``dz`` (may be ``tile`` itself: each element is read, then written,
     by the same program)."""
     n, n_cols = tile.shape
@@ -248,10 +413,25 @@ def linear_logprobs_tile_bwd(tile: torch.Tensor, dz: torch.Tensor, targets: torc
     cfg = tuning.linear_logprobs_bwd_config(n_cols)
     grid = (triton.cdiv(n, cfg.block_rows), triton.cdiv(n_cols, cfg.block_cols))
     _linear_logprobs_tile_bwd_kernel[grid](
-        tile, tile.stride(0), dz, dz.stride(0), targets, lse,
-        entropy if entropy is not None else lse, g_logp if g_logp is not None else lse,
+        tile,
+        tile.stride(0),
+        dz,
+        dz.stride(0),
+        targets,
+        lse,
+        entropy if entropy is not None else lse,
+        g_logp if g_logp is not None else lse,
         g_ent if g_ent is not None else lse,
-        n, n_cols, vocab_start, float(scale), float(inv_temp), float(softcap or 1.0),
-        HAS_SOFTCAP=softcap is not None, HAS_GRAD_LOGP=g_logp is not None, HAS_GRAD_ENTROPY=g_ent is not None,
-        BLOCK_R=cfg.block_rows, BLOCK_C=cfg.block_cols, num_warps=cfg.num_warps,
+        n,
+        n_cols,
+        vocab_start,
+        float(scale),
+        float(inv_temp),
+        float(softcap or 1.0),
+        HAS_SOFTCAP=softcap is not None,
+        HAS_GRAD_LOGP=g_logp is not None,
+        HAS_GRAD_ENTROPY=g_ent is not None,
+        BLOCK_R=cfg.block_rows,
+        BLOCK_C=cfg.block_cols,
+        num_warps=cfg.num_warps,
     )

@@ -49,10 +49,21 @@ def _fold(m, s, t, x, inv_temp, HAS_ENTROPY: tl.constexpr):
 
 @triton.jit
 def _logprobs_fwd_kernel(
-    logits_ptr, targets_ptr, logp_ptr, entropy_ptr, lse_ptr,
-    V, inner, stride_outer, stride_inner,
-    inv_temp, ignore_index,
-    HAS_ENTROPY: tl.constexpr, FP64: tl.constexpr, BLOCK_V: tl.constexpr, NUM_STAGES: tl.constexpr,
+    logits_ptr,
+    targets_ptr,
+    logp_ptr,
+    entropy_ptr,
+    lse_ptr,
+    V,
+    inner,
+    stride_outer,
+    stride_inner,
+    inv_temp,
+    ignore_index,
+    HAS_ENTROPY: tl.constexpr,
+    FP64: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     VEC: tl.constexpr = 128 // logits_ptr.dtype.element_ty.primitive_bitwidth  # elements per 16 bytes
     row = tl.program_id(0).to(tl.int64)
@@ -94,8 +105,9 @@ def _logprobs_fwd_kernel(
 
 
 @triton.jit
-def _dlogits(x, is_target, lse, ent, g_logp, g_ent, inv_temp, HAS_GRAD_LOGP: tl.constexpr,
-             HAS_GRAD_ENTROPY: tl.constexpr):
+def _dlogits(
+    x, is_target, lse, ent, g_logp, g_ent, inv_temp, HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr
+):
     """``(g_logp * (onehot - p) - g_ent * p * (log p + H)) / T`` for a block of raw logits ``x``,
     with p = exp(x / T - lse); ``is_target`` is the one-hot mask."""
     x = x.to(lse.dtype) * inv_temp
@@ -111,10 +123,23 @@ def _dlogits(x, is_target, lse, ent, g_logp, g_ent, inv_temp, HAS_GRAD_LOGP: tl.
 
 @triton.jit
 def _logprobs_bwd_kernel(
-    logits_ptr, targets_ptr, lse_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr, grad_logits_ptr,
-    V, inner, stride_outer, stride_inner,
-    inv_temp, ignore_index,
-    HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, FP64: tl.constexpr, BLOCK_V: tl.constexpr,
+    logits_ptr,
+    targets_ptr,
+    lse_ptr,
+    entropy_ptr,
+    grad_logp_ptr,
+    grad_entropy_ptr,
+    grad_logits_ptr,
+    V,
+    inner,
+    stride_outer,
+    stride_inner,
+    inv_temp,
+    ignore_index,
+    HAS_GRAD_LOGP: tl.constexpr,
+    HAS_GRAD_ENTROPY: tl.constexpr,
+    FP64: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     VEC: tl.constexpr = 128 // logits_ptr.dtype.element_ty.primitive_bitwidth  # elements per 16 bytes
     row = tl.program_id(0).to(tl.int64)
@@ -162,8 +187,17 @@ def _logprobs_bwd_kernel(
 
 # ---- launchers ---------------------------------------------------------------------------------
 
-def logprobs_fwd(logits: torch.Tensor, inner: int, stride_outer: int, stride_inner: int, targets: torch.Tensor,
-                 inv_temp: float, ignore_index: int, with_entropy: bool):
+
+def logprobs_fwd(
+    logits: torch.Tensor,
+    inner: int,
+    stride_outer: int,
+    stride_inner: int,
+    targets: torch.Tensor,
+    inv_temp: float,
+    ignore_index: int,
+    with_entropy: bool,
+):
     """Rows of ``logits`` are addressed by (inner, stride_outer, stride_inner) as in the module doc;
     ``targets`` is int64 [n_rows]. Returns (logp, entropy or None, lse), each [n_rows] in fp32
     (fp64 for fp64 logits)."""
@@ -176,18 +210,39 @@ def logprobs_fwd(logits: torch.Tensor, inner: int, stride_outer: int, stride_inn
         return logp, (entropy if with_entropy else None), lse
     cfg = tuning.logprobs_fwd_config(V)
     _logprobs_fwd_kernel[(n_rows,)](
-        logits, targets, logp, entropy, lse,
-        V, inner, stride_outer, stride_inner, inv_temp, ignore_index,
-        HAS_ENTROPY=with_entropy, FP64=logits.dtype == torch.float64, BLOCK_V=cfg.block,
-        NUM_STAGES=tuning.logprobs_fwd_stages(logits.element_size()), num_warps=cfg.num_warps,
+        logits,
+        targets,
+        logp,
+        entropy,
+        lse,
+        V,
+        inner,
+        stride_outer,
+        stride_inner,
+        inv_temp,
+        ignore_index,
+        HAS_ENTROPY=with_entropy,
+        FP64=logits.dtype == torch.float64,
+        BLOCK_V=cfg.block,
+        NUM_STAGES=tuning.logprobs_fwd_stages(logits.element_size()),
+        num_warps=cfg.num_warps,
     )
     return logp, (entropy if with_entropy else None), lse
 
 
-def logprobs_bwd(logits: torch.Tensor, inner: int, stride_outer: int, stride_inner: int,
-                 targets: torch.Tensor, lse: torch.Tensor,
-                 entropy: torch.Tensor | None, grad_logp: torch.Tensor | None,
-                 grad_entropy: torch.Tensor | None, inv_temp: float, ignore_index: int) -> torch.Tensor:
+def logprobs_bwd(
+    logits: torch.Tensor,
+    inner: int,
+    stride_outer: int,
+    stride_inner: int,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor | None,
+    grad_logp: torch.Tensor | None,
+    grad_entropy: torch.Tensor | None,
+    inv_temp: float,
+    ignore_index: int,
+) -> torch.Tensor:
     """Returns dlogits as a contiguous ``[n_rows, V]`` tensor in the logits' dtype."""
     n_rows = targets.numel()
     V = logits.shape[-1]
@@ -198,11 +253,23 @@ def logprobs_bwd(logits: torch.Tensor, inner: int, stride_outer: int, stride_inn
     dummy = lse
     grid = (n_rows, triton.cdiv(V + 16 // logits.element_size() - 1, cfg.block))
     _logprobs_bwd_kernel[grid](
-        logits, targets, lse, entropy if entropy is not None else dummy,
-        grad_logp if grad_logp is not None else dummy, grad_entropy if grad_entropy is not None else dummy, grad,
-        V, inner, stride_outer, stride_inner, inv_temp, ignore_index,
-        HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENTROPY=grad_entropy is not None,
-        FP64=logits.dtype == torch.float64, BLOCK_V=cfg.block, num_warps=cfg.num_warps,
+        logits,
+        targets,
+        lse,
+        entropy if entropy is not None else dummy,
+        grad_logp if grad_logp is not None else dummy,
+        grad_entropy if grad_entropy is not None else dummy,
+        grad,
+        V,
+        inner,
+        stride_outer,
+        stride_inner,
+        inv_temp,
+        ignore_index,
+        HAS_GRAD_LOGP=grad_logp is not None,
+        HAS_GRAD_ENTROPY=grad_entropy is not None,
+        FP64=logits.dtype == torch.float64,
+        BLOCK_V=cfg.block,
+        num_warps=cfg.num_warps,
     )
     return grad
-

@@ -31,8 +31,10 @@ class Arch:
     smem_unit: int = 128
 
 
-ARCHS = {80: Arch(80, smem_per_sm=164 * 1024, smem_per_block=163 * 1024),
-         90: Arch(90, smem_per_sm=228 * 1024, smem_per_block=227 * 1024)}
+ARCHS = {
+    80: Arch(80, smem_per_sm=164 * 1024, smem_per_block=163 * 1024),
+    90: Arch(90, smem_per_sm=228 * 1024, smem_per_block=227 * 1024),
+}
 
 
 @dataclass(frozen=True)
@@ -65,16 +67,22 @@ def blocks_per_sm(res: Resources, arch: Arch) -> tuple[int, str]:
     """(resident blocks per SM, the limiting resource: "regs", "smem", "warps" or "blocks")."""
     warps = res.num_warps
     regs_per_warp = _round_up(max(res.registers, 1) * 32, arch.reg_unit)
-    if (regs_per_warp * _round_up(warps, arch.sub_partitions) > arch.regs_per_sm
-            or res.registers > arch.max_regs_per_thread):
+    if (
+        regs_per_warp * _round_up(warps, arch.sub_partitions) > arch.regs_per_sm
+        or res.registers > arch.max_regs_per_thread
+    ):
         by_regs = 0
     else:
         warps_per_sub = arch.regs_per_sm // arch.sub_partitions // regs_per_warp
         by_regs = warps_per_sub * arch.sub_partitions // warps
     smem = _round_up(res.shared + arch.smem_reserved_per_block, arch.smem_unit)
     by_smem = 0 if res.shared > arch.smem_per_block else arch.smem_per_sm // smem
-    limits = {"regs": by_regs, "smem": by_smem, "warps": arch.max_warps_per_sm // warps,
-              "blocks": arch.max_blocks_per_sm}
+    limits = {
+        "regs": by_regs,
+        "smem": by_smem,
+        "warps": arch.max_warps_per_sm // warps,
+        "blocks": arch.max_blocks_per_sm,
+    }
     limiter = min(limits, key=limits.get)
     return limits[limiter], limiter
 

@@ -23,8 +23,9 @@ class RowLayout:
 
     def view3(self, t: torch.Tensor) -> torch.Tensor:
         """The rows of ``t`` as an ``[outer, inner, V]`` strided view (no copy)."""
-        return torch.as_strided(t, (self.outer, self.inner, t.shape[-1]), (self.stride_outer, self.stride_inner, 1),
-                                t.storage_offset())
+        return torch.as_strided(
+            t, (self.outer, self.inner, t.shape[-1]), (self.stride_outer, self.stride_inner, 1), t.storage_offset()
+        )
 
 
 def row_layout(t: torch.Tensor) -> RowLayout | None:
@@ -65,8 +66,8 @@ def iter_row_chunks(t: torch.Tensor, layout: RowLayout, rows_per_chunk: int):
     if layout.inner >= rows_per_chunk or layout.outer == 1:
         for o in range(layout.outer):
             for j in range(0, layout.inner, rows_per_chunk):
-                yield o * layout.inner + j, v3[o, j:j + rows_per_chunk]
+                yield o * layout.inner + j, v3[o, j : j + rows_per_chunk]
     else:  # short inner runs: take several outer indices at once (a chunk-sized copy at most)
         per = max(1, rows_per_chunk // layout.inner)
         for o in range(0, layout.outer, per):
-            yield o * layout.inner, v3[o:o + per].reshape(-1, t.shape[-1])
+            yield o * layout.inner, v3[o : o + per].reshape(-1, t.shape[-1])

@@ -65,11 +65,28 @@ def _store_stats(part_ptr, pid, count, loss_sum, ratio_sum, kl_sum, n_low, n_hig
 
 
 @triton.jit
-def _load_inputs(logp_ptr, old_ptr, adv_ptr, mask_ptr, rows, cols, inb,
-                 s_lp_r, s_lp_t, s_old_r, s_old_t, s_a_r, s_a_t, s_m_r, s_m_t, acc: tl.constexpr):
+def _load_inputs(
+    logp_ptr,
+    old_ptr,
+    adv_ptr,
+    mask_ptr,
+    rows,
+    cols,
+    inb,
+    s_lp_r,
+    s_lp_t,
+    s_old_r,
+    s_old_t,
+    s_a_r,
+    s_a_t,
+    s_m_r,
+    s_m_t,
+    acc: tl.constexpr,
+):
     """(log-ratio, advantage, valid) at (rows, cols): a 2-D tile or one row's block."""
-    lr = load_tile(logp_ptr, rows, cols, s_lp_r, s_lp_t, inb, acc) - load_tile(old_ptr, rows, cols, s_old_r, s_old_t,
-                                                                               inb, acc)
+    lr = load_tile(logp_ptr, rows, cols, s_lp_r, s_lp_t, inb, acc) - load_tile(
+        old_ptr, rows, cols, s_old_r, s_old_t, inb, acc
+    )
     A = load_tile(adv_ptr, rows, cols, s_a_r, s_a_t, inb, acc)
     return lr, A, load_mask_tile(mask_ptr, rows, cols, s_m_r, s_m_t, inb)
 
@@ -81,37 +98,115 @@ def _count(flags, zero):
 
 @triton.jit
 def _surrogate_token_fwd_kernel(
-    logp_ptr, old_ptr, adv_ptr, mask_ptr, loss_ptr, part_ptr,
-    R, T, s_lp_r, s_lp_t, s_old_r, s_old_t, s_a_r, s_a_t, s_m_r, s_m_t,
-    lo, hi, dual_c,
-    FP64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
+    logp_ptr,
+    old_ptr,
+    adv_ptr,
+    mask_ptr,
+    loss_ptr,
+    part_ptr,
+    R,
+    T,
+    s_lp_r,
+    s_lp_t,
+    s_old_r,
+    s_old_t,
+    s_a_r,
+    s_a_t,
+    s_m_r,
+    s_m_t,
+    lo,
+    hi,
+    dual_c,
+    FP64: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
     rows, cols, inb = tile_coords(R, T, BLOCK_R, BLOCK_T)
     acc: tl.constexpr = tl.float64 if FP64 else tl.float32
-    lr, A, valid = _load_inputs(logp_ptr, old_ptr, adv_ptr, mask_ptr, rows, cols, inb,
-                                s_lp_r, s_lp_t, s_old_r, s_old_t, s_a_r, s_a_t, s_m_r, s_m_t, acc)
+    lr, A, valid = _load_inputs(
+        logp_ptr,
+        old_ptr,
+        adv_ptr,
+        mask_ptr,
+        rows,
+        cols,
+        inb,
+        s_lp_r,
+        s_lp_t,
+        s_old_r,
+        s_old_t,
+        s_a_r,
+        s_a_t,
+        s_m_r,
+        s_m_t,
+        acc,
+    )
     r = tl.exp(lr)
     loss, _, low, high, dual = _surrogate_terms(r, A, lo, hi, dual_c)
     zero = tl.zeros_like(loss)
     loss = tl.where(valid, loss, zero)
     tl.store(loss_ptr + rows * T + cols, loss, mask=inb)
     pid = tl.program_id(0).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
-    _store_stats(part_ptr, pid, _count(valid, zero), tl.sum(loss), tl.sum(tl.where(valid, r, zero)),
-                 tl.sum(tl.where(valid, (r - 1.0) - lr, zero)), _count(valid & low, zero),
-                 _count(valid & high, zero), _count(valid & dual, zero))
+    _store_stats(
+        part_ptr,
+        pid,
+        _count(valid, zero),
+        tl.sum(loss),
+        tl.sum(tl.where(valid, r, zero)),
+        tl.sum(tl.where(valid, (r - 1.0) - lr, zero)),
+        _count(valid & low, zero),
+        _count(valid & high, zero),
+        _count(valid & dual, zero),
+    )
 
 
 @triton.jit
 def _surrogate_token_bwd_kernel(
-    logp_ptr, old_ptr, adv_ptr, mask_ptr, grad_ptr, dlogp_ptr,
-    R, T, s_lp_r, s_lp_t, s_old_r, s_old_t, s_a_r, s_a_t, s_m_r, s_m_t, s_g_r, s_g_t,
-    lo, hi, dual_c,
-    FP64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
+    logp_ptr,
+    old_ptr,
+    adv_ptr,
+    mask_ptr,
+    grad_ptr,
+    dlogp_ptr,
+    R,
+    T,
+    s_lp_r,
+    s_lp_t,
+    s_old_r,
+    s_old_t,
+    s_a_r,
+    s_a_t,
+    s_m_r,
+    s_m_t,
+    s_g_r,
+    s_g_t,
+    lo,
+    hi,
+    dual_c,
+    FP64: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
     rows, cols, inb = tile_coords(R, T, BLOCK_R, BLOCK_T)
     acc: tl.constexpr = tl.float64 if FP64 else tl.float32
-    lr, A, valid = _load_inputs(logp_ptr, old_ptr, adv_ptr, mask_ptr, rows, cols, inb,
-                                s_lp_r, s_lp_t, s_old_r, s_old_t, s_a_r, s_a_t, s_m_r, s_m_t, acc)
+    lr, A, valid = _load_inputs(
+        logp_ptr,
+        old_ptr,
+        adv_ptr,
+        mask_ptr,
+        rows,
+        cols,
+        inb,
+        s_lp_r,
+        s_lp_t,
+        s_old_r,
+        s_old_t,
+        s_a_r,
+        s_a_t,
+        s_m_r,
+        s_m_t,
+        acc,
+    )
     g = load_tile(grad_ptr, rows, cols, s_g_r, s_g_t, inb, acc)
     r = tl.exp(lr)
     _, slope, _, _, _ = _surrogate_terms(r, A, lo, hi, dual_c)
@@ -120,10 +215,28 @@ def _surrogate_token_bwd_kernel(
 
 @triton.jit
 def _surrogate_sequence_fwd_kernel(
-    logp_ptr, old_ptr, adv_ptr, mask_ptr, loss_ptr, part_ptr, seq_lr_ptr, seq_n_ptr,
-    T, s_lp_r, s_lp_t, s_old_r, s_old_t, s_a_r, s_a_t, s_m_r, s_m_t,
-    lo, hi, dual_c,
-    FP64: tl.constexpr, BLOCK_T: tl.constexpr,
+    logp_ptr,
+    old_ptr,
+    adv_ptr,
+    mask_ptr,
+    loss_ptr,
+    part_ptr,
+    seq_lr_ptr,
+    seq_n_ptr,
+    T,
+    s_lp_r,
+    s_lp_t,
+    s_old_r,
+    s_old_t,
+    s_a_r,
+    s_a_t,
+    s_m_r,
+    s_m_t,
+    lo,
+    hi,
+    dual_c,
+    FP64: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     acc: tl.constexpr = tl.float64 if FP64 else tl.float32
@@ -133,8 +246,24 @@ def _surrogate_sequence_fwd_kernel(
     n_acc = zero
     for start in range(0, T, BLOCK_T):
         cols = start + offs
-        lr, _, valid = _load_inputs(logp_ptr, old_ptr, adv_ptr, mask_ptr, row, cols, cols < T,
-                                    s_lp_r, s_lp_t, s_old_r, s_old_t, s_a_r, s_a_t, s_m_r, s_m_t, acc)
+        lr, _, valid = _load_inputs(
+            logp_ptr,
+            old_ptr,
+            adv_ptr,
+            mask_ptr,
+            row,
+            cols,
+            cols < T,
+            s_lp_r,
+            s_lp_t,
+            s_old_r,
+            s_old_t,
+            s_a_r,
+            s_a_t,
+            s_m_r,
+            s_m_t,
+            acc,
+        )
         s_acc += tl.where(valid, lr, zero)
         n_acc += tl.where(valid, zero + 1.0, zero)
     n = tl.sum(n_acc)
@@ -150,8 +279,24 @@ def _surrogate_sequence_fwd_kernel(
     for start in range(0, T, BLOCK_T):
         cols = start + offs
         inb = cols < T
-        lr, A, valid = _load_inputs(logp_ptr, old_ptr, adv_ptr, mask_ptr, row, cols, inb,
-                                    s_lp_r, s_lp_t, s_old_r, s_old_t, s_a_r, s_a_t, s_m_r, s_m_t, acc)
+        lr, A, valid = _load_inputs(
+            logp_ptr,
+            old_ptr,
+            adv_ptr,
+            mask_ptr,
+            row,
+            cols,
+            inb,
+            s_lp_r,
+            s_lp_t,
+            s_old_r,
+            s_old_t,
+            s_a_r,
+            s_a_t,
+            s_m_r,
+            s_m_t,
+            acc,
+        )
         loss, _, low, high, dual = _surrogate_terms(zero + r, A, lo, hi, dual_c)
         loss = tl.where(valid, loss, zero)
         tl.store(loss_ptr + row * T + cols, loss, mask=inb)
@@ -160,16 +305,31 @@ def _surrogate_sequence_fwd_kernel(
         low_acc += tl.where(valid & low, zero + 1.0, zero)
         high_acc += tl.where(valid & high, zero + 1.0, zero)
         dual_acc += tl.where(valid & dual, zero + 1.0, zero)
-    _store_stats(part_ptr, row, n, tl.sum(loss_acc), r * n, tl.sum(kl_acc),
-                 tl.sum(low_acc), tl.sum(high_acc), tl.sum(dual_acc))
+    _store_stats(
+        part_ptr, row, n, tl.sum(loss_acc), r * n, tl.sum(kl_acc), tl.sum(low_acc), tl.sum(high_acc), tl.sum(dual_acc)
+    )
 
 
 @triton.jit
 def _surrogate_sequence_bwd_kernel(
-    adv_ptr, mask_ptr, grad_ptr, seq_lr_ptr, seq_n_ptr, dlogp_ptr,
-    T, s_a_r, s_a_t, s_m_r, s_m_t, s_g_r, s_g_t,
-    lo, hi, dual_c,
-    FP64: tl.constexpr, BLOCK_T: tl.constexpr,
+    adv_ptr,
+    mask_ptr,
+    grad_ptr,
+    seq_lr_ptr,
+    seq_n_ptr,
+    dlogp_ptr,
+    T,
+    s_a_r,
+    s_a_t,
+    s_m_r,
+    s_m_t,
+    s_g_r,
+    s_g_t,
+    lo,
+    hi,
+    dual_c,
+    FP64: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     acc: tl.constexpr = tl.float64 if FP64 else tl.float32
@@ -199,8 +359,7 @@ def _strides(x: torch.Tensor):
     return x.stride(0), x.stride(1)
 
 
-def surrogate_fwd(logp, old, adv, mask, lo: float, hi: float, dual_c: float, sequence: bool,
-                  acc: torch.dtype):
+def surrogate_fwd(logp, old, adv, mask, lo: float, hi: float, dual_c: float, sequence: bool, acc: torch.dtype):
     """All inputs [R, T] (any strides; adv / mask may have stride-0 axes; mask uint8).
 
     Returns ``(loss [R, T] acc, partial stats [programs, 8] acc, seq_lr [R] or None, seq_n [R] or None)``.
@@ -218,9 +377,26 @@ def surrogate_fwd(logp, old, adv, mask, lo: float, hi: float, dual_c: float, seq
             return loss, parts, seq_lr, seq_n
         cfg = tuning.seq_row_config(T)
         _surrogate_sequence_fwd_kernel[(R,)](
-            logp, old, adv, mask, loss, parts, seq_lr, seq_n, T, *_strides(logp), *_strides(old),
-            *_strides(adv), *_strides(mask), lo, hi, dual_c,
-            FP64=fp64, BLOCK_T=cfg.block, num_warps=cfg.num_warps)
+            logp,
+            old,
+            adv,
+            mask,
+            loss,
+            parts,
+            seq_lr,
+            seq_n,
+            T,
+            *_strides(logp),
+            *_strides(old),
+            *_strides(adv),
+            *_strides(mask),
+            lo,
+            hi,
+            dual_c,
+            FP64=fp64,
+            BLOCK_T=cfg.block,
+            num_warps=cfg.num_warps,
+        )
         return loss, parts, seq_lr, seq_n
     if R * T == 0:
         return loss, torch.zeros((1, N_STATS), dtype=acc, device=dev), None, None
@@ -228,14 +404,32 @@ def surrogate_fwd(logp, old, adv, mask, lo: float, hi: float, dual_c: float, seq
     grid = (triton.cdiv(R, cfg.block_r), triton.cdiv(T, cfg.block_t))
     parts = torch.empty((grid[0] * grid[1], N_STATS), dtype=acc, device=dev)
     _surrogate_token_fwd_kernel[grid](
-        logp, old, adv, mask, loss, parts, R, T, *_strides(logp), *_strides(old), *_strides(adv),
-        *_strides(mask), lo, hi, dual_c,
-        FP64=fp64, BLOCK_R=cfg.block_r, BLOCK_T=cfg.block_t, num_warps=cfg.num_warps)
+        logp,
+        old,
+        adv,
+        mask,
+        loss,
+        parts,
+        R,
+        T,
+        *_strides(logp),
+        *_strides(old),
+        *_strides(adv),
+        *_strides(mask),
+        lo,
+        hi,
+        dual_c,
+        FP64=fp64,
+        BLOCK_R=cfg.block_r,
+        BLOCK_T=cfg.block_t,
+        num_warps=cfg.num_warps,
+    )
     return loss, parts, None, None
 
 
-def surrogate_bwd(logp, old, adv, mask, grad, seq_lr, seq_n, lo: float, hi: float, dual_c: float,
-                  sequence: bool, acc: torch.dtype) -> torch.Tensor:
+def surrogate_bwd(
+    logp, old, adv, mask, grad, seq_lr, seq_n, lo: float, hi: float, dual_c: float, sequence: bool, acc: torch.dtype
+) -> torch.Tensor:
     """d loss / d logp as a contiguous [R, T] tensor in logp's dtype."""
     R, T = logp.shape
     dual_c = min(dual_c, _NO_DUAL)
@@ -246,13 +440,46 @@ def surrogate_bwd(logp, old, adv, mask, grad, seq_lr, seq_n, lo: float, hi: floa
     if sequence:
         cfg = tuning.seq_row_config(T)
         _surrogate_sequence_bwd_kernel[(R,)](
-            adv, mask, grad, seq_lr, seq_n, dlogp, T, *_strides(adv), *_strides(mask), *_strides(grad),
-            lo, hi, dual_c, FP64=fp64, BLOCK_T=cfg.block, num_warps=cfg.num_warps)
+            adv,
+            mask,
+            grad,
+            seq_lr,
+            seq_n,
+            dlogp,
+            T,
+            *_strides(adv),
+            *_strides(mask),
+            *_strides(grad),
+            lo,
+            hi,
+            dual_c,
+            FP64=fp64,
+            BLOCK_T=cfg.block,
+            num_warps=cfg.num_warps,
+        )
         return dlogp
     cfg = tuning.token_tile_config(R, T)
     grid = (triton.cdiv(R, cfg.block_r), triton.cdiv(T, cfg.block_t))
     _surrogate_token_bwd_kernel[grid](
-        logp, old, adv, mask, grad, dlogp, R, T, *_strides(logp), *_strides(old), *_strides(adv),
-        *_strides(mask), *_strides(grad), lo, hi, dual_c,
-        FP64=fp64, BLOCK_R=cfg.block_r, BLOCK_T=cfg.block_t, num_warps=cfg.num_warps)
+        logp,
+        old,
+        adv,
+        mask,
+        grad,
+        dlogp,
+        R,
+        T,
+        *_strides(logp),
+        *_strides(old),
+        *_strides(adv),
+        *_strides(mask),
+        *_strides(grad),
+        lo,
+        hi,
+        dual_c,
+        FP64=fp64,
+        BLOCK_R=cfg.block_r,
+        BLOCK_T=cfg.block_t,
+        num_warps=cfg.num_warps,
+    )
     return dlogp

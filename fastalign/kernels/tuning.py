@@ -103,11 +103,17 @@ class EpilogueTileConfig:
 
 # Forward epilogue: one program per block of rows walks the whole vocabulary chunk.
 # Backward epilogue: one program per (row block, column block), one read and one write per element.
-LINEAR_LOGPROBS_FWD_CONFIGS = (EpilogueTileConfig(16, 64, 4), EpilogueTileConfig(4, 256, 4),
-                               EpilogueTileConfig(1, 1024, 4),
-                               EpilogueTileConfig(1, 2048, 8))
-LINEAR_LOGPROBS_BWD_CONFIGS = (EpilogueTileConfig(16, 64, 4), EpilogueTileConfig(4, 256, 4),
-                               EpilogueTileConfig(1, 1024, 4))
+LINEAR_LOGPROBS_FWD_CONFIGS = (
+    EpilogueTileConfig(16, 64, 4),
+    EpilogueTileConfig(4, 256, 4),
+    EpilogueTileConfig(1, 1024, 4),
+    EpilogueTileConfig(1, 2048, 8),
+)
+LINEAR_LOGPROBS_BWD_CONFIGS = (
+    EpilogueTileConfig(16, 64, 4),
+    EpilogueTileConfig(4, 256, 4),
+    EpilogueTileConfig(1, 1024, 4),
+)
 
 
 def _tile_covering(configs: tuple[EpilogueTileConfig, ...], n: int) -> EpilogueTileConfig:
@@ -125,8 +131,9 @@ def linear_logprobs_bwd_config(chunk_cols: int) -> EpilogueTileConfig:
     return _tile_covering(LINEAR_LOGPROBS_BWD_CONFIGS, chunk_cols)
 
 
-def linear_logprobs_chunking(device_type: str, vocab: int, n_rows: int, chunk_size: int | None = None,
-                             row_block: int | None = None) -> tuple[int, int]:
+def linear_logprobs_chunking(
+    device_type: str, vocab: int, n_rows: int, chunk_size: int | None = None, row_block: int | None = None
+) -> tuple[int, int]:
     """(rows per tile, vocabulary columns per tile) for one call; ``chunk_size`` / ``row_block``
     (the ops' arguments) override the defaults."""
     key = "cuda" if device_type == "cuda" else "cpu"
@@ -153,7 +160,9 @@ class TokenTileConfig:
 # The two row-heavy tiles run 8 warps (8 elements a thread): with 4 warps ptxas spilled the fp16 KL
 # forward (sm_80) and the fp64 token surrogate (sm_80, sm_90) at 16 elements a thread.
 TOKEN_TILE_CONFIGS = (
-    TokenTileConfig(128, 16, 8), TokenTileConfig(32, 64, 8), TokenTileConfig(8, 256, 4),
+    TokenTileConfig(128, 16, 8),
+    TokenTileConfig(32, 64, 8),
+    TokenTileConfig(8, 256, 4),
     TokenTileConfig(2, 1024, 4),
     TokenTileConfig(1, 2048, 4),
 )

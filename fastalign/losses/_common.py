@@ -27,7 +27,9 @@ def check_float_vectors(op: str, names: Sequence[str], tensors: Sequence[torch.T
             continue
         check_float(t, name, op)
         if t.dim() != 1:
-            raise ValueError(f"{op}: {name} must be 1-D (one value per sequence, shape [B]), got shape {tuple(t.shape)}")
+            raise ValueError(
+                f"{op}: {name} must be 1-D (one value per sequence, shape [B]), got shape {tuple(t.shape)}"
+            )
         if ref is None:
             ref_name, ref = name, t
         elif t.shape != ref.shape:
@@ -44,7 +46,9 @@ def check_lengths(op: str, name: str, lengths, like: torch.Tensor) -> torch.Tens
         raise TypeError(f"{op}: {name} must be a torch.Tensor of shape [B], got {type(lengths).__name__}")
     check_mask(lengths, name, op)
     if lengths.shape != like.shape:
-        raise ValueError(f"{op}: {name} must have shape {tuple(like.shape)} (one count per sequence), got {tuple(lengths.shape)}")
+        raise ValueError(
+            f"{op}: {name} must have shape {tuple(like.shape)} (one count per sequence), got {tuple(lengths.shape)}"
+        )
     if lengths.device != like.device:
         raise ValueError(f"{op}: {name} must be on {like.device}, got {lengths.device}")
     return lengths

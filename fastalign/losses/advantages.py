@@ -31,8 +31,9 @@ _PRESETS = {
 }
 
 
-def rloo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor | None = None, *, group_size: int | None = None,
-                    impl: Impl = "auto") -> torch.Tensor:
+def rloo_advantages(
+    rewards: torch.Tensor, group_ids: torch.Tensor | None = None, *, group_size: int | None = None, impl: Impl = "auto"
+) -> torch.Tensor:
     """RLOO: ``A_i = r_i - (sum_g - r_i) / (n_g - 1)`` (a group of one gets 0; NaN rewards get 0 and
     are left out of the baselines).
 
@@ -52,8 +53,9 @@ def rloo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor | None = None
     return group_advantages(rewards, group_ids, group_size=group_size, baseline="loo", scale="none", impl=impl)
 
 
-def remax_advantages(rewards: torch.Tensor, greedy_rewards: torch.Tensor, *, group_size: int | None = None
-                     ) -> torch.Tensor:
+def remax_advantages(
+    rewards: torch.Tensor, greedy_rewards: torch.Tensor, *, group_size: int | None = None
+) -> torch.Tensor:
     """ReMax: ``A_i = r_i - b_i`` where ``b_i`` is the reward of the greedy completion of sample i's prompt.
 
     Args:
@@ -81,23 +83,33 @@ def remax_advantages(rewards: torch.Tensor, greedy_rewards: torch.Tensor, *, gro
     N = rewards.shape[0]
     if group_size is None:
         if greedy_rewards.shape != rewards.shape:
-            raise ValueError(f"{op}: greedy_rewards must have shape ({N},) (or pass group_size), got {tuple(greedy_rewards.shape)}")
+            raise ValueError(
+                f"{op}: greedy_rewards must have shape ({N},) (or pass group_size), got {tuple(greedy_rewards.shape)}"
+            )
         base = greedy_rewards
     else:
         if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1 or N % group_size:
             raise ValueError(f"{op}: group_size must be a positive int dividing N={N}, got {group_size!r}")
         if tuple(greedy_rewards.shape) != (N // group_size,):
-            raise ValueError(f"{op}: greedy_rewards must have shape ({N // group_size},) for group_size={group_size}, "
-                             f"got {tuple(greedy_rewards.shape)}")
+            raise ValueError(
+                f"{op}: greedy_rewards must have shape ({N // group_size},) for group_size={group_size}, "
+                f"got {tuple(greedy_rewards.shape)}"
+            )
         base = greedy_rewards.repeat_interleave(group_size)
     dt = acc_dtype(rewards.dtype, greedy_rewards.dtype)
     adv = rewards.to(dt) - base.to(dt)
     return torch.nan_to_num(adv, nan=0.0)
 
 
-def grpo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor | None = None, *, group_size: int | None = None,
-                    preset: Literal["tutorial", "trl", "verl", "openrlhf"] = "tutorial",
-                    scale: Literal["group", "batch", "none"] = "group", impl: Impl = "auto") -> torch.Tensor:
+def grpo_advantages(
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor | None = None,
+    *,
+    group_size: int | None = None,
+    preset: Literal["tutorial", "trl", "verl", "openrlhf"] = "tutorial",
+    scale: Literal["group", "batch", "none"] = "group",
+    impl: Impl = "auto",
+) -> torch.Tensor:
     """GRPO advantages ``(r - mean_g) / (std_g + eps)`` with a framework's conventions:
     ``"tutorial"`` (population std, eps 1e-8), ``"trl"`` (Bessel std, eps 1e-4), ``"verl"`` (Bessel,
     eps 1e-6, a lone sample keeps ``r / (1 + eps)``), ``"openrlhf"`` (Bessel, eps 1e-9).
@@ -124,5 +136,14 @@ def grpo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor | None = None
     """
     check_choice(preset, "preset", "grpo_advantages", tuple(_PRESETS))
     unbiased, eps, singleton = _PRESETS[preset]
-    return group_advantages(rewards, group_ids, group_size=group_size, baseline="mean", scale=scale,
-                            unbiased=unbiased, eps=eps, singleton=singleton, impl=impl)
+    return group_advantages(
+        rewards,
+        group_ids,
+        group_size=group_size,
+        baseline="mean",
+        scale=scale,
+        unbiased=unbiased,
+        eps=eps,
+        singleton=singleton,
+        impl=impl,
+    )

@@ -126,7 +126,9 @@ def dpo_loss(
     else:
         eps = check_number(label_smoothing, "label_smoothing", op)
         if eps != 0.0:
-            raise ValueError(f"{op}: label_smoothing is only used by loss_type 'sigmoid' and 'robust', got {eps} with {loss_type!r}")
+            raise ValueError(
+                f"{op}: label_smoothing is only used by loss_type 'sigmoid' and 'robust', got {eps} with {loss_type!r}"
+            )
     if (chosen_lengths is None) != (rejected_lengths is None):
         raise ValueError(f"{op}: pass both chosen_lengths and rejected_lengths or neither, got only one")
     if chosen_lengths is not None:
@@ -279,9 +281,7 @@ def orpo_loss(
     or_term = _reduce(ratio, reduction)
     loss = nll - beta * or_term
     metrics = _preference_metrics(beta * avg_c, beta * avg_r, pc, pr)
-    metrics.update(
-        {"nll_loss": nll.detach(), "log_odds_ratio": _mean0(ratio), "log_odds_chosen": _mean0(log_odds)}
-    )
+    metrics.update({"nll_loss": nll.detach(), "log_odds_ratio": _mean0(ratio), "log_odds_chosen": _mean0(log_odds)})
     return loss, metrics
 
 
@@ -358,7 +358,7 @@ def kto_loss(
         else:
             z0 = torch.tensor(check_number(kl, "kl", op), device=p.device, dtype=dt)
     elif kl_logp is not None:
-        diff = (kl_logp.detach().to(dt) - ref_kl_logp.detach().to(dt))
+        diff = kl_logp.detach().to(dt) - ref_kl_logp.detach().to(dt)
         z0 = (diff.mean() if diff.numel() else diff.sum()).clamp(min=0.0)
     else:
         z0 = torch.zeros((), device=p.device, dtype=dt)
@@ -416,7 +416,9 @@ def reward_model_loss(
         (0.3133, 1.0)
     """
     op = "reward_model_loss"
-    check_float_vectors(op, ("chosen_rewards", "rejected_rewards", "margin"), (chosen_rewards, rejected_rewards, margin))
+    check_float_vectors(
+        op, ("chosen_rewards", "rejected_rewards", "margin"), (chosen_rewards, rejected_rewards, margin)
+    )
     check_choice(reduction, "reduction", op, ("mean", "sum"))
     if center_rewards_coef is not None:
         center_rewards_coef = check_number(center_rewards_coef, "center_rewards_coef", op, lo=0.0)

@@ -63,6 +63,7 @@ Mode = Literal["auto", "one_pass", "two_pass"]
 
 # ---- the one-pass autograd wrapper ----------------------------------------------------------------
 
+
 class FusedTokenLossFunction(torch.autograd.Function):
     """Forward computes the loss value *and* its gradients w.r.t. hidden / weight / bias in one pass
     (:func:`fastalign.ops.lm_head.one_pass`); backward scales them, in place, by the (scalar) upstream
@@ -72,9 +73,18 @@ class FusedTokenLossFunction(torch.autograd.Function):
     def forward(ctx, hidden2d, weight, bias, targets, token_grad, finalize, walk, with_entropy):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
-        logp, ent, d_h, d_w, d_b = lm_head.one_pass(hidden2d, weight, bias, targets, token_grad, walk,
-                                                    with_entropy=with_entropy, need_hidden=need_h,
-                                                    need_weight=need_w, need_bias=need_b)
+        logp, ent, d_h, d_w, d_b = lm_head.one_pass(
+            hidden2d,
+            weight,
+            bias,
+            targets,
+            token_grad,
+            walk,
+            with_entropy=with_entropy,
+            need_hidden=need_h,
+            need_weight=need_w,
+            need_bias=need_b,
+        )
         loss = finalize(logp, ent)
         ctx.save_for_backward(d_h, d_w, d_b)
         ctx.mark_non_differentiable(logp)
@@ -84,8 +94,10 @@ class FusedTokenLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss, _g_logp):
         if ctx.scaled:
-            raise RuntimeError("the one-pass fused loss scales its saved gradients in place: it backpropagates "
-                               "once per forward (mode='two_pass' allows retain_graph=True and a second backward)")
+            raise RuntimeError(
+                "the one-pass fused loss scales its saved gradients in place: it backpropagates "
+                "once per forward (mode='two_pass' allows retain_graph=True and a second backward)"
+            )
         ctx.scaled = True
         d_h, d_w, d_b = ctx.saved_tensors
 
@@ -96,6 +108,7 @@ class FusedTokenLossFunction(torch.autograd.Function):
 
 
 # ---- shared input handling -----------------------------------------------------------------------
+
 
 def _prep_head(op, hidden, weight, targets, mask, bias, temperature, softcap, impl, compact_ignored):
     check_float(hidden, "hidden", op)
@@ -109,7 +122,9 @@ def _prep_head(op, hidden, weight, targets, mask, bias, temperature, softcap, im
         raise ValueError(f"{op}: weight must have shape [V, D], got {tuple(weight.shape)}")
     V, D = weight.shape
     if hidden.dim() != 3 or hidden.shape[-1] != D:
-        raise ValueError(f"{op}: hidden must have shape [B, T, D] with D = weight.shape[1] = {D}, got {tuple(hidden.shape)}")
+        raise ValueError(
+            f"{op}: hidden must have shape [B, T, D] with D = weight.shape[1] = {D}, got {tuple(hidden.shape)}"
+        )
     B, T = hidden.shape[:2]
     if tuple(targets.shape) != (B, T):
         raise ValueError(f"{op}: targets must have shape {(B, T)} (hidden.shape[:2]), got {tuple(targets.shape)}")
@@ -131,9 +146,17 @@ def _prep_head(op, hidden, weight, targets, mask, bias, temperature, softcap, im
 def _unfused_logp(hidden, weight, targets_ig, bias, walk, compact, with_entropy=False, grad_filter_eps=None):
     """``linear_logprobs`` with masked positions ignored ([B, T], 0 there); ``(logp, entropy or None)``."""
     D = weight.shape[1]
-    logp, ent = apply_linear_logprobs(hidden.reshape(-1, D), weight, bias, targets_ig.reshape(-1), walk,
-                                      with_entropy=with_entropy, ignore_index=-100, compact_ignored=compact,
-                                      grad_filter_eps=grad_filter_eps)
+    logp, ent = apply_linear_logprobs(
+        hidden.reshape(-1, D),
+        weight,
+        bias,
+        targets_ig.reshape(-1),
+        walk,
+        with_entropy=with_entropy,
+        ignore_index=-100,
+        compact_ignored=compact,
+        grad_filter_eps=grad_filter_eps,
+    )
     return logp.view(targets_ig.shape), None if ent is None else ent.view(targets_ig.shape)
 
 
@@ -145,8 +168,21 @@ def _entropy_metrics(metrics, ent_bt, valid):
     return metrics
 
 
-def _one_pass(hidden, weight, bias, targets_ig, valid, per_token_fn, weights_bt, finalize_fn, *, walk, compact,
-              with_entropy=False, entropy_coef=0.0):
+def _one_pass(
+    hidden,
+    weight,
+    bias,
+    targets_ig,
+    valid,
+    per_token_fn,
+    weights_bt,
+    finalize_fn,
+    *,
+    walk,
+    compact,
+    with_entropy=False,
+    entropy_coef=0.0,
+):
     """Run the engine on the valid rows (gathered first when ``compact``: one host sync, the
     ``nonzero``; else on every row, the masked ones with zero gradients). ``per_token_fn(take, lp) ->
     per-token loss [n]`` is elementwise in ``lp``, ``take(x)`` giving the block's rows of a flat
@@ -180,8 +216,8 @@ def _one_pass(hidden, weight, bias, targets_ig, valid, per_token_fn, weights_bt,
 
         with torch.enable_grad():
             x = lp.detach().requires_grad_(True)
-            l = per_token_fn(take, x)
-            (g,) = torch.autograd.grad((l * w_rows[sl].to(l.dtype)).sum(), x)
+            loss_t = per_token_fn(take, x)
+            (g,) = torch.autograd.grad((loss_t * w_rows[sl].to(loss_t.dtype)).sum(), x)
         # masked rows (uncompacted): 0, even where their loss is not finite
         g = torch.where(v_rows[sl], g, torch.zeros_like(g))
         return g, None if g_ent_rows is None else g_ent_rows[sl]
@@ -215,6 +251,7 @@ def _normalizer_weights(m: torch.Tensor, reduce_fn) -> torch.Tensor:
 
 
 # ---- GRPO ----------------------------------------------------------------------------------------
+
 
 def linear_grpo_loss(
     hidden: torch.Tensor,
@@ -295,11 +332,18 @@ def linear_grpo_loss(
     """
     op = "linear_grpo_loss"
     B, T, V, D, inv_temp, softcap, backend, valid, targets_ig, compact = _prep_head(
-        op, hidden, weight, targets, mask, bias, temperature, softcap, impl, compact_ignored)
+        op, hidden, weight, targets, mask, bias, temperature, softcap, impl, compact_ignored
+    )
     scale = check_number(logit_scale, "logit_scale", op, lo=0, lo_open=True)
     check_choice(mode, "mode", op, ("auto", "one_pass", "two_pass"))
-    walk = lm_head.make_walk(hidden, weight, HeadTransform(scale, inv_temp, softcap), backend, chunk_size=chunk_size,
-                             row_block=check_row_block(row_block, op))
+    walk = lm_head.make_walk(
+        hidden,
+        weight,
+        HeadTransform(scale, inv_temp, softcap),
+        backend,
+        chunk_size=chunk_size,
+        row_block=check_row_block(row_block, op),
+    )
     for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp)):
         if t is not None:
             check_float(t, name, op)
@@ -307,23 +351,46 @@ def linear_grpo_loss(
                 raise ValueError(f"{op}: {name} must have shape {(B, T)}, got {tuple(t.shape)}")
     check_advantages(advantages, op, B, T)
     beta, eps_low_, eps_high_, delta_ = validate_grpo_args(
-        op, beta=beta, eps_low=eps_low, eps_high=eps_high, delta=delta, loss_type=loss_type,
-        level=level, max_completion_length=max_completion_length,
-        num_items=num_items, has_ref=ref_logp is not None)
+        op,
+        beta=beta,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        delta=delta,
+        loss_type=loss_type,
+        level=level,
+        max_completion_length=max_completion_length,
+        num_items=num_items,
+        has_ref=ref_logp is not None,
+    )
     if mode == "one_pass" and level == "sequence":
-        raise ValueError(f"{op}: mode='one_pass' needs token-level ratios; sequence-level (GSPO) ratios take two passes")
+        raise ValueError(
+            f"{op}: mode='one_pass' needs token-level ratios; sequence-level (GSPO) ratios take two passes"
+        )
     one_pass = mode == "one_pass" or (mode == "auto" and level == "token")
 
     entropy_coef = check_number(entropy_coef, "entropy_coef", op, lo=0)
     for name, v in (("sapo_temperature_pos", sapo_temperature_pos), ("sapo_temperature_neg", sapo_temperature_neg)):
         check_number(v, name, op, lo=0.0, lo_open=True)
-    loss_kw = dict(ref_logp=ref_logp, beta=beta, eps_low=eps_low, eps_high=eps_high, delta=delta, loss_type=loss_type,
-                   level=level, max_completion_length=max_completion_length,
-                   num_items=num_items, kl_bias_correction=kl_bias_correction, importance_weights=importance_weights,
-                   sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg, impl=impl)
+    loss_kw = dict(
+        ref_logp=ref_logp,
+        beta=beta,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        delta=delta,
+        loss_type=loss_type,
+        level=level,
+        max_completion_length=max_completion_length,
+        num_items=num_items,
+        kl_bias_correction=kl_bias_correction,
+        importance_weights=importance_weights,
+        sapo_temperature_pos=sapo_temperature_pos,
+        sapo_temperature_neg=sapo_temperature_neg,
+        impl=impl,
+    )
     if not one_pass:
-        logp, ent = _unfused_logp(hidden, weight, targets_ig, bias, walk, compact,
-                                  with_entropy=return_entropy or entropy_coef != 0.0)
+        logp, ent = _unfused_logp(
+            hidden, weight, targets_ig, bias, walk, compact, with_entropy=return_entropy or entropy_coef != 0.0
+        )
         loss, metrics = grpo_loss(logp, old_logp, advantages, mask, **loss_kw)
         if entropy_coef != 0.0:
             loss = loss - entropy_coef * masked_mean(ent, valid)
@@ -335,18 +402,35 @@ def linear_grpo_loss(
     adv_bt = as_compute(advantages, dt).detach()
     adv_bt = (adv_bt.reshape(B, 1) if adv_bt.dim() == 1 else adv_bt).expand(B, T)
     flat = lambda t: None if t is None else as_compute(t, dt).detach().expand(B, T).reshape(-1)  # noqa: E731
-    old_f, ref_f, adv_f, iw_f = flat(old_logp), flat(ref_logp if beta != 0.0 else None), adv_bt.reshape(-1), \
-        flat(importance_weights)
+    old_f, ref_f, adv_f, iw_f = (
+        flat(old_logp),
+        flat(ref_logp if beta != 0.0 else None),
+        adv_bt.reshape(-1),
+        flat(importance_weights),
+    )
 
     def per_token_fn(take, lp):
         col = lambda t: None if t is None else take(t).unsqueeze(1)  # noqa: E731
         lp2 = lp.unsqueeze(1)
         old = lp2.detach() if old_f is None else col(old_f)
         per_tok, *_ = grpo_per_token(
-            lp2, old, col(adv_f), torch.ones_like(lp2), col(ref_f), beta=beta, eps_low=eps_low_, eps_high=eps_high_,
-            delta=delta_, loss_type=loss_type, level="token", kl_bias_correction=kl_bias_correction,
-            importance_weights=col(iw_f), sapo_temperature_pos=float(sapo_temperature_pos),
-            sapo_temperature_neg=float(sapo_temperature_neg), impl=impl)
+            lp2,
+            old,
+            col(adv_f),
+            torch.ones_like(lp2),
+            col(ref_f),
+            beta=beta,
+            eps_low=eps_low_,
+            eps_high=eps_high_,
+            delta=delta_,
+            loss_type=loss_type,
+            level="token",
+            kl_bias_correction=kl_bias_correction,
+            importance_weights=col(iw_f),
+            sapo_temperature_pos=float(sapo_temperature_pos),
+            sapo_temperature_neg=float(sapo_temperature_neg),
+            impl=impl,
+        )
         return per_tok.squeeze(1)
 
     w = _normalizer_weights(m, lambda x: grpo_normalize(x, m, loss_type, max_completion_length, num_items))
@@ -356,11 +440,24 @@ def linear_grpo_loss(
         metrics["logp"] = logp_bt
         return loss, metrics
 
-    return _one_pass(hidden, weight, bias, targets_ig, valid, per_token_fn, w, finalize_fn, walk=walk, compact=compact,
-                     with_entropy=return_entropy, entropy_coef=entropy_coef)
+    return _one_pass(
+        hidden,
+        weight,
+        bias,
+        targets_ig,
+        valid,
+        per_token_fn,
+        w,
+        finalize_fn,
+        walk=walk,
+        compact=compact,
+        with_entropy=return_entropy,
+        entropy_coef=entropy_coef,
+    )
 
 
 # ---- PPO -----------------------------------------------------------------------------------------
+
 
 def linear_ppo_policy_loss(
     hidden: torch.Tensor,
@@ -418,10 +515,17 @@ def linear_ppo_policy_loss(
     """
     op = "linear_ppo_policy_loss"
     B, T, V, D, inv_temp, softcap, backend, valid, targets_ig, compact = _prep_head(
-        op, hidden, weight, targets, mask, bias, temperature, softcap, impl, compact_ignored)
+        op, hidden, weight, targets, mask, bias, temperature, softcap, impl, compact_ignored
+    )
     check_choice(mode, "mode", op, ("auto", "one_pass", "two_pass"))
-    walk = lm_head.make_walk(hidden, weight, HeadTransform(1.0, inv_temp, softcap), backend, chunk_size=chunk_size,
-                             row_block=check_row_block(row_block, op))
+    walk = lm_head.make_walk(
+        hidden,
+        weight,
+        HeadTransform(1.0, inv_temp, softcap),
+        backend,
+        chunk_size=chunk_size,
+        row_block=check_row_block(row_block, op),
+    )
     check_float(old_logp, "old_logp", op)
     if tuple(old_logp.shape) != (B, T):
         raise ValueError(f"{op}: old_logp must have shape {(B, T)}, got {tuple(old_logp.shape)}")
@@ -433,8 +537,9 @@ def linear_ppo_policy_loss(
     entropy_coef = check_number(entropy_coef, "entropy_coef", op, lo=0)
     kw = dict(eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, level=level, impl=impl)
     if not one_pass:
-        logp, ent = _unfused_logp(hidden, weight, targets_ig, bias, walk, compact,
-                                  with_entropy=return_entropy or entropy_coef != 0.0)
+        logp, ent = _unfused_logp(
+            hidden, weight, targets_ig, bias, walk, compact, with_entropy=return_entropy or entropy_coef != 0.0
+        )
         loss, metrics = ppo_policy_loss(logp, old_logp, advantages, mask, **kw)
         if entropy_coef != 0.0:
             loss = loss - entropy_coef * masked_mean(ent, valid)
@@ -449,8 +554,16 @@ def linear_ppo_policy_loss(
 
     def per_token_fn(take, lp):
         lp2 = lp.unsqueeze(1)
-        per_tok, _ = ppo_policy_per_token(lp2, take(old_f).unsqueeze(1), take(adv_f).unsqueeze(1), torch.ones_like(lp2),
-                                          eps_low=eps_low_, eps_high=eps_high_, dual_clip=dual_, level="token")
+        per_tok, _ = ppo_policy_per_token(
+            lp2,
+            take(old_f).unsqueeze(1),
+            take(adv_f).unsqueeze(1),
+            torch.ones_like(lp2),
+            eps_low=eps_low_,
+            eps_high=eps_high_,
+            dual_clip=dual_,
+            level="token",
+        )
         return per_tok.squeeze(1)
 
     w = m / m.sum().clamp(min=1.0)
@@ -460,11 +573,24 @@ def linear_ppo_policy_loss(
         metrics["logp"] = logp_bt
         return loss, metrics
 
-    return _one_pass(hidden, weight, bias, targets_ig, valid, per_token_fn, w, finalize_fn, walk=walk, compact=compact,
-                     with_entropy=return_entropy, entropy_coef=entropy_coef)
+    return _one_pass(
+        hidden,
+        weight,
+        bias,
+        targets_ig,
+        valid,
+        per_token_fn,
+        w,
+        finalize_fn,
+        walk=walk,
+        compact=compact,
+        with_entropy=return_entropy,
+        entropy_coef=entropy_coef,
+    )
 
 
 # ---- DPO -----------------------------------------------------------------------------------------
+
 
 def linear_dpo_loss(
     hidden: torch.Tensor,
@@ -516,20 +642,37 @@ def linear_dpo_loss(
     """
     op = "linear_dpo_loss"
     B2, T, V, D, inv_temp, softcap, backend, valid, targets_ig, compact = _prep_head(
-        op, hidden, weight, targets, mask, bias, temperature, softcap, impl, compact_ignored)
+        op, hidden, weight, targets, mask, bias, temperature, softcap, impl, compact_ignored
+    )
     if B2 % 2:
         raise ValueError(f"{op}: hidden must hold chosen rows then rejected rows (an even count), got {B2} rows")
     if ref_logp is not None:
         check_float(ref_logp, "ref_logp", op)
         if tuple(ref_logp.shape) != (B2,):
             raise ValueError(f"{op}: ref_logp must have shape ({B2},), got {tuple(ref_logp.shape)}")
-    walk = lm_head.make_walk(hidden, weight, HeadTransform(1.0, inv_temp, softcap), backend, chunk_size=chunk_size,
-                             row_block=check_row_block(row_block, op))
-    logp, _ = _unfused_logp(hidden, weight, targets_ig, bias, walk, compact,
-                            grad_filter_eps=check_grad_filter_eps(grad_filter_eps, op))
+    walk = lm_head.make_walk(
+        hidden,
+        weight,
+        HeadTransform(1.0, inv_temp, softcap),
+        backend,
+        chunk_size=chunk_size,
+        row_block=check_row_block(row_block, op),
+    )
+    logp, _ = _unfused_logp(
+        hidden, weight, targets_ig, bias, walk, compact, grad_filter_eps=check_grad_filter_eps(grad_filter_eps, op)
+    )
     seq = logp.sum(-1)
     lengths = valid.sum(-1)
     B = B2 // 2
     rc, rr = (None, None) if ref_logp is None else (ref_logp[:B], ref_logp[B:])
-    return dpo_loss(seq[:B], seq[B:], rc, rr, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
-                    chosen_lengths=lengths[:B], rejected_lengths=lengths[B:])
+    return dpo_loss(
+        seq[:B],
+        seq[B:],
+        rc,
+        rr,
+        beta=beta,
+        loss_type=loss_type,
+        label_smoothing=label_smoothing,
+        chosen_lengths=lengths[:B],
+        rejected_lengths=lengths[B:],
+    )

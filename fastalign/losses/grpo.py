@@ -36,11 +36,14 @@ def check_advantages(adv, op: str, B: int, T: int) -> None:
     check_float(adv, "advantages", op)
     ok = adv.shape in ((B,), (B, 1), (B, T))
     if not ok:
-        raise ValueError(f"{op}: advantages must have shape [B]={B}, [B, 1] or [B, T]=({B}, {T}), got {tuple(adv.shape)}")
+        raise ValueError(
+            f"{op}: advantages must have shape [B]={B}, [B, 1] or [B, T]=({B}, {T}), got {tuple(adv.shape)}"
+        )
 
 
-def validate_grpo_args(op: str, *, beta, eps_low, eps_high, delta, loss_type, level,
-                       max_completion_length, num_items, has_ref: bool):
+def validate_grpo_args(
+    op: str, *, beta, eps_low, eps_high, delta, loss_type, level, max_completion_length, num_items, has_ref: bool
+):
     """Checks shared by :func:`grpo_loss` and the fused form; returns the resolved scalars."""
     check_choice(loss_type, "loss_type", op, GRPO_LOSS_TYPES)
     check_choice(level, "level", op, LEVELS)
@@ -57,17 +60,25 @@ def validate_grpo_args(op: str, *, beta, eps_low, eps_high, delta, loss_type, le
         eps_high = eps_low if eps_high is None else check_number(eps_high, "eps_high", op, lo=0.0)
     if delta is not None:
         if loss_type in ("cispo", "sapo"):
-            raise ValueError(f"{op}: delta (two-sided clipping) does not apply to loss_type={loss_type!r}, got delta={delta}")
+            raise ValueError(
+                f"{op}: delta (two-sided clipping) does not apply to loss_type={loss_type!r}, got delta={delta}"
+            )
         delta = check_number(delta, "delta", op, lo=0.0, lo_open=True)
     if max_completion_length is not None:
-        if isinstance(max_completion_length, bool) or not isinstance(max_completion_length, int) or max_completion_length < 1:
+        if (
+            isinstance(max_completion_length, bool)
+            or not isinstance(max_completion_length, int)
+            or max_completion_length < 1
+        ):
             raise ValueError(f"{op}: max_completion_length must be a positive int, got {max_completion_length!r}")
     if beta != 0.0 and not has_ref:
         raise ValueError(f"{op}: beta={beta} needs ref_logp (the reference model's per-token log-probs), got None")
     if num_items is not None:
         if isinstance(num_items, torch.Tensor):
             if num_items.numel() != 1:
-                raise ValueError(f"{op}: num_items must be a number or a one-element tensor, got shape {tuple(num_items.shape)}")
+                raise ValueError(
+                    f"{op}: num_items must be a number or a one-element tensor, got shape {tuple(num_items.shape)}"
+                )
         elif isinstance(num_items, bool) or not isinstance(num_items, (int, float)) or not num_items > 0:
             raise ValueError(f"{op}: num_items must be a positive number or a one-element tensor, got {num_items!r}")
     return beta, eps_low, eps_high, delta
@@ -275,13 +286,29 @@ def grpo_loss(
     if importance_weights is not None:
         check_float(importance_weights, "importance_weights", op)
         if importance_weights.shape not in ((B, T), (B, 1)):
-            raise ValueError(f"{op}: importance_weights must have shape {(B, T)} or {(B, 1)}, got {tuple(importance_weights.shape)}")
-    check_same_device(op, logp=logp, old_logp=old_logp, advantages=advantages, mask=mask, ref_logp=ref_logp,
-                      importance_weights=importance_weights)
+            raise ValueError(
+                f"{op}: importance_weights must have shape {(B, T)} or {(B, 1)}, got {tuple(importance_weights.shape)}"
+            )
+    check_same_device(
+        op,
+        logp=logp,
+        old_logp=old_logp,
+        advantages=advantages,
+        mask=mask,
+        ref_logp=ref_logp,
+        importance_weights=importance_weights,
+    )
     beta, eps_low, eps_high, delta = validate_grpo_args(
-        op, beta=beta, eps_low=eps_low, eps_high=eps_high, delta=delta, loss_type=loss_type,
-        level=level, max_completion_length=max_completion_length,
-        num_items=num_items, has_ref=ref_logp is not None,
+        op,
+        beta=beta,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        delta=delta,
+        loss_type=loss_type,
+        level=level,
+        max_completion_length=max_completion_length,
+        num_items=num_items,
+        has_ref=ref_logp is not None,
     )
 
     sapo_temperature_pos = check_number(sapo_temperature_pos, "sapo_temperature_pos", op, lo=0.0, lo_open=True)
@@ -295,9 +322,21 @@ def grpo_loss(
     iw = None if importance_weights is None else as_compute(importance_weights, dt).detach()
 
     per_token, per_token_kl, coef_1, adv2 = grpo_per_token(
-        lp, old, adv, m, ref, beta=beta, eps_low=eps_low, eps_high=eps_high, delta=delta, loss_type=loss_type,
-        level=level, kl_bias_correction=kl_bias_correction,
-        importance_weights=iw, sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
+        lp,
+        old,
+        adv,
+        m,
+        ref,
+        beta=beta,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        delta=delta,
+        loss_type=loss_type,
+        level=level,
+        kl_bias_correction=kl_bias_correction,
+        importance_weights=iw,
+        sapo_temperature_pos=sapo_temperature_pos,
+        sapo_temperature_neg=sapo_temperature_neg,
         impl=impl,
     )
     loss = grpo_normalize(per_token, m, loss_type, max_completion_length, num_items)

@@ -94,7 +94,9 @@ def ppo_policy_loss(
     _check_bt(old_logp, "old_logp", op, logp.shape)
     check_float(advantages, "advantages", op)
     if advantages.shape not in ((B, T), (B,), (B, 1)):
-        raise ValueError(f"{op}: advantages must have shape {(B, T)}, ({B},) or ({B}, 1), got {tuple(advantages.shape)}")
+        raise ValueError(
+            f"{op}: advantages must have shape {(B, T)}, ({B},) or ({B}, 1), got {tuple(advantages.shape)}"
+        )
     check_mask(mask, "mask", op)
     if tuple(mask.shape) != (B, T):
         raise ValueError(f"{op}: mask must have shape {(B, T)}, got {tuple(mask.shape)}")
@@ -102,11 +104,23 @@ def ppo_policy_loss(
     eps_low, eps_high, dual_clip = validate_ppo_policy_args(op, eps_low, eps_high, dual_clip, level)
     # the per-token surrogate is fastalign.clipped_surrogate (Triton on CUDA), stats from the same pass
     per_token, stats = clipped_surrogate_with_stats(
-        logp, old_logp.detach(), advantages.detach(), eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip,
-        mask=mask, level=level, impl=impl)
+        logp,
+        old_logp.detach(),
+        advantages.detach(),
+        eps_low=eps_low,
+        eps_high=eps_high,
+        dual_clip=dual_clip,
+        mask=mask,
+        level=level,
+        impl=impl,
+    )
     loss = masked_mean(per_token, mask)
-    metrics = {"approx_kl": stats["approx_kl"], "clip_frac": stats["clip_frac"],
-               "clip_frac_low": stats["clip_frac_low"], "clip_frac_high": stats["clip_frac_high"]}
+    metrics = {
+        "approx_kl": stats["approx_kl"],
+        "clip_frac": stats["clip_frac"],
+        "clip_frac_low": stats["clip_frac_low"],
+        "clip_frac_high": stats["clip_frac_high"],
+    }
     if dual_clip is not None:
         metrics["dual_clip_frac"] = stats["dual_clip_frac"]
     return loss, metrics
@@ -223,8 +237,9 @@ def ppo_loss(
     entropy_coef = check_number(entropy_coef, "entropy_coef", op, lo=0.0)
     if (values is None) != (returns is None):
         raise ValueError(f"{op}: pass both values and returns or neither, got only one")
-    pol, metrics = ppo_policy_loss(logp, old_logp, advantages, mask, eps_low=eps_low, eps_high=eps_high,
-                                   dual_clip=dual_clip, impl=impl)
+    pol, metrics = ppo_policy_loss(
+        logp, old_logp, advantages, mask, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, impl=impl
+    )
     loss = pol
     metrics = {"policy": pol.detach(), **metrics}
     if values is not None:

@@ -6,6 +6,7 @@ import torch
 
 from fastalign._validation import check_mask
 
+
 def as_rows(x: torch.Tensor) -> torch.Tensor:
     """``x[..., T]`` as an ``[R, T]`` tensor: a view whenever torch can reshape without copying."""
     if x.dim() == 0:
@@ -28,8 +29,9 @@ def mask_u8(mask: torch.Tensor) -> torch.Tensor:
 def check_token_mask(mask, shape, name: str, op: str) -> torch.Tensor:
     check_mask(mask, name, op)
     if tuple(mask.shape) != tuple(shape):
-        raise ValueError(f"{op}: {name} must have the same shape as the log-probs {tuple(shape)}, "
-                         f"got {tuple(mask.shape)}")
+        raise ValueError(
+            f"{op}: {name} must have the same shape as the log-probs {tuple(shape)}, got {tuple(mask.shape)}"
+        )
     return mask
 
 

@@ -24,6 +24,7 @@ TORCH_GAE_BLOCK = 64
 
 # ---- torch path ---------------------------------------------------------------------------------
 
+
 def _reverse_scan_doubling(c: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Along the last dim: maps composed right-to-left, ``(C_j, D_j)`` with ``X_j = D_j + C_j X_end``
     solving ``X_j = d_j + c_j X_{j+1}`` (Hillis-Steele doubling, ping-ponging two buffer pairs: the
@@ -34,8 +35,8 @@ def _reverse_scan_doubling(c: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tens
     while s < n:
         torch.addcmul(d[..., : n - s], c[..., : n - s], d[..., s:], out=d2[..., : n - s])
         torch.mul(c[..., : n - s], c[..., s:], out=c2[..., : n - s])
-        d2[..., n - s:] = d[..., n - s:]  # already complete: carried over
-        c2[..., n - s:] = c[..., n - s:]
+        d2[..., n - s :] = d[..., n - s :]  # already complete: carried over
+        c2[..., n - s :] = c[..., n - s :]
         c, d, c2, d2 = c2, d2, c, d
         s *= 2
     return c, d
@@ -93,9 +94,18 @@ def gae_fwd_torch(rewards, values, mask, dones, next_values, gamma, lam, acc, *,
 
 # ---- public functions ---------------------------------------------------------------------------
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None, *,
-        gamma: float = 1.0, lam: float = 0.95, dones: torch.Tensor | None = None,
-        next_values: torch.Tensor | None = None, impl: Impl = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    dones: torch.Tensor | None = None,
+    next_values: torch.Tensor | None = None,
+    impl: Impl = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalized advantage estimation per row, with a token mask and episode ends.
 
     Reverse recurrence per row from ``nv = next_values`` (default 0), ``A = 0``: at a valid step
@@ -137,8 +147,10 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None =
         raise ValueError(f"{_OP}: rewards must have at least 1 dim [..., T], got a 0-dim tensor")
     shape = tuple(rewards.shape)
     if tuple(values.shape) != shape:
-        raise ValueError(f"{_OP}: values must have the shape of rewards {shape}, got {tuple(values.shape)} "
-                         f"(pass values[:, :T] and next_values=values[:, T] for [B, T+1] values)")
+        raise ValueError(
+            f"{_OP}: values must have the shape of rewards {shape}, got {tuple(values.shape)} "
+            f"(pass values[:, :T] and next_values=values[:, T] for [B, T+1] values)"
+        )
     if mask is not None:
         check_token_mask(mask, shape, "mask", _OP)
     if dones is not None:
@@ -147,12 +159,12 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None =
     if next_values is not None:
         check_float(next_values, "next_values", _OP)
         if tuple(next_values.shape) not in (lead, lead + (1,)):
-            raise ValueError(f"{_OP}: next_values must have shape {lead} or {lead + (1,)}, "
-                             f"got {tuple(next_values.shape)}")
+            raise ValueError(
+                f"{_OP}: next_values must have shape {lead} or {lead + (1,)}, got {tuple(next_values.shape)}"
+            )
     gamma = check_number(gamma, "gamma", _OP, lo=0, hi=1)
     lam = check_number(lam, "lam", _OP, lo=0, hi=1)
-    device = check_same_device(_OP, rewards=rewards, values=values, mask=mask, dones=dones,
-                               next_values=next_values)
+    device = check_same_device(_OP, rewards=rewards, values=values, mask=mask, dones=dones, next_values=next_values)
     backend = select_impl(impl, device, op=_OP)
     acc = acc_dtype(rewards.dtype, values.dtype)
 
@@ -171,13 +183,15 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None =
 
             adv, ret = gae_fwd(r2, v2, m2, d2, nv, gamma, lam, acc)
         else:
-            adv, ret = gae_fwd_torch(r2, v2, m2, d2, nv, gamma, lam, acc, has_mask=mask is not None,
-                                     has_dones=dones is not None)
+            adv, ret = gae_fwd_torch(
+                r2, v2, m2, d2, nv, gamma, lam, acc, has_mask=mask is not None, has_dones=dones is not None
+            )
     return adv.view(shape), ret.view(shape)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, unbiased: bool = True, eps: float = 1e-8,
-                  shift_mean: bool = True) -> torch.Tensor:
+def masked_whiten(
+    x: torch.Tensor, mask: torch.Tensor, *, unbiased: bool = True, eps: float = 1e-8, shift_mean: bool = True
+) -> torch.Tensor:
     """``(x - mean_m) * rsqrt(var_m + eps)`` with the mean / variance over the elements where ``mask`` is 1.
 
     As TRL's and verl's ``masked_whiten``: the formula is applied to *every* element (multiply by the

@@ -110,9 +110,16 @@ def group_advantages_fwd_torch(rewards, ids, group_size, eps, loo, scale_mode, u
 
 
 def group_advantages(
-    rewards: torch.Tensor, group_ids: torch.Tensor | None = None, *, group_size: int | None = None,
-    baseline: Baseline = "mean", scale: Scale = "group", unbiased: bool = False, eps: float = 1e-8,
-    singleton: Singleton = "zero", impl: Impl = "auto",
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor | None = None,
+    *,
+    group_size: int | None = None,
+    baseline: Baseline = "mean",
+    scale: Scale = "group",
+    unbiased: bool = False,
+    eps: float = 1e-8,
+    singleton: Singleton = "zero",
+    impl: Impl = "auto",
 ) -> torch.Tensor:
     """Group-relative advantage of each sample from its sequence reward.
 
@@ -167,8 +174,9 @@ def group_advantages(
         raise ValueError(f"{_OP}: rewards must be 1-D [N], got shape {tuple(rewards.shape)}")
     N = rewards.shape[0]
     if (group_ids is None) == (group_size is None):
-        raise ValueError(f"{_OP}: pass exactly one of group_ids and group_size, got "
-                         f"{'both' if group_ids is not None else 'neither'}")
+        raise ValueError(
+            f"{_OP}: pass exactly one of group_ids and group_size, got {'both' if group_ids is not None else 'neither'}"
+        )
     if group_ids is not None:
         check_int(group_ids, "group_ids", _OP)
         if tuple(group_ids.shape) != (N,):

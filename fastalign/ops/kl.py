@@ -24,8 +24,8 @@ KLKind = Literal["k1", "k2", "k3"]
 
 # ---- torch path ---------------------------------------------------------------------------------
 
-def kl_fwd_torch(logp, ref, kind: int, lr_clamp: float, out_clamp: float, acc: torch.dtype,
-                 want_grad: bool = True):
+
+def kl_fwd_torch(logp, ref, kind: int, lr_clamp: float, out_clamp: float, acc: torch.dtype, want_grad: bool = True):
     """(estimator, d estimator / d logp or None); d / d ref is the negative. torch.clamp's gradient
     convention: zero where a clamp is active."""
     x = logp.to(acc) - ref.to(acc)
@@ -53,6 +53,7 @@ def kl_fwd_torch(logp, ref, kind: int, lr_clamp: float, out_clamp: float, acc: t
 
 
 # ---- autograd -------------------------------------------------------------------------------------
+
 
 class KLPenaltyFunction(torch.autograd.Function):
     @staticmethod
@@ -90,9 +91,16 @@ class KLPenaltyFunction(torch.autograd.Function):
 
 # ---- public functions ---------------------------------------------------------------------------
 
-def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: KLKind = "k3", *,
-               clamp: float | None = None, log_ratio_clamp: float | None = None,
-               impl: Impl = "auto") -> torch.Tensor:
+
+def kl_penalty(
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    kind: KLKind = "k3",
+    *,
+    clamp: float | None = None,
+    log_ratio_clamp: float | None = None,
+    impl: Impl = "auto",
+) -> torch.Tensor:
     """Per-token KL estimator between the policy and the reference (Schulman's k1 / k2 / k3).
 
     With ``x = logp - ref_logp``:
@@ -135,8 +143,9 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: KLKind = "k3", 
     check_float(logp, "logp", _OP)
     check_float(ref_logp, "ref_logp", _OP)
     if tuple(logp.shape) != tuple(ref_logp.shape):
-        raise ValueError(f"{_OP}: ref_logp must have the shape of logp {tuple(logp.shape)}, "
-                         f"got {tuple(ref_logp.shape)}")
+        raise ValueError(
+            f"{_OP}: ref_logp must have the shape of logp {tuple(logp.shape)}, got {tuple(ref_logp.shape)}"
+        )
     check_choice(kind, "kind", _OP, tuple(_KINDS))
     out_clamp = check_number(clamp, "clamp", _OP, lo=0, lo_open=True, optional=True)
     out_clamp = math.inf if out_clamp is None else out_clamp

@@ -40,6 +40,7 @@ _OP = "linear_logprobs"
 
 # ---- autograd -----------------------------------------------------------------------------------
 
+
 class LinearLogprobsFunction(torch.autograd.Function):
     """Thin: runs the engine's walks; saves hidden/weight/bias (by reference), targets, the forward's
     per-row results (and tile maxima for the grad filter)."""
@@ -47,8 +48,9 @@ class LinearLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, valid, walk, with_entropy, grad_filter_eps):
         ctx.set_materialize_grads(False)
-        stats = lm_head.forward(hidden, weight, bias, targets, walk, with_entropy=with_entropy,
-                                save_tile_max=grad_filter_eps is not None)
+        stats = lm_head.forward(
+            hidden, weight, bias, targets, walk, with_entropy=with_entropy, save_tile_max=grad_filter_eps is not None
+        )
         logp, entropy = stats.target_x - stats.lse, stats.entropy
         if valid is not None:  # uncompacted rows: ignored positions give 0
             logp = torch.where(valid, logp, torch.zeros_like(logp))
@@ -71,15 +73,34 @@ class LinearLogprobsFunction(torch.autograd.Function):
             return g if valid is None else torch.where(valid, g, torch.zeros_like(g))
 
         d_h, d_w, d_b = lm_head.backward(
-            hidden, weight, bias, targets, stats, prep(g_logp), prep(g_ent) if stats.entropy is not None else None,
-            ctx.walk, need_hidden=ctx.needs_input_grad[0], need_weight=ctx.needs_input_grad[1],
-            need_bias=bias is not None and ctx.needs_input_grad[2], grad_filter_eps=ctx.grad_filter_eps)
+            hidden,
+            weight,
+            bias,
+            targets,
+            stats,
+            prep(g_logp),
+            prep(g_ent) if stats.entropy is not None else None,
+            ctx.walk,
+            need_hidden=ctx.needs_input_grad[0],
+            need_weight=ctx.needs_input_grad[1],
+            need_bias=bias is not None and ctx.needs_input_grad[2],
+            grad_filter_eps=ctx.grad_filter_eps,
+        )
         return d_h, d_w, d_b, None, None, None, None, None
 
 
-def apply_linear_logprobs(hidden2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                          targets: torch.Tensor, walk: Walk, *, with_entropy: bool, ignore_index: int | None,
-                          compact_ignored: bool, grad_filter_eps: float | None = None):
+def apply_linear_logprobs(
+    hidden2d: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    walk: Walk,
+    *,
+    with_entropy: bool,
+    ignore_index: int | None,
+    compact_ignored: bool,
+    grad_filter_eps: float | None = None,
+):
     """Rows ``hidden2d [n, D]`` with int64 ``targets [n]`` -> ``(logp [n], entropy [n] or None)``.
 
     With ``ignore_index`` not None, ignored rows give 0: gathered away first when ``compact_ignored``
@@ -94,8 +115,9 @@ def apply_linear_logprobs(hidden2d: torch.Tensor, weight: torch.Tensor, bias: to
     idx = valid.nonzero().squeeze(1)  # the host sync: ignored rows never reach a GEMM
     if idx.numel() == targets.shape[0]:  # none ignored: no gather copy
         return LinearLogprobsFunction.apply(hidden2d, weight, bias, targets, None, *args)
-    logp_v, ent_v = LinearLogprobsFunction.apply(hidden2d.index_select(0, idx), weight, bias,
-                                                 targets.index_select(0, idx), None, *args)
+    logp_v, ent_v = LinearLogprobsFunction.apply(
+        hidden2d.index_select(0, idx), weight, bias, targets.index_select(0, idx), None, *args
+    )
     n = targets.shape[0]
     logp = logp_v.new_zeros(n).index_copy(0, idx, logp_v)
     ent = None if ent_v is None else ent_v.new_zeros(n).index_copy(0, idx, ent_v)
@@ -119,25 +141,61 @@ def check_row_block(row_block, op: str) -> int | None:
 
 # ---- public function ----------------------------------------------------------------------------
 
-@overload
-def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                    bias: torch.Tensor | None = ..., temperature: float = ..., softcap: float | None = ...,
-                    ignore_index: int = ..., return_entropy: Literal[False] = ..., chunk_size: int | None = ...,
-                    row_block: int | None = ..., compact_ignored: bool | None = ...,
-                    grad_filter_eps: float | None = ..., impl: Impl = ...) -> torch.Tensor: ...
-
 
 @overload
-def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                    bias: torch.Tensor | None = ..., temperature: float = ..., softcap: float | None = ...,
-                    ignore_index: int = ..., return_entropy: Literal[True], chunk_size: int | None = ...,
-                    row_block: int | None = ..., compact_ignored: bool | None = ...,
-                    grad_filter_eps: float | None = ..., impl: Impl = ...) -> tuple[torch.Tensor, torch.Tensor]: ...
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = ...,
+    temperature: float = ...,
+    softcap: float | None = ...,
+    ignore_index: int = ...,
+    return_entropy: Literal[False] = ...,
+    chunk_size: int | None = ...,
+    row_block: int | None = ...,
+    compact_ignored: bool | None = ...,
+    grad_filter_eps: float | None = ...,
+    impl: Impl = ...,
+) -> torch.Tensor: ...
 
 
-def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, softcap=None, ignore_index=-100,
-                    return_entropy=False, chunk_size=None, row_block=None, compact_ignored=None,
-                    grad_filter_eps=None, impl="auto"):
+@overload
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = ...,
+    temperature: float = ...,
+    softcap: float | None = ...,
+    ignore_index: int = ...,
+    return_entropy: Literal[True],
+    chunk_size: int | None = ...,
+    row_block: int | None = ...,
+    compact_ignored: bool | None = ...,
+    grad_filter_eps: float | None = ...,
+    impl: Impl = ...,
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def linear_logprobs(
+    hidden,
+    weight,
+    targets,
+    *,
+    bias=None,
+    temperature=1.0,
+    softcap=None,
+    ignore_index=-100,
+    return_entropy=False,
+    chunk_size=None,
+    row_block=None,
+    compact_ignored=None,
+    grad_filter_eps=None,
+    impl="auto",
+):
     """Per-token log-probs (and entropy) of ``softmax(f(hidden @ weight.T + bias) / temperature)``
     at ``targets``, chunked over the vocabulary: the ``[N, V]`` logits never exist.
 
@@ -189,11 +247,13 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, soft
         raise ValueError(f"{_OP}: weight must have shape [V, D], got {tuple(weight.shape)}")
     V, D = weight.shape
     if hidden.shape[-1] != D:
-        raise ValueError(f"{_OP}: hidden must have shape [..., D] with D = weight.shape[1] = {D}, "
-                         f"got {tuple(hidden.shape)}")
+        raise ValueError(
+            f"{_OP}: hidden must have shape [..., D] with D = weight.shape[1] = {D}, got {tuple(hidden.shape)}"
+        )
     if tuple(targets.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"{_OP}: targets must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, "
-                         f"got {tuple(targets.shape)}")
+        raise ValueError(
+            f"{_OP}: targets must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, got {tuple(targets.shape)}"
+        )
     if bias is not None and tuple(bias.shape) != (V,):
         raise ValueError(f"{_OP}: bias must have shape ({V},), got {tuple(bias.shape)}")
     inv_temp = 1.0 / check_number(temperature, "temperature", _OP, lo=0, lo_open=True)
@@ -209,14 +269,29 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, soft
     backend = select_impl(impl, device, op=_OP)
 
     targets_flat = targets.reshape(-1).long()
-    check_index_range(targets_flat, V, "targets", _OP, ignore=ignore_index,
-                      allowed=f"[0, {V}) or ignore_index={ignore_index}")  # host sync unless index_checks=False
+    check_index_range(
+        targets_flat, V, "targets", _OP, ignore=ignore_index, allowed=f"[0, {V}) or ignore_index={ignore_index}"
+    )  # host sync unless index_checks=False
     hidden2d = hidden.reshape(-1, D)
-    walk = lm_head.make_walk(hidden, weight, HeadTransform(inv_temp=inv_temp, softcap=softcap), backend,
-                             chunk_size=chunk_size, row_block=row_block)
-    logp, entropy = apply_linear_logprobs(hidden2d, weight, bias, targets_flat, walk, with_entropy=bool(return_entropy),
-                                          ignore_index=ignore_index, compact_ignored=compact,
-                                          grad_filter_eps=grad_filter_eps)
+    walk = lm_head.make_walk(
+        hidden,
+        weight,
+        HeadTransform(inv_temp=inv_temp, softcap=softcap),
+        backend,
+        chunk_size=chunk_size,
+        row_block=row_block,
+    )
+    logp, entropy = apply_linear_logprobs(
+        hidden2d,
+        weight,
+        bias,
+        targets_flat,
+        walk,
+        with_entropy=bool(return_entropy),
+        ignore_index=ignore_index,
+        compact_ignored=compact,
+        grad_filter_eps=grad_filter_eps,
+    )
     logp = logp.view(targets.shape)
     if return_entropy:
         return logp, entropy.view(targets.shape)

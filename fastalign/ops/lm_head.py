@@ -75,8 +75,6 @@ Ignored rows, index checks and compaction are the callers' (``ops/linear_logprob
 from __future__ import annotations
 
 import dataclasses
-import functools
-import warnings
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -90,6 +88,7 @@ _LOW = (torch.float16, torch.bfloat16)
 
 
 # ---- the head transform -------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class HeadTransform:
@@ -139,6 +138,7 @@ class HeadTransform:
 
 # ---- dtypes and GEMMs ---------------------------------------------------------------------------
 
+
 def compute_dtype_for(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """The GEMM dtype: the autocast dtype when autocast is on (and no input is fp64), else the
     promoted dtype of hidden and weight."""
@@ -148,28 +148,13 @@ def compute_dtype_for(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
-@functools.cache
-def mm_out_dtype_supported() -> bool:
-    """Whether this torch has ``torch.mm`` / ``torch.addmm`` with ``out_dtype`` (torch >= 2.8):
-    bf16/fp16 operands, fp32 accumulation and fp32 output in one cuBLAS call."""
-    return all("dtype_out" in op.overloads() for op in (torch.ops.aten.mm, torch.ops.aten.addmm))
-
-
 def gemm_dtype(compute_dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """dtype of the GEMM operands: the compute dtype, or fp32 when that is bf16/fp16 and the device
-    has no mixed-dtype GEMM (CPU; CUDA before torch 2.8). The operands are rounded to the compute
-    dtype first, so fp32 operands give the same products (exact in fp32) and fp32 sums as the
-    mixed-dtype GEMM (and dZ stays fp32), at fp32 GEMM speed: a serious slowdown on a GPU, hence
-    the warning there. The choice comes from a capability check of torch, never from an error."""
-    if compute_dtype not in _LOW:
-        return compute_dtype
-    if device.type == "cuda":
-        if mm_out_dtype_supported():
-            return compute_dtype
-        warnings.warn(f"linear_logprobs: torch {torch.__version__} has no torch.mm(..., out_dtype=) (torch >= 2.8): "
-                      f"{compute_dtype} GEMMs run as fp32 GEMMs on upcast operands (as accurate, slower)",
-                      RuntimeWarning, stacklevel=3)
-    return torch.float32
+    """dtype of the GEMM operands: the compute dtype, except bf16/fp16 on the CPU, whose torch has no
+    mixed-dtype GEMM (``torch.mm(..., out_dtype=)`` is CUDA-only): fp32 operands there, rounded to the
+    compute dtype first, so the products (exact in fp32) and fp32 sums equal the mixed-dtype GEMM's."""
+    if compute_dtype in _LOW and device.type != "cuda":
+        return torch.float32
+    return compute_dtype
 
 
 def _operand(x: torch.Tensor, compute_dtype: torch.dtype, gemm: torch.dtype) -> torch.Tensor:
@@ -209,6 +194,7 @@ def _view(flat: torch.Tensor, n_rows: int, n_cols: int) -> torch.Tensor:
 
 # ---- the walk's settings ------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class Walk:
     """How one call walks its tiles; fixed in the forward, reused by its backward.
@@ -242,23 +228,46 @@ class Walk:
         return linear_logprobs_tile_fwd_torch, linear_logprobs_tile_bwd_torch
 
 
-def make_walk(hidden: torch.Tensor, weight: torch.Tensor, head: HeadTransform, backend: str, *,
-              compute_dtype: torch.dtype | None = None, chunk_size: int | None = None,
-              row_block: int | None = None) -> Walk:
+def make_walk(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    head: HeadTransform,
+    backend: str,
+    *,
+    compute_dtype: torch.dtype | None = None,
+    chunk_size: int | None = None,
+    row_block: int | None = None,
+) -> Walk:
     """A :class:`Walk` with the precision settings in effect (``fastalign.get_config()``) and the
     compute dtype of :func:`compute_dtype_for` unless given."""
     cfg = get_config()
     if compute_dtype is None:
         compute_dtype = compute_dtype_for(hidden, weight)
-    return Walk(head=head, compute_dtype=compute_dtype, backend=backend, chunk_size=chunk_size, row_block=row_block,
-                fp32_logits=cfg.fp32_logits, dw_fp32=cfg.dw_fp32)
+    return Walk(
+        head=head,
+        compute_dtype=compute_dtype,
+        backend=backend,
+        chunk_size=chunk_size,
+        row_block=row_block,
+        fp32_logits=cfg.fp32_logits,
+        dw_fp32=cfg.dw_fp32,
+    )
 
 
 # ---- epilogues ----------------------------------------------------------------------------------
 
-def linear_logprobs_tile_fwd_torch(tile: torch.Tensor, targets: torch.Tensor, m: torch.Tensor, s: torch.Tensor,
-                                   t: torch.Tensor | None, tgt: torch.Tensor, tile_max: torch.Tensor | None,
-                                   vocab_start: int, head: HeadTransform) -> None:
+
+def linear_logprobs_tile_fwd_torch(
+    tile: torch.Tensor,
+    targets: torch.Tensor,
+    m: torch.Tensor,
+    s: torch.Tensor,
+    t: torch.Tensor | None,
+    tgt: torch.Tensor,
+    tile_max: torch.Tensor | None,
+    vocab_start: int,
+    head: HeadTransform,
+) -> None:
     """Fold one ``[n, C]`` logits tile into the running online-LSE state (see kernels/logsumexp.py:
     t relative to m); never writes the tile."""
     n, n_cols = tile.shape
@@ -285,9 +294,17 @@ def linear_logprobs_tile_fwd_torch(tile: torch.Tensor, targets: torch.Tensor, m:
     m.copy_(m_new)
 
 
-def linear_logprobs_tile_bwd_torch(tile: torch.Tensor, dz: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
-                                   entropy: torch.Tensor | None, g_logp: torch.Tensor | None,
-                                   g_ent: torch.Tensor | None, vocab_start: int, head: HeadTransform) -> None:
+def linear_logprobs_tile_bwd_torch(
+    tile: torch.Tensor,
+    dz: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor | None,
+    g_logp: torch.Tensor | None,
+    g_ent: torch.Tensor | None,
+    vocab_start: int,
+    head: HeadTransform,
+) -> None:
     """dLoss/dZ of one tile into ``dz`` (computed in the tile, copied when ``dz`` is another buffer):
     ``dx = g (onehot - p) - g_ent p (logp + H)``, then ``dz = dx f'(z)``."""
     n, n_cols = tile.shape
@@ -304,8 +321,9 @@ def linear_logprobs_tile_bwd_torch(tile: torch.Tensor, dz: torch.Tensor, targets
     if g_logp is not None:
         local = targets - vocab_start
         hit = (local >= 0) & (local < n_cols)
-        d.scatter_add_(1, local.clamp(0, n_cols - 1).unsqueeze(1),
-                       torch.where(hit, g_logp, torch.zeros_like(g_logp)).unsqueeze(1))
+        d.scatter_add_(
+            1, local.clamp(0, n_cols - 1).unsqueeze(1), torch.where(hit, g_logp, torch.zeros_like(g_logp)).unsqueeze(1)
+        )
     d = head.chain_(d, x)
     if d is not dz:
         dz.copy_(d)
@@ -317,14 +335,16 @@ def _linear_logprobs_tile_fwd_triton(tile, targets, m, s, t, tgt, tile_max, voca
     linear_logprobs_tile_fwd(tile, targets, m, s, t, tgt, tile_max, vocab_start, *head.args)
 
 
-def _linear_logprobs_tile_bwd_triton(tile, dz, targets, lse, entropy, g_logp, g_ent, vocab_start,
-                                     head: HeadTransform) -> None:
+def _linear_logprobs_tile_bwd_triton(
+    tile, dz, targets, lse, entropy, g_logp, g_ent, vocab_start, head: HeadTransform
+) -> None:
     from fastalign.kernels.linear_logprobs import linear_logprobs_tile_bwd
 
     linear_logprobs_tile_bwd(tile, dz, targets, lse, entropy, g_logp, g_ent, vocab_start, *head.args)
 
 
 # ---- the walks ----------------------------------------------------------------------------------
+
 
 class HeadStats(NamedTuple):
     """The forward's per-row results, ``[n]`` in the accumulation dtype: ``logp = target_x - lse``
@@ -363,8 +383,16 @@ def _bias_operand(bias, v0, v1, walk: Walk):
     return None if bias is None else bias[v0:v1].to(walk.compute_dtype).to(walk.acc)
 
 
-def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-            walk: Walk, *, with_entropy: bool, save_tile_max: bool = False) -> HeadStats:
+def forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    walk: Walk,
+    *,
+    with_entropy: bool,
+    save_tile_max: bool = False,
+) -> HeadStats:
     """Rows of ``hidden [n, D]`` (any strides) against ``weight [V, D]``; ``targets [n]`` int64."""
     n, _ = hidden.shape
     V = weight.shape[0]
@@ -375,7 +403,7 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     t = torch.zeros(n, dtype=acc, device=dev) if with_entropy else None
     tgt = torch.zeros(n, dtype=acc, device=dev)
     rows, cols = tuning.linear_logprobs_chunking(dev.type, V, n, walk.chunk_size, walk.row_block)
-    tile_max = (torch.empty((-(-V // cols), n), dtype=acc, device=dev) if save_tile_max else None)
+    tile_max = torch.empty((-(-V // cols), n), dtype=acc, device=dev) if save_tile_max else None
     if n == 0 or V == 0:
         return HeadStats(tgt, m, t, tile_max)
     fold, _ = walk.epilogues()
@@ -388,10 +416,20 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             sl = slice(r0, r1)
             for c, v0, v1 in chunks:
                 tile = _view(tile_buf, r1 - r0, v1 - v0)
-                _logits_into(tile, h[sl], _operand(weight[v0:v1], walk.compute_dtype, gd),
-                             _bias_operand(bias, v0, v1, walk))
-                fold(tile, targets[sl], m[sl], s[sl], None if t is None else t[sl], tgt[sl],
-                     None if tile_max is None else tile_max[c, sl], v0, walk.head)
+                _logits_into(
+                    tile, h[sl], _operand(weight[v0:v1], walk.compute_dtype, gd), _bias_operand(bias, v0, v1, walk)
+                )
+                fold(
+                    tile,
+                    targets[sl],
+                    m[sl],
+                    s[sl],
+                    None if t is None else t[sl],
+                    tgt[sl],
+                    None if tile_max is None else tile_max[c, sl],
+                    v0,
+                    walk.head,
+                )
     log_s = torch.log(s)
     return HeadStats(tgt, m + log_s, None if t is None else log_s - t / s, tile_max)
 
@@ -403,8 +441,9 @@ def _skip_mask(stats: HeadStats, g_logp, g_ent, eps: float, rows: int, n: int) -
     for g in (g_logp, g_ent):
         if g is not None:
             live |= g != 0
-    p_max = torch.where(live, torch.exp(stats.tile_max - stats.lse), torch.zeros((), dtype=stats.lse.dtype,
-                                                                                  device=stats.lse.device))
+    p_max = torch.where(
+        live, torch.exp(stats.tile_max - stats.lse), torch.zeros((), dtype=stats.lse.dtype, device=stats.lse.device)
+    )
     pad = -n % rows
     blocks = torch.nn.functional.pad(p_max, (0, pad)).view(p_max.shape[0], -1, rows).amax(2)  # [chunks, blocks]
     return (blocks < eps).t().tolist()
@@ -425,9 +464,21 @@ def _zeros_if(need: bool, like: torch.Tensor | None) -> torch.Tensor | None:
     return torch.zeros_like(like) if need else None
 
 
-def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-             stats: HeadStats, g_logp: torch.Tensor | None, g_ent: torch.Tensor | None, walk: Walk, *,
-             need_hidden: bool, need_weight: bool, need_bias: bool, grad_filter_eps: float | None = None):
+def backward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    stats: HeadStats,
+    g_logp: torch.Tensor | None,
+    g_ent: torch.Tensor | None,
+    walk: Walk,
+    *,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+    grad_filter_eps: float | None = None,
+):
     """Gradients ``(d_hidden [n, D], d_weight [V, D], d_bias [V])`` in the inputs' dtypes (None where
     not needed). ``g_logp`` / ``g_ent`` are ``[n]`` in the accumulation dtype, already zero on rows
     that must not contribute; None means no gradient flows through that output. ``grad_filter_eps``
@@ -473,8 +524,17 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                 tile = _view(tile_buf, r1 - r0, v1 - v0)
                 dz = _view(dz_buf, r1 - r0, v1 - v0)
                 _logits_into(tile, h[sl], w_c, _bias_operand(bias, v0, v1, walk))
-                dlogits(tile, dz, targets[sl], stats.lse[sl], None if stats.entropy is None else stats.entropy[sl],
-                        None if g_logp is None else g_logp[sl], None if g_ent is None else g_ent[sl], v0, walk.head)
+                dlogits(
+                    tile,
+                    dz,
+                    targets[sl],
+                    stats.lse[sl],
+                    None if stats.entropy is None else stats.entropy[sl],
+                    None if g_logp is None else g_logp[sl],
+                    None if g_ent is None else g_ent[sl],
+                    v0,
+                    walk.head,
+                )
                 if dh_r is not None:
                     _mm_into(dh_r, dz, w_c, accumulate=dh_written)
                     dh_written = True
@@ -487,15 +547,16 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                 if not dh_written:
                     dh_r.zero_()
                 if skip is not None and g_logp is not None and any(skip[b]):
-                    coef, tc = _target_coef(_rows(stats, sl), targets[sl], g_logp[sl],
-                                            torch.tensor(skip[b], device=dev), cols, V, walk.head)
+                    coef, tc = _target_coef(
+                        _rows(stats, sl), targets[sl], g_logp[sl], torch.tensor(skip[b], device=dev), cols, V, walk.head
+                    )
                     dh_r.add_(coef.unsqueeze(1) * weight.index_select(0, tc).to(walk.compute_dtype).to(acc))
                 if dh_buf is not None:
                     d_h[sl].copy_(dh_r)  # cast to the hidden dtype once per row block
         if d_w is not None:  # chunks every row block skipped (grad filter): zero gradient
             for c, v0 in enumerate(range(0, V, cols)):
                 if not written[c]:
-                    d_w[v0:min(v0 + cols, V)].zero_()
+                    d_w[v0 : min(v0 + cols, V)].zero_()
         if skip is not None and g_logp is not None and (d_w is not None or d_b is not None):
             skip_dev = torch.tensor(skip, device=dev)
             for b, r0, r1, _ in _tiles(n, V, rows, cols):
@@ -519,9 +580,19 @@ def _rows(stats: HeadStats, sl: slice) -> HeadStats:
 TokenGrad = Callable[[slice, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 
 
-def one_pass(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-             token_grad: TokenGrad, walk: Walk, *, with_entropy: bool, need_hidden: bool, need_weight: bool,
-             need_bias: bool):
+def one_pass(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    token_grad: TokenGrad,
+    walk: Walk,
+    *,
+    with_entropy: bool,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+):
     """The fused losses' walk: row blocks with a full-vocabulary tile (``tuning.fused_loss_rows`` or
     ``walk.row_block`` rows). Per block: fold -> lse, logp (and entropy) -> ``token_grad(rows, logp)
     = (dLoss/dlogp, dLoss/dentropy or None)`` ``[k]`` -> dZ in the same tile -> ``dH_R = dZ @ W``

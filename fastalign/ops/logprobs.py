@@ -28,6 +28,7 @@ _OP = "logprobs_from_logits"
 
 # ---- torch path (plain CPU, fp64, or forced) ----------------------------------------------------
 
+
 def _chunk_log_softmax(chunk: torch.Tensor, inv_temp: float, acc: torch.dtype) -> torch.Tensor:
     """log_softmax of one row chunk in ``acc`` precision: one fused kernel, one chunk-sized buffer."""
     if inv_temp != 1.0:
@@ -35,8 +36,14 @@ def _chunk_log_softmax(chunk: torch.Tensor, inv_temp: float, acc: torch.dtype) -
     return torch.log_softmax(chunk, dim=-1, dtype=acc)
 
 
-def logprobs_fwd_torch(logits: torch.Tensor, layout: RowLayout, targets: torch.Tensor, inv_temp: float,
-                       ignore_index: int, with_entropy: bool):
+def logprobs_fwd_torch(
+    logits: torch.Tensor,
+    layout: RowLayout,
+    targets: torch.Tensor,
+    inv_temp: float,
+    ignore_index: int,
+    with_entropy: bool,
+):
     """Chunked over rows: extra memory is one or two ``rows_per_chunk x V`` fp32 buffers."""
     V = logits.shape[-1]
     acc = acc_dtype(logits.dtype)
@@ -65,9 +72,17 @@ def logprobs_fwd_torch(logits: torch.Tensor, layout: RowLayout, targets: torch.T
     return logp, entropy, lse
 
 
-def logprobs_bwd_torch(logits: torch.Tensor, layout: RowLayout, targets: torch.Tensor, lse: torch.Tensor,
-                       entropy: torch.Tensor | None, grad_logp: torch.Tensor | None,
-                       grad_entropy: torch.Tensor | None, inv_temp: float, ignore_index: int) -> torch.Tensor:
+def logprobs_bwd_torch(
+    logits: torch.Tensor,
+    layout: RowLayout,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor | None,
+    grad_logp: torch.Tensor | None,
+    grad_entropy: torch.Tensor | None,
+    inv_temp: float,
+    ignore_index: int,
+) -> torch.Tensor:
     """dlogits = (g_logp * (onehot - p) - g_ent * p * (log p + H)) / T, chunk by chunk, in place."""
     V = logits.shape[-1]
     acc = acc_dtype(logits.dtype)
@@ -113,14 +128,23 @@ def logprobs_bwd_torch(logits: torch.Tensor, layout: RowLayout, targets: torch.T
 
 # ---- autograd -------------------------------------------------------------------------------------
 
+
 class LogprobsFromLogitsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, layout, targets, inv_temp, ignore_index, with_entropy, backend):
         if backend == "triton":
             from fastalign.kernels.logprobs import logprobs_fwd
 
-            logp, entropy, lse = logprobs_fwd(logits, layout.inner, layout.stride_outer, layout.stride_inner,
-                                              targets, inv_temp, ignore_index, with_entropy)
+            logp, entropy, lse = logprobs_fwd(
+                logits,
+                layout.inner,
+                layout.stride_outer,
+                layout.stride_inner,
+                targets,
+                inv_temp,
+                ignore_index,
+                with_entropy,
+            )
         else:
             logp, entropy, lse = logprobs_fwd_torch(logits, layout, targets, inv_temp, ignore_index, with_entropy)
         # Saved for backward: the logits (by reference), the targets and O(N) row statistics only.
@@ -154,20 +178,32 @@ class LogprobsFromLogitsFunction(torch.autograd.Function):
 
 # ---- public function ----------------------------------------------------------------------------
 
-@overload
-def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = ...,
-                         ignore_index: int = ..., return_entropy: Literal[False] = ...,
-                         impl: Impl = ...) -> torch.Tensor: ...
-
 
 @overload
-def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = ...,
-                         ignore_index: int = ..., return_entropy: Literal[True],
-                         impl: Impl = ...) -> tuple[torch.Tensor, torch.Tensor]: ...
+def logprobs_from_logits(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = ...,
+    ignore_index: int = ...,
+    return_entropy: Literal[False] = ...,
+    impl: Impl = ...,
+) -> torch.Tensor: ...
 
 
-def logprobs_from_logits(logits, targets, *, temperature=1.0, ignore_index=-100, return_entropy=False,
-                         impl="auto"):
+@overload
+def logprobs_from_logits(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = ...,
+    ignore_index: int = ...,
+    return_entropy: Literal[True],
+    impl: Impl = ...,
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def logprobs_from_logits(logits, targets, *, temperature=1.0, ignore_index=-100, return_entropy=False, impl="auto"):
     """Log-probability of each target token (and the entropy) under ``softmax(logits / temperature)``.
 
     Args:
@@ -211,8 +247,9 @@ def logprobs_from_logits(logits, targets, *, temperature=1.0, ignore_index=-100,
     if logits.dim() < 1:
         raise ValueError(f"{_OP}: logits must have at least 1 dim [..., V], got a 0-dim tensor")
     if tuple(targets.shape) != tuple(logits.shape[:-1]):
-        raise ValueError(f"{_OP}: targets must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, "
-                         f"got {tuple(targets.shape)}")
+        raise ValueError(
+            f"{_OP}: targets must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, got {tuple(targets.shape)}"
+        )
     device = check_same_device(_OP, logits=logits, targets=targets)
     temperature = check_number(temperature, "temperature", _OP, lo=0, lo_open=True)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
@@ -222,11 +259,13 @@ def logprobs_from_logits(logits, targets, *, temperature=1.0, ignore_index=-100,
         raise ValueError(f"{_OP}: logits must have a non-empty vocabulary dim, got shape {tuple(logits.shape)}")
     backend = select_impl(impl, device, op=_OP)
     flat_targets = targets.reshape(-1).to(torch.int64)
-    check_index_range(flat_targets, V, "targets", _OP, ignore=ignore_index,
-                      allowed=f"[0, {V}) or ignore_index={ignore_index}")  # host sync unless index_checks=False
+    check_index_range(
+        flat_targets, V, "targets", _OP, ignore=ignore_index, allowed=f"[0, {V}) or ignore_index={ignore_index}"
+    )  # host sync unless index_checks=False
     rows, layout = rows_of(logits)
-    out = LogprobsFromLogitsFunction.apply(rows, layout, flat_targets, 1.0 / temperature, ignore_index,
-                                           bool(return_entropy), backend)
+    out = LogprobsFromLogitsFunction.apply(
+        rows, layout, flat_targets, 1.0 / temperature, ignore_index, bool(return_entropy), backend
+    )
     lead = logits.shape[:-1]
     if return_entropy:
         return out[0].view(lead), out[1].view(lead)

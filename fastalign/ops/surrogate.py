@@ -24,6 +24,7 @@ Level = Literal["token", "sequence"]
 
 # ---- torch path ---------------------------------------------------------------------------------
 
+
 def _terms(r, A, lo, hi, dual_c):
     """(loss, unclipped-term-active mask, dual-bound-active mask or None) per token."""
     rA = r * A
@@ -68,10 +69,18 @@ def surrogate_fwd_torch(logp, old, adv, mask, lo, hi, dual_c, sequence, acc, wan
     if want_stats:
         tok_r = torch.exp(lr) if sequence else r
         n_dual = (valid & dual).sum().to(acc) if dual is not None else loss.new_zeros(())
-        stats = torch.stack([
-            valid.sum().to(acc), loss.sum(), torch.where(valid, r, 0.0).sum(),
-            torch.where(valid, (tok_r - 1.0) - lr, 0.0).sum(), (valid & (r < lo) & (A < 0)).sum().to(acc),
-            (valid & (r > hi) & (A > 0)).sum().to(acc), n_dual, loss.new_zeros(())])[None, :]
+        stats = torch.stack(
+            [
+                valid.sum().to(acc),
+                loss.sum(),
+                torch.where(valid, r, 0.0).sum(),
+                torch.where(valid, (tok_r - 1.0) - lr, 0.0).sum(),
+                (valid & (r < lo) & (A < 0)).sum().to(acc),
+                (valid & (r > hi) & (A > 0)).sum().to(acc),
+                n_dual,
+                loss.new_zeros(()),
+            ]
+        )[None, :]
     return loss, stats, seq_lr, seq_n, factor
 
 
@@ -83,6 +92,7 @@ def surrogate_bwd_torch(mask, grad, factor, sequence, dtype):
 
 
 # ---- autograd -------------------------------------------------------------------------------------
+
 
 class ClippedSurrogateFunction(torch.autograd.Function):
     @staticmethod
@@ -99,8 +109,9 @@ class ClippedSurrogateFunction(torch.autograd.Function):
             ctx.save_for_backward(logp, old, adv, mask, seq_lr, seq_n)
         else:
             # the torch path saves one [R, T] gradient factor instead of recomputing in backward
-            loss, parts, seq_lr, seq_n, factor = surrogate_fwd_torch(logp, old, adv, mask, *args,
-                                                                     want_grad=want_grad, want_stats=want_stats)
+            loss, parts, seq_lr, seq_n, factor = surrogate_fwd_torch(
+                logp, old, adv, mask, *args, want_grad=want_grad, want_stats=want_stats
+            )
             stats = parts.sum(0) if parts is not None else loss.new_zeros(N_STATS)
             ctx.save_for_backward(mask, factor)
         ctx.mark_non_differentiable(stats)
@@ -124,6 +135,7 @@ class ClippedSurrogateFunction(torch.autograd.Function):
 
 # ---- public functions ---------------------------------------------------------------------------
 
+
 def _prepare(logp, old_logp, advantages, eps_low, eps_high, dual_clip, mask, level, impl):
     check_float(logp, "logp", _OP)
     check_float(old_logp, "old_logp", _OP)
@@ -136,8 +148,10 @@ def _prepare(logp, old_logp, advantages, eps_low, eps_high, dual_clip, mask, lev
     lead = shape[:-1]
     adv_shape = tuple(advantages.shape)
     if adv_shape not in (shape, lead, lead + (1,)):
-        raise ValueError(f"{_OP}: advantages must have shape {shape} (per token), {lead} or {lead + (1,)} "
-                         f"(per sequence), got {adv_shape}")
+        raise ValueError(
+            f"{_OP}: advantages must have shape {shape} (per token), {lead} or {lead + (1,)} "
+            f"(per sequence), got {adv_shape}"
+        )
     if mask is not None:
         check_token_mask(mask, shape, "mask", _OP)
     check_choice(level, "level", _OP, ("token", "sequence"))
@@ -177,9 +191,16 @@ def _stats_dict(stats: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def clipped_surrogate_with_stats(
-    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, *,
-    eps_low: float = 0.2, eps_high: float | None = None, dual_clip: float | None = None,
-    mask: torch.Tensor | None = None, level: Level = "token", impl: Impl = "auto",
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float | None = None,
+    dual_clip: float | None = None,
+    mask: torch.Tensor | None = None,
+    level: Level = "token",
+    impl: Impl = "auto",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """:func:`clipped_surrogate` plus its monitoring statistics, from the same pass (no host sync).
 
@@ -215,9 +236,16 @@ def clipped_surrogate_with_stats(
 
 
 def clipped_surrogate(
-    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, *,
-    eps_low: float = 0.2, eps_high: float | None = None, dual_clip: float | None = None,
-    mask: torch.Tensor | None = None, level: Level = "token", impl: Impl = "auto",
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float | None = None,
+    dual_clip: float | None = None,
+    mask: torch.Tensor | None = None,
+    level: Level = "token",
+    impl: Impl = "auto",
 ) -> torch.Tensor:
     """PPO clipped surrogate per token: ``-min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)``.
 

@@ -25,8 +25,9 @@ from fastalign.ops.gae import gae
 from fastalign.ops.group_advantages import group_advantages
 
 
-def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor, gamma: float = 1.0,
-                lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+def compute_gae(
+    rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
     """As :func:`fastalign.reference.tutorial.compute_gae` (values ``[B, T + 1]``)."""
     T = rewards.shape[1]
     return gae(rewards, values[:, :T], gamma=gamma, lam=lam, dones=dones, next_values=values[:, T])
@@ -50,8 +51,18 @@ def ppo_step(policy, value, batch: dict, eps_clip: float = 0.2, c_v: float = 0.5
     lp, ent = F.pad(lp, (1, 0)), F.pad(ent, (1, 0))
     V = value(ids)
     V = V.squeeze(-1) if V.dim() == 3 else V
-    loss, m = ppo_loss(lp, batch["old_log_probs"], batch["advantages"], batch["action_mask"], values=V,
-                       returns=batch["returns"], entropy=ent, eps_low=eps_clip, value_coef=c_v, entropy_coef=c_e)
+    loss, m = ppo_loss(
+        lp,
+        batch["old_log_probs"],
+        batch["advantages"],
+        batch["action_mask"],
+        values=V,
+        returns=batch["returns"],
+        entropy=ent,
+        eps_low=eps_clip,
+        value_coef=c_v,
+        entropy_coef=c_e,
+    )
     return loss, m
 
 
@@ -83,9 +94,20 @@ def grpo_loss(policy, ref_policy, batch: dict, eps_clip: float = 0.2, beta: floa
     with torch.no_grad():
         ref_lp = causal_lm_logprobs(ref_policy, ids, batch.get("attention_mask"))
     h, head = _hidden_and_head(policy, ids, batch.get("attention_mask"))
-    loss, m = linear_grpo_loss(h, head.weight, ids[:, 1:], mask, A, old_logp=batch["old_log_probs"][:, 1:],
-                               ref_logp=ref_lp, bias=head.bias, softcap=head.softcap, logit_scale=head.logit_scale,
-                               beta=beta, eps_low=eps_clip)
+    loss, m = linear_grpo_loss(
+        h,
+        head.weight,
+        ids[:, 1:],
+        mask,
+        A,
+        old_logp=batch["old_log_probs"][:, 1:],
+        ref_logp=ref_lp,
+        bias=head.bias,
+        softcap=head.softcap,
+        logit_scale=head.logit_scale,
+        beta=beta,
+        eps_low=eps_clip,
+    )
     with torch.no_grad():
         d = ref_lp - m["logp"]
         mf = mask.to(d.dtype)

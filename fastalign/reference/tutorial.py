@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from fastalign.reference.tutorial_ops import tutorial_compute_gae, tutorial_group_advantages
 
 
-def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor, gamma: float = 1.0,
-                lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+def compute_gae(
+    rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
     """rewards ``[B, T]``, values ``[B, T + 1]`` (``values[:, T]`` bootstraps), dones ``[B, T]`` ->
     ``(advantages, returns)``, both ``[B, T]`` (section 2.3's recursion, a loop over time)."""
     return tutorial_compute_gae(rewards, values, dones, gamma, lam)
@@ -34,8 +35,9 @@ def _model_logits(model, ids: torch.Tensor, attention_mask: torch.Tensor | None)
     return out.logits if hasattr(out, "logits") else out
 
 
-def token_log_probs(model, ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                    with_entropy: bool = False):
+def token_log_probs(
+    model, ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, with_entropy: bool = False
+):
     """``log pi(ids[t] | ids[<t])`` as ``[B, L]`` with 0 at position 0 (and the entropy of each
     position's distribution, also padded), through the full log-softmax."""
     logits = _model_logits(model, ids, attention_mask)[:, :-1]
@@ -71,8 +73,13 @@ def ppo_step(policy, value, batch: dict, eps_clip: float = 0.2, c_v: float = 0.5
     with torch.no_grad():
         approx_kl = ((ratio - 1) - torch.log(ratio.clamp_min(1e-8))) * mask
         clip = ((ratio < 1 - eps_clip) | (ratio > 1 + eps_clip)).to(mask.dtype) * mask
-    metrics = {"policy": policy_loss.detach(), "value": value_loss.detach(), "entropy": entropy_bonus.detach(),
-               "approx_kl": approx_kl.sum() / n, "clip_frac": clip.sum() / n}
+    metrics = {
+        "policy": policy_loss.detach(),
+        "value": value_loss.detach(),
+        "entropy": entropy_bonus.detach(),
+        "approx_kl": approx_kl.sum() / n,
+        "clip_frac": clip.sum() / n,
+    }
     return loss, metrics
 
 
@@ -127,5 +134,9 @@ def grpo_loss(policy, ref_policy, batch: dict, eps_clip: float = 0.2, beta: floa
     with torch.no_grad():
         policy_term = -(torch.min(surr1, surr2) * mask).sum(-1) / seq_len
         kl_term = (kl * mask).sum(-1) / seq_len
-    return loss, {"policy": policy_term.mean(), "kl": kl_term.mean(), "reward_mean": rewards.mean(),
-                  "advantage_std": A.squeeze(-1).std()}
+    return loss, {
+        "policy": policy_term.mean(),
+        "kl": kl_term.mean(),
+        "reward_mean": rewards.mean(),
+        "advantage_std": A.squeeze(-1).std(),
+    }

@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 
 
-def tutorial_compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor,
-                         gamma: float = 1.0, lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+def tutorial_compute_gae(
+    rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
     """rewards ``[B, T]``, values ``[B, T+1]`` (``values[:, T]`` bootstraps), dones ``[B, T]``."""
     T = rewards.shape[1]
     adv = torch.zeros_like(rewards)
@@ -45,8 +46,9 @@ def tutorial_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(delta) - delta - 1.0
 
 
-def tutorial_clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-                               eps_clip: float = 0.2) -> torch.Tensor:
+def tutorial_clipped_surrogate(
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, eps_clip: float = 0.2
+) -> torch.Tensor:
     """Per-token ``-min(r A, clip(r, 1 - eps, 1 + eps) A)`` (advantages broadcast against logp)."""
     ratio = torch.exp(logp - old_logp)
     surr1 = ratio * advantages
@@ -54,9 +56,15 @@ def tutorial_clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advan
     return -torch.min(surr1, surr2)
 
 
-def tutorial_grpo_token_objective(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor,
-                                  advantages: torch.Tensor, mask: torch.Tensor, eps_clip: float = 0.2,
-                                  beta: float = 0.04) -> torch.Tensor:
+def tutorial_grpo_token_objective(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    eps_clip: float = 0.2,
+    beta: float = 0.04,
+) -> torch.Tensor:
     """The tutorial's GRPO loss: per-sequence masked mean of ``-(min(...) - beta K3)``, batch mean."""
     token_obj = -tutorial_clipped_surrogate(logp, old_logp, advantages, eps_clip) - beta * tutorial_k3(logp, ref_logp)
     m = mask.to(token_obj.dtype)

@@ -31,8 +31,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 _VALUE_READS = {"_local_scalar_dense", "equal"}
-_DATA_DEPENDENT = {"nonzero", "masked_select", "_unique", "_unique2", "unique_dim", "unique_consecutive",
-                   "unique_dim_consecutive", "bincount"}
+_DATA_DEPENDENT = {
+    "nonzero",
+    "masked_select",
+    "_unique",
+    "_unique2",
+    "unique_dim",
+    "unique_consecutive",
+    "unique_dim_consecutive",
+    "bincount",
+}
 _INDEX_OPS = {"index", "index_put", "index_put_", "_index_put_impl_"}
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
@@ -53,11 +61,18 @@ def _kind(func, args, kwargs) -> str | None:
         return "data-dependent shape"
     if str(func) == "aten.repeat_interleave.Tensor" and kwargs.get("output_size") is None:
         return "data-dependent shape"
-    if name in _INDEX_OPS and len(args) > 1 and any(
-            isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1] or ()):
+    if (
+        name in _INDEX_OPS
+        and len(args) > 1
+        and any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1] or ())
+    ):
         return "data-dependent shape"
-    if name == "_to_copy" and args[0].device.type != "cpu" and kwargs.get("device") is not None \
-            and torch.device(kwargs["device"]).type == "cpu":
+    if (
+        name == "_to_copy"
+        and args[0].device.type != "cpu"
+        and kwargs.get("device") is not None
+        and torch.device(kwargs["device"]).type == "cpu"
+    ):
         return "device->host copy"
     if name == "copy_" and args[0].device.type == "cpu" and args[1].device.type != "cpu":
         return "device->host copy"

@@ -44,25 +44,34 @@ def tiny_tokenizer(vocab_size: int = 256):
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
-                                   unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
+    )
     fast.chat_template = CHAT_TEMPLATE
     fast.padding_side = "left"
     return fast
 
 
-def tiny_qwen2(vocab_size: int = 256, seed: int = 0, hidden_size: int = 32, num_layers: int = 2,
-               tie_word_embeddings: bool = False):
+def tiny_qwen2(
+    vocab_size: int = 256, seed: int = 0, hidden_size: int = 32, num_layers: int = 2, tie_word_embeddings: bool = False
+):
     """A random Qwen2ForCausalLM small enough for CPU trainer runs; token ids match tiny_tokenizer."""
     # transformers is an optional dependency of fastalign: imported here, not at module import
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     vocab = tiny_vocab(vocab_size)
     config = Qwen2Config(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=256, tie_word_embeddings=tie_word_embeddings,
-        pad_token_id=vocab["<pad>"], bos_token_id=vocab["<bos>"], eos_token_id=vocab["<eos>"],
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=tie_word_embeddings,
+        pad_token_id=vocab["<pad>"],
+        bos_token_id=vocab["<bos>"],
+        eos_token_id=vocab["<eos>"],
     )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
@@ -77,8 +86,7 @@ def tiny_prompt_dataset(n: int = 8, conversational: bool = False):
     # datasets is an optional dependency (TRL's): imported here, not at module import
     from datasets import Dataset
 
-    words = ["add 2 and 3", "count to five", "say hello", "spell cat", "name a color", "2 + 2 =",
-             "abc", "the sky is"]
+    words = ["add 2 and 3", "count to five", "say hello", "spell cat", "name a color", "2 + 2 =", "abc", "the sky is"]
     prompts = [words[i % len(words)] for i in range(n)]
     if conversational:
         return Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in prompts]})

@@ -42,18 +42,21 @@ def _peers(device: torch.device, softcap: float | None = None) -> dict[str, Call
         if ChunkedLogProbFunction is not fa_trl.FastalignChunkedLogProbFunction:
             # TRL's own chunk width (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE)
             peers["trl.ChunkedLogProbFunction"] = lambda h, W, t: ChunkedLogProbFunction.apply(
-                h, W, None, t, 1.0, 32768, softcap, 1.0, ())[0]
+                h, W, None, t, 1.0, 32768, softcap, 1.0, ()
+            )[0]
     except Exception:
         pass
     if hasattr(torch.nn.functional, "linear_cross_entropy") and softcap is None:
-        peers["torch.linear_cross_entropy"] = lambda h, W, t: -torch.nn.functional.linear_cross_entropy(
-            h, W, t, reduction="none")
+        peers["torch.linear_cross_entropy"] = lambda h, W, t: (
+            -torch.nn.functional.linear_cross_entropy(h, W, t, reduction="none")
+        )
     if device.type == "cuda":  # CUDA-only Triton kernels
         try:
             from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
-            peers["liger.fused_linear_cross_entropy"] = lambda h, W, t: -liger_fused_linear_cross_entropy(
-                h, W, t, reduction="none", softcap=softcap)
+            peers["liger.fused_linear_cross_entropy"] = lambda h, W, t: (
+                -liger_fused_linear_cross_entropy(h, W, t, reduction="none", softcap=softcap)
+            )
         except Exception:
             pass
         try:
@@ -61,10 +64,12 @@ def _peers(device: torch.device, softcap: float | None = None) -> dict[str, Call
 
             # CCE's default skips gradient blocks whose probabilities are below a threshold (not exact);
             # filter_eps=None is its exact gradient: both rows, named so
-            peers["cce.linear_cross_entropy[filter=default]"] = lambda h, W, t: -cce(
-                h, W, t, softcap=softcap, reduction="none")
-            peers["cce.linear_cross_entropy[exact]"] = lambda h, W, t: -cce(
-                h, W, t, softcap=softcap, reduction="none", filter_eps=None)
+            peers["cce.linear_cross_entropy[filter=default]"] = lambda h, W, t: (
+                -cce(h, W, t, softcap=softcap, reduction="none")
+            )
+            peers["cce.linear_cross_entropy[exact]"] = lambda h, W, t: (
+                -cce(h, W, t, softcap=softcap, reduction="none", filter_eps=None)
+            )
         except Exception:
             pass
     return peers
@@ -88,29 +93,31 @@ def own_gemms(op: str, rows: int | None = None, cols: int | None = None) -> Call
         dz = torch.randn(rows_, cols_, device=h.device).to(h.dtype)
         d_h = torch.empty(rows_, D, dtype=torch.float32 if fp32_out else h.dtype, device=h.device)
         d_w = torch.empty_like(W)
-        for passes in ((False,) if op == "fwd" else (False, True)):
+        for passes in (False,) if op == "fwd" else (False, True):
             for r0 in range(0, N, rows_):
-                h_r = h[r0:r0 + rows_]
+                h_r = h[r0 : r0 + rows_]
                 n = h_r.shape[0]
                 for v0 in range(0, V, cols_):
-                    w_c = W[v0:v0 + cols_]
+                    w_c = W[v0 : v0 + cols_]
                     c = w_c.shape[0]
-                    torch.mm(h_r, w_c.t(), out=tile[:n * c].view(n, c), **kw)  # contiguous, as the engine
+                    torch.mm(h_r, w_c.t(), out=tile[: n * c].view(n, c), **kw)  # contiguous, as the engine
                     if passes:
                         if v0 == 0:
                             torch.mm(dz[:n, :c], w_c, out=d_h[:n], **kw)
                         else:
                             torch.addmm(d_h[:n], dz[:n, :c], w_c, out=d_h[:n], **kw)
                         if r0 == 0:
-                            torch.mm(dz[:n, :c].t(), h_r, out=d_w[v0:v0 + c])
+                            torch.mm(dz[:n, :c].t(), h_r, out=d_w[v0 : v0 + c])
                         else:
-                            torch.addmm(d_w[v0:v0 + c], dz[:n, :c].t(), h_r, out=d_w[v0:v0 + c])
+                            torch.addmm(d_w[v0 : v0 + c], dz[:n, :c].t(), h_r, out=d_w[v0 : v0 + c])
         return d_w
+
     return run
 
 
 def _make(fn: Callable, N: int, D: int, V: int, dtype, device, op: str, raw: bool = False):
     """``raw``: time ``fn(h, W, t)`` itself (no autograd around it)."""
+
     def make():
         gen = torch.Generator(device="cpu").manual_seed(0)
         h = torch.randn(N, D, generator=gen).to(device=device, dtype=dtype)
@@ -120,12 +127,22 @@ def _make(fn: Callable, N: int, D: int, V: int, dtype, device, op: str, raw: boo
         if raw:
             return lambda: fn(h, W, t)
         return autograd_runner(op, fn, (h, W, t), (h, W), g)
+
     return make
 
 
-def cases_for(device: torch.device, shapes, dtype, impl: str, ops=("fwd", "bwd", "fwd+bwd"),
-              softcap: float | None = None, variants: bool = False, with_peers: bool = True,
-              with_checks: bool = False, gemm_floor: bool = False) -> list[BenchCase]:
+def cases_for(
+    device: torch.device,
+    shapes,
+    dtype,
+    impl: str,
+    ops=("fwd", "bwd", "fwd+bwd"),
+    softcap: float | None = None,
+    variants: bool = False,
+    with_peers: bool = True,
+    with_checks: bool = False,
+    gemm_floor: bool = False,
+) -> list[BenchCase]:
     """Cases for ``shapes`` [(N, D, V)]. ``variants``: also the alternative backends / tile dtypes of
     kernels/tuning.py; ``gemm_floor``: a row timing only the GEMMs (see :func:`own_gemms`);
     ``with_checks``: fastalign with its default checks and compaction (their host syncs) too."""
@@ -134,7 +151,8 @@ def cases_for(device: torch.device, shapes, dtype, impl: str, ops=("fwd", "bwd",
     if variants:  # the result-changing alternatives of fastalign.config, and the opt-in gradient filter
         ours[f"fastalign[{impl},fp32_logits=False]"] = with_config(call, fp32_logits=False)
         ours[f"fastalign[{impl},grad_filter_eps=2^-12]"] = lambda h, W, t: fastalign.linear_logprobs(  # noqa: E731
-            h, W, t, softcap=softcap, grad_filter_eps=2.0**-12, impl=impl)
+            h, W, t, softcap=softcap, grad_filter_eps=2.0**-12, impl=impl
+        )
     peers = _peers(device, softcap) if with_peers else {}
     out = []
     for N, D, V in shapes:
@@ -145,22 +163,70 @@ def cases_for(device: torch.device, shapes, dtype, impl: str, ops=("fwd", "bwd",
             flops = {"fwd": 2 * ndv, "bwd": 6 * ndv, "fwd+bwd": 8 * ndv}[op]
             # outputs (fp32 logp) + the gradients of hidden and weight: what every implementation returns
             essential = 4 * N + (0 if op == "fwd" else (N * D + V * D) * isz)
-            out.append(BenchCase("linear_logprobs", op, shape, "reference", "baseline",
-                                 _make(_reference, N, D, V, dtype, device, op), flops=flops,
-                                 essential_bytes=essential))
+            out.append(
+                BenchCase(
+                    "linear_logprobs",
+                    op,
+                    shape,
+                    "reference",
+                    "baseline",
+                    _make(_reference, N, D, V, dtype, device, op),
+                    flops=flops,
+                    essential_bytes=essential,
+                )
+            )
             for name, fn in ours.items():
-                out.append(BenchCase("linear_logprobs", op, shape, name, "fastalign",
-                                     _make(fn, N, D, V, dtype, device, op), flops=flops, essential_bytes=essential))
+                out.append(
+                    BenchCase(
+                        "linear_logprobs",
+                        op,
+                        shape,
+                        name,
+                        "fastalign",
+                        _make(fn, N, D, V, dtype, device, op),
+                        flops=flops,
+                        essential_bytes=essential,
+                    )
+                )
             if with_checks:
-                out.append(BenchCase("linear_logprobs", op, shape, f"fastalign[{impl},checks]", "fastalign",
-                                     _make(call, N, D, V, dtype, device, op), flops=flops,
-                                     essential_bytes=essential, checks=True))
+                out.append(
+                    BenchCase(
+                        "linear_logprobs",
+                        op,
+                        shape,
+                        f"fastalign[{impl},checks]",
+                        "fastalign",
+                        _make(call, N, D, V, dtype, device, op),
+                        flops=flops,
+                        essential_bytes=essential,
+                        checks=True,
+                    )
+                )
             if gemm_floor and op != "bwd":
-                out.append(BenchCase("linear_logprobs", op, shape, "own GEMMs only", "floor",
-                                     _make(own_gemms(op), N, D, V, dtype, device, op, raw=True), flops=flops))
+                out.append(
+                    BenchCase(
+                        "linear_logprobs",
+                        op,
+                        shape,
+                        "own GEMMs only",
+                        "floor",
+                        _make(own_gemms(op), N, D, V, dtype, device, op, raw=True),
+                        flops=flops,
+                    )
+                )
             for name, fn in peers.items():
-                out.append(BenchCase("linear_logprobs", op, shape, name, "peer",
-                                     _make(fn, N, D, V, dtype, device, op), flops=flops, essential_bytes=essential))
+                out.append(
+                    BenchCase(
+                        "linear_logprobs",
+                        op,
+                        shape,
+                        name,
+                        "peer",
+                        _make(fn, N, D, V, dtype, device, op),
+                        flops=flops,
+                        essential_bytes=essential,
+                    )
+                )
     return out
 
 

@@ -59,11 +59,19 @@ def _make(fn: Callable, N: int, V: int, dtype, device, op: str):
         targets = torch.randint(0, V, (N,), generator=gen, device=device)
         grad_out = torch.randn(N, generator=gen, device=device)
         return autograd_runner(op, fn, (logits, targets), (logits,), grad_out)
+
     return make
 
 
-def cases_for(device: torch.device, shapes, dtype, impl: str, ops=("fwd", "bwd", "fwd+bwd"),
-              with_peers: bool = True, with_checks: bool = False) -> list[BenchCase]:
+def cases_for(
+    device: torch.device,
+    shapes,
+    dtype,
+    impl: str,
+    ops=("fwd", "bwd", "fwd+bwd"),
+    with_peers: bool = True,
+    with_checks: bool = False,
+) -> list[BenchCase]:
     """Cases for ``shapes`` [(N, V)]: the reference, fastalign (timed without host syncs) and, with
     ``with_checks``, fastalign with its default target-range check (the check's cost), then peers."""
     ours = lambda x, t: fastalign.logprobs_from_logits(x, t, impl=impl)  # noqa: E731
@@ -74,16 +82,45 @@ def cases_for(device: torch.device, shapes, dtype, impl: str, ops=("fwd", "bwd",
         nbytes = N * V * dtype.itemsize
         for op in ops:
             moved = {"fwd": nbytes, "bwd": 2 * nbytes, "fwd+bwd": 3 * nbytes}[op]
-            out.append(BenchCase("logprobs", op, shape, "reference", "baseline",
-                                 _make(_reference, N, V, dtype, device, op), bytes=moved))
-            out.append(BenchCase("logprobs", op, shape, f"fastalign[{impl}]", "fastalign",
-                                 _make(ours, N, V, dtype, device, op), bytes=moved))
+            out.append(
+                BenchCase(
+                    "logprobs",
+                    op,
+                    shape,
+                    "reference",
+                    "baseline",
+                    _make(_reference, N, V, dtype, device, op),
+                    bytes=moved,
+                )
+            )
+            out.append(
+                BenchCase(
+                    "logprobs",
+                    op,
+                    shape,
+                    f"fastalign[{impl}]",
+                    "fastalign",
+                    _make(ours, N, V, dtype, device, op),
+                    bytes=moved,
+                )
+            )
             if with_checks:
-                out.append(BenchCase("logprobs", op, shape, f"fastalign[{impl},checks]", "fastalign",
-                                     _make(ours, N, V, dtype, device, op), bytes=moved, checks=True))
+                out.append(
+                    BenchCase(
+                        "logprobs",
+                        op,
+                        shape,
+                        f"fastalign[{impl},checks]",
+                        "fastalign",
+                        _make(ours, N, V, dtype, device, op),
+                        bytes=moved,
+                        checks=True,
+                    )
+                )
             for name, fn in peers.items():
-                out.append(BenchCase("logprobs", op, shape, name, "peer", _make(fn, N, V, dtype, device, op),
-                                     bytes=moved))
+                out.append(
+                    BenchCase("logprobs", op, shape, name, "peer", _make(fn, N, V, dtype, device, op), bytes=moved)
+                )
     return out
 
 

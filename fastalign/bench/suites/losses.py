@@ -35,7 +35,7 @@ QUICK_SHAPES = [("quick", 2, 32, 64, 1024)]
 def _inputs(B, T, D, V, dtype, device, seed=0):
     gen = torch.Generator(device="cpu").manual_seed(seed)
     h = (torch.randn(B, T, D, generator=gen) * 0.5).to(device=device, dtype=dtype).requires_grad_(True)
-    W = (torch.randn(V, D, generator=gen) * D ** -0.5).to(device=device, dtype=dtype).requires_grad_(True)
+    W = (torch.randn(V, D, generator=gen) * D**-0.5).to(device=device, dtype=dtype).requires_grad_(True)
     tgt = torch.randint(0, V, (B, T), generator=gen).to(device)
     lengths = torch.randint(T // 2, T + 1, (B,), generator=gen)
     mask = (torch.arange(T)[None, :] < lengths[:, None]).to(device)
@@ -68,6 +68,7 @@ def _grads(loss, h, W):
 
 # ---- GRPO -----------------------------------------------------------------------------------------
 
+
 def _grpo_cases(shape, B, T, D, V, dtype, device, impl, flops, variants=False) -> list[BenchCase]:
     from fastalign.losses import linear_grpo_loss
     from fastalign.reference.tutorial_ops import tutorial_grpo_token_objective
@@ -77,6 +78,7 @@ def _grpo_cases(shape, B, T, D, V, dtype, device, impl, flops, variants=False) -
             h, W, tgt, mask, adv, noise = _inputs(B, T, D, V, dtype, device)
             old, ref = _old_ref(h, W, tgt, mask, noise, impl)
             return lambda: fn(h, W, tgt, mask, adv, old, ref)
+
         return make
 
     def reference(h, W, tgt, mask, adv, old, ref):
@@ -87,6 +89,7 @@ def _grpo_cases(shape, B, T, D, V, dtype, device, impl, flops, variants=False) -
         def run(h, W, tgt, mask, adv, old, ref):
             loss, _ = linear_grpo_loss(h, W, tgt, mask, adv, old_logp=old, ref_logp=ref, mode=mode, impl=impl)
             return _grads(loss, h, W)
+
         return run
 
     def unfused(h, W, tgt, mask, adv, old, ref):
@@ -100,28 +103,60 @@ def _grpo_cases(shape, B, T, D, V, dtype, device, impl, flops, variants=False) -
 
     out = [
         BenchCase("losses", "grpo", shape, "reference", "baseline", make_with(reference), flops=flops),
-        BenchCase("losses", "grpo", shape, f"fastalign[{impl},one-pass]", "fastalign", make_with(ours("one_pass")),
-                  flops=flops),
-        BenchCase("losses", "grpo", shape, f"fastalign[{impl},two-pass]", "fastalign", make_with(ours("two_pass")),
-                  flops=flops),
-        BenchCase("losses", "grpo", shape, f"fastalign[{impl},linear_logprobs+grpo_loss]", "fastalign",
-                  make_with(unfused), flops=flops),
+        BenchCase(
+            "losses",
+            "grpo",
+            shape,
+            f"fastalign[{impl},one-pass]",
+            "fastalign",
+            make_with(ours("one_pass")),
+            flops=flops,
+        ),
+        BenchCase(
+            "losses",
+            "grpo",
+            shape,
+            f"fastalign[{impl},two-pass]",
+            "fastalign",
+            make_with(ours("two_pass")),
+            flops=flops,
+        ),
+        BenchCase(
+            "losses",
+            "grpo",
+            shape,
+            f"fastalign[{impl},linear_logprobs+grpo_loss]",
+            "fastalign",
+            make_with(unfused),
+            flops=flops,
+        ),
     ]
     if variants:  # the one-pass form with an fp32 [V, D] dW accumulator (fastalign.config(dw_fp32=True))
-        out.append(BenchCase("losses", "grpo", shape, f"fastalign[{impl},one-pass,dw_fp32]", "fastalign",
-                             make_with(with_config(ours("one_pass"), dw_fp32=True)), flops=flops))
+        out.append(
+            BenchCase(
+                "losses",
+                "grpo",
+                shape,
+                f"fastalign[{impl},one-pass,dw_fp32]",
+                "fastalign",
+                make_with(with_config(ours("one_pass"), dw_fp32=True)),
+                flops=flops,
+            )
+        )
     if device.type == "cuda":
         try:
             from trl.kernels import ChunkedLogProbFunction
 
             def trl_fused(h, W, tgt, mask, adv, old, ref):
                 t = tgt.masked_fill(~mask, 0).reshape(-1)
-                lp = ChunkedLogProbFunction.apply(h.reshape(-1, D), W, None, t, 1.0, 32768, None, 1.0,
-                                                  ("log_probs",))[0].view(B, T)
+                lp = ChunkedLogProbFunction.apply(h.reshape(-1, D), W, None, t, 1.0, 32768, None, 1.0, ("log_probs",))[
+                    0
+                ].view(B, T)
                 return _grads(tutorial_grpo_token_objective(lp, old, ref, adv[:, None], mask), h, W)
 
-            out.append(BenchCase("losses", "grpo", shape, "trl.fused_lm_head+grpo", "peer", make_with(trl_fused),
-                                 flops=flops))
+            out.append(
+                BenchCase("losses", "grpo", shape, "trl.fused_lm_head+grpo", "peer", make_with(trl_fused), flops=flops)
+            )
         except Exception:
             pass
         try:
@@ -133,14 +168,16 @@ def _grpo_cases(shape, B, T, D, V, dtype, device, impl, flops, variants=False) -
                 loss = liger(h, W, tgt, mask, adv, ref_per_token_logps=ref, old_per_token_logps=old)[0]
                 return _grads(loss, h, W)
 
-            out.append(BenchCase("losses", "grpo", shape, "liger.fused_linear_grpo", "peer", make_with(liger_run),
-                                 flops=flops))
+            out.append(
+                BenchCase("losses", "grpo", shape, "liger.fused_linear_grpo", "peer", make_with(liger_run), flops=flops)
+            )
         except Exception:
             pass
     return out
 
 
 # ---- DPO ------------------------------------------------------------------------------------------
+
 
 def _dpo_cases(shape, B, T, D, V, dtype, device, impl, flops) -> list[BenchCase]:
     from fastalign.losses import linear_dpo_loss
@@ -150,6 +187,7 @@ def _dpo_cases(shape, B, T, D, V, dtype, device, impl, flops) -> list[BenchCase]
             h, W, tgt, mask, _, _ = _inputs(B, T, D, V, dtype, device)
             ref = torch.randn(B, device=device) - 50.0
             return lambda: fn(h, W, tgt, mask, ref)
+
         return make
 
     def reference(h, W, tgt, mask, ref):
@@ -178,14 +216,16 @@ def _dpo_cases(shape, B, T, D, V, dtype, device, impl, flops) -> list[BenchCase]
                 loss = liger(W, h, tgt.masked_fill(~mask, -100))[0]
                 return _grads(loss, h, W)
 
-            out.append(BenchCase("losses", "dpo", shape, "liger.fused_linear_dpo", "peer", make_with(liger_run),
-                                 flops=flops))
+            out.append(
+                BenchCase("losses", "dpo", shape, "liger.fused_linear_dpo", "peer", make_with(liger_run), flops=flops)
+            )
         except Exception:
             pass
     return out
 
 
 # ---- PPO ------------------------------------------------------------------------------------------
+
 
 def _ppo_cases(shape, B, T, D, V, dtype, device, impl, flops) -> list[BenchCase]:
     from fastalign.losses import linear_ppo_policy_loss, value_loss
@@ -198,6 +238,7 @@ def _ppo_cases(shape, B, T, D, V, dtype, device, impl, flops) -> list[BenchCase]
             values = noise().requires_grad_(True)
             returns = noise()
             return lambda: fn(h, W, tgt, mask, adv, old, values, returns)
+
         return make
 
     def reference(h, W, tgt, mask, adv, old, values, returns):
@@ -215,6 +256,7 @@ def _ppo_cases(shape, B, T, D, V, dtype, device, impl, flops) -> list[BenchCase]
             pol, _ = linear_ppo_policy_loss(h, W, tgt, mask, adv, old, entropy_coef=0.01, mode=mode, impl=impl)
             val, _ = value_loss(values, returns, mask)
             return torch.autograd.grad(pol + 0.5 * val, (h, W, values))
+
         return run
 
     def reference_policy(h, W, tgt, mask, adv, old, values, returns):
@@ -229,18 +271,28 @@ def _ppo_cases(shape, B, T, D, V, dtype, device, impl, flops) -> list[BenchCase]
 
     return [
         BenchCase("losses", "ppo", shape, "reference", "baseline", make_with(reference), flops=flops),
-        BenchCase("losses", "ppo", shape, f"fastalign[{impl},one-pass]", "fastalign", make_with(ours("one_pass")),
-                  flops=flops),
-        BenchCase("losses", "ppo", shape, f"fastalign[{impl},two-pass]", "fastalign", make_with(ours("two_pass")),
-                  flops=flops),
+        BenchCase(
+            "losses", "ppo", shape, f"fastalign[{impl},one-pass]", "fastalign", make_with(ours("one_pass")), flops=flops
+        ),
+        BenchCase(
+            "losses", "ppo", shape, f"fastalign[{impl},two-pass]", "fastalign", make_with(ours("two_pass")), flops=flops
+        ),
         BenchCase("losses", "ppo_policy", shape, "reference", "baseline", make_with(reference_policy), flops=flops),
-        BenchCase("losses", "ppo_policy", shape, f"fastalign[{impl},one-pass]", "fastalign", make_with(ours_policy),
-                  flops=flops),
+        BenchCase(
+            "losses",
+            "ppo_policy",
+            shape,
+            f"fastalign[{impl},one-pass]",
+            "fastalign",
+            make_with(ours_policy),
+            flops=flops,
+        ),
     ]
 
 
-def cases_for(device: torch.device, shapes, dtype, impl: str, families=("grpo", "dpo", "ppo"),
-              variants: bool = False) -> list[BenchCase]:
+def cases_for(
+    device: torch.device, shapes, dtype, impl: str, families=("grpo", "dpo", "ppo"), variants: bool = False
+) -> list[BenchCase]:
     """Cases for ``shapes`` [(name, B, T, D, V)] and loss ``families``; ``variants``: the one-pass GRPO
     loss also with its alternative dW accumulation."""
     out: list[BenchCase] = []

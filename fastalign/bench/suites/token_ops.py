@@ -81,8 +81,10 @@ def _gae_cases(B, T, device, impl, bandwidth=False):
 
     nbytes = B * T * (4 + 4 + 1 + 4 + 4)
     timing = _timing(nbytes, bandwidth)
-    return [BenchCase(SUITE, "gae", shape, "tutorial.compute_gae", "baseline", make_base, **timing),
-            BenchCase(SUITE, "gae", shape, f"fastalign[{impl}]", "fastalign", make_ours, **timing)]
+    return [
+        BenchCase(SUITE, "gae", shape, "tutorial.compute_gae", "baseline", make_base, **timing),
+        BenchCase(SUITE, "gae", shape, f"fastalign[{impl}]", "fastalign", make_ours, **timing),
+    ]
 
 
 def _group_cases(N, device, impl):
@@ -104,8 +106,10 @@ def _group_cases(N, device, impl):
         r, ids = data()
         return lambda: fastalign.group_advantages(r, ids, impl=impl)
 
-    out = [BenchCase(SUITE, "group_advantages", shape, "tutorial.scatter", "baseline", make_base, method="graph"),
-           BenchCase(SUITE, "group_advantages", shape, f"fastalign[{impl}]", "fastalign", make_ours, method="graph")]
+    out = [
+        BenchCase(SUITE, "group_advantages", shape, "tutorial.scatter", "baseline", make_base, method="graph"),
+        BenchCase(SUITE, "group_advantages", shape, f"fastalign[{impl}]", "fastalign", make_ours, method="graph"),
+    ]
     try:  # verl's vectorized GRPO advantage, where verl is installed
         from verl.trainer.ppo.core_algos import compute_grpo_vectorized_outcome_advantage as verl_grpo
 
@@ -135,13 +139,24 @@ def _elementwise_cases(B, T, device, impl, bandwidth=False):
             x = logp.requires_grad_()
             fn = (lambda t: fastalign.k3_kl(t, ref, impl=impl)) if ours else (lambda t: tutorial_k3(t, ref))
             return _fwd_bwd(fn, x, grad)
+
         return make
 
     kl_bytes = B * T * 4 * (3 + 4)
-    out += [BenchCase(SUITE, "k3_kl fwd+bwd", shape, "tutorial.eager", "baseline", make_k3(False),
-                      **_timing(kl_bytes, bandwidth)),
-            BenchCase(SUITE, "k3_kl fwd+bwd", shape, f"fastalign[{impl}]", "fastalign", make_k3(True),
-                      **_timing(kl_bytes, bandwidth))]
+    out += [
+        BenchCase(
+            SUITE, "k3_kl fwd+bwd", shape, "tutorial.eager", "baseline", make_k3(False), **_timing(kl_bytes, bandwidth)
+        ),
+        BenchCase(
+            SUITE,
+            "k3_kl fwd+bwd",
+            shape,
+            f"fastalign[{impl}]",
+            "fastalign",
+            make_k3(True),
+            **_timing(kl_bytes, bandwidth),
+        ),
+    ]
 
     # clipped surrogate, per-sequence advantages, masked
     def make_surr(ours):
@@ -154,13 +169,30 @@ def _elementwise_cases(B, T, device, impl, bandwidth=False):
             else:
                 fn = lambda t: tutorial_clipped_surrogate(t, old, adv[:, None]) * m  # noqa: E731
             return _fwd_bwd(fn, x, grad)
+
         return make
 
     surr_bytes = B * T * (4 + 4 + 1 + 4) + B * T * (4 + 4 + 4 + 1 + 4)
-    out += [BenchCase(SUITE, "clipped_surrogate fwd+bwd", shape, "tutorial.eager", "baseline", make_surr(False),
-                      **_timing(surr_bytes, bandwidth)),
-            BenchCase(SUITE, "clipped_surrogate fwd+bwd", shape, f"fastalign[{impl}]", "fastalign", make_surr(True),
-                      **_timing(surr_bytes, bandwidth))]
+    out += [
+        BenchCase(
+            SUITE,
+            "clipped_surrogate fwd+bwd",
+            shape,
+            "tutorial.eager",
+            "baseline",
+            make_surr(False),
+            **_timing(surr_bytes, bandwidth),
+        ),
+        BenchCase(
+            SUITE,
+            "clipped_surrogate fwd+bwd",
+            shape,
+            f"fastalign[{impl}]",
+            "fastalign",
+            make_surr(True),
+            **_timing(surr_bytes, bandwidth),
+        ),
+    ]
 
     # the tutorial's GRPO token objective: clip + beta * K3, masked per-sequence mean, batch mean
     def make_grpo(ours):
@@ -174,17 +206,34 @@ def _elementwise_cases(B, T, device, impl, bandwidth=False):
                 def fn(t):
                     tok = fastalign.clipped_surrogate(t, old, adv, mask=mask, impl=impl)
                     tok = tok + 0.04 * fastalign.k3_kl(t, ref, impl=impl) * m
-                    return ((tok.sum(-1) / seq_len).mean())
+                    return (tok.sum(-1) / seq_len).mean()
             else:
                 fn = lambda t: tutorial_grpo_token_objective(t, old, ref, adv[:, None], mask)  # noqa: E731
             return lambda: torch.autograd.grad(fn(x), x)[0]
+
         return make
 
     grpo_bytes = B * T * (4 * 3 + 1) + B * T * (4 * 3 + 1 + 4)
-    out += [BenchCase(SUITE, "surrogate+k3 fwd+bwd", shape, "tutorial.eager", "baseline", make_grpo(False),
-                      **_timing(grpo_bytes, bandwidth)),
-            BenchCase(SUITE, "surrogate+k3 fwd+bwd", shape, f"fastalign[{impl}]", "fastalign", make_grpo(True),
-                      **_timing(grpo_bytes, bandwidth))]
+    out += [
+        BenchCase(
+            SUITE,
+            "surrogate+k3 fwd+bwd",
+            shape,
+            "tutorial.eager",
+            "baseline",
+            make_grpo(False),
+            **_timing(grpo_bytes, bandwidth),
+        ),
+        BenchCase(
+            SUITE,
+            "surrogate+k3 fwd+bwd",
+            shape,
+            f"fastalign[{impl}]",
+            "fastalign",
+            make_grpo(True),
+            **_timing(grpo_bytes, bandwidth),
+        ),
+    ]
     return out
 
 
@@ -205,6 +254,7 @@ def cases(device: torch.device, quick: bool = False) -> list[BenchCase]:
     if quick:
         return cases_for(device, QUICK_SHAPES, [512], impl)
     if device.type == "cuda":
-        return (cases_for(device, CUDA_SHAPES, CUDA_GROUP_NS, impl)
-                + cases_for(device, CUDA_BANDWIDTH_SHAPES, [], impl, bandwidth=True))
+        return cases_for(device, CUDA_SHAPES, CUDA_GROUP_NS, impl) + cases_for(
+            device, CUDA_BANDWIDTH_SHAPES, [], impl, bandwidth=True
+        )
     return cases_for(device, CPU_SHAPES, CPU_GROUP_NS, impl)
