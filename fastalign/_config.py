@@ -41,6 +41,8 @@ import threading
 from contextvars import ContextVar
 from typing import Iterator
 
+import torch
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -69,8 +71,19 @@ def get_config() -> Config:
         >>> fastalign.get_config().index_checks
         True
     """
+    if torch.compiler.is_compiling():  # torch.compile cannot trace a ContextVar: read it at trace time
+        return Config(*_settings_at_trace())
     scoped = _scoped.get()
     return _defaults if scoped is None else scoped
+
+
+@torch.compiler.assume_constant_result
+def _settings_at_trace() -> tuple[bool, bool, bool, bool]:
+    """The settings in effect when ``torch.compile`` traces a call, as constants of the compiled graph:
+    they are fixed into it (``torch._dynamo.reset()``, or a new ``torch.compile``, after changing them)."""
+    scoped = _scoped.get()
+    c = _defaults if scoped is None else scoped
+    return c.index_checks, c.compact_ignored, c.fp32_logits, c.dw_fp32
 
 
 def _replaced(base: Config, op: str, **changes) -> Config:

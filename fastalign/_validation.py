@@ -100,12 +100,23 @@ def check_index_range(
     """Raise ValueError if an entry of ``idx`` (other than ``ignore``) is outside ``[0, hi)``.
 
     One device->host sync (``bool(bad.any())``), skipped when ``fastalign.get_config().index_checks``
-    is off; ``allowed`` describes the valid values in the message (default ``[0, hi)``)."""
-    if not get_config().index_checks or idx.numel() == 0:
-        return
+    is off; ``allowed`` describes the valid values in the message (default ``[0, hi)``). Under
+    ``torch.compile`` the check is ``torch._assert_async`` instead: no sync, no graph break; a bad
+    index fails the compiled call with a RuntimeError (CPU) or a device-side assertion (CUDA)."""
+    if not get_config().index_checks or idx.numel() == 0 or idx.device.type == "meta":
+        return  # a meta tensor has no values to check
     bad = (idx < 0) | (idx >= hi)
     if ignore is not None:
         bad &= idx != ignore
+    if torch.compiler.is_compiling():
+        # no host read inside a compiled graph: a device-side assertion instead (no sync, no graph
+        # break; a RuntimeError on CPU, a device-side assert on CUDA), without the bad value
+        torch._assert_async(
+            ~bad.any(),
+            f"{op}: {name} must be in {allowed or f'[0, {hi})'} (index check under torch.compile; "
+            "run eagerly for the bad value, or pass fastalign.config(index_checks=False) for none)",
+        )
+        return
     if bool(bad.any()):  # the host sync
         first = idx[bad][0].item()
         raise ValueError(f"{op}: {name} must be in {allowed or f'[0, {hi})'}, got {first}")

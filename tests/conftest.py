@@ -52,6 +52,10 @@ def _interpreter_rounds_bf16_to_nearest_even() -> None:
     cast = interp.InterpreterBuilder.cast_impl
 
     def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float64 and dst_type.scalar == tl.bfloat16:
+            # the interpreter casts the fp64 values to bf16's uint16 storage as integers (NaN / garbage;
+            # e.g. kl_penalty's d ref_logp with fp64 logp and bf16 ref_logp): go through fp32 (RNE each)
+            src = interp.TensorHandle(np.asarray(src.data, dtype=np.float64).astype(np.float32), tl.float32)
         if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
             bits = np.ascontiguousarray(src.data, dtype=np.float32).view(np.uint32).astype(np.uint64)
             out = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
@@ -64,6 +68,27 @@ def _interpreter_rounds_bf16_to_nearest_even() -> None:
 
 
 _interpreter_rounds_bf16_to_nearest_even()
+
+
+def _hypothesis_profiles() -> None:
+    """Property tests (tests/test_properties.py): HYPOTHESIS_PROFILE=ci (the default: a few examples per
+    property, the whole suite in about a minute on two cores, derandomized and without an example
+    database, so every run draws the same cases) or nightly (deep: many random examples)."""
+    try:
+        from hypothesis import HealthCheck, settings
+    except ImportError:  # the `test` extra installs it; without it only test_properties.py fails
+        return
+    slow = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+    settings.register_profile(
+        "ci", max_examples=50, deadline=None, derandomize=True, database=None, suppress_health_check=slow
+    )
+    settings.register_profile(
+        "nightly", max_examples=1000, deadline=None, derandomize=False, suppress_health_check=slow
+    )
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+_hypothesis_profiles()
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")

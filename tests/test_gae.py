@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from formulas import gae_fp64 as ref_gae
 
 import fastalign
 from fastalign import gae, masked_whiten
@@ -9,30 +10,6 @@ from fastalign.ops.gae import reverse_linear_scan
 from fastalign.reference.tutorial_ops import tutorial_compute_gae
 
 IMPLS = ["torch", "triton"]
-
-
-def ref_gae(r, v, mask=None, dones=None, next_values=None, gamma=1.0, lam=0.95):
-    """The recurrence in :func:`fastalign.gae`'s docstring, a Python loop in fp64."""
-    r, v = r.double(), v.double()
-    B, T = r.shape
-    m = torch.ones(B, T, dtype=torch.bool) if mask is None else mask.bool()
-    dn = torch.zeros(B, T) if dones is None else dones.double()
-    adv = [[0.0] * T for _ in range(B)]
-    rl, vl, ml, dl = r.tolist(), v.tolist(), m.tolist(), dn.tolist()
-    for b in range(B):
-        nv = 0.0 if next_values is None else float(next_values.reshape(-1)[b])
-        a = 0.0
-        for t in range(T - 1, -1, -1):
-            if not ml[b][t]:
-                continue
-            nd = 1.0 - dl[b][t]
-            delta = rl[b][t] + gamma * nv * nd - vl[b][t]
-            a = delta + gamma * lam * nd * a
-            nv = vl[b][t]
-            adv[b][t] = a
-    adv = torch.tensor(adv, dtype=torch.float64).view(B, T)
-    ret = torch.where(m, adv + v, 0.0)
-    return adv, ret
 
 
 def verl_gae(token_level_rewards, values, response_mask, gamma, lam):

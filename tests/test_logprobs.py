@@ -416,3 +416,30 @@ def test_main_blocks_use_16_byte_accesses_sm90():
     assert loop_reads and all(_WIDE.search(op) for op in loop_reads), ops["fwd_loop"]
     assert any(op.startswith("ld.global") and _WIDE.search(op) for op in ops["bwd"]), ops["bwd"]
     assert any(op.startswith("st.global") and _WIDE.search(op) for op in ops["bwd"]), ops["bwd"]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("entropy", [False, True])
+def test_ignored_rows_with_large_logits_get_zero_gradient(impl, entropy):
+    """Found by tests/test_properties.py (logits ~100, V 1, every target ignored): the torch backward
+    took ``exp(x / T - lse)`` with an ignored row's saved ``lse = 0``, which overflows in fp32 for
+    logits above ~88; ``inf * 0`` made the ignored row's gradient NaN instead of 0."""
+    logits = torch.tensor([[100.5], [100.0]])
+    _check(logits, torch.tensor([0, 0]), impl, ignore_index=0, entropy=entropy)
+    logits = torch.tensor([[100.0, 101.0, 99.0], [120.0, 100.0, 95.0]])
+    _check(logits, torch.tensor([1, -100]), impl, entropy=entropy)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_empty_logits_with_a_strided_vocabulary(impl):
+    """Found by tests/test_properties.py (``logits[:, ::2]`` of a ``[0, 4]`` tensor): an empty tensor
+    keeps its odd strides through ``.contiguous()``, so ``rows_of`` found no layout even after its copy
+    and the op raised AttributeError instead of returning empty outputs."""
+    for base, view in [((0, 4), lambda t: t[:, ::2]), ((2, 0, 4), lambda t: t[..., ::2]), ((0, 3, 4), lambda t: t.mT)]:
+        x = torch.randn(base, requires_grad=True)
+        logp, ent = fastalign.logprobs_from_logits(
+            view(x), torch.zeros(view(x).shape[:-1], dtype=torch.long), return_entropy=True, impl=impl
+        )
+        assert logp.shape == ent.shape == view(x).shape[:-1]
+        (logp.sum() + ent.sum()).backward()
+        assert x.grad.shape == x.shape

@@ -213,3 +213,17 @@ def test_bad_inputs():
         kto_loss(x, x, torch.ones(4, dtype=torch.bool), kl=0.1, kl_logp=x, ref_kl_logp=x)
     with pytest.raises(ValueError, match="desirable_weight must be >= 0"):
         kto_loss(x, x, torch.ones(4, dtype=torch.bool), desirable_weight=-1.0)
+
+
+def test_kto_weights_keep_fp64():
+    """Found by tests/test_properties.py: the per-completion weights were ``torch.where(d, wd, wu)`` of
+    two Python floats, an fp32 tensor, so ``desirable_weight=1.33`` lost its digits past the 8th with
+    fp64 inputs (a 2e-8 relative error in an fp64 loss)."""
+    p = torch.tensor([-1.0, -2.0], dtype=torch.float64)
+    r = torch.tensor([-1.5, -1.0], dtype=torch.float64)
+    loss, _ = kto_loss(
+        p, r, torch.tensor([True, False]), desirable_weight=1.33, undesirable_weight=0.7, reduction="none"
+    )
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    expected = torch.tensor([1.33 * (1 - sig(0.1 * 0.5)), 0.7 * (1 - sig(0.1 * 1.0))], dtype=torch.float64)
+    torch.testing.assert_close(loss, expected, rtol=1e-14, atol=0)

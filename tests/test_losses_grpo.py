@@ -263,7 +263,7 @@ def test_sapo_and_luspo_formulas():
     m = mask.double()
     r = torch.exp(logp - old)
     A = adv[:, None]
-    tau = torch.where(A > 0, 1.3, 0.7)
+    tau = torch.where(A > 0, torch.tensor(1.3, dtype=torch.float64), 0.7)  # fp64 (two floats: fp32)
     per = -(torch.sigmoid(tau * (r - 1)) * 4 / tau) * A
     d = ref - logp
     per = per + 0.04 * (torch.exp(d) - d - 1)
@@ -285,3 +285,18 @@ def test_sapo_and_luspo_formulas():
         grpo_loss(logp, old, adv, mask, beta=0.0, loss_type="sapo", delta=1.5)
     with pytest.raises(ValueError, match="sapo_temperature_neg must be > 0"):
         grpo_loss(logp, old, adv, mask, beta=0.0, loss_type="sapo", sapo_temperature_neg=0.0)
+
+
+def test_sapo_temperatures_keep_fp64():
+    """Found by tests/test_properties.py: SAPO's ``tau`` was ``torch.where(A > 0, pos, neg)`` of two
+    Python floats, an fp32 tensor, so the default ``sapo_temperature_neg=1.05`` was rounded to fp32 in
+    an fp64 loss (a 2e-8 relative error)."""
+    logp = torch.tensor([[-1.0, -0.5], [-2.0, -0.25]], dtype=torch.float64)
+    old = torch.tensor([[-1.25, -0.5], [-1.5, -0.5]], dtype=torch.float64)
+    adv = torch.tensor([0.5, -2.0], dtype=torch.float64)
+    loss, _ = grpo_loss(logp, old, adv, torch.ones(2, 2), beta=0.0, loss_type="sapo", sapo_temperature_pos=1.1)
+    per = []
+    for i, tau in ((0, 1.1), (1, 1.05)):
+        gate = [4 / tau / (1 + math.exp(-tau * (math.exp(logp[i, t] - old[i, t]) - 1))) for t in range(2)]
+        per.append(-sum(gate) / 2 * float(adv[i]))
+    torch.testing.assert_close(loss, torch.tensor(sum(per) / 2, dtype=torch.float64), rtol=1e-14, atol=0)

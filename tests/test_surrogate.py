@@ -2,32 +2,12 @@
 
 import pytest
 import torch
+from formulas import surrogate_fp64 as ref_loss
 
 import fastalign
 from fastalign import clipped_surrogate, clipped_surrogate_with_stats
 
 IMPLS = ["torch", "triton"]
-
-
-def ref_loss(logp, old, adv, mask, eps_low=0.2, eps_high=None, dual_clip=None, level="token"):
-    """fp64, differentiable w.r.t. logp through plain torch autograd."""
-    eps_high = eps_low if eps_high is None else eps_high
-    lp, old = logp.double(), old.double()
-    m = torch.ones_like(lp) if mask is None else mask.double()
-    A = adv.double()
-    if A.shape != lp.shape:
-        A = A.reshape(*lp.shape[:-1], 1)
-    if level == "sequence":
-        seq = ((lp - old) * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
-        ratio = torch.exp(seq)
-    else:
-        ratio = torch.exp(lp - old)
-    surr1 = ratio * A
-    surr2 = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * A
-    loss = -torch.min(surr1, surr2)
-    if dual_clip is not None:
-        loss = torch.where(A < 0, torch.min(loss, -dual_clip * A), loss)
-    return (loss * m).expand(lp.shape) if level == "sequence" else loss * m
 
 
 def _inputs(shape, seq_adv=False, seed=0, dtype=torch.float32, spread=0.4):

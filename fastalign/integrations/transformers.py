@@ -16,7 +16,7 @@ import torch
 
 from fastalign._config import resolve
 from fastalign._dispatch import Impl, select_impl
-from fastalign._validation import check_index_range, check_int, check_number
+from fastalign._validation import check_float, check_index_range, check_int, check_number, check_same_device
 
 _OP = "fastalign.integrations.transformers"
 
@@ -143,9 +143,28 @@ def hidden_logprobs(
             impl=impl,
         )
     inv_temp = 1.0 / check_number(temperature, "temperature", _OP, lo=0, lo_open=True)
+    check_float(hidden, "hidden", _OP)
+    check_float(head.weight, "head.weight", _OP)
     check_int(targets, "targets", _OP)
-    compact = resolve("compact_ignored", compact_ignored, _OP)
+    if head.bias is not None:
+        check_float(head.bias, "head.bias", _OP)
+    check_same_device(_OP, hidden=hidden, weight=head.weight, targets=targets, bias=head.bias)
+    if head.weight.dim() != 2:
+        raise ValueError(f"{_OP}: head.weight must have shape [V, D], got {tuple(head.weight.shape)}")
     V, D = head.weight.shape
+    if hidden.dim() < 1 or hidden.shape[-1] != D:
+        raise ValueError(
+            f"{_OP}: hidden must have shape [..., D] with D = head.weight.shape[1] = {D}, got {tuple(hidden.shape)}"
+        )
+    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"{_OP}: targets must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, got {tuple(targets.shape)}"
+        )
+    if head.bias is not None and tuple(head.bias.shape) != (V,):
+        raise ValueError(f"{_OP}: head.bias must have shape ({V},), got {tuple(head.bias.shape)}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{_OP}: ignore_index must be an int, got {type(ignore_index).__name__}")
+    compact = resolve("compact_ignored", compact_ignored, _OP)
     backend = select_impl(impl, hidden.device, op=_OP)
     targets_flat = targets.reshape(-1).long()
     check_index_range(

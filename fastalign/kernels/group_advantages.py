@@ -111,7 +111,8 @@ def _run_totals(flag, x, y, tail_lane):
 def _centred_squares(d2, d1, n):
     """``sum (r - mean)^2`` from the sums of ``d = r - mean`` and ``d^2``, with the mean's rounding
     error taken out: ``sum d^2 - (sum d)^2 / n`` (the corrected two-pass algorithm)."""
-    return tl.maximum(d2 - d1 * d1 / tl.maximum(n, 1.0), 0.0)
+    # NaN (an inf reward: inf - inf) stays NaN, so its group gets NaN advantages, not a 0 std
+    return tl.maximum(d2 - d1 * d1 / tl.maximum(n, 1.0), 0.0, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit

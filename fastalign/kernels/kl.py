@@ -22,13 +22,23 @@ from fastalign.kernels.token_tiles import load_tile, tile_coords
 
 
 @triton.jit
+def _clamp_nan(x, c):
+    """``x`` clamped to ``[-c, c]``, NaN kept NaN."""
+    x = tl.maximum(x, -c, propagate_nan=tl.PropagateNan.ALL)
+    return tl.minimum(x, c, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _kl_value_and_slope(x, kind, out_clamp):
     """(estimator value, d value / d x) for the runtime ``kind``; slope 0 where the result clamp bites."""
     e = tl.exp(-x)
-    val = tl.where(kind == 1, x, tl.where(kind == 2, 0.5 * x * x, e + x - 1.0))
+    # k3 at x = -inf (or where exp(-x) overflows) is +inf, not inf - inf = NaN
+    k3 = tl.where(e == float("inf"), e, e + x - 1.0)
+    val = tl.where(kind == 1, x, tl.where(kind == 2, 0.5 * x * x, k3))
     slope = tl.where(kind == 1, 1.0, tl.where(kind == 2, x, 1.0 - e))
     inside = (val >= -out_clamp) & (val <= out_clamp)
-    val = tl.minimum(tl.maximum(val, -out_clamp), out_clamp)
+    # NaN in, NaN out: the default min / max would return the other operand (a wrong finite value)
+    val = _clamp_nan(val, out_clamp)
     slope = tl.where(inside, slope, 0.0)
     return val, slope
 
@@ -56,7 +66,7 @@ def _kl_fwd_kernel(
     x = load_tile(logp_ptr, rows, cols, s_lp_r, s_lp_t, inb, acc) - load_tile(
         ref_ptr, rows, cols, s_ref_r, s_ref_t, inb, acc
     )
-    x = tl.minimum(tl.maximum(x, -lr_clamp), lr_clamp)
+    x = _clamp_nan(x, lr_clamp)
     val, _ = _kl_value_and_slope(x, kind, out_clamp)
     tl.store(out_ptr + rows * T + cols, val, mask=inb)
 
@@ -92,7 +102,7 @@ def _kl_bwd_kernel(
         ref_ptr, rows, cols, s_ref_r, s_ref_t, inb, acc
     )
     x_inside = (x_raw >= -lr_clamp) & (x_raw <= lr_clamp)
-    x = tl.minimum(tl.maximum(x_raw, -lr_clamp), lr_clamp)
+    x = _clamp_nan(x_raw, lr_clamp)
     _, slope = _kl_value_and_slope(x, kind, out_clamp)
     dx = tl.where(x_inside, g * slope, 0.0)
     out = rows * T + cols

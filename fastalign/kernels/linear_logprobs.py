@@ -288,7 +288,8 @@ def _linear_logprobs_tile_bwd_kernel(
         g_ent = tl.load(g_ent_ptr + rows, mask=row_ok, other=0.0)
         ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
         # dH/dx_j = -p_j (log p_j + H)
-        dx -= g_ent[:, None] * p * (logp + ent[:, None])
+        # (p == 0, a -inf logit: no term, not 0 * -inf = NaN; a NaN p stays NaN)
+        dx -= tl.where(p == 0, 0.0, g_ent[:, None] * p * (logp + ent[:, None]))
     dz = dx * (inv_temp * scale)
     if HAS_SOFTCAP:
         dz = dz * (1.0 - th * th)

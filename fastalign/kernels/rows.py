@@ -30,7 +30,8 @@ class RowLayout:
 
 def row_layout(t: torch.Tensor) -> RowLayout | None:
     """Two-level row addressing for ``t[..., V]`` with stride(-1) == 1, or None if it needs a copy."""
-    if t.shape[-1] > 1 and t.stride(-1) != 1:
+    # (an empty tensor has no element to address: its strides may be anything, even after .contiguous())
+    if t.shape[-1] > 1 and t.stride(-1) != 1 and t.numel() > 0:
         return None
     dims = [(s, st) for s, st in zip(t.shape[:-1], t.stride()[:-1]) if s != 1]
     merged: list[list[int]] = []  # [size, stride], outermost first
@@ -62,6 +63,8 @@ def rows_of(t: torch.Tensor) -> tuple[torch.Tensor, RowLayout]:
 
 def iter_row_chunks(t: torch.Tensor, layout: RowLayout, rows_per_chunk: int):
     """Yield (first_row, chunk[rows, V]) over the rows in order; each chunk is a view when possible."""
+    if layout.n_rows == 0:  # e.g. [B, 0, V]: nothing to walk (and inner == 0 below would divide by 0)
+        return
     v3 = layout.view3(t)
     if layout.inner >= rows_per_chunk or layout.outer == 1:
         for o in range(layout.outer):

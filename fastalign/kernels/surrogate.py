@@ -36,10 +36,11 @@ _NO_DUAL = 3.0e38
 @triton.jit
 def _surrogate_terms(r, A, lo, hi, dual_c):
     """Per-token loss, dloss/dr and the three clip indicators for ratio ``r`` and advantage ``A``."""
-    clip_r = tl.minimum(tl.maximum(r, lo), hi)
+    # propagate_nan: a NaN ratio or advantage gives a NaN loss, not the other operand (a wrong finite value)
+    clip_r = tl.minimum(tl.maximum(r, lo, propagate_nan=tl.PropagateNan.ALL), hi, propagate_nan=tl.PropagateNan.ALL)
     s1 = -r * A
     s2 = -clip_r * A
-    loss1 = tl.maximum(s1, s2)
+    loss1 = tl.maximum(s1, s2, propagate_nan=tl.PropagateNan.ALL)
     neg = A < 0
     bound = -dual_c * A
     dual = neg & (bound < loss1)
@@ -210,7 +211,8 @@ def _surrogate_token_bwd_kernel(
     g = load_tile(grad_ptr, rows, cols, s_g_r, s_g_t, inb, acc)
     r = tl.exp(lr)
     _, slope, _, _, _ = _surrogate_terms(r, A, lo, hi, dual_c)
-    tl.store(dlogp_ptr + rows * T + cols, tl.where(valid, g * slope * r, 0.0), mask=inb)
+    # slope 0 (the clipped term is active) gives 0 even for an overflowed ratio r = inf (not 0 * inf)
+    tl.store(dlogp_ptr + rows * T + cols, tl.where(valid & (slope != 0), g * slope * r, 0.0), mask=inb)
 
 
 @triton.jit

@@ -54,6 +54,15 @@ def check_lengths(op: str, name: str, lengths, like: torch.Tensor) -> torch.Tens
     return lengths
 
 
+def zero_masked(x: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor | None:
+    """``x`` with 0 at the mask-0 positions (``mask`` bool or 0/1, broadcast against ``x``), so a
+    -inf / NaN there (padding) reaches neither the loss nor, through a 0 * inf, the gradients.
+    ``[B]`` / ``[B, 1]`` tensors (per-sequence values) are returned as they are."""
+    if x is None or x.dim() < mask.dim() or x.shape[-1] != mask.shape[-1]:
+        return x
+    return x.masked_fill(mask == 0, 0.0)
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``x`` over the 1 (True) entries of ``mask`` (bool or 0/1, broadcast against ``x``); 0 for
     an all-zero mask, no host sync."""

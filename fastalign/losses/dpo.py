@@ -365,7 +365,8 @@ def kto_loss(
 
     d = desirable.bool()
     sign = torch.where(d, 1.0, -1.0).to(dt)
-    weight = torch.where(d, wd, wu).to(dt)
+    # in dt (torch.where of two Python floats would round them to fp32 for fp64 inputs)
+    weight = torch.full_like(p, wu).masked_fill_(d, wd)
     per_seq = weight * (1.0 - torch.sigmoid(beta * sign * (lr - z0)))
 
     df = d.to(dt)

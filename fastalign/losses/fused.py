@@ -27,6 +27,7 @@ accumulator cast once instead).
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -55,56 +56,224 @@ from fastalign.losses.grpo import (
 )
 from fastalign.losses.ppo import ppo_policy_loss, ppo_policy_per_token, validate_ppo_policy_args
 from fastalign.ops import lm_head
+from fastalign.ops._library import Op, autograd_inside
 from fastalign.ops.linear_logprobs import apply_linear_logprobs, check_grad_filter_eps, check_row_block
-from fastalign.ops.lm_head import HeadTransform
+from fastalign.ops.lm_head import HeadTransform, Walk
 
 Mode = Literal["auto", "one_pass", "two_pass"]
 
 
-# ---- the one-pass autograd wrapper ----------------------------------------------------------------
+# ---- the one-pass registered op (fastalign::fused_token_loss_fwd) ---------------------------------
+#
+# The op takes the loss *family* as a string and its hyperparameters as numbers (``params``, None as
+# NaN) and optional per-token tensors (flat ``[n]``, in the compute dtype); the per-token loss function
+# is rebuilt inside the body from :data:`_FAMILIES`. Its forward computes the log-probs and the
+# gradients w.r.t. hidden / weight / bias in one pass (:func:`fastalign.ops.lm_head.one_pass`) and
+# returns a differentiable zero ``anchor`` that the caller adds to the loss value (computed outside
+# from the log-probs); its backward scales the saved gradients by the anchor's upstream gradient
+# (in place in eager code, as Liger's fused linear cross-entropy; out of place while tracing).
+
+_NONE = float("nan")  # an optional hyperparameter's None in ``params``
 
 
-class FusedTokenLossFunction(torch.autograd.Function):
-    """Forward computes the loss value *and* its gradients w.r.t. hidden / weight / bias in one pass
-    (:func:`fastalign.ops.lm_head.one_pass`); backward scales them, in place, by the (scalar) upstream
-    gradient (one elementwise pass over each gradient: inherent to forming them in the forward)."""
+def _opt(v: float) -> float | None:
+    return None if math.isnan(v) else v
 
-    @staticmethod
-    def forward(ctx, hidden2d, weight, bias, targets, token_grad, finalize, walk, with_entropy):
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_b = bias is not None and ctx.needs_input_grad[2]
-        logp, ent, d_h, d_w, d_b = lm_head.one_pass(
-            hidden2d,
-            weight,
-            bias,
-            targets,
-            token_grad,
-            walk,
-            with_entropy=with_entropy,
-            need_hidden=need_h,
-            need_weight=need_w,
-            need_bias=need_b,
+
+def _grpo_token_loss(take, lp, adv, old, ref, iw, params, loss_type, impl):
+    """GRPO (every loss type, level "token"); params: beta, eps_low, eps_high, delta, kl_bias_correction,
+    sapo_temperature_pos, sapo_temperature_neg."""
+    beta, eps_low, eps_high, delta, kl_bias_correction, sapo_pos, sapo_neg = params
+    col = lambda t: None if t is None else take(t).unsqueeze(1)  # noqa: E731
+    lp2 = lp.unsqueeze(1)
+    per_tok, *_ = grpo_per_token(
+        lp2,
+        lp2.detach() if old is None else col(old),
+        col(adv),
+        torch.ones_like(lp2),
+        col(ref),
+        beta=beta,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        delta=_opt(delta),
+        loss_type=loss_type,
+        level="token",
+        kl_bias_correction=bool(kl_bias_correction),
+        importance_weights=col(iw),
+        sapo_temperature_pos=sapo_pos,
+        sapo_temperature_neg=sapo_neg,
+        impl=impl,
+    )
+    return per_tok.squeeze(1)
+
+
+def _ppo_token_loss(take, lp, adv, old, ref, iw, params, loss_type, impl):
+    """PPO's clipped surrogate (level "token"); params: eps_low, eps_high, dual_clip."""
+    eps_low, eps_high, dual_clip = params
+    lp2 = lp.unsqueeze(1)
+    per_tok, _ = ppo_policy_per_token(
+        lp2,
+        take(old).unsqueeze(1),
+        take(adv).unsqueeze(1),
+        torch.ones_like(lp2),
+        eps_low=eps_low,
+        eps_high=eps_high,
+        dual_clip=_opt(dual_clip),
+        level="token",
+    )
+    return per_tok.squeeze(1)
+
+
+# family -> per-token loss ``f(take, lp, advantages, old_logp, ref_logp, importance_weights, params,
+# loss_type, impl) -> [k]``, elementwise in ``lp`` (``take(x)``: the block's rows of a flat ``[n]`` tensor)
+_FAMILIES = {"grpo": _grpo_token_loss, "ppo_policy": _ppo_token_loss}
+
+
+def _fused_fwd_impl(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    valid: torch.Tensor,
+    weights: torch.Tensor,
+    advantages: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    importance_weights: torch.Tensor | None,
+    family: str,
+    loss_type: str,
+    params: list[float],
+    impl: str,
+    compact: bool,
+    with_entropy: bool,
+    entropy_coef: float,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+    scale: float,
+    inv_temp: float,
+    softcap: float | None,
+    compute_dtype: torch.dtype,
+    backend: str,
+    chunk_size: int | None,
+    row_block: int | None,
+    fp32_logits: bool,
+    dw_fp32: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows ``hidden [n, D]``, ``targets [n]`` (any value where ``valid`` is False), normalizer
+    ``weights [n]`` (loss = sum w * l) -> ``(anchor [] (0), logp [n] (0 at invalid rows), entropy [n]
+    or [0], d_hidden [n, D], d_weight [V, D], d_bias [V])``, the gradients empty where not needed.
+
+    ``compact``: the valid rows are gathered first (one host sync, the ``nonzero``); else every row is
+    computed, the invalid ones with zero gradients. ``entropy_coef`` adds the gradient of
+    ``- entropy_coef * mean_valid(entropy)`` (an entropy bonus) in the same pass."""
+    walk = Walk.from_op_args(
+        scale, inv_temp, softcap, compute_dtype, backend, chunk_size, row_block, fp32_logits, dw_fp32
+    )
+    loss_fn = _FAMILIES[family]
+    n = valid.shape[0]
+    idx = valid.nonzero().squeeze(1) if compact else None  # the host sync of row compaction
+    if idx is not None and idx.numel() == n:  # nothing masked: no gather copy
+        idx = None
+
+    def rows_of(x):
+        return x if idx is None else x.index_select(0, idx)
+
+    w_rows = rows_of(weights)
+    v_rows = rows_of(valid)
+    g_ent_rows = None
+    if entropy_coef != 0.0:
+        with_entropy = True
+        n_valid = valid.sum().clamp(min=1).to(w_rows.dtype)
+        g_ent_rows = v_rows.to(w_rows.dtype) * (-entropy_coef) / n_valid  # d(-c * mean H) / dH_t
+
+    def token_grad(sl, lp):
+        def take(x):
+            return x[sl] if idx is None else x.index_select(0, idx[sl])
+
+        with autograd_inside():
+            x = lp.detach().requires_grad_(True)
+            loss_t = loss_fn(take, x, advantages, old_logp, ref_logp, importance_weights, params, loss_type, impl)
+            (g,) = torch.autograd.grad((loss_t * w_rows[sl].to(loss_t.dtype)).sum(), x)
+        # masked rows (uncompacted): 0, even where their loss is not finite
+        g = torch.where(v_rows[sl], g, torch.zeros_like(g))
+        return g, None if g_ent_rows is None else g_ent_rows[sl]
+
+    logp, ent, d_h, d_w, d_b = lm_head.one_pass(
+        rows_of(hidden),
+        weight,
+        bias,
+        rows_of(targets),
+        token_grad,
+        walk,
+        with_entropy=with_entropy,
+        need_hidden=need_hidden,
+        need_weight=need_weight,
+        need_bias=need_bias,
+    )
+
+    def scatter(x_rows):  # rows -> [n], 0 at invalid rows
+        full = x_rows if idx is None else x_rows.new_zeros(n).index_copy(0, idx, x_rows)
+        return torch.where(valid, full, torch.zeros_like(full))
+
+    if d_h is not None and idx is not None:
+        d_h = d_h.new_zeros(hidden.shape).index_copy(0, idx, d_h)
+    return (
+        weights.new_zeros(()),
+        scatter(logp),
+        logp.new_empty(0) if ent is None else scatter(ent),
+        hidden.new_empty(0) if d_h is None else d_h,
+        weight.new_empty(0) if d_w is None else d_w,
+        weight.new_empty(0) if d_b is None else d_b,
+    )
+
+
+def _fused_fwd_fake(hidden, weight, bias, targets, valid, weights, advantages, old_logp, ref_logp,
+                    importance_weights, family, loss_type, params, impl, compact, with_entropy, entropy_coef,
+                    need_hidden, need_weight, need_bias, *walk_args):  # fmt: skip
+    n, acc = valid.shape[0], Walk.from_op_args(*walk_args).acc
+    ent = n if with_entropy or entropy_coef != 0.0 else 0
+    return (
+        weights.new_empty(()),
+        hidden.new_empty(n, dtype=acc),
+        hidden.new_empty(ent, dtype=acc),
+        hidden.new_empty(hidden.shape if need_hidden else (0,)),
+        weight.new_empty(weight.shape if need_weight else (0,)),
+        (bias if bias is not None else weight).new_empty(bias.shape if need_bias and bias is not None else (0,)),
+    )
+
+
+def _fused_setup(ctx, inputs, output):
+    need = inputs[17:20]
+    ctx.save_for_backward(*(g if nd else None for g, nd in zip(output[3:], need)))
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.n_inputs = len(inputs)
+    ctx.scaled = False
+
+
+def _fused_backward(ctx, g_loss, *_):
+    # in place only in the eager twin (Op.__call__ outside tracing), whose gradient outputs stay inside
+    # fastalign; the registered op (traced, or called directly) stays functional
+    in_place = getattr(ctx, "_forward_cls", None) is fused_token_loss_fwd_op.eager
+    if in_place and ctx.scaled:
+        raise RuntimeError(
+            "the one-pass fused loss scales its saved gradients in place: it backpropagates "
+            "once per forward (mode='two_pass' allows retain_graph=True and a second backward)"
         )
-        loss = finalize(logp, ent)
-        ctx.save_for_backward(d_h, d_w, d_b)
-        ctx.mark_non_differentiable(logp)
-        ctx.scaled = False
-        return loss, logp
+    ctx.scaled = True
 
-    @staticmethod
-    def backward(ctx, g_loss, _g_logp):
-        if ctx.scaled:
-            raise RuntimeError(
-                "the one-pass fused loss scales its saved gradients in place: it backpropagates "
-                "once per forward (mode='two_pass' allows retain_graph=True and a second backward)"
-            )
-        ctx.scaled = True
-        d_h, d_w, d_b = ctx.saved_tensors
+    def scaled(t):
+        if t is None:
+            return None
+        g = g_loss.to(t.dtype)
+        return t.mul_(g) if in_place else t * g
 
-        def scaled(t):
-            return None if t is None else t.mul_(g_loss.to(t.dtype))
+    return (*(scaled(t) for t in ctx.saved_tensors),) + (None,) * (ctx.n_inputs - 3)
 
-        return scaled(d_h), scaled(d_w), scaled(d_b), None, None, None, None, None
+
+fused_token_loss_fwd_op = Op(
+    "fused_token_loss_fwd", _fused_fwd_impl, _fused_fwd_fake, backward=_fused_backward, setup_context=_fused_setup
+)
 
 
 # ---- shared input handling -----------------------------------------------------------------------
@@ -174,76 +343,65 @@ def _one_pass(
     bias,
     targets_ig,
     valid,
-    per_token_fn,
+    family,
+    loss_type,
+    params,
+    tensors,
     weights_bt,
     finalize_fn,
     *,
     walk,
     compact,
+    impl,
     with_entropy=False,
     entropy_coef=0.0,
 ):
-    """Run the engine on the valid rows (gathered first when ``compact``: one host sync, the
-    ``nonzero``; else on every row, the masked ones with zero gradients). ``per_token_fn(take, lp) ->
-    per-token loss [n]`` is elementwise in ``lp``, ``take(x)`` giving the block's rows of a flat
-    ``[B * T]`` tensor; ``weights_bt [B, T]`` are the normalizer weights (loss = sum w * l);
+    """The registered one-pass op on every row (the valid ones gathered inside it when ``compact``:
+    one host sync, the ``nonzero``). ``family`` / ``loss_type`` / ``params`` / ``tensors``
+    (advantages, old, ref, importance weights: flat ``[B * T]`` or None) name the per-token loss
+    (:data:`_FAMILIES`); ``weights_bt [B, T]`` are the normalizer weights (loss = sum w * l);
     ``finalize_fn(logp_bt)`` gives ``(loss, metrics)`` from the full log-probs (no grad).
     ``entropy_coef`` adds ``- entropy_coef * mean_mask(entropy)`` (an entropy bonus), its gradient
     formed in the same pass."""
     B, T = valid.shape
     D = weight.shape[1]
-    valid_f = valid.reshape(-1)
-    idx = valid_f.nonzero().squeeze(1) if compact else None  # the host sync of row compaction
-    if idx is not None and idx.numel() == B * T:  # nothing masked: no gather copy
-        idx = None
-
-    def rows_of(x):
-        return x if idx is None else x.index_select(0, idx)
-
-    h_rows = rows_of(hidden.reshape(-1, D))
-    tg = rows_of(targets_ig.reshape(-1))
-    w_rows = rows_of(weights_bt.reshape(-1))
-    v_rows = rows_of(valid_f)
-    g_ent_rows = None
-    if entropy_coef != 0.0:
-        with_entropy = True
-        n_valid = valid.sum().clamp(min=1).to(w_rows.dtype)
-        g_ent_rows = v_rows.to(w_rows.dtype) * (-entropy_coef) / n_valid  # d(-c * mean H) / dH_t
-
-    def token_grad(sl, lp):
-        def take(x):
-            return x[sl] if idx is None else x.index_select(0, idx[sl])
-
-        with torch.enable_grad():
-            x = lp.detach().requires_grad_(True)
-            loss_t = per_token_fn(take, x)
-            (g,) = torch.autograd.grad((loss_t * w_rows[sl].to(loss_t.dtype)).sum(), x)
-        # masked rows (uncompacted): 0, even where their loss is not finite
-        g = torch.where(v_rows[sl], g, torch.zeros_like(g))
-        return g, None if g_ent_rows is None else g_ent_rows[sl]
-
-    out: dict = {}
-
-    def scatter(x_rows):  # rows -> [B, T], 0 at masked positions
-        full = x_rows if idx is None else x_rows.new_zeros(B * T).index_copy(0, idx, x_rows)
-        return torch.where(valid_f, full, torch.zeros_like(full)).view(B, T)
-
-    def finalize(logp_rows, ent_rows):
-        full = scatter(logp_rows)
-        with torch.no_grad():
-            loss, metrics = finalize_fn(full)
-        ent = None if ent_rows is None else scatter(ent_rows)
-        out["metrics"] = _entropy_metrics(metrics, ent, valid)
+    grad = torch.is_grad_enabled()
+    need_h, need_w = grad and hidden.requires_grad, grad and weight.requires_grad
+    need_b = grad and bias is not None and bias.requires_grad
+    anchor, logp, ent, *_ = fused_token_loss_fwd_op(
+        hidden.reshape(-1, D),
+        weight,
+        bias,
+        targets_ig.reshape(-1),
+        valid.reshape(-1),
+        weights_bt.reshape(-1),
+        *tensors,
+        family,
+        loss_type,
+        [float(p) for p in params],
+        impl,
+        compact,
+        with_entropy,
+        float(entropy_coef),
+        need_h,
+        need_w,
+        need_b,
+        *walk.op_args,
+    )
+    with torch.no_grad():
+        loss, metrics = finalize_fn(logp.view(B, T))
+        ent = ent.view(B, T) if with_entropy or entropy_coef != 0.0 else None
+        metrics = _entropy_metrics(metrics, ent, valid)
         if entropy_coef != 0.0:
-            loss = loss - entropy_coef * out["metrics"]["entropy"].to(loss.dtype)
-        return loss.detach()
-
-    loss, _ = FusedTokenLossFunction.apply(h_rows, weight, bias, tg, token_grad, finalize, walk, with_entropy)
-    return loss, out["metrics"]
+            loss = loss - entropy_coef * metrics["entropy"].to(loss.dtype)
+    return loss + anchor.to(loss.dtype), metrics
 
 
 def _normalizer_weights(m: torch.Tensor, reduce_fn) -> torch.Tensor:
-    """d reduce(per_token) / d per_token: the weight of each token in a linear normalizer."""
+    """d reduce(per_token) / d per_token: the weight of each token in a linear normalizer
+    (``torch.func.grad`` while ``torch.compile`` traces: dynamo traces it, not ``requires_grad_``)."""
+    if torch.compiler.is_compiling():
+        return torch.func.grad(reduce_fn)(torch.ones_like(m))
     with torch.enable_grad():
         x = torch.ones_like(m, requires_grad=True)
         (w,) = torch.autograd.grad(reduce_fn(x), x)
@@ -302,7 +460,8 @@ def linear_grpo_loss(
             token mean over the mask whatever the loss type, as TRL's ``entropy_coef``); in the
             one-pass form its gradient is formed in the same pass.
         mode: ``"one_pass"`` (token-level only), ``"two_pass"`` (``linear_logprobs`` + ``grpo_loss``),
-            ``"auto"``: one pass for token-level ratios, two for sequence-level.
+            ``"auto"``: one pass for token-level ratios, two for sequence-level (eager and compiled
+            alike: both forms are registered ops, docs/contract.md).
         return_entropy: also report the token entropies (a by-product of the same pass, for
             monitoring: ``metrics["entropies"]`` ``[B, T]`` and their masked mean ``metrics["entropy"]``).
         chunk_size: vocabulary columns per tile of the two-pass form (the one-pass form's tiles span
@@ -350,6 +509,20 @@ def linear_grpo_loss(
             if tuple(t.shape) != (B, T):
                 raise ValueError(f"{op}: {name} must have shape {(B, T)}, got {tuple(t.shape)}")
     check_advantages(advantages, op, B, T)
+    if importance_weights is not None:
+        check_float(importance_weights, "importance_weights", op)
+        if importance_weights.shape not in ((B, T), (B, 1)):
+            raise ValueError(
+                f"{op}: importance_weights must have shape {(B, T)} or {(B, 1)}, got {tuple(importance_weights.shape)}"
+            )
+    check_same_device(
+        op,
+        hidden=hidden,
+        advantages=advantages,
+        old_logp=old_logp,
+        ref_logp=ref_logp,
+        importance_weights=importance_weights,
+    )
     beta, eps_low_, eps_high_, delta_ = validate_grpo_args(
         op,
         beta=beta,
@@ -409,30 +582,6 @@ def linear_grpo_loss(
         flat(importance_weights),
     )
 
-    def per_token_fn(take, lp):
-        col = lambda t: None if t is None else take(t).unsqueeze(1)  # noqa: E731
-        lp2 = lp.unsqueeze(1)
-        old = lp2.detach() if old_f is None else col(old_f)
-        per_tok, *_ = grpo_per_token(
-            lp2,
-            old,
-            col(adv_f),
-            torch.ones_like(lp2),
-            col(ref_f),
-            beta=beta,
-            eps_low=eps_low_,
-            eps_high=eps_high_,
-            delta=delta_,
-            loss_type=loss_type,
-            level="token",
-            kl_bias_correction=kl_bias_correction,
-            importance_weights=col(iw_f),
-            sapo_temperature_pos=float(sapo_temperature_pos),
-            sapo_temperature_neg=float(sapo_temperature_neg),
-            impl=impl,
-        )
-        return per_tok.squeeze(1)
-
     w = _normalizer_weights(m, lambda x: grpo_normalize(x, m, loss_type, max_completion_length, num_items))
 
     def finalize_fn(logp_bt):
@@ -446,14 +595,19 @@ def linear_grpo_loss(
         bias,
         targets_ig,
         valid,
-        per_token_fn,
+        "grpo",
+        loss_type,
+        (beta, eps_low_, eps_high_, _NONE if delta_ is None else delta_, kl_bias_correction,
+         sapo_temperature_pos, sapo_temperature_neg),
+        (adv_f, old_f, ref_f, iw_f),
         w,
         finalize_fn,
         walk=walk,
         compact=compact,
+        impl=impl,
         with_entropy=return_entropy,
         entropy_coef=entropy_coef,
-    )
+    )  # fmt: skip
 
 
 # ---- PPO -----------------------------------------------------------------------------------------
@@ -530,6 +684,7 @@ def linear_ppo_policy_loss(
     if tuple(old_logp.shape) != (B, T):
         raise ValueError(f"{op}: old_logp must have shape {(B, T)}, got {tuple(old_logp.shape)}")
     check_advantages(advantages, op, B, T)
+    check_same_device(op, hidden=hidden, advantages=advantages, old_logp=old_logp)
     eps_low_, eps_high_, dual_ = validate_ppo_policy_args(op, eps_low, eps_high, dual_clip, level)
     if mode == "one_pass" and level == "sequence":
         raise ValueError(f"{op}: mode='one_pass' needs token-level ratios; level='sequence' takes two passes")
@@ -552,20 +707,6 @@ def linear_ppo_policy_loss(
     adv_f = (adv.reshape(B, 1) if adv.dim() == 1 else adv).expand(B, T).reshape(-1)
     old_f = as_compute(old_logp, dt).detach().reshape(-1)
 
-    def per_token_fn(take, lp):
-        lp2 = lp.unsqueeze(1)
-        per_tok, _ = ppo_policy_per_token(
-            lp2,
-            take(old_f).unsqueeze(1),
-            take(adv_f).unsqueeze(1),
-            torch.ones_like(lp2),
-            eps_low=eps_low_,
-            eps_high=eps_high_,
-            dual_clip=dual_,
-            level="token",
-        )
-        return per_tok.squeeze(1)
-
     w = m / m.sum().clamp(min=1.0)
 
     def finalize_fn(logp_bt):
@@ -579,11 +720,15 @@ def linear_ppo_policy_loss(
         bias,
         targets_ig,
         valid,
-        per_token_fn,
+        "ppo_policy",
+        "",
+        (eps_low_, eps_high_, _NONE if dual_ is None else dual_),
+        (adv_f, old_f, None, None),
         w,
         finalize_fn,
         walk=walk,
         compact=compact,
+        impl=impl,
         with_entropy=return_entropy,
         entropy_coef=entropy_coef,
     )
@@ -650,6 +795,7 @@ def linear_dpo_loss(
         check_float(ref_logp, "ref_logp", op)
         if tuple(ref_logp.shape) != (B2,):
             raise ValueError(f"{op}: ref_logp must have shape ({B2},), got {tuple(ref_logp.shape)}")
+        check_same_device(op, hidden=hidden, ref_logp=ref_logp)
     walk = lm_head.make_walk(
         hidden,
         weight,

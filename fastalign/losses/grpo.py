@@ -13,9 +13,9 @@ from typing import Literal
 
 import torch
 
-from fastalign._dispatch import Impl
+from fastalign._dispatch import Impl, select_impl
 from fastalign._validation import check_choice, check_float, check_mask, check_number, check_same_device
-from fastalign.losses._common import as_compute, compute_dtype, masked_mean
+from fastalign.losses._common import as_compute, compute_dtype, masked_mean, zero_masked
 from fastalign.ops.kl import k3_kl
 from fastalign.ops.surrogate import Level
 
@@ -154,7 +154,9 @@ def grpo_per_token(
         ratio_for_metrics = coef_1
     elif loss_type == "sapo":
         # soft gate instead of a hard clip: sigmoid(tau (r - 1)) * 4 / tau, tau by the advantage's sign
-        tau = torch.where(advantages > 0, sapo_temperature_pos, sapo_temperature_neg).to(coef_1.dtype)
+        # in the compute dtype (torch.where of two Python floats would round them to fp32)
+        tau = torch.full_like(advantages, sapo_temperature_neg, dtype=coef_1.dtype)
+        tau = tau.masked_fill_(advantages > 0, sapo_temperature_pos)
         per_token = -(torch.sigmoid(tau * (coef_1 - 1.0)) * 4.0 / tau) * advantages
         ratio_for_metrics = coef_1
     else:
@@ -310,16 +312,17 @@ def grpo_loss(
         num_items=num_items,
         has_ref=ref_logp is not None,
     )
-
+    select_impl(impl, logp.device, op=op)  # checks impl even where no op runs (beta == 0)
     sapo_temperature_pos = check_number(sapo_temperature_pos, "sapo_temperature_pos", op, lo=0.0, lo_open=True)
     sapo_temperature_neg = check_number(sapo_temperature_neg, "sapo_temperature_neg", op, lo=0.0, lo_open=True)
     dt = compute_dtype(logp, old_logp, advantages, ref_logp)
-    lp = as_compute(logp, dt)
-    old = lp.detach() if old_logp is None else as_compute(old_logp, dt).detach()
-    ref = None if (ref_logp is None or beta == 0.0) else as_compute(ref_logp, dt).detach()
-    adv = as_compute(advantages, dt).detach()
+    # padding (mask 0) may hold -inf / NaN log-probs: zeroed before any arithmetic (docs/contract.md)
+    lp = zero_masked(as_compute(logp, dt), mask)
+    old = lp.detach() if old_logp is None else zero_masked(as_compute(old_logp, dt).detach(), mask)
+    ref = None if (ref_logp is None or beta == 0.0) else zero_masked(as_compute(ref_logp, dt).detach(), mask)
+    adv = zero_masked(as_compute(advantages, dt).detach(), mask)
     m = mask.to(dt)
-    iw = None if importance_weights is None else as_compute(importance_weights, dt).detach()
+    iw = None if importance_weights is None else zero_masked(as_compute(importance_weights, dt).detach(), mask)
 
     per_token, per_token_kl, coef_1, adv2 = grpo_per_token(
         lp,

@@ -12,7 +12,7 @@ import torch
 
 from fastalign._dispatch import Impl
 from fastalign._validation import check_choice, check_float, check_mask, check_number, check_same_device
-from fastalign.losses._common import as_compute, compute_dtype, masked_mean
+from fastalign.losses._common import as_compute, compute_dtype, masked_mean, zero_masked
 from fastalign.ops.surrogate import Level, clipped_surrogate_with_stats
 
 
@@ -171,12 +171,12 @@ def value_loss(
         _check_bt(old_values, "old_values", op, values.shape)
     check_same_device(op, values=values, returns=returns, mask=mask, old_values=old_values)
     dt = compute_dtype(values, returns, old_values)
-    v = as_compute(values, dt)
-    R = as_compute(returns, dt).detach()
+    v = zero_masked(as_compute(values, dt), mask)  # padding may hold inf / NaN: zeroed first
+    R = zero_masked(as_compute(returns, dt).detach(), mask)
     err = (v - R) ** 2
     metrics: dict[str, torch.Tensor] = {}
     if value_clip is not None:
-        vo = as_compute(old_values, dt).detach()
+        vo = zero_masked(as_compute(old_values, dt).detach(), mask)
         v_clipped = vo + torch.clamp(v - vo, -value_clip, value_clip)
         err_c = (v_clipped - R) ** 2
         metrics["vf_clip_frac"] = masked_mean((err_c > err).to(dt).detach(), mask)
@@ -249,7 +249,7 @@ def ppo_loss(
         metrics.update(vm)
     if entropy is not None:
         _check_bt(entropy, "entropy", op, logp.shape)
-        ent = masked_mean(as_compute(entropy, compute_dtype(entropy, logp)), mask)
+        ent = masked_mean(zero_masked(as_compute(entropy, compute_dtype(entropy, logp)), mask), mask)
         loss = loss - entropy_coef * ent
         metrics["entropy"] = ent.detach()
     return loss, metrics

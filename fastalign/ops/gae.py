@@ -13,6 +13,7 @@ import torch
 from fastalign._dispatch import Impl, select_impl
 from fastalign._validation import check_float, check_mask, check_number, check_same_device
 from fastalign.kernels.dtypes import acc_dtype
+from fastalign.ops._library import Op
 from fastalign.ops._tokens import as_rows, check_token_mask, mask_u8
 
 _OP = "gae"
@@ -90,6 +91,40 @@ def gae_fwd_torch(rewards, values, mask, dones, next_values, gamma, lam, acc, *,
     d = torch.where(valid, delta, 0.0)
     a = reverse_linear_scan(c, d)
     return torch.where(valid, a, 0.0), torch.where(valid, a + v, 0.0)
+
+
+# ---- the registered op (fastalign::gae_fwd; not differentiable) ----------------------------------
+
+
+def _gae_fwd_impl(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    dones: torch.Tensor,
+    next_values: torch.Tensor,
+    gamma: float,
+    lam: float,
+    backend: str,
+    has_mask: bool,
+    has_dones: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(advantages, returns)`` ``[B, T]`` in the accumulation dtype, from ``[B, T]`` rows."""
+    acc = acc_dtype(rewards.dtype, values.dtype)
+    if backend == "triton":
+        from fastalign.kernels.gae import gae_fwd
+
+        return gae_fwd(rewards, values, mask, dones, next_values, gamma, lam, acc)
+    return gae_fwd_torch(
+        rewards, values, mask, dones, next_values, gamma, lam, acc, has_mask=has_mask, has_dones=has_dones
+    )
+
+
+def _gae_fwd_fake(rewards, values, mask, dones, next_values, gamma, lam, backend, has_mask, has_dones):
+    acc = acc_dtype(rewards.dtype, values.dtype)
+    return rewards.new_empty(rewards.shape, dtype=acc), rewards.new_empty(rewards.shape, dtype=acc)
+
+
+gae_fwd_op = Op("gae_fwd", _gae_fwd_impl, _gae_fwd_fake)
 
 
 # ---- public functions ---------------------------------------------------------------------------
@@ -178,14 +213,7 @@ def gae(
     else:
         nv = next_values.detach().reshape(B).to(acc)
     with torch.no_grad():
-        if backend == "triton":
-            from fastalign.kernels.gae import gae_fwd
-
-            adv, ret = gae_fwd(r2, v2, m2, d2, nv, gamma, lam, acc)
-        else:
-            adv, ret = gae_fwd_torch(
-                r2, v2, m2, d2, nv, gamma, lam, acc, has_mask=mask is not None, has_dones=dones is not None
-            )
+        adv, ret = gae_fwd_op(r2, v2, m2, d2, nv, gamma, lam, backend, mask is not None, dones is not None)
     return adv.view(shape), ret.view(shape)
 
 

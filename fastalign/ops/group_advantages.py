@@ -14,6 +14,7 @@ import torch
 from fastalign._dispatch import Impl, select_impl
 from fastalign._validation import check_choice, check_float, check_int, check_number, check_same_device
 from fastalign.kernels.dtypes import acc_dtype
+from fastalign.ops._library import Op
 
 _OP = "group_advantages"
 _SCALES = {"none": 0, "group": 1, "batch": 2}
@@ -109,6 +110,38 @@ def group_advantages_fwd_torch(rewards, ids, group_size, eps, loo, scale_mode, u
     return dev
 
 
+# ---- the registered op (fastalign::group_advantages_fwd; not differentiable) ----------------------
+
+
+def _group_advantages_fwd_impl(
+    rewards: torch.Tensor,
+    ids: torch.Tensor | None,
+    group_size: int,
+    eps: float,
+    loo: bool,
+    scale_mode: int,
+    unbiased: bool,
+    singleton_raw: bool,
+    backend: str,
+) -> torch.Tensor:
+    """``[N]`` advantages in the accumulation dtype; ``ids`` int64 or None (``group_size`` groups).
+    The torch path's data-dependent steps (id labels, counts, the NaN test) stay inside the op."""
+    acc = acc_dtype(rewards.dtype)
+    args = (group_size, eps, loo, scale_mode, unbiased, singleton_raw, acc)
+    if backend == "triton":
+        from fastalign.kernels.group_advantages import group_advantages_fwd
+
+        return group_advantages_fwd(rewards.contiguous(), ids, *args)
+    return group_advantages_fwd_torch(rewards, ids, *args)
+
+
+def _group_advantages_fwd_fake(rewards, ids, group_size, eps, loo, scale_mode, unbiased, singleton_raw, backend):
+    return rewards.new_empty(rewards.shape, dtype=acc_dtype(rewards.dtype))
+
+
+group_advantages_fwd_op = Op("group_advantages_fwd", _group_advantages_fwd_impl, _group_advantages_fwd_fake)
+
+
 def group_advantages(
     rewards: torch.Tensor,
     group_ids: torch.Tensor | None = None,
@@ -196,12 +229,7 @@ def group_advantages(
     eps = check_number(eps, "eps", _OP, lo=0)
     device = check_same_device(_OP, rewards=rewards, group_ids=group_ids)
     backend = select_impl(impl, device, op=_OP)
-    acc = acc_dtype(rewards.dtype)
     ids = None if group_ids is None else group_ids.to(torch.int64).contiguous()
     args = (gs, float(eps), baseline == "loo", _SCALES[scale], bool(unbiased), singleton == "raw")
     rewards = rewards.detach()  # no autograd graph on either path (cheaper than torch.no_grad)
-    if backend == "triton":
-        from fastalign.kernels.group_advantages import group_advantages_fwd
-
-        return group_advantages_fwd(rewards.contiguous(), ids, *args, acc)
-    return group_advantages_fwd_torch(rewards, ids, *args, acc)
+    return group_advantages_fwd_op(rewards, ids, *args, backend)

@@ -1,7 +1,7 @@
 """``kl_penalty`` / ``k3_kl``: per-token KL estimators between policy and reference log-probs.
 
-input checks -> :class:`KLPenaltyFunction` (thin autograd.Function) -> :mod:`fastalign.kernels.kl` or the
-torch path below, chosen by :func:`fastalign._dispatch.select_impl`.
+input checks -> the registered ops ``fastalign::kl_fwd`` / ``kl_bwd`` (:mod:`fastalign.ops._library`) ->
+:mod:`fastalign.kernels.kl` or the torch path below, chosen by :func:`fastalign._dispatch.select_impl`.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 from fastalign._dispatch import Impl, select_impl
 from fastalign._validation import check_choice, check_float, check_number, check_same_device
 from fastalign.kernels.dtypes import acc_dtype
+from fastalign.ops._library import Op
 from fastalign.ops._tokens import as_rows
 
 _OP = "kl_penalty"
@@ -42,6 +43,7 @@ def kl_fwd_torch(logp, ref, kind: int, lr_clamp: float, out_clamp: float, acc: t
     else:
         e = torch.exp(-x)
         val = e.add(x).sub_(1.0)
+        val = torch.where(torch.isinf(e), e, val)  # k3(-inf) = +inf, not inf - inf = NaN
         slope = e.neg_().add_(1.0) if want_grad else None  # 1 - exp(-x), reusing e's buffer
     if math.isfinite(out_clamp):
         inside = (val >= -out_clamp) & (val <= out_clamp)
@@ -52,41 +54,88 @@ def kl_fwd_torch(logp, ref, kind: int, lr_clamp: float, out_clamp: float, acc: t
     return val, slope
 
 
-# ---- autograd -------------------------------------------------------------------------------------
+# ---- the registered ops (fastalign::kl_fwd / fastalign::kl_bwd) --------------------------------
 
 
-class KLPenaltyFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logp, ref, kind, lr_clamp, out_clamp, backend):
-        acc = acc_dtype(logp.dtype, ref.dtype)
-        if backend == "triton":
-            from fastalign.kernels.kl import kl_fwd
+def _kl_fwd_impl(
+    logp: torch.Tensor,
+    ref: torch.Tensor,
+    kind: int,
+    lr_clamp: float,
+    out_clamp: float,
+    backend: str,
+    want_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(estimator, slope)``: the torch path keeps the slope (one ``[R, T]`` tensor, for the backward)
+    instead of recomputing it; the Triton path (and no gradient) returns an empty slope."""
+    acc = acc_dtype(logp.dtype, ref.dtype)
+    if backend == "triton":
+        from fastalign.kernels.kl import kl_fwd
 
-            out = kl_fwd(logp, ref, kind, lr_clamp, out_clamp, acc)
-            ctx.save_for_backward(logp, ref)
-        else:
-            # the torch path keeps the slope (one [R, T] tensor) instead of recomputing it
-            want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-            out, slope = kl_fwd_torch(logp, ref, kind, lr_clamp, out_clamp, acc, want_grad)
-            ctx.save_for_backward(slope)
-        ctx.args = (kind, lr_clamp, out_clamp, backend, acc, logp.dtype, ref.dtype)
-        return out
+        return kl_fwd(logp, ref, kind, lr_clamp, out_clamp, acc), logp.new_empty(0, dtype=acc)
+    out, slope = kl_fwd_torch(logp, ref, kind, lr_clamp, out_clamp, acc, want_grad)
+    return out, logp.new_empty(0, dtype=acc) if slope is None else slope
 
-    @staticmethod
-    def backward(ctx, grad):
-        kind, lr_clamp, out_clamp, backend, acc, lp_dtype, ref_dtype = ctx.args
-        want_lp, want_ref = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if backend == "triton":
-            from fastalign.kernels.kl import kl_bwd
 
-            logp, ref = ctx.saved_tensors
-            dlogp, dref = kl_bwd(logp, ref, grad, kind, lr_clamp, out_clamp, want_lp, want_ref, acc)
-        else:
-            (slope,) = ctx.saved_tensors
-            d = grad.to(acc) * slope
-            dlogp = d.to(lp_dtype) if want_lp else None
-            dref = d.neg().to(ref_dtype) if want_ref else None
-        return dlogp, dref, None, None, None, None
+def _kl_fwd_fake(logp, ref, kind, lr_clamp, out_clamp, backend, want_grad):
+    acc = acc_dtype(logp.dtype, ref.dtype)
+    slope_shape = logp.shape if backend != "triton" and want_grad else (0,)
+    return logp.new_empty(logp.shape, dtype=acc), logp.new_empty(slope_shape, dtype=acc)
+
+
+def _kl_bwd_impl(
+    logp: torch.Tensor,
+    ref: torch.Tensor,
+    grad: torch.Tensor,
+    kind: int,
+    lr_clamp: float,
+    out_clamp: float,
+    want_lp: bool,
+    want_ref: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton backward: ``(dlogp, dref)`` in the inputs' dtypes (empty where not wanted)."""
+    from fastalign.kernels.kl import kl_bwd
+
+    acc = acc_dtype(logp.dtype, ref.dtype)
+    dlogp, dref = kl_bwd(logp, ref, grad, kind, lr_clamp, out_clamp, want_lp, want_ref, acc)
+    return (
+        logp.new_empty(0) if dlogp is None else dlogp,
+        ref.new_empty(0) if dref is None else dref,
+    )
+
+
+def _kl_bwd_fake(logp, ref, grad, kind, lr_clamp, out_clamp, want_lp, want_ref):
+    return logp.new_empty(logp.shape if want_lp else (0,)), ref.new_empty(ref.shape if want_ref else (0,))
+
+
+kl_bwd_op = Op("kl_bwd", _kl_bwd_impl, _kl_bwd_fake)
+
+
+def _kl_setup(ctx, inputs, output):
+    logp, ref, kind, lr_clamp, out_clamp, backend, _ = inputs
+    if backend == "triton":
+        ctx.save_for_backward(logp, ref)
+    else:
+        ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.args = (kind, lr_clamp, out_clamp, backend, logp.dtype, ref.dtype)
+
+
+def _kl_backward(ctx, grad, _grad_slope):
+    kind, lr_clamp, out_clamp, backend, lp_dtype, ref_dtype = ctx.args
+    want_lp, want_ref = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if backend == "triton":
+        logp, ref = ctx.saved_tensors
+        dlogp, dref = kl_bwd_op(logp, ref, grad, kind, lr_clamp, out_clamp, want_lp, want_ref)
+        return (dlogp if want_lp else None), (dref if want_ref else None), None, None, None, None, None
+    (slope,) = ctx.saved_tensors  # the torch path's backward is one multiply: plain torch, traceable
+    d = grad.to(slope.dtype) * slope
+    dlogp = d.to(lp_dtype) if want_lp else None
+    dref = d.neg().to(ref_dtype) if want_ref else None
+    return dlogp, dref, None, None, None, None, None
+
+
+kl_fwd_op = Op("kl_fwd", _kl_fwd_impl, _kl_fwd_fake, backward=_kl_backward, setup_context=_kl_setup)
 
 
 # ---- public functions ---------------------------------------------------------------------------
@@ -157,7 +206,8 @@ def kl_penalty(
         lp2, ref2 = logp.view(1, -1), ref_logp.view(1, -1)
     else:
         lp2, ref2 = as_rows(logp), as_rows(ref_logp)
-    out = KLPenaltyFunction.apply(lp2, ref2, _KINDS[kind], lr_clamp, out_clamp, backend)
+    want_grad = torch.is_grad_enabled() and (logp.requires_grad or ref_logp.requires_grad)
+    out, _ = kl_fwd_op(lp2, ref2, _KINDS[kind], lr_clamp, out_clamp, backend, want_grad)
     return out.view(logp.shape)
 
 

@@ -1,8 +1,8 @@
 """``linear_logprobs``: per-token log-probs (and entropy) straight from hidden states and the lm_head
 weight, never materializing the ``[N, V]`` logits.
 
-Input checks -> :class:`LinearLogprobsFunction` (a thin autograd.Function) -> the tile walks of the LM-head
-engine, :mod:`fastalign.ops.lm_head` (which has the math, the tile order, the memory accounting and
+Input checks -> the registered ops ``fastalign::linear_logprobs_fwd`` / ``linear_logprobs_bwd`` -> the tile
+walks of the LM-head engine, :mod:`fastalign.ops.lm_head` (which has the math, the tile order, the memory accounting and
 the gradient filter's error bound). :func:`apply_linear_logprobs` is the row-level entry the fused
 losses and the transformers integration share.
 
@@ -32,61 +32,263 @@ from fastalign._validation import (
     check_number,
     check_same_device,
 )
+from fastalign.kernels import tuning
 from fastalign.ops import lm_head
+from fastalign.ops._library import Op
 from fastalign.ops.lm_head import HeadStats, HeadTransform, Walk
 
 _OP = "linear_logprobs"
 
 
-# ---- autograd -----------------------------------------------------------------------------------
+# ---- the registered ops (fastalign::linear_logprobs_fwd / fastalign::linear_logprobs_bwd) --------
+#
+# ``rows``: how ignored rows are handled: "all" (no ignore_index: every row counts), "mask" (every row
+# through the GEMMs, ignored ones masked to 0: no sync) or "compact" (the valid rows gathered first:
+# one host sync, the nonzero, in the forward). The forward returns the compacted row ids padded to
+# ``[n]`` and their count in a CPU tensor (read back by the backward without a device sync), and its
+# per-row statistics in compacted order padded to ``[n]``: every output has a size known from the
+# input shapes alone.
 
 
-class LinearLogprobsFunction(torch.autograd.Function):
-    """Thin: runs the engine's walks; saves hidden/weight/bias (by reference), targets, the forward's
-    per-row results (and tile maxima for the grad filter)."""
+def _lin_fwd_impl(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    ignore_index: int,
+    rows: str,
+    with_entropy: bool,
+    grad_filter_eps: float | None,
+    scale: float,
+    inv_temp: float,
+    softcap: float | None,
+    compute_dtype: torch.dtype,
+    backend: str,
+    chunk_size: int | None,
+    row_block: int | None,
+    fp32_logits: bool,
+    dw_fp32: bool,
+) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
+]:
+    """``(logp [n], entropy [n] or [0], target_x [n], lse [n], entropy stat [n] or [0], tile_max
+    [chunks, n] or [0], row ids [n] or [0], count [1] (CPU))``."""
+    walk = Walk.from_op_args(
+        scale, inv_temp, softcap, compute_dtype, backend, chunk_size, row_block, fp32_logits, dw_fp32
+    )
+    n = targets.shape[0]
+    idx, k = None, n
+    if rows == "compact":
+        found = (targets != ignore_index).nonzero().squeeze(1)  # the host sync: ignored rows never reach a GEMM
+        k = found.shape[0]
+        if k < n:  # else none ignored: no gather copy
+            idx = found
+    h, t = (hidden, targets) if idx is None else (hidden.index_select(0, idx), targets.index_select(0, idx))
+    save_tile_max = grad_filter_eps is not None  # the grad filter's bound
+    stats = lm_head.forward(h, weight, bias, t, walk, with_entropy=with_entropy, save_tile_max=save_tile_max)
+    logp, entropy = stats.target_x - stats.lse, stats.entropy
+    if rows == "mask":  # uncompacted rows: ignored positions give 0
+        valid = targets != ignore_index
+        logp = torch.where(valid, logp, torch.zeros_like(logp))
+        if entropy is not None:
+            entropy = torch.where(valid, entropy, torch.zeros_like(entropy))
+    elif idx is not None:  # back to [n], 0 at the ignored rows
+        logp = logp.new_zeros(n).index_copy(0, idx, logp)
+        entropy = None if entropy is None else entropy.new_zeros(n).index_copy(0, idx, entropy)
 
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, valid, walk, with_entropy, grad_filter_eps):
-        ctx.set_materialize_grads(False)
-        stats = lm_head.forward(
-            hidden, weight, bias, targets, walk, with_entropy=with_entropy, save_tile_max=grad_filter_eps is not None
-        )
-        logp, entropy = stats.target_x - stats.lse, stats.entropy
-        if valid is not None:  # uncompacted rows: ignored positions give 0
-            logp = torch.where(valid, logp, torch.zeros_like(logp))
-            if entropy is not None:
-                entropy = torch.where(valid, entropy, torch.zeros_like(entropy))
-        ctx.save_for_backward(hidden, weight, bias, targets, valid, *stats)
-        ctx.walk, ctx.grad_filter_eps = walk, grad_filter_eps
-        return logp, entropy
+    def padded(x):  # compacted order, padded to n rows
+        if x is None:
+            return stats.lse.new_empty(0)
+        if x.shape[-1] == n:
+            return x.clone() if x is stats.entropy and entropy is x else x
+        return torch.nn.functional.pad(x, (0, n - x.shape[-1]))
 
-    @staticmethod
-    def backward(ctx, g_logp, g_ent):
-        hidden, weight, bias, targets, valid, *stats = ctx.saved_tensors
-        stats = HeadStats(*stats)
-        acc = stats.lse.dtype
+    ids = targets.new_empty(0)
+    if rows == "compact":
+        ids = torch.arange(n, device=targets.device) if idx is None else torch.nn.functional.pad(idx, (0, n - k))
+    count = torch.tensor([k], dtype=torch.int64)
+    return (
+        logp,
+        stats.lse.new_empty(0) if entropy is None else entropy,
+        padded(stats.target_x),
+        padded(stats.lse),
+        padded(stats.entropy),
+        padded(stats.tile_max),
+        ids,
+        count,
+    )
 
-        def prep(g):
-            if g is None:
-                return None
-            g = g.to(acc)
-            return g if valid is None else torch.where(valid, g, torch.zeros_like(g))
 
-        d_h, d_w, d_b = lm_head.backward(
-            hidden,
-            weight,
-            bias,
-            targets,
-            stats,
-            prep(g_logp),
-            prep(g_ent) if stats.entropy is not None else None,
-            ctx.walk,
-            need_hidden=ctx.needs_input_grad[0],
-            need_weight=ctx.needs_input_grad[1],
-            need_bias=bias is not None and ctx.needs_input_grad[2],
-            grad_filter_eps=ctx.grad_filter_eps,
-        )
-        return d_h, d_w, d_b, None, None, None, None, None
+def _lin_fwd_fake(hidden, weight, bias, targets, ignore_index, rows, with_entropy, grad_filter_eps, *walk_args):
+    n, V = targets.shape[0], weight.shape[0]
+    walk = Walk.from_op_args(*walk_args)
+    acc = walk.acc
+    _, cols = tuning.linear_logprobs_chunking(hidden.device.type, V, n, walk.chunk_size, walk.row_block)
+    ent = n if with_entropy else 0
+
+    def new(*shape, dtype=acc):
+        return hidden.new_empty(shape, dtype=dtype)
+
+    return (
+        new(n),
+        new(ent),
+        new(n),
+        new(n),
+        new(ent),
+        new(-(-V // cols), n) if grad_filter_eps is not None else new(0),
+        new(n if rows == "compact" else 0, dtype=torch.int64),
+        torch.empty(1, dtype=torch.int64, device="cpu"),
+    )
+
+
+def _lin_bwd_impl(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    target_x: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor | None,
+    tile_max: torch.Tensor | None,
+    ids: torch.Tensor,
+    count: torch.Tensor,
+    g_logp: torch.Tensor | None,
+    g_ent: torch.Tensor | None,
+    ignore_index: int,
+    rows: str,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+    grad_filter_eps: float | None,
+    scale: float,
+    inv_temp: float,
+    softcap: float | None,
+    compute_dtype: torch.dtype,
+    backend: str,
+    chunk_size: int | None,
+    row_block: int | None,
+    fp32_logits: bool,
+    dw_fp32: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(d_hidden [n, D], d_weight [V, D], d_bias [V])`` in the inputs' dtypes, empty where not needed."""
+    walk = Walk.from_op_args(
+        scale, inv_temp, softcap, compute_dtype, backend, chunk_size, row_block, fp32_logits, dw_fp32
+    )
+    n = targets.shape[0]
+    acc = lse.dtype
+    k = count.tolist()[0] if rows == "compact" else n  # a CPU tensor: no device sync
+    idx = ids[:k] if k < n else None
+
+    def prep(g):
+        if g is None:
+            return None
+        g = g.to(acc)
+        if rows == "mask":
+            return torch.where(targets != ignore_index, g, torch.zeros_like(g))
+        return g if idx is None else g.index_select(0, idx)
+
+    h, t = (hidden, targets) if idx is None else (hidden.index_select(0, idx), targets.index_select(0, idx))
+    stats = HeadStats(
+        target_x[:k],
+        lse[:k],
+        None if entropy is None else entropy[:k],
+        None if tile_max is None else tile_max[:, :k],
+    )
+    d_h, d_w, d_b = lm_head.backward(
+        h,
+        weight,
+        bias,
+        t,
+        stats,
+        prep(g_logp),
+        prep(g_ent) if entropy is not None else None,
+        walk,
+        need_hidden=need_hidden,
+        need_weight=need_weight,
+        need_bias=need_bias,
+        grad_filter_eps=grad_filter_eps,
+    )
+    if d_h is not None and idx is not None:
+        d_h = d_h.new_zeros(hidden.shape).index_copy(0, idx, d_h)
+    return (
+        hidden.new_empty(0) if d_h is None else d_h,
+        weight.new_empty(0) if d_w is None else d_w,
+        weight.new_empty(0) if d_b is None else d_b,
+    )
+
+
+def _lin_bwd_fake(
+    hidden,
+    weight,
+    bias,
+    targets,
+    target_x,
+    lse,
+    entropy,
+    tile_max,
+    ids,
+    count,
+    g_logp,
+    g_ent,
+    ignore_index,
+    rows,
+    need_hidden,
+    need_weight,
+    need_bias,
+    grad_filter_eps,
+    *walk_args,
+):
+    return (
+        hidden.new_empty(hidden.shape if need_hidden else (0,)),
+        weight.new_empty(weight.shape if need_weight else (0,)),
+        (bias if bias is not None else weight).new_empty(bias.shape if need_bias and bias is not None else (0,)),
+    )
+
+
+linear_logprobs_bwd_op = Op("linear_logprobs_bwd", _lin_bwd_impl, _lin_bwd_fake)
+
+
+def _lin_setup(ctx, inputs, output):
+    hidden, weight, bias, targets, ignore_index, rows, with_entropy, grad_filter_eps, *walk_args = inputs
+    _, _, target_x, lse, ent, tile_max, ids, count = output
+    # saved: hidden / weight / bias (by reference), targets, the per-row results (and tile maxima)
+    ctx.save_for_backward(
+        hidden,
+        weight,
+        bias,
+        targets,
+        target_x,
+        lse,
+        ent if with_entropy else None,
+        tile_max if grad_filter_eps is not None else None,
+        ids,
+        count,
+    )
+    ctx.mark_non_differentiable(*output[2:])
+    ctx.set_materialize_grads(False)
+    ctx.args = (ignore_index, rows, with_entropy, walk_args)
+    ctx.grad_filter_eps = grad_filter_eps
+
+
+def _lin_backward(ctx, g_logp, g_ent, *_):
+    hidden, weight, bias, targets, target_x, lse, ent, tile_max, ids, count = ctx.saved_tensors
+    ignore_index, rows, with_entropy, walk_args = ctx.args
+    need = ctx.needs_input_grad
+    need_b = bias is not None and need[2]
+    if not with_entropy:
+        g_ent = None
+    if g_logp is None and g_ent is None:
+        return (None,) * 17
+    d_h, d_w, d_b = linear_logprobs_bwd_op(
+        hidden, weight, bias, targets, target_x, lse, ent, tile_max, ids, count, g_logp, g_ent,
+        ignore_index, rows, need[0], need[1], need_b, ctx.grad_filter_eps, *walk_args,
+    )  # fmt: skip
+    return (d_h if need[0] else None, d_w if need[1] else None, d_b if need_b else None) + (None,) * 14
+
+
+linear_logprobs_fwd_op = Op(
+    "linear_logprobs_fwd", _lin_fwd_impl, _lin_fwd_fake, backward=_lin_backward, setup_context=_lin_setup
+)
 
 
 def apply_linear_logprobs(
@@ -106,22 +308,19 @@ def apply_linear_logprobs(
     With ``ignore_index`` not None, ignored rows give 0: gathered away first when ``compact_ignored``
     (one host sync: the ``nonzero``), else masked. Used by the public function, the two-pass losses
     and the transformers integration."""
-    args = (walk, with_entropy, grad_filter_eps)
-    if ignore_index is None:
-        return LinearLogprobsFunction.apply(hidden2d, weight, bias, targets, None, *args)
-    valid = targets != ignore_index
-    if not compact_ignored:
-        return LinearLogprobsFunction.apply(hidden2d, weight, bias, targets, valid, *args)
-    idx = valid.nonzero().squeeze(1)  # the host sync: ignored rows never reach a GEMM
-    if idx.numel() == targets.shape[0]:  # none ignored: no gather copy
-        return LinearLogprobsFunction.apply(hidden2d, weight, bias, targets, None, *args)
-    logp_v, ent_v = LinearLogprobsFunction.apply(
-        hidden2d.index_select(0, idx), weight, bias, targets.index_select(0, idx), None, *args
+    rows = "all" if ignore_index is None else ("compact" if compact_ignored else "mask")
+    logp, ent, *_ = linear_logprobs_fwd_op(
+        hidden2d,
+        weight,
+        bias,
+        targets,
+        -100 if ignore_index is None else ignore_index,
+        rows,
+        with_entropy,
+        grad_filter_eps,
+        *walk.op_args,
     )
-    n = targets.shape[0]
-    logp = logp_v.new_zeros(n).index_copy(0, idx, logp_v)
-    ent = None if ent_v is None else ent_v.new_zeros(n).index_copy(0, idx, ent_v)
-    return logp, ent
+    return logp, ent if with_entropy else None
 
 
 def check_grad_filter_eps(eps, op: str) -> float | None:

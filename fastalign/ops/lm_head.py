@@ -221,6 +221,38 @@ class Walk:
             return self.compute_dtype
         return self.acc
 
+    @property
+    def op_args(self) -> tuple:
+        """The walk as the registered ops' arguments (numbers, a dtype, strings):
+        ``(scale, inv_temp, softcap, compute_dtype, backend, chunk_size, row_block, fp32_logits, dw_fp32)``."""
+        h = self.head
+        return (
+            h.scale,
+            h.inv_temp,
+            h.softcap,
+            self.compute_dtype,
+            self.backend,
+            self.chunk_size,
+            self.row_block,
+            self.fp32_logits,
+            self.dw_fp32,
+        )
+
+    @classmethod
+    def from_op_args(
+        cls, scale, inv_temp, softcap, compute_dtype, backend, chunk_size, row_block, fp32_logits, dw_fp32
+    ) -> Walk:
+        """The :class:`Walk` of :attr:`op_args` (inside a registered op's body)."""
+        return cls(
+            HeadTransform(scale, inv_temp, softcap),
+            compute_dtype,
+            backend,
+            chunk_size,
+            row_block,
+            fp32_logits,
+            dw_fp32,
+        )
+
     def epilogues(self) -> tuple[Callable, Callable]:
         """``(fold, dlogits)`` honouring the module's epilogue contract."""
         if self.backend == "triton" and self.acc == torch.float32:
@@ -282,12 +314,15 @@ def linear_logprobs_tile_fwd_torch(
     if tile_max is not None:
         tile_max.copy_(x_max)
     m_new = torch.maximum(m, x_max)
-    xs = x.sub_(m_new.unsqueeze(1)) if x is not tile else tile - m_new.unsqueeze(1)  # <= 0
-    alpha = torch.exp(m - m_new)  # 0 on the first chunk (m = -inf)
+    # all -inf so far (masked vocabulary entries, e.g. a -inf bias): shift by 0, not by -inf (no inf - inf)
+    m_safe = torch.where(m_new == float("-inf"), torch.zeros_like(m_new), m_new)
+    xs = x.sub_(m_safe.unsqueeze(1)) if x is not tile else tile - m_safe.unsqueeze(1)  # <= 0
+    alpha = torch.exp(m - m_safe)  # 0 on the first chunk (m = -inf)
     if t is not None:
         e = torch.exp(xs)
-        shift = torch.where(s > 0, (m_new - m) * s, torch.zeros_like(s))
-        t.sub_(shift).mul_(alpha).add_(xs.mul_(e).sum(1))
+        shift = torch.where(s > 0, (m_safe - m) * s, torch.zeros_like(s))
+        # a -inf logit has e = 0 and adds nothing (not 0 * -inf = NaN); a NaN logit stays NaN through s
+        t.sub_(shift).mul_(alpha).add_(xs.mul_(e).masked_fill_(e == 0, 0.0).sum(1))
     else:
         e = xs.exp_()
     s.mul_(alpha).add_(e.sum(1))
@@ -315,7 +350,7 @@ def linear_logprobs_tile_bwd_torch(
         d = logp.add_(entropy.unsqueeze(1)).mul_(g_ent.unsqueeze(1))
         if g_logp is not None:
             d.add_(g_logp.unsqueeze(1))
-        d.mul_(p).neg_()
+        d.mul_(p).masked_fill_(p == 0, 0.0).neg_()  # p == 0 (a -inf logit): no term, not 0 * -inf
     else:
         d = logp.exp_().mul_(g_logp.neg().unsqueeze(1))
     if g_logp is not None:

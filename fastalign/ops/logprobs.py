@@ -1,6 +1,7 @@
 """``logprobs_from_logits``: per-token log-prob of the target (and entropy) from ``[..., V]`` logits.
 
-input checks -> :class:`LogprobsFromLogitsFunction` (thin autograd.Function) -> the Triton kernels
+input checks -> the registered ops ``fastalign::logprobs_fwd`` / ``logprobs_bwd``
+(:mod:`fastalign.ops._library`) -> the Triton kernels
 (:mod:`fastalign.kernels.logprobs`) or the chunked torch path below, chosen by
 :func:`fastalign._dispatch.select_impl`.
 """
@@ -22,6 +23,7 @@ from fastalign._validation import (
 from fastalign.kernels import tuning
 from fastalign.kernels.dtypes import acc_dtype
 from fastalign.kernels.rows import RowLayout, iter_row_chunks, rows_of
+from fastalign.ops._library import Op
 
 _OP = "logprobs_from_logits"
 
@@ -68,6 +70,8 @@ def logprobs_fwd_torch(
         if with_entropy:
             p = torch.exp(logp_all)
             ent = -(p.mul_(logp_all).nan_to_num_(nan=0.0)).sum(-1)  # 0 * -inf (a -inf logit) counts 0
+            # ... but a row with no finite lse (all -inf, a NaN or a +inf logit) has no entropy: NaN, as logp
+            ent = torch.where(torch.isfinite(row_lse), ent, float("nan"))
             entropy[start:end] = torch.where(v, ent, 0)
     return logp, entropy, lse
 
@@ -117,6 +121,8 @@ def logprobs_bwd_torch(
             del p
         else:
             d = logp_all.exp_().mul_(-g)
+        # an ignored row's saved lse is 0, so exp(x / T - 0) overflows for large logits: inf * 0 = NaN
+        d.masked_fill_(~v, 0.0)
         if g is not None:  # the one-hot term; none for an out-of-range target
             d.scatter_add_(1, safe_targets[start:end, None], torch.where(hit[start:end, None], g, 0))
         if inv_temp != 1.0:
@@ -126,54 +132,106 @@ def logprobs_bwd_torch(
     return grad
 
 
-# ---- autograd -------------------------------------------------------------------------------------
+# ---- the registered ops (fastalign::logprobs_fwd / fastalign::logprobs_bwd) ----------------------
 
 
-class LogprobsFromLogitsFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, layout, targets, inv_temp, ignore_index, with_entropy, backend):
-        if backend == "triton":
-            from fastalign.kernels.logprobs import logprobs_fwd
+def _logprobs_fwd_impl(
+    logits: torch.Tensor, targets: torch.Tensor, inv_temp: float, ignore_index: int, with_entropy: bool, backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(logp [N], entropy [N] (empty without with_entropy), lse [N])`` for ``logits [..., V]`` and
+    int64 ``targets [N]``; the rows are addressed in place where two strides allow (``rows_of``)."""
+    rows, layout = rows_of(logits)
+    if backend == "triton":
+        from fastalign.kernels.logprobs import logprobs_fwd
 
-            logp, entropy, lse = logprobs_fwd(
-                logits,
-                layout.inner,
-                layout.stride_outer,
-                layout.stride_inner,
-                targets,
-                inv_temp,
-                ignore_index,
-                with_entropy,
-            )
-        else:
-            logp, entropy, lse = logprobs_fwd_torch(logits, layout, targets, inv_temp, ignore_index, with_entropy)
-        # Saved for backward: the logits (by reference), the targets and O(N) row statistics only.
-        ctx.save_for_backward(logits, targets, lse, entropy)
-        ctx.layout, ctx.inv_temp, ctx.ignore_index, ctx.backend = layout, inv_temp, ignore_index, backend
-        ctx.set_materialize_grads(False)
-        if with_entropy:
-            return logp, entropy
-        return logp
+        logp, entropy, lse = logprobs_fwd(
+            rows,
+            layout.inner,
+            layout.stride_outer,
+            layout.stride_inner,
+            targets,
+            inv_temp,
+            ignore_index,
+            with_entropy,
+        )
+    else:
+        logp, entropy, lse = logprobs_fwd_torch(rows, layout, targets, inv_temp, ignore_index, with_entropy)
+    return logp, logp.new_empty(0) if entropy is None else entropy, lse
 
-    @staticmethod
-    def backward(ctx, grad_logp, grad_entropy=None):
-        logits, targets, lse, entropy = ctx.saved_tensors
-        if grad_logp is None and grad_entropy is None:
-            return (None,) * 7
-        out_dtype = lse.dtype
-        if grad_logp is not None:
-            grad_logp = grad_logp.reshape(-1).to(out_dtype).contiguous()
-        if grad_entropy is not None:
-            grad_entropy = grad_entropy.reshape(-1).to(out_dtype).contiguous()
-        args = (targets, lse, entropy, grad_logp, grad_entropy, ctx.inv_temp, ctx.ignore_index)
-        layout = ctx.layout
-        if ctx.backend == "triton":
-            from fastalign.kernels.logprobs import logprobs_bwd
 
-            grad = logprobs_bwd(logits, layout.inner, layout.stride_outer, layout.stride_inner, *args)
-        else:
-            grad = logprobs_bwd_torch(logits, layout, *args)
-        return grad.view(logits.shape), None, None, None, None, None, None
+def _logprobs_fwd_fake(logits, targets, inv_temp, ignore_index, with_entropy, backend):
+    n, acc = targets.shape[0], acc_dtype(logits.dtype)
+    return (
+        logits.new_empty(n, dtype=acc),
+        logits.new_empty(n if with_entropy else 0, dtype=acc),
+        logits.new_empty(n, dtype=acc),
+    )
+
+
+def _logprobs_bwd_impl(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor | None,
+    grad_logp: torch.Tensor | None,
+    grad_entropy: torch.Tensor | None,
+    inv_temp: float,
+    ignore_index: int,
+    backend: str,
+) -> torch.Tensor:
+    """``dlogits``: a contiguous tensor of ``logits``' shape and dtype."""
+    rows, layout = rows_of(logits)
+    args = (targets, lse, entropy, grad_logp, grad_entropy, inv_temp, ignore_index)
+    if backend == "triton":
+        from fastalign.kernels.logprobs import logprobs_bwd
+
+        grad = logprobs_bwd(rows, layout.inner, layout.stride_outer, layout.stride_inner, *args)
+    else:
+        grad = logprobs_bwd_torch(rows, layout, *args)
+    return grad.view(logits.shape)
+
+
+def _logprobs_bwd_fake(logits, targets, lse, entropy, grad_logp, grad_entropy, inv_temp, ignore_index, backend):
+    return logits.new_empty(logits.shape)
+
+
+logprobs_bwd_op = Op("logprobs_bwd", _logprobs_bwd_impl, _logprobs_bwd_fake)
+
+
+def _logprobs_setup(ctx, inputs, output):
+    logits, targets, inv_temp, ignore_index, with_entropy, backend = inputs
+    _, entropy, lse = output
+    # Saved for backward: the logits (by reference), the targets and O(N) row statistics only.
+    ctx.save_for_backward(logits, targets, lse, entropy if with_entropy else None)
+    ctx.inv_temp, ctx.ignore_index, ctx.backend = inv_temp, ignore_index, backend
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)
+
+
+def _logprobs_backward(ctx, grad_logp, grad_entropy, _grad_lse):
+    logits, targets, lse, entropy = ctx.saved_tensors
+    if entropy is None:
+        grad_entropy = None
+    if grad_logp is None and grad_entropy is None:
+        return (None,) * 6
+    out_dtype = lse.dtype
+    if grad_logp is not None:
+        grad_logp = grad_logp.reshape(-1).to(out_dtype).contiguous()
+    if grad_entropy is not None:
+        grad_entropy = grad_entropy.reshape(-1).to(out_dtype).contiguous()
+    grad = logprobs_bwd_op(
+        logits, targets, lse, entropy, grad_logp, grad_entropy, ctx.inv_temp, ctx.ignore_index, ctx.backend
+    )
+    return grad, None, None, None, None, None
+
+
+logprobs_fwd_op = Op(
+    "logprobs_fwd",
+    _logprobs_fwd_impl,
+    _logprobs_fwd_fake,
+    backward=_logprobs_backward,
+    setup_context=_logprobs_setup,
+)
 
 
 # ---- public function ----------------------------------------------------------------------------
@@ -262,11 +320,10 @@ def logprobs_from_logits(logits, targets, *, temperature=1.0, ignore_index=-100,
     check_index_range(
         flat_targets, V, "targets", _OP, ignore=ignore_index, allowed=f"[0, {V}) or ignore_index={ignore_index}"
     )  # host sync unless index_checks=False
-    rows, layout = rows_of(logits)
-    out = LogprobsFromLogitsFunction.apply(
-        rows, layout, flat_targets, 1.0 / temperature, ignore_index, bool(return_entropy), backend
+    logp, entropy, _ = logprobs_fwd_op(
+        logits, flat_targets, 1.0 / temperature, ignore_index, bool(return_entropy), backend
     )
     lead = logits.shape[:-1]
     if return_entropy:
-        return out[0].view(lead), out[1].view(lead)
-    return out.view(lead)
+        return logp.view(lead), entropy.view(lead)
+    return logp.view(lead)

@@ -1,7 +1,7 @@
 """``clipped_surrogate`` / ``clipped_surrogate_with_stats``: the PPO / GRPO / GSPO policy loss per token.
 
-input checks -> :class:`ClippedSurrogateFunction` (thin autograd.Function) -> :mod:`fastalign.kernels.surrogate`
-or the torch path below, chosen by :func:`fastalign._dispatch.select_impl`.
+input checks -> the registered ops ``fastalign::surrogate_fwd`` / ``surrogate_bwd`` ->
+:mod:`fastalign.kernels.surrogate` or the torch path below, chosen by :func:`fastalign._dispatch.select_impl`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from fastalign._dispatch import Impl, select_impl
 from fastalign._validation import check_choice, check_float, check_number, check_same_device
 from fastalign.kernels.dtypes import acc_dtype
 from fastalign.kernels.surrogate import N_STATS, STAT_NAMES
+from fastalign.ops._library import Op
 from fastalign.ops._tokens import as_rows, check_token_mask, mask_u8, ones_u8
 
 _OP = "clipped_surrogate"
@@ -91,46 +92,118 @@ def surrogate_bwd_torch(mask, grad, factor, sequence, dtype):
     return (grad.to(factor.dtype) * factor).to(dtype)
 
 
-# ---- autograd -------------------------------------------------------------------------------------
+# ---- the registered ops (fastalign::surrogate_fwd / fastalign::surrogate_bwd) ------------------
 
 
-class ClippedSurrogateFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logp, old, adv, mask, lo, hi, dual_c, sequence, backend, want_stats):
-        acc = acc_dtype(logp.dtype, old.dtype, adv.dtype)
-        args = (lo, hi, dual_c, sequence, acc)
-        want_grad = ctx.needs_input_grad[0]
-        factor = None
-        if backend == "triton":
-            from fastalign.kernels.surrogate import surrogate_fwd
+def _surrogate_fwd_impl(
+    logp: torch.Tensor,
+    old: torch.Tensor,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    lo: float,
+    hi: float,
+    dual_c: float,
+    sequence: bool,
+    backend: str,
+    want_grad: bool,
+    want_stats: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss [R, T], stats [8], seq_lr [R], seq_n [R], factor [R, T])`` in the accumulation dtype;
+    ``seq_lr`` / ``seq_n`` are empty at token level, ``factor`` (the torch path's one saved gradient
+    factor, instead of a recompute in backward) is empty on the Triton path or without a gradient."""
+    acc = acc_dtype(logp.dtype, old.dtype, adv.dtype)
+    args = (lo, hi, dual_c, sequence, acc)
+    factor = None
+    if backend == "triton":
+        from fastalign.kernels.surrogate import surrogate_fwd
 
-            loss, parts, seq_lr, seq_n = surrogate_fwd(logp, old, adv, mask, *args)
-            stats = parts.sum(0)
-            ctx.save_for_backward(logp, old, adv, mask, seq_lr, seq_n)
-        else:
-            # the torch path saves one [R, T] gradient factor instead of recomputing in backward
-            loss, parts, seq_lr, seq_n, factor = surrogate_fwd_torch(
-                logp, old, adv, mask, *args, want_grad=want_grad, want_stats=want_stats
-            )
-            stats = parts.sum(0) if parts is not None else loss.new_zeros(N_STATS)
-            ctx.save_for_backward(mask, factor)
-        ctx.mark_non_differentiable(stats)
-        ctx.args, ctx.backend, ctx.logp_dtype = args, backend, logp.dtype
-        return loss, stats
+        loss, parts, seq_lr, seq_n = surrogate_fwd(logp, old, adv, mask, *args)
+        stats = parts.sum(0)
+    else:
+        loss, parts, seq_lr, seq_n, factor = surrogate_fwd_torch(
+            logp, old, adv, mask, *args, want_grad=want_grad, want_stats=want_stats
+        )
+        stats = parts.sum(0) if parts is not None else loss.new_zeros(N_STATS)
 
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_stats):
-        if grad_loss is None or not ctx.needs_input_grad[0]:
-            return (None,) * 10
-        if ctx.backend == "triton":
-            from fastalign.kernels.surrogate import surrogate_bwd
+    def or_empty(t):  # a fresh empty tensor each (the outputs of an op never alias each other)
+        return loss.new_empty(0) if t is None else t
 
-            logp, old, adv, mask, seq_lr, seq_n = ctx.saved_tensors
-            d = surrogate_bwd(logp, old, adv, mask, grad_loss, seq_lr, seq_n, *ctx.args)
-        else:
-            mask, factor = ctx.saved_tensors
-            d = surrogate_bwd_torch(mask, grad_loss, factor, ctx.args[3], ctx.logp_dtype)
-        return (d,) + (None,) * 9
+    return loss, stats, or_empty(seq_lr), or_empty(seq_n), or_empty(factor)
+
+
+def _surrogate_fwd_fake(logp, old, adv, mask, lo, hi, dual_c, sequence, backend, want_grad, want_stats):
+    acc = acc_dtype(logp.dtype, old.dtype, adv.dtype)
+    R = logp.shape[0]
+    factor_shape = logp.shape if backend != "triton" and want_grad else (0,)
+    seq = R if sequence else 0
+    return (
+        logp.new_empty(logp.shape, dtype=acc),
+        logp.new_empty(N_STATS, dtype=acc),
+        logp.new_empty(seq, dtype=acc),
+        logp.new_empty(seq, dtype=acc),
+        logp.new_empty(factor_shape, dtype=acc),
+    )
+
+
+def _surrogate_bwd_impl(
+    logp: torch.Tensor,
+    old: torch.Tensor,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    grad: torch.Tensor,
+    seq_lr: torch.Tensor | None,
+    seq_n: torch.Tensor | None,
+    lo: float,
+    hi: float,
+    dual_c: float,
+    sequence: bool,
+) -> torch.Tensor:
+    """The Triton backward: ``dlogp`` ``[R, T]`` in logp's dtype."""
+    from fastalign.kernels.surrogate import surrogate_bwd
+
+    acc = acc_dtype(logp.dtype, old.dtype, adv.dtype)
+    return surrogate_bwd(logp, old, adv, mask, grad, seq_lr, seq_n, lo, hi, dual_c, sequence, acc)
+
+
+def _surrogate_bwd_fake(logp, old, adv, mask, grad, seq_lr, seq_n, lo, hi, dual_c, sequence):
+    return logp.new_empty(logp.shape)
+
+
+surrogate_bwd_op = Op("surrogate_bwd", _surrogate_bwd_impl, _surrogate_bwd_fake)
+
+
+def _surrogate_setup(ctx, inputs, output):
+    logp, old, adv, mask, lo, hi, dual_c, sequence, backend, _, _ = inputs
+    _, stats, seq_lr, seq_n, factor = output
+    if backend == "triton":
+        seq = (seq_lr, seq_n) if sequence else (None, None)
+        ctx.save_for_backward(logp, old, adv, mask, *seq)
+    else:
+        ctx.save_for_backward(mask, factor)
+    ctx.mark_non_differentiable(stats, seq_lr, seq_n, factor)
+    ctx.args, ctx.backend, ctx.logp_dtype = (lo, hi, dual_c, sequence), backend, logp.dtype
+
+
+def _surrogate_backward(ctx, grad_loss, *_):
+    none = (None,) * 10
+    if not ctx.needs_input_grad[0]:
+        return (None, *none)
+    if ctx.backend == "triton":
+        logp, old, adv, mask, seq_lr, seq_n = ctx.saved_tensors
+        d = surrogate_bwd_op(logp, old, adv, mask, grad_loss.contiguous(), seq_lr, seq_n, *ctx.args)
+    else:  # one multiply (and a row sum at sequence level): plain torch, traceable
+        mask, factor = ctx.saved_tensors
+        d = surrogate_bwd_torch(mask, grad_loss, factor, ctx.args[3], ctx.logp_dtype)
+    return (d, *none)
+
+
+surrogate_fwd_op = Op(
+    "surrogate_fwd",
+    _surrogate_fwd_impl,
+    _surrogate_fwd_fake,
+    backward=_surrogate_backward,
+    setup_context=_surrogate_setup,
+)
 
 
 # ---- public functions ---------------------------------------------------------------------------
@@ -170,6 +243,10 @@ def _prepare(logp, old_logp, advantages, eps_low, eps_high, dual_clip, mask, lev
         adv2 = advantages.reshape(R, 1).expand(R, T)  # per-sequence: stride-0 time axis
     m2 = ones_u8(R, T, device) if mask is None else as_rows(mask_u8(mask))
     return lp2, old2, adv2, m2, 1.0 - eps_low, 1.0 + eps_high, dual_c, level == "sequence", backend
+
+
+def _want_grad(logp: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and logp.requires_grad
 
 
 def _stats_dict(stats: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -231,7 +308,7 @@ def clipped_surrogate_with_stats(
         {'clip_frac_low': 0.3333, 'clip_frac_high': 0.3333, 'loss_mean': -0.8, 'n_tokens': 3.0}
     """
     prepared = _prepare(logp, old_logp, advantages, eps_low, eps_high, dual_clip, mask, level, impl)
-    loss, stats = ClippedSurrogateFunction.apply(*prepared, True)
+    loss, stats, *_ = surrogate_fwd_op(*prepared, _want_grad(logp), True)
     return loss.view(logp.shape), _stats_dict(stats)
 
 
@@ -281,5 +358,5 @@ def clipped_surrogate(
         [-1.2, -0.5, 0.0]
     """
     prepared = _prepare(logp, old_logp, advantages, eps_low, eps_high, dual_clip, mask, level, impl)
-    loss, _ = ClippedSurrogateFunction.apply(*prepared, False)
+    loss, *_ = surrogate_fwd_op(*prepared, _want_grad(logp), False)
     return loss.view(logp.shape)
