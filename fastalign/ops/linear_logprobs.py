@@ -332,6 +332,42 @@ def check_grad_filter_eps(eps, op: str) -> float | None:
     return float(eps)
 
 
+def check_head_inputs(
+    op: str,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    names: tuple[str, str] = ("weight", "bias"),
+) -> tuple[torch.device, int, int]:
+    """Dtypes, devices and shapes of an LM head's inputs: ``hidden [..., D]``, ``weight [V, D]``,
+    ``targets`` = ``hidden.shape[:-1]``, ``bias [V]``; returns ``(device, V, D)``. ``names``: how the
+    weight and bias are called in messages (e.g. the shards of a vocabulary-parallel head)."""
+    w_name, b_name = names
+    check_float(hidden, "hidden", op)
+    check_float(weight, w_name, op)
+    check_int(targets, "targets", op)
+    if bias is not None:
+        check_float(bias, b_name, op)
+    device = check_same_device(op, **{"hidden": hidden, w_name: weight, "targets": targets, b_name: bias})
+    if hidden.dim() < 1:
+        raise ValueError(f"{op}: hidden must have shape [..., D], got a 0-d tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"{op}: {w_name} must have shape [V, D], got {tuple(weight.shape)}")
+    V, D = weight.shape
+    if hidden.shape[-1] != D:
+        raise ValueError(
+            f"{op}: hidden must have shape [..., D] with D = {w_name}.shape[1] = {D}, got {tuple(hidden.shape)}"
+        )
+    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"{op}: targets must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, got {tuple(targets.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (V,):
+        raise ValueError(f"{op}: {b_name} must have shape ({V},), got {tuple(bias.shape)}")
+    return device, V, D
+
+
 def check_row_block(row_block, op: str) -> int | None:
     if row_block is not None and (isinstance(row_block, bool) or not isinstance(row_block, int) or row_block <= 0):
         raise ValueError(f"{op}: row_block must be a positive int or None, got {row_block!r}")
@@ -434,27 +470,7 @@ def linear_logprobs(
         >>> bool(torch.allclose(logp[0], ref)), logp[1].item()                 # ignored: 0
         (True, 0.0)
     """
-    check_float(hidden, "hidden", _OP)
-    check_float(weight, "weight", _OP)
-    check_int(targets, "targets", _OP)
-    if bias is not None:
-        check_float(bias, "bias", _OP)
-    device = check_same_device(_OP, hidden=hidden, weight=weight, targets=targets, bias=bias)
-    if hidden.dim() < 1:
-        raise ValueError(f"{_OP}: hidden must have shape [..., D], got a 0-d tensor")
-    if weight.dim() != 2:
-        raise ValueError(f"{_OP}: weight must have shape [V, D], got {tuple(weight.shape)}")
-    V, D = weight.shape
-    if hidden.shape[-1] != D:
-        raise ValueError(
-            f"{_OP}: hidden must have shape [..., D] with D = weight.shape[1] = {D}, got {tuple(hidden.shape)}"
-        )
-    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(
-            f"{_OP}: targets must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, got {tuple(targets.shape)}"
-        )
-    if bias is not None and tuple(bias.shape) != (V,):
-        raise ValueError(f"{_OP}: bias must have shape ({V},), got {tuple(bias.shape)}")
+    device, V, D = check_head_inputs(_OP, hidden, weight, targets, bias)
     inv_temp = 1.0 / check_number(temperature, "temperature", _OP, lo=0, lo_open=True)
     softcap = check_number(softcap, "softcap", _OP, lo=0, lo_open=True, optional=True)
     if chunk_size is not None:
