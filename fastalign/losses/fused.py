@@ -49,6 +49,7 @@ from fastalign.losses.grpo import (
     GRPOLossType,
     Level,
     check_advantages,
+    check_importance_weights,
     grpo_loss,
     grpo_normalize,
     grpo_per_token,
@@ -509,12 +510,7 @@ def linear_grpo_loss(
             if tuple(t.shape) != (B, T):
                 raise ValueError(f"{op}: {name} must have shape {(B, T)}, got {tuple(t.shape)}")
     check_advantages(advantages, op, B, T)
-    if importance_weights is not None:
-        check_float(importance_weights, "importance_weights", op)
-        if importance_weights.shape not in ((B, T), (B, 1)):
-            raise ValueError(
-                f"{op}: importance_weights must have shape {(B, T)} or {(B, 1)}, got {tuple(importance_weights.shape)}"
-            )
+    check_importance_weights(importance_weights, op, B, T)
     check_same_device(
         op,
         hidden=hidden,
@@ -523,7 +519,7 @@ def linear_grpo_loss(
         ref_logp=ref_logp,
         importance_weights=importance_weights,
     )
-    beta, eps_low_, eps_high_, delta_ = validate_grpo_args(
+    beta, eps_low_, eps_high_, delta_, _, _ = validate_grpo_args(
         op,
         beta=beta,
         eps_low=eps_low,
@@ -534,6 +530,8 @@ def linear_grpo_loss(
         max_completion_length=max_completion_length,
         num_items=num_items,
         has_ref=ref_logp is not None,
+        sapo_temperature_pos=sapo_temperature_pos,
+        sapo_temperature_neg=sapo_temperature_neg,
     )
     if mode == "one_pass" and level == "sequence":
         raise ValueError(
@@ -542,8 +540,6 @@ def linear_grpo_loss(
     one_pass = mode == "one_pass" or (mode == "auto" and level == "token")
 
     entropy_coef = check_number(entropy_coef, "entropy_coef", op, lo=0)
-    for name, v in (("sapo_temperature_pos", sapo_temperature_pos), ("sapo_temperature_neg", sapo_temperature_neg)):
-        check_number(v, name, op, lo=0.0, lo_open=True)
     loss_kw = dict(
         ref_logp=ref_logp,
         beta=beta,

@@ -41,10 +41,32 @@ def check_advantages(adv, op: str, B: int, T: int) -> None:
         )
 
 
+def check_importance_weights(w, op: str, B: int, T: int) -> None:
+    """Optional per-token ``[B, T]`` or per-sequence ``[B, 1]`` importance weights."""
+    if w is None:
+        return
+    check_float(w, "importance_weights", op)
+    if w.shape not in ((B, T), (B, 1)):
+        raise ValueError(f"{op}: importance_weights must have shape {(B, T)} or {(B, 1)}, got {tuple(w.shape)}")
+
+
 def validate_grpo_args(
-    op: str, *, beta, eps_low, eps_high, delta, loss_type, level, max_completion_length, num_items, has_ref: bool
+    op: str,
+    *,
+    beta,
+    eps_low,
+    eps_high,
+    delta,
+    loss_type,
+    level,
+    max_completion_length,
+    num_items,
+    has_ref: bool,
+    sapo_temperature_pos,
+    sapo_temperature_neg,
 ):
-    """Checks shared by :func:`grpo_loss` and the fused form; returns the resolved scalars."""
+    """Checks shared by :func:`grpo_loss` and the fused form; returns the resolved scalars
+    ``(beta, eps_low, eps_high, delta, sapo_temperature_pos, sapo_temperature_neg)``."""
     check_choice(loss_type, "loss_type", op, GRPO_LOSS_TYPES)
     check_choice(level, "level", op, LEVELS)
     beta = check_number(beta, "beta", op, lo=0.0)
@@ -81,7 +103,9 @@ def validate_grpo_args(
                 )
         elif isinstance(num_items, bool) or not isinstance(num_items, (int, float)) or not num_items > 0:
             raise ValueError(f"{op}: num_items must be a positive number or a one-element tensor, got {num_items!r}")
-    return beta, eps_low, eps_high, delta
+    sapo_pos = check_number(sapo_temperature_pos, "sapo_temperature_pos", op, lo=0.0, lo_open=True)
+    sapo_neg = check_number(sapo_temperature_neg, "sapo_temperature_neg", op, lo=0.0, lo_open=True)
+    return beta, eps_low, eps_high, delta, sapo_pos, sapo_neg
 
 
 def grpo_normalize(per_token: torch.Tensor, m: torch.Tensor, loss_type: str, max_completion_length, num_items):
@@ -285,12 +309,7 @@ def grpo_loss(
     check_mask(mask, "mask", op)
     if tuple(mask.shape) != (B, T):
         raise ValueError(f"{op}: mask must have shape {(B, T)} (like logp), got {tuple(mask.shape)}")
-    if importance_weights is not None:
-        check_float(importance_weights, "importance_weights", op)
-        if importance_weights.shape not in ((B, T), (B, 1)):
-            raise ValueError(
-                f"{op}: importance_weights must have shape {(B, T)} or {(B, 1)}, got {tuple(importance_weights.shape)}"
-            )
+    check_importance_weights(importance_weights, op, B, T)
     check_same_device(
         op,
         logp=logp,
@@ -300,7 +319,7 @@ def grpo_loss(
         ref_logp=ref_logp,
         importance_weights=importance_weights,
     )
-    beta, eps_low, eps_high, delta = validate_grpo_args(
+    beta, eps_low, eps_high, delta, sapo_temperature_pos, sapo_temperature_neg = validate_grpo_args(
         op,
         beta=beta,
         eps_low=eps_low,
@@ -311,10 +330,10 @@ def grpo_loss(
         max_completion_length=max_completion_length,
         num_items=num_items,
         has_ref=ref_logp is not None,
+        sapo_temperature_pos=sapo_temperature_pos,
+        sapo_temperature_neg=sapo_temperature_neg,
     )
     select_impl(impl, logp.device, op=op)  # checks impl even where no op runs (beta == 0)
-    sapo_temperature_pos = check_number(sapo_temperature_pos, "sapo_temperature_pos", op, lo=0.0, lo_open=True)
-    sapo_temperature_neg = check_number(sapo_temperature_neg, "sapo_temperature_neg", op, lo=0.0, lo_open=True)
     dt = compute_dtype(logp, old_logp, advantages, ref_logp)
     # padding (mask 0) may hold -inf / NaN log-probs: zeroed before any arithmetic (docs/contract.md)
     lp = zero_masked(as_compute(logp, dt), mask)
