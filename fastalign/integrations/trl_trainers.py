@@ -23,14 +23,19 @@ another pass) and, for softcapped heads, ``logits/*``.
 
 Numerics: with bf16 autocast, TRL rounds each logits tile to bf16 before its fp32 reduction;
 fastalign keeps the GEMM output in fp32 (``linear_logprobs``), so bf16 runs agree to bf16 rounding
-of the logits, fp32 runs to fp32 rounding. One process only (refused otherwise): the backbone and the
-lm_head weight are used directly, not through a DDP / FSDP / DeepSpeed wrapper's forward and hooks.
-"""
+of the logits, fp32 runs to fp32 rounding.
+
+Engines (accelerate's DDP, FSDP2, DeepSpeed ZeRO-3): the loss runs as the forward of the model the
+engine wraps, and its fused LM-head part as the forward of the lm_head module
+(:func:`fastalign.integrations.engines.run_as_forward`), so the engine's hooks unshard / gather the
+head for exactly that computation and reduce its gradient as for the head's own forward.
+
 
 from __future__ import annotations
 
 import torch
 
+from fastalign.integrations.engines import run_as_forward
 from fastalign.integrations.transformers import final_hidden_states, hidden_logprobs, lm_head_of
 from fastalign.losses import dpo_loss, grpo_loss, linear_grpo_loss
 from fastalign.losses._common import masked_mean
@@ -61,13 +66,11 @@ def _world_devices(trainer) -> int:
     return trainer.accelerator.num_processes
 
 
-def _check_single_process(trainer) -> None:
-    n = trainer.accelerator.num_processes
-    if n > 1:
-        raise ValueError(
-            f"{type(trainer).__name__}: runs in one process only (the backbone and the lm_head weight are "
-            f"used outside the DDP / FSDP / DeepSpeed wrapper), got num_processes={n}; use the TRL trainer"
-        )
+def _engine_call(trainer, model, fn, *args):
+    """``fn(*args)`` as the forward of the module the engine wraps: ``model`` is what the Trainer hands
+    ``compute_loss`` (a DDP / DeepSpeed wrapper, an FSDP2 root, or the model itself)."""
+    inner = trainer.accelerator.unwrap_model(model)
+    return run_as_forward(inner, fn, *args, via=None if inner is model else model)
 
 
 class FastalignGRPOTrainer(GRPOTrainer):
@@ -87,7 +90,6 @@ class FastalignGRPOTrainer(GRPOTrainer):
 
     def _fastalign_check_config(self) -> None:
         name = type(self).__name__
-        _check_single_process(self)
         if self.loss_type not in self.SUPPORTED_LOSS_TYPES:
             raise ValueError(
                 f"{name}: loss_type={self.loss_type!r} is not supported (supported: "
@@ -118,14 +120,6 @@ class FastalignGRPOTrainer(GRPOTrainer):
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
         mode = "train" if self.model.training else "eval"
 
-        lm = _unwrapped_lm(self, model)
-        head = lm_head_of(lm)
-        with self.accelerator.autocast():
-            hidden = final_hidden_states(lm, input_ids, attention_mask)[:, -T - 1 : -1]
-        cast_fp32 = getattr(self.args, "cast_lm_head_to_fp32", False)
-        if cast_fp32:
-            hidden = hidden.float()
-
         loss_type = self.loss_type
         num_items = None
         if loss_type in ("dapo", "cispo"):
@@ -142,15 +136,19 @@ class FastalignGRPOTrainer(GRPOTrainer):
         )
         if loss_type in ("dapo", "cispo"):
             entropy_coef = entropy_coef / accum
-        ctx = torch.autocast(hidden.device.type, enabled=False) if cast_fp32 else self.accelerator.autocast()
+        cast_fp32 = getattr(self.args, "cast_lm_head_to_fp32", False)
         token_masks = self.top_entropy_quantile < 1.0 or self.off_policy_mask_threshold is not None
-        with ctx:
-            if token_masks:
-                loss, metrics = self._fastalign_masked_loss(
-                    hidden, head, completion_ids, mask, inputs, iw, num_items, entropy_coef
-                )
-            else:
-                loss, metrics = linear_grpo_loss(
+        lm = _unwrapped_lm(self, model)
+
+        def head_loss(hidden):  # the lm_head's forward: its parameters are unsharded / gathered here
+            head = lm_head_of(lm)
+            ctx = torch.autocast(hidden.device.type, enabled=False) if cast_fp32 else self.accelerator.autocast()
+            with ctx:
+                if token_masks:
+                    return self._fastalign_masked_loss(
+                        hidden, head, completion_ids, mask, inputs, iw, num_items, entropy_coef
+                    )
+                return linear_grpo_loss(
                     hidden,
                     head.weight,
                     completion_ids,
@@ -166,6 +164,15 @@ class FastalignGRPOTrainer(GRPOTrainer):
                     return_entropy=True,
                     impl=self.fastalign_impl,
                 )
+
+        def step_loss(input_ids, attention_mask):  # the forward of the model the engine wraps
+            with self.accelerator.autocast():
+                hidden = final_hidden_states(lm, input_ids, attention_mask)[:, -T - 1 : -1]
+            if cast_fp32:
+                hidden = hidden.float()
+            return run_as_forward(lm.get_output_embeddings(), head_loss, hidden)
+
+        loss, metrics = _engine_call(self, model, step_loss, input_ids, attention_mask)
         if loss_type in ("grpo", "bnpo", "dr_grpo", "sapo", "luspo") and mode == "train":
             loss = loss / self.current_gradient_accumulation_steps
         if getattr(self, "_entropy_bonus_enabled", False):
@@ -301,7 +308,6 @@ class FastalignDPOTrainer(DPOTrainer):
         super().__init__(*args, **kwargs)
         self.fastalign_impl = fastalign_impl
         name = type(self).__name__
-        _check_single_process(self)
         bad = [t for t in self.loss_types if t not in self.SUPPORTED_LOSS_TYPES]
         if bad:
             raise ValueError(
@@ -339,12 +345,20 @@ class FastalignDPOTrainer(DPOTrainer):
         labels = input_ids.masked_fill(completion_mask == 0, -100)[:, 1:]
 
         lm = _unwrapped_lm(self, model)
-        head = lm_head_of(lm)
         kw = {k: inputs[k] for k in ("position_ids",) if k in inputs}
-        with self.accelerator.autocast():
-            hidden = final_hidden_states(lm, input_ids, attention_mask, **kw)[:, :-1]
+
+        def head_logps(hidden):  # the lm_head's forward: its parameters are unsharded / gathered here
+            head = lm_head_of(lm)
             per_token, entropy = hidden_logprobs(hidden, head, labels, return_entropy=True, impl=self.fastalign_impl)
-        logps = per_token.sum(dim=1)
+            mean_logits = self._fastalign_mean_logits(hidden, head, shift_mask)
+            return per_token.sum(dim=1), entropy, mean_logits
+
+        def step_logps(input_ids, attention_mask):  # the forward of the model the engine wraps
+            with self.accelerator.autocast():
+                hidden = final_hidden_states(lm, input_ids, attention_mask, **kw)[:, :-1]
+                return run_as_forward(lm.get_output_embeddings(), head_logps, hidden)
+
+        logps, entropy, mean_logits = _engine_call(self, model, step_logps, input_ids, attention_mask)
         chosen_logps, rejected_logps = logps.chunk(2, dim=0)
 
         if self.precompute_ref_logps:
@@ -373,24 +387,31 @@ class FastalignDPOTrainer(DPOTrainer):
             loss = loss + part * weight
 
         self._fastalign_log(entropy, shift_mask, inputs, chosen_logps, rejected_logps, ref_chosen, ref_rejected, mode)
-        self._fastalign_log_mean_logits(hidden, head, shift_mask, mode)
+        self._fastalign_log_mean_logits(mean_logits, shift_mask, mode)
         return loss
 
     @torch.no_grad()
-    def _fastalign_log_mean_logits(self, hidden, head, mask, mode) -> None:
-        """TRL's ``logits/chosen`` / ``logits/rejected``: the vocabulary-mean logit is linear in the hidden
-        state (``scale * (h . mean_v W_v + mean_v b_v)``) without softcapping, so it costs O(N D).
-        With softcapping it is not logged (it would need another pass over the vocabulary)."""
+    def _fastalign_mean_logits(self, hidden, head, mask) -> torch.Tensor | None:
+        """The masked sums of the vocabulary-mean logit ``[chosen, rejected]`` for TRL's ``logits/chosen`` /
+        ``logits/rejected``: the mean logit is linear in the hidden state (``scale * (h . mean_v W_v +
+        mean_v b_v)``) without softcapping, so it costs O(N D). With softcapping: None, not logged (it
+        would need another pass over the vocabulary)."""
         if head.softcap is not None:
-            return
+            return None
         w_mean = head.weight.float().mean(0)
         z = hidden.float() @ w_mean
         if head.bias is not None:
             z = z + head.bias.float().mean()
-        z = z * head.logit_scale
+        z = z * head.logit_scale * mask
+        return torch.stack([zs.sum() for zs in z.chunk(2, dim=0)])
+
+    @torch.no_grad()
+    def _fastalign_log_mean_logits(self, sums, mask, mode) -> None:
+        if sums is None:
+            return
         acc = self.accelerator
-        for part, zs, ms in zip(("chosen", "rejected"), z.chunk(2, dim=0), mask.chunk(2, dim=0)):
-            total = acc.gather_for_metrics((zs * ms).sum()).sum().item()
+        for part, total, ms in zip(("chosen", "rejected"), sums, mask.chunk(2, dim=0)):
+            total = acc.gather_for_metrics(total).sum().item()
             count = acc.gather_for_metrics(ms.sum()).sum().item()
             self._metrics[mode][f"logits/{part}"].append(total / count if count > 0 else 0.0)
 
