@@ -151,16 +151,16 @@ def _reference_params(dtype):
     return {n: p.detach().double() for n, p in master.named_parameters()}
 
 
-def _one_process_fp32():
-    ids, mask, adv, old, ref = _batch()
-    model = tiny_qwen2(vocab_size=V, seed=0)
+def _one_process_fp32(device="cpu"):
+    ids, mask, adv, old, ref = (x.to(device) for x in _batch())
+    model = tiny_qwen2(vocab_size=V, seed=0).to(device)
     for _ in range(2):
         _fused_loss(model, ids, mask, adv, old, ref).backward()
         with torch.no_grad():
             for p in model.parameters():
                 p -= LR * p.grad
                 p.grad = None
-    return {n: p.detach().double() for n, p in model.named_parameters()}
+    return {n: p.detach().double().cpu() for n, p in model.named_parameters()}
 
 
 # ---- op level: the engines ------------------------------------------------------------------------
@@ -190,9 +190,9 @@ def _full_params(model):
     }
 
 
-def _op_level(rank, engine):
-    ids, mask, adv, old, ref = (_rows(x, rank) for x in _batch())
-    model = tiny_qwen2(vocab_size=V, seed=0)
+def _op_level(rank, engine, device="cpu"):
+    ids, mask, adv, old, ref = (_rows(x, rank).to(device) for x in _batch())
+    model = tiny_qwen2(vocab_size=V, seed=0).to(device)
     ddp = _wrap(engine, model)
     for _ in range(2):
         loss = _fused_loss(model, ids, mask, adv, old, ref, via=ddp, naive=engine.endswith("naive"))
@@ -390,23 +390,28 @@ def _err(a, b):
     return max((a[n] - b[n]).abs().max().item() for n in b)
 
 
+@pytest.fixture(scope="module")
+def fp64_params():
+    return _reference_params(torch.float64)
+
+
 @pytest.mark.parametrize("engine", ["ddp", "fsdp2", "fsdp2-root"])
-def test_op_level_fp32_engine_equals_one_process(distributed, engine):
-    ref = _reference_params(torch.float64)
+def test_op_level_fp32_engine_equals_one_process(distributed, fp64_params, engine):
+    ref = fp64_params
     bar = 4 * _err(_one_process_fp32(), ref) + 1e-7  # the fp32 one-process run's own error, a few times
     err = _err(distributed[engine], ref)
     assert err <= bar, f"{engine}: parameters after two steps differ from fp64 by {err:g} > {bar:g}"
 
 
-def test_op_level_fsdp2_bf16_policy_equals_one_process(distributed):
-    ref = _reference_params(torch.float64)
+def test_op_level_fsdp2_bf16_policy_equals_one_process(distributed, fp64_params):
+    ref = fp64_params
     bar = 4 * _err(_reference_params(torch.bfloat16), ref)
     err = _err(distributed["fsdp2-bf16"], ref)
     assert err <= bar, f"fsdp2 bf16: parameters differ from fp64 by {err:g} > {bar:g}"
 
 
-def test_the_engines_need_the_head_forward(distributed):
-    ref = _reference_params(torch.float64)
+def test_the_engines_need_the_head_forward(distributed, fp64_params):
+    ref = fp64_params
     # DDP: without its forward no gradient is all-reduced: each rank steps on its own half of the batch
     assert _err(distributed["ddp-naive"], ref) > 1e-3
     # FSDP2: outside the units' forwards the parameters are sharded DTensors
@@ -428,3 +433,31 @@ def test_trainer_dropin_under_engine_equals_one_process(distributed, tiny_path, 
     assert _err(one, init) > 1e-3  # the steps moved the parameters
     err = _err(distributed[f"{algo}-{engine}"], one)
     assert err <= 2e-6, f"{algo} under {engine}: parameters differ from one process by {err:g}"
+
+
+def _nccl_worker(rank, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.cuda.set_device(rank)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    dist.init_process_group("nccl", rank=rank, world_size=WORLD)
+    res = {e: _op_level(rank, e, device=f"cuda:{rank}") for e in ("ddp", "fsdp2", "fsdp2-root")}
+    if rank == 0:
+        torch.save(res, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < WORLD, reason="needs 2 CUDA GPUs")
+def test_op_level_nccl_engines_equal_one_process(fp64_params):
+    """The op-level checks on NCCL (a GPU window with 2 GPUs). TF32 off: fp32 GEMMs at fp32 rounding;
+    the bar is 4x the one-process fp32 run's error on the same GPU."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "res.pt")
+        mp.spawn(_nccl_worker, args=(_free_port(), out), nprocs=WORLD)
+        res = torch.load(out)
+    bar = 4 * _err(_one_process_fp32("cuda:0"), fp64_params) + 1e-7
+    for engine, params in res.items():
+        err = _err(params, fp64_params)
+        assert err <= bar, f"nccl {engine}: parameters differ from fp64 by {err:g} > {bar:g}"

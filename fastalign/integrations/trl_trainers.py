@@ -29,7 +29,7 @@ Engines (accelerate's DDP, FSDP2, DeepSpeed ZeRO-3): the loss runs as the forwar
 engine wraps, and its fused LM-head part as the forward of the lm_head module
 (:func:`fastalign.integrations.engines.run_as_forward`), so the engine's hooks unshard / gather the
 head for exactly that computation and reduce its gradient as for the head's own forward.
-
+"""
 
 from __future__ import annotations
 
