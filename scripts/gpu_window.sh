@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # The GPU window: one command for a short GPU lease (at most 8 minutes of wall time on one H100,
-# imports and compiles included; offline). Probe -> gpu-marked tests -> headline benchmarks, each
-# written as it goes (window.json / window.md / window.png / tests.txt / window.log) so a run cut
-# off at any point returns what it finished. See fastalign/bench/window.py.
+# imports and compiles included; offline). Probe -> gpu-marked tests -> the step case (a whole
+# Qwen2.5-7B GRPO step, both paths, the planner against it, the largest micro-batch each path runs;
+# at most 120 s, window-step.json / window-step.md) -> headline benchmarks, each written as it goes
+# (window.json / window.md / window.png / tests.txt / window.log) so a run cut off at any point
+# returns what it finished. See fastalign/bench/window.py.
 #
 #   bash scripts/gpu_window.sh              # on the GPU machine; results under $OUT (else
 #                                           # benchmarks/results/gpu/window)
 #   bash scripts/gpu_window.sh --dry-run    # the same code on CPU at tiny shapes (CI runs this)
 #   bash scripts/gpu_window.sh -- --sweep --skip probe   # the tile sweep instead of the headline groups
+#   bash scripts/gpu_window.sh -- --skip tests --skip bench --step-seconds 400   # the step case alone
 #
 # Peers (TRL, Liger, CCE) travel as wheels in .whl/ (scripts/fetch_peer_wheels.sh, run where pip
 # reaches a registry); they are installed offline into a scratch folder before the run.

@@ -9,7 +9,13 @@ a. **probe** (under a minute): this GPU's measured ceilings (bf16 GEMM TFLOP/s a
    a check that every fast path is the one taken (Triton kernels launched, no fp32 / fallback GEMM,
    output and gradient dtypes as documented), into ``window.json``;
 b. the ``gpu``-marked tests, capped at two minutes, into ``tests.txt``;
-c. the headline benchmarks at real shapes in bf16 against every installed peer, each result added
+c. the step case (capped at ``STEP_S``): one whole GRPO step of Qwen2.5-7B built from its config
+   (bf16 weights and gradients, activation checkpointing), the tutorial's materializing path and
+   fastalign's: time, peak, the planner's activation / logits / peak terms against one instrumented
+   step, then the largest micro-batch each path runs, searched from the planner's prediction up to
+   the out-of-memory point (``window-step.json`` / ``window-step.md``; a search cut short reports
+   its bracket);
+d. the headline benchmarks at real shapes in bf16 against every installed peer, each result added
    to ``window.json`` / ``window.md`` as soon as it exists (``window.png`` after each group), with
    TFLOP/s and GB/s also as a fraction of the probed ceilings.
 
@@ -35,6 +41,7 @@ from fastalign.bench.report import machine_info, machine_line, write_results
 
 TAG = "window"
 TESTS_S = 120.0  # the gpu-marked tests get at most this long
+STEP_S = 120.0  # the step case gets at most this long (model builds included)
 RESERVE_S = 15.0  # kept back at the end for the last writes and the plot
 
 # Real shapes (CUDA, bf16) and their dry-run stand-ins (CPU).
@@ -47,6 +54,8 @@ SHAPES = {
     "tokens": ([(64, 4096)], [(4, 64)]),
     "tokens_bandwidth": ([(4096, 4096)], [(8, 128)]),  # 16.8M tokens, >= 256 MiB moved per call
     "groups": ([8192, 65536], [64]),
+    # the step case: (model, sequences, seq_len); the dry run takes the step suite's quick shape
+    "step": ([("qwen2.5-7b", 4, 1024)], [("quick", 2, 64)]),
 }
 GEMMA_SOFTCAP = 30.0
 
@@ -250,7 +259,47 @@ def run_gpu_tests(out_dir: Path, timeout_s: float) -> dict:
     return {"returncode": rc, "seconds": round(time.monotonic() - t0, 1), "summary": tail[0]}
 
 
-# ---- c. benchmarks -------------------------------------------------------------------------------
+# ---- c. the step case ----------------------------------------------------------------------------
+
+
+def step_shapes(device: torch.device, dry: bool) -> list:
+    """The step case's shapes (:class:`fastalign.bench.suites.step.StepShape`), bf16 on CUDA."""
+    from dataclasses import replace
+
+    from fastalign.bench.suites import step
+
+    out = []
+    for name, batch, seq_len in _shapes("step", dry):
+        if name == "quick":
+            out.append(replace(step.QUICK_SHAPES[0], batch=batch, seq_len=seq_len))
+        else:
+            out.append(step.StepShape(name, name, batch, seq_len, torch.bfloat16, True, step.attention_for(device)))
+    return out
+
+
+def run_step_case(
+    device: torch.device, info: dict, out_dir: Path, deadline: float, budget_s: float, dry: bool
+) -> list[dict]:
+    """The GRPO step, both paths: timed, instrumented against the planner, then (CUDA) the largest
+    micro-batch of each; ``window-step.{json,md}`` written at the end (the rows also go to ``info``)."""
+    from fastalign.bench.suites import step
+
+    shapes = step_shapes(device, dry)
+    results: list[BenchResult] = []
+    for case in step.cases_for(device, shapes, algos=("grpo",)):
+        if time.monotonic() > deadline:
+            results.append(_skipped(case, "not run: the step case's time ran out"))
+            continue
+        res = measure(case, device, budget_s=budget_s)
+        results.append(res)
+        ms = "-" if res.median_ms is None else f"{res.median_ms:.1f} ms"
+        peak = "-" if res.peak_mb is None else f"{res.peak_mb:.1f} MiB"
+        print(f"[window]   {case.name}: {ms}, peak {peak}{' ' + res.error if res.error else ''}", flush=True)
+    add_ratios(results)
+    return step.report(results, device, info, out_dir, tag=TAG, shapes=shapes, deadline=deadline)
+
+
+# ---- d. benchmarks -------------------------------------------------------------------------------
 
 
 def bench_groups(device: torch.device, dry: bool) -> list[tuple[str, list[BenchCase]]]:
@@ -366,13 +415,16 @@ def main(argv: list[str] | None = None) -> int:
         "--skip",
         action="append",
         default=[],
-        choices=["probe", "tests", "bench"],
+        choices=["probe", "tests", "step", "bench"],
         help="leave a stage out (repeatable)",
     )
     parser.add_argument(
         "--sweep",
         action="store_true",
         help="benchmark the tile sweep (fastalign.bench.sweep) instead of the headline groups",
+    )
+    parser.add_argument(
+        "--step-seconds", type=float, default=STEP_S, help=f"cap of the step case (default {STEP_S:g} s)"
     )
     parser.add_argument(
         "--budget",
@@ -417,6 +469,12 @@ def main(argv: list[str] | None = None) -> int:
         budget = min(TESTS_S, deadline - time.monotonic())
         info["gpu_tests"] = run_gpu_tests(out_dir, budget)
         print(f"[window] gpu tests: {info['gpu_tests']}", flush=True)
+    if "step" not in args.skip:
+        t = time.monotonic()
+        rows = run_step_case(device, info, out_dir, min(deadline, t + args.step_seconds), budget_s, dry)
+        info["step"] = {"seconds": round(time.monotonic() - t, 1), "rows": rows}
+        (out_dir / f"{TAG}.json").write_text(json.dumps({"machine": info, "results": []}, indent=1, default=str))
+        print(f"[window] step case ({info['step']['seconds']} s): {len(rows)} rows", flush=True)
     results: list[BenchResult] = []
     if "bench" not in args.skip:
         results = run_benchmarks(device, dry, info, out_dir, deadline, budget_s, sweep=args.sweep)
@@ -427,6 +485,9 @@ def main(argv: list[str] | None = None) -> int:
 
     print(console_table(results), flush=True)
     failed = [r for r in results if r.error and r.kind == "fastalign" and not r.error.startswith("not run")]
+    step_rows = info.get("step", {}).get("rows", [])
+    failed += [r for r in step_rows if r.get("error") and not str(r["error"]).startswith("not run")]
+    failed += [r for r in step_rows if r.get("instrument_error") or r.get("search_error")]
     tests_rc = info.get("gpu_tests", {}).get("returncode", 0)
     ok = not failed and tests_rc in (0, 5) and info.get("probe", {}).get("fast_paths_ok", True)
     print(
