@@ -16,7 +16,9 @@ if ! python -c "import torch" >/dev/null 2>&1; then
   python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
   python -m pip install -q "torch==${FASTALIGN_TORCH_VERSION:-2.13.0}"
 fi
-if ! python -c "import fastalign, pytest, pytest_benchmark, hypothesis, trl, tqdm, matplotlib" >/dev/null 2>&1; then
+# deepspeed (the test extra, Linux only: tests/test_zero3.py) is looked up, not imported (its import takes seconds)
+if ! python -c "import fastalign, pytest, pytest_benchmark, hypothesis, trl, tqdm, matplotlib, importlib.util as u, sys
+sys.exit(sys.platform == 'linux' and u.find_spec('deepspeed') is None)" >/dev/null 2>&1; then
   python -m pip install -q -e ".[test,bench]"
 fi
 python -c "import torch, triton, fastalign; print(f'fastalign {fastalign.__version__}: torch {torch.__version__}, triton {triton.__version__}, cuda {torch.cuda.is_available()}')"
