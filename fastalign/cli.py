@@ -2,6 +2,7 @@
 
 ``fastalign bench``: run the benchmark suites on the device that is there (CUDA if available,
 otherwise CPU), print the comparison table, and write JSON + markdown under benchmarks/results/.
+``fastalign plan``: the per-device memory of an RL step, with and without fastalign (fastalign.plan).
 """
 
 from __future__ import annotations
@@ -28,6 +29,13 @@ def _bench(args: argparse.Namespace) -> int:
     if device.type == "cpu":
         # speed ratios on a shared CPU: one thread, or a busy neighbour core is what gets measured
         torch.set_num_threads(args.threads)
+    if args.suite and "comms" in args.suite:  # bytes per token, not timings: the suite's own report
+        from fastalign.bench.suites import comms
+
+        rc = comms.main([] if args.no_write else ["--out", str(Path(args.out) / "comms")])
+        args.suite = [s for s in args.suite if s != "comms"]
+        if rc or not args.suite:
+            return rc
     suites = discover_suites()
     if args.suite:
         unknown = sorted(set(args.suite) - set(suites))
@@ -35,6 +43,8 @@ def _bench(args: argparse.Namespace) -> int:
             print(f"fastalign bench: unknown suite(s) {unknown}; available: {sorted(suites)}", file=sys.stderr)
             return 2
         suites = {k: v for k, v in suites.items() if k in args.suite}
+    else:  # suites marked OPT_IN (the step suite: whole models, minutes) run only when named
+        suites = {k: v for k, v in suites.items() if not getattr(v, "OPT_IN", False)}
     cases = []
     for name, mod in suites.items():
         cases.extend(mod.cases(device, quick=args.quick))
@@ -60,6 +70,9 @@ def _bench(args: argparse.Namespace) -> int:
                     print(f"wrote {png}")
             except ImportError as exc:  # matplotlib is in the bench extra
                 print(f"(no plot: {exc})")
+    for name, mod in suites.items():  # a suite's own table (the step suite: tokens/s, planner, max tokens)
+        if hasattr(mod, "report") and any(r.suite == name for r in results):
+            mod.report(results, device, info, None if args.no_write else Path(args.out), tag=args.tag, quick=args.quick)
     return 0
 
 
@@ -87,7 +100,17 @@ def main(argv: list[str] | None = None) -> int:
         "for sm_80 / sm_90 without a GPU; report registers, spills, shared memory and "
         "occupancy; fail on spills (options: see `fastalign check-kernels --help`)",
     )
+    sub.add_parser(
+        "plan",
+        add_help=False,
+        help="per-device memory of an RL step (GRPO / PPO / DPO) by part, with and without fastalign; the "
+        "largest micro-batch and the fewest devices (options: see `fastalign plan --help`)",
+    )
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "plan":
+        from fastalign.plan import main as plan_main
+
+        return plan_main(argv[1:])
     if argv and argv[0] == "check-kernels":
         from fastalign.kernels.aot import main as check_kernels
 

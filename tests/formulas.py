@@ -406,3 +406,386 @@ def reward_model_fp64(rc, rr, *, margin=None, center_rewards_coef=None, reductio
     if center_rewards_coef is not None:
         loss = loss + center_rewards_coef * _reduce((rc + rr) ** 2, "mean")
     return loss
+
+
+# ---- peer options (issue 14): verl's KL kinds, PPO's log-ratio clamp / aggregation / rollout
+# corrections, TRL's VESPO and token masks, TRL's / Liger's DPO loss types --------------------------
+
+
+def kl_verl_fp64(logp, ref, kind, clamp=None, lr_clamp=None, dtype=torch.float64):
+    """verl's ``kl_penalty``: ``abs`` is ``|x|``; a kind ending in ``+`` is straight-through,
+    ``k2(x) - sg(k2(x)) + sg(estimator)`` with ``k2 = x^2 / 2`` of the raw ``x = logp - ref`` (value of
+    the estimator, gradient of k2; where ``k2`` is infinite the value is the estimator's, not verl's
+    ``inf - inf``). The other kinds and the clamps as :func:`kl_fp64`."""
+    base = kind.rstrip("+")
+    if base == "abs":
+        x = logp.to(dtype) - ref.to(dtype)
+        if lr_clamp is not None:
+            x = torch.clamp(x, -lr_clamp, lr_clamp)
+        v = x.abs()
+        if clamp is not None:
+            v = torch.clamp(v, -clamp, clamp)
+    else:
+        v = kl_fp64(logp, ref, base, clamp, lr_clamp, dtype)
+    if not kind.endswith("+"):
+        return v
+    k2 = 0.5 * (logp.to(dtype) - ref.to(dtype)) ** 2
+    st = k2 - k2.detach()
+    return torch.where(torch.isfinite(k2), st, torch.zeros_like(st)) + v.detach()
+
+
+def surrogate_lr_clamp_fp64(
+    logp, old, adv, mask, lr_clamp, eps_low=0.2, eps_high=None, dual_clip=None, level="token", dtype=torch.float64
+):
+    """verl's / OpenRLHF's clipped surrogate with the log-ratio clamp: ``lr = clamp(logp - old, -c, c)``
+    (at level ``"sequence"`` the row's masked mean log-ratio is clamped), ``r = exp(lr)``, then
+    :func:`surrogate_fp64`'s ``-min(r A, clip(r) A)`` (dual-clip bound ``-c A`` where ``A < 0``), 0 at
+    masked tokens. Differentiable (torch.clamp's gradient convention)."""
+    eps_high = eps_low if eps_high is None else eps_high
+    lp, old = logp.to(dtype), old.to(dtype)
+    m = _token_mask(mask, lp)
+    A = _adv(adv.to(dtype), lp)
+    if level == "sequence":
+        lr = ((lp - old) * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
+    else:
+        lr = lp - old
+    r = torch.exp(torch.clamp(lr, -lr_clamp, lr_clamp))
+    loss = -torch.min(r * A, torch.clamp(r, 1 - eps_low, 1 + eps_high) * A)
+    if dual_clip is not None:
+        loss = torch.where(A < 0, torch.min(loss, -dual_clip * A), loss)
+    return (loss * m).expand(lp.shape)
+
+
+def agg_fp64(per_token, mask, aggregation):
+    """verl's ``agg_loss`` (``loss_agg_mode`` with ``_`` for ``-``), empty rows counting 0."""
+    m = (mask != 0).to(per_token.dtype)
+    B, T = m.shape
+    tok = per_token * m
+    if aggregation == "token_mean":
+        return tok.sum() / m.sum().clamp(min=1.0)
+    if aggregation == "seq_mean_token_sum":
+        return tok.sum(-1).mean()
+    if aggregation == "seq_mean_token_mean":
+        return (tok.sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+    return tok.sum() / T  # seq_mean_token_sum_norm
+
+
+def rollout_weights_fp64(old, rollout, correction, ratio_min=0.0, ratio_max=2.0, dtype=torch.float64):
+    """TIS (Yao et al. 2025): ``min(max(k, lo), hi)``; IcePop: ``k * [lo <= k <= hi]``; ``k = pi_old / pi_vllm``."""
+    k = torch.exp(old.to(dtype) - rollout.to(dtype))
+    if correction == "tis":
+        return torch.clamp(k, ratio_min, ratio_max)
+    return torch.where((k >= ratio_min) & (k <= ratio_max), k, torch.zeros_like(k))
+
+
+def ppo_policy_peer_fp64(
+    logp,
+    old,
+    adv,
+    mask,
+    *,
+    eps_low=0.2,
+    eps_high=None,
+    dual_clip=None,
+    level="token",
+    log_ratio_clamp=None,
+    aggregation="token_mean",
+    rollout=None,
+    correction=None,
+    ratio_min=0.0,
+    ratio_max=2.0,
+    dtype=torch.float64,
+):
+    """verl's ``compute_policy_loss`` (vanilla, dual-clip ``clip_ratio_c``) with ``rollout_is_weights``
+    from TIS / IcePop and ``agg_loss``; the log-ratio clamped by ``log_ratio_clamp`` when given."""
+    if log_ratio_clamp is None:
+        per = surrogate_fp64(logp, old, adv, mask, eps_low, eps_high, dual_clip, level, dtype)
+    else:
+        per = surrogate_lr_clamp_fp64(logp, old, adv, mask, log_ratio_clamp, eps_low, eps_high, dual_clip, level, dtype)
+    if correction is not None:
+        per = per * rollout_weights_fp64(old, rollout, correction, ratio_min, ratio_max, dtype)
+    return agg_fp64(per, mask, aggregation)
+
+
+def vespo_phi_fp64(logp, old, adv, mask, iw=None, k_pos=2.0, lam_pos=3.0, k_neg=3.0, lam_neg=2.0):
+    """VESPO's gamma weight (TRL 1.16 ``get_gamma_weights`` docstring, arXiv 2602.10693):
+    ``phi(w) = e^lambda w^k e^(-lambda w)`` of ``w = exp(clamp(S, log 1e-8, 20))``, ``S`` the masked sum of
+    the per-token log-ratios clamped to [-20, 20] plus the masked sum of ``clamp(log iw, log 1e-8, 20)``;
+    ``(k, lambda)`` by ``A >= 0``; a loop over the sequences, ``[B, 1]`` (or ``[B, T]`` for per-token A)."""
+    B, T = logp.shape
+    A = adv.double()
+    A = A.unsqueeze(1) if A.dim() == 1 else A
+    out = torch.zeros(B, A.shape[1], dtype=torch.float64)
+    lo = math.log(1e-8)
+    for i in range(B):
+        s = 0.0
+        for t in range(T):
+            if mask[i, t]:
+                s += min(max(float(logp[i, t] - old[i, t]), -20.0), 20.0)
+                if iw is not None and iw.dim() == 2 and iw.shape[1] == T:
+                    s += min(max(math.log(float(iw[i, t])), lo), 20.0)
+        if iw is not None and (iw.dim() == 1 or iw.shape[1] == 1):
+            s += min(max(math.log(float(iw.reshape(B)[i])), lo), 20.0)
+        log_w = min(max(s, lo), 20.0)
+        w = math.exp(log_w)
+        for j in range(A.shape[1]):
+            k, lam = (k_pos, lam_pos) if float(A[i, j]) >= 0 else (k_neg, lam_neg)
+            lam = max(lam, 1e-4)
+            out[i, j] = math.exp(lam) * w**k * math.exp(-lam * w)
+    return out
+
+
+def off_policy_mask_fp64(logp, sampling, adv, mask, threshold):
+    """DeepSeek-V3.2 Eq. 9 as TRL documents it: keep (1) where ``A >= 0`` or the sequence's mean of
+    ``sampling - logp`` over its tokens (NaN counted 0) is ``<= threshold``; a loop over the sequences."""
+    B, T = logp.shape
+    A = adv.double()
+    A = A.unsqueeze(1) if A.dim() == 1 else A
+    out = torch.zeros(B, A.shape[1], dtype=torch.float64)
+    for i in range(B):
+        d = [float(sampling[i, t] - logp[i, t]) for t in range(T) if mask[i, t]]
+        avg = sum(0.0 if x != x else x for x in d) / max(len(d), 1)
+        for j in range(A.shape[1]):
+            out[i, j] = 1.0 if (float(A[i, j]) >= 0 or avg <= threshold) else 0.0
+    return out
+
+
+def entropy_mask_fp64(entropy, mask, top_entropy_quantile):
+    """TRL's ``get_high_entropy_mask`` on one process: ``torch.quantile`` of the mask-1 entropies at
+    ``1 - rho``; keep the mask-1 tokens at or above it."""
+    valid = mask != 0
+    vals = entropy.double()[valid]
+    if vals.numel() == 0:
+        return torch.zeros(entropy.shape, dtype=torch.float64)
+    thr = torch.quantile(vals, 1.0 - top_entropy_quantile)
+    return ((entropy.double() >= thr) & valid).double()
+
+
+def grpo_peer_fp64(
+    logp,
+    old,
+    adv,
+    mask,
+    ref=None,
+    *,
+    beta=0.0,
+    eps_low=0.2,
+    eps_high=None,
+    loss_type="grpo",
+    num_items=None,
+    importance_weights=None,
+    vespo=(2.0, 3.0, 3.0, 2.0),
+    off_policy_mask_threshold=None,
+    sampling=None,
+    top_entropy_quantile=1.0,
+    entropy=None,
+):
+    """TRL 1.16's ``_compute_loss`` order for token-level ratios: policy term (clipped, or VESPO's
+    ``-sg(phi) A logp``), times the off-policy mask, the entropy mask and (not for VESPO) the
+    importance weights, plus ``beta`` k3; normalised per ``loss_type`` (grpo / bnpo / dapo / vespo)."""
+    lp = logp.double()
+    old = lp.detach() if old is None else old.double()
+    eps_high = eps_low if eps_high is None else eps_high
+    m = (mask != 0).double()
+    A = adv.double()
+    A = A.unsqueeze(1) if A.dim() == 1 else A
+    iw = importance_weights
+    if iw is not None:
+        iw = iw.double()
+        iw = iw.unsqueeze(1) if iw.dim() == 1 else iw
+    r = torch.exp(lp - old)
+    if loss_type == "vespo":
+        phi = vespo_phi_fp64(lp.detach(), old, adv, mask, iw, *vespo)
+        per = -phi * A * lp
+    else:
+        per = -torch.min(r * A, torch.clamp(r, 1 - eps_low, 1 + eps_high) * A)
+    if off_policy_mask_threshold is not None:
+        samp = old if sampling is None else sampling.double()
+        per = per * off_policy_mask_fp64(lp.detach(), samp, adv, mask, off_policy_mask_threshold)
+    if top_entropy_quantile < 1.0:
+        per = per * entropy_mask_fp64(entropy, mask, top_entropy_quantile)
+    if iw is not None and loss_type != "vespo":
+        per = per * iw
+    if beta != 0.0:
+        d = ref.double() - lp
+        per = per + beta * (torch.exp(d) - d - 1)
+    per = (per * m).expand(lp.shape)
+    if loss_type == "grpo":
+        return (per.sum(-1) / m.sum(-1).clamp(min=1)).mean()
+    if loss_type == "bnpo":
+        return per.sum() / m.sum().clamp(min=1)
+    return per.sum() / (m.sum().clamp(min=1) if num_items is None else num_items)
+
+
+def dpo_peer_fp64(
+    pc,
+    pr,
+    rc=None,
+    rr=None,
+    *,
+    beta=0.1,
+    loss_type="sigmoid",
+    label_smoothing=0.0,
+    lc=None,
+    lr=None,
+    average_log_prob=False,
+    nll_coef=0.0,
+    bco_delta=0.0,
+    discopop_tau=0.05,
+    reduction="mean",
+):
+    """TRL 1.16's DPOTrainer loss types as its docstrings / papers write them, a loop over the pairs:
+    apo_zero / apo_down (APO Eq. 7 / 8), sppo_hard, nca_pair, bco_pair (BCO with the reward shift
+    ``delta``), exo_pair (EXO Eq. 16), discopop (Eq. 5), plus sigmoid; ``average_log_prob``: every
+    log-prob over its length; ``nll_coef``: ``+ alpha * (-sum pc / sum lc)``. Differentiable."""
+    pc, pr = pc.double(), pr.double()
+    rc = torch.zeros_like(pc) if rc is None else rc.double()
+    rr = torch.zeros_like(pr) if rr is None else rr.double()
+    if average_log_prob:
+        nc, nr = lc.double().clamp(min=1), lr.double().clamp(min=1)
+        pc_a, pr_a, rc, rr = pc / nc, pr / nr, rc / nc, rr / nr
+    else:
+        pc_a, pr_a = pc, pr
+    eps = label_smoothing
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    logsig = lambda x: -math.log1p(math.exp(-x)) if x > 0 else x - math.log1p(math.exp(x))  # noqa: E731
+    losses = []
+    for i in range(pc.shape[0]):
+        c_lr, r_lr = pc_a[i] - rc[i], pr_a[i] - rr[i]
+        c, r = float(beta * c_lr.detach()), float(beta * r_lr.detach())
+        z = c - r
+        if loss_type == "sigmoid":
+            losses.append(-_logsig(beta * (c_lr - r_lr)))
+            continue
+        if loss_type == "apo_zero":
+            v = (1 - sig(c)) + sig(r)
+        elif loss_type == "apo_down":
+            v = sig(c) + (1 - sig(z))
+        elif loss_type == "sppo_hard":
+            v = (float(c_lr.detach()) - 0.5 / beta) ** 2 + (float(r_lr.detach()) + 0.5 / beta) ** 2
+        elif loss_type == "nca_pair":
+            v = -logsig(c) - 0.5 * logsig(-c) - 0.5 * logsig(-r)
+        elif loss_type == "bco_pair":
+            v = -logsig(c - bco_delta) - logsig(-(r - bco_delta))
+        elif loss_type == "exo_pair":
+            v = sig(z) * (logsig(z) - math.log(1 - eps)) + sig(-z) * (logsig(-z) - math.log(eps))
+        elif loss_type == "discopop":
+            s = sig(z / discopop_tau)
+            v = (1 - s) * -logsig(z) + s * math.exp(-z)
+        else:
+            raise AssertionError(loss_type)
+        # the value from the scalar formula, the gradient through a differentiable twin of it
+        losses.append(_peer_pair_twin(loss_type, beta * c_lr, beta * r_lr, c_lr, r_lr, beta, eps, bco_delta,
+                                      discopop_tau, v))  # fmt: skip
+    per = torch.stack(losses)
+    loss = _reduce(per, reduction)
+    if nll_coef:
+        loss = loss + nll_coef * (-pc.sum() / lc.double().clamp(min=1).sum())
+    return loss
+
+
+def _peer_pair_twin(loss_type, c, r, c_lr, r_lr, beta, eps, delta, tau, value):
+    """The same per-pair formula on tensors (for the gradient); asserts it equals the scalar ``value``."""
+    z = c - r
+    s = torch.sigmoid
+    if loss_type == "apo_zero":
+        v = (1 - s(c)) + s(r)
+    elif loss_type == "apo_down":
+        v = s(c) + (1 - s(z))
+    elif loss_type == "sppo_hard":
+        v = (c_lr - 0.5 / beta) ** 2 + (r_lr + 0.5 / beta) ** 2
+    elif loss_type == "nca_pair":
+        v = -_logsig(c) - 0.5 * _logsig(-c) - 0.5 * _logsig(-r)
+    elif loss_type == "bco_pair":
+        v = -_logsig(c - delta) - _logsig(-(r - delta))
+    elif loss_type == "exo_pair":
+        v = s(z) * (_logsig(z) - math.log(1 - eps)) + s(-z) * (_logsig(-z) - math.log(eps))
+    else:
+        w = s(z / tau)
+        v = (1 - w) * -_logsig(z) + w * torch.exp(-z)
+    assert abs(float(v.detach()) - value) <= 1e-9 * max(1.0, abs(value)), (loss_type, float(v.detach()), value)
+    return v
+
+
+# ---- cross-entropy / log-prob options (logprobs_from_logits, linear_logprobs, linear_cross_entropy) ---
+
+
+def head_logits(z, temperature: float = 1.0, softcap: float | None = None, dtype=torch.float64):
+    """``f(z) = c * tanh(z / c) / T`` (softcap c, Gemma-2's final-logit softcapping) or ``z / T``, in ``dtype``."""
+    z = z.to(dtype)
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z / temperature
+
+
+def gather_logprobs_fp64(logits, targets, temperature=1.0, softcap=None, ignore_index=-100, dtype=torch.float64):
+    """``log_softmax(f(logits))`` gathered at ``targets`` ``[...]`` or ``[..., K]`` (TRL's
+    ``selective_log_softmax``: ``gather(log_softmax(logits), -1, index)`` for an index of shape
+    ``(..., K)``), 0 at ignored targets; the entropy per position, 0 where every target is ignored.
+    Differentiable (``p = 0`` terms left out of the entropy)."""
+    x = head_logits(logits, temperature, softcap, dtype)
+    logp_all = x - torch.logsumexp(x, dim=-1, keepdim=True)
+    multi = targets.dim() == logits.dim()
+    tk = targets if multi else targets.unsqueeze(-1)
+    valid = tk != ignore_index
+    logp = torch.where(valid, logp_all.gather(-1, torch.where(valid, tk, 0).long()), 0.0)
+    p = logp_all.exp()
+    live = p > 0
+    entropy = -(torch.where(live, p * torch.where(live, logp_all, 0.0), 0.0)).sum(-1)
+    entropy = torch.where(valid.any(-1), entropy, 0.0)
+    return (logp if multi else logp.squeeze(-1)), entropy
+
+
+def row_stats_fp64(x, targets, ignore_index=-100):
+    """Per position of materialized transformed logits ``x [..., V]`` (TRL's ``FusedCausalLMOutput``
+    definitions): ``lse = logsumexp_v x_v``, ``mean_logits = mean_v x_v``, ``log_sum_sq_probs =
+    log sum_v softmax(x)_v^2``, each 0 where every target is ignored; ``is_top1``: the target is
+    ``argmax_v x_v`` (the first maximal index, ``torch.argmax``'s rule), False where ignored.
+    ``targets`` ``[...]`` or ``[..., K]``."""
+    tk = targets if targets.dim() == x.dim() else targets.unsqueeze(-1)
+    valid = tk != ignore_index
+    row = valid.any(-1)
+    lse = torch.logsumexp(x, -1)
+    p = torch.softmax(x, -1)
+    stats = {
+        "lse": lse,
+        "mean_logits": x.mean(-1),
+        "log_sum_sq_probs": torch.log((p * p).sum(-1)),
+    }
+    stats = {k: torch.where(row, v, 0.0) for k, v in stats.items()}
+    top1 = (tk == x.argmax(-1, keepdim=True)) & valid
+    stats["is_top1"] = top1 if targets.dim() == x.dim() else top1.squeeze(-1)
+    return stats
+
+
+def cross_entropy_fp64(
+    x,
+    targets,
+    ignore_index=-100,
+    reduction="mean",
+    label_smoothing=0.0,
+    class_weight=None,
+    lse_square_scale=0.0,
+):
+    """From torch's ``CrossEntropyLoss`` documentation (class weights w, label smoothing eps) plus the
+    z-loss ``s lse^2`` (PaLM; Liger's ``lse_square_scale``), on logits ``x [N, V]`` (fp64). Per valid
+    token ``ce_i = (1 - eps) w_{y_i} (-log p_{i y_i}) + (eps / V) sum_c w_c (-log p_{ic})``,
+    ``z_i = s lse_i^2``; ``"mean"``: ``sum ce / sum_i w_{y_i} + sum z / n`` (0 when nothing is
+    averaged: fastalign's convention, torch gives NaN); ``"sum"``; ``"none"`` (0 at ignored tokens)."""
+    x = x.double()
+    N, V = x.shape
+    w = torch.ones(V, dtype=x.dtype) if class_weight is None else class_weight.double()
+    valid = targets != ignore_index
+    y = torch.where(valid, targets, 0).long()
+    logp_all = torch.log_softmax(x, -1)
+    nll = -logp_all.gather(-1, y[:, None])[:, 0]
+    smooth = -(logp_all * w).sum(-1) / V
+    w_y = torch.where(valid, w[y], 0.0)
+    ce = torch.where(valid, (1 - label_smoothing) * w_y * nll + label_smoothing * smooth, 0.0)
+    z = torch.where(valid, lse_square_scale * torch.logsumexp(x, -1) ** 2, 0.0)
+    if reduction == "none":
+        return ce + z
+    if reduction == "sum":
+        return ce.sum() + z.sum()
+    w_sum, n = w_y.sum(), valid.sum()
+    return (ce.sum() / w_sum if w_sum != 0 else ce.sum() * 0) + (z.sum() / n if n else z.sum() * 0)

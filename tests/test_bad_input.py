@@ -20,6 +20,7 @@ import torch
 
 import fastalign as F
 import fastalign.losses as L
+from fastalign.distributed import VocabShard
 from fastalign.integrations import transformers as HF
 
 B, T, V, D = 2, 3, 5, 4
@@ -132,6 +133,12 @@ def _linlp(**kw):
     return F.linear_logprobs(**args)
 
 
+def _lce(**kw):
+    args = dict(hidden=f(B * T, D), weight=f(V, D), targets=tg().reshape(-1))
+    args.update(kw)
+    return L.linear_cross_entropy(**args)
+
+
 def _hidden(scale=2.0, **kw):
     head = kw.pop("head", None) or HF.LMHead(weight=kw.pop("weight", f(V, D)), bias=None, logit_scale=scale)
     args = dict(hidden=f(B, T, D), targets=tg())
@@ -173,10 +180,22 @@ CASES = [
     ("lp/0-dim", lambda: F.logprobs_from_logits(f(), f(dtype=torch.long)), ValueError, ("at least 1 dim", "0-dim")),
     ("lp/targets shape", lambda: F.logprobs_from_logits(lg(), tg()[:, :2]), ValueError, (r"\(2, 3\)", r"\(2, 2\)")),
     (
-        "lp/targets ndim",
-        lambda: F.logprobs_from_logits(lg(), tg()[..., None]),
+        "lp/targets ndim",  # [B, T, K] candidates are legal; one more dim is not
+        lambda: F.logprobs_from_logits(lg(), tg()[..., None, None]),
         ValueError,
-        (r"\(2, 3\)", r"\(2, 3, 1\)"),
+        (r"\(2, 3\) or logits.shape\[:-1\] \+ \(K,\) = \(2, 3, K\)", r"\(2, 3, 1, 1\)"),
+    ),
+    (
+        "lp/softcap",
+        lambda: F.logprobs_from_logits(lg(), tg(), softcap=-1.0),
+        ValueError,
+        ("softcap must be None or > 0", "got -1.0"),
+    ),
+    (
+        "lp/candidate=V",
+        lambda: F.logprobs_from_logits(lg(), torch.full((B, T, 2), V)),
+        ValueError,
+        (r"\[0, 5\)", "got 5"),
     ),
     ("lp/device", lambda: F.logprobs_from_logits(meta(B, T, V), tg()), ValueError, DEV),
     (
@@ -253,6 +272,64 @@ CASES = [
     ("linlp/ignore_index", lambda: _linlp(ignore_index="x"), TypeError, ("ignore_index must be an int", "got str")),
     ("linlp/target=V", lambda: _linlp(targets=torch.full((B * T,), V)), ValueError, (r"\[0, 5\)", "got 5")),
     ("linlp/impl", lambda: _linlp(impl="cuda"), ValueError, IMPL),
+    (
+        "linlp/candidates shape",
+        lambda: _linlp(targets=torch.zeros(B * T - 1, 2, dtype=torch.long)),
+        ValueError,
+        (r"\(6,\) or hidden.shape\[:-1\] \+ \(K,\) = \(6, K\)", r"\(5, 2\)"),
+    ),
+    (
+        "linlp/candidates with grad_filter_eps",
+        lambda: _linlp(targets=torch.zeros(B * T, 2, dtype=torch.long), grad_filter_eps=1e-3),
+        ValueError,
+        ("grad_filter_eps needs targets of shape", r"\(6, 2\)"),
+    ),
+    # ---- linear_cross_entropy
+    ("lce/int hidden", lambda: _lce(hidden=f(B * T, D, dtype=torch.long)), TypeError, ("hidden", FLOAT, I64)),
+    ("lce/float targets", lambda: _lce(targets=f(B * T)), TypeError, ("targets", INT, F32)),
+    ("lce/targets shape", lambda: _lce(targets=tg()), ValueError, (r"\(6,\)", r"\(2, 3\)")),
+    ("lce/device", lambda: _lce(weight=meta(V, D)), ValueError, ("same device", "weight on meta", "hidden on cpu")),
+    ("lce/reduction", lambda: _lce(reduction="avg"), ValueError, (r"\('mean', 'sum', 'none'\)", "'avg'")),
+    (
+        "lce/label_smoothing",
+        lambda: _lce(label_smoothing=2.0),
+        ValueError,
+        (r"label_smoothing must be in \[0, 1\]", "got 2.0"),
+    ),
+    (
+        "lce/lse_square_scale",
+        lambda: _lce(lse_square_scale=-1e-4),
+        ValueError,
+        ("lse_square_scale must be >= 0", "got -0.0001"),
+    ),
+    (
+        "lce/class_weight dtype",
+        lambda: _lce(class_weight=f(V, dtype=torch.long)),
+        TypeError,
+        ("class_weight", FLOAT, I64),
+    ),
+    (
+        "lce/class_weight shape",
+        lambda: _lce(class_weight=f(V + 1)),
+        ValueError,
+        (r"class_weight must have shape \(5,\)", r"\(6,\)"),
+    ),
+    (
+        "lce/class_weight device",
+        lambda: _lce(class_weight=meta(V)),
+        ValueError,
+        ("same device", "class_weight on meta"),
+    ),
+    (
+        "lce/grad_filter with smoothing",
+        lambda: _lce(label_smoothing=0.1, grad_filter_eps=1e-3),
+        ValueError,
+        ("grad_filter_eps needs label_smoothing == 0", "got label_smoothing=0.1"),
+    ),
+    ("lce/temperature", lambda: _lce(temperature=0), ValueError, ("temperature must be > 0", "got 0")),
+    ("lce/ignore_index", lambda: _lce(ignore_index=1.0), TypeError, ("ignore_index must be an int", "got float")),
+    ("lce/target=V", lambda: _lce(targets=torch.full((B * T,), V)), ValueError, (r"\[0, 5\)", "got 5")),
+    ("lce/impl", lambda: _lce(impl="cuda"), ValueError, IMPL),
     # ---- hidden_logprobs (the logit_scale != 1 path has its own checks) and LMHead helpers
     ("hidden/int hidden", lambda: _hidden(hidden=f(B, T, D, dtype=torch.long)), TypeError, ("hidden", FLOAT, I64)),
     ("hidden/float targets", lambda: _hidden(targets=f(B, T)), TypeError, ("targets", INT, F32)),
@@ -308,7 +385,7 @@ CASES = [
         "kl/kind",
         lambda: F.kl_penalty(f(B, T), f(B, T), "k4"),
         ValueError,
-        (r"kind must be one of \('k1', 'k2', 'k3'\)", "'k4'"),
+        (r"kind must be one of \('k1', 'k2', 'k3', 'abs', 'k1\+', 'k3\+', 'abs\+'\)", "'k4'"),
     ),
     (
         "kl/clamp",
@@ -333,6 +410,45 @@ CASES = [
     ("k3/shape", lambda: F.k3_kl(f(B, T), f(T, B)), ValueError, (r"\(2, 3\)", r"\(3, 2\)")),
     ("k3/device", lambda: F.k3_kl(meta(B, T), f(B, T)), ValueError, DEV),
     ("k3/impl", lambda: F.k3_kl(f(B, T), f(B, T), impl="cuda"), ValueError, ("k3_kl|kl_penalty",) + IMPL),
+]
+
+# vocab_parallel (fastalign.distributed.VocabShard): what is refused before any process group is needed
+VP = ("vocab_parallel must be None or a fastalign.distributed.VocabShard",)
+ONE_PASS = ("expected mode='two_pass' or 'auto' with vocab_parallel", "got 'one_pass'")
+CASES += [
+    ("linlp/vocab_parallel tuple", lambda: _linlp(vocab_parallel=(None, 0, V)), TypeError, VP + ("got tuple",)),
+    (
+        "lp/vocab_parallel str",
+        lambda: F.logprobs_from_logits(lg(), tg(), vocab_parallel="dtensor"),
+        TypeError,
+        VP + ("got str",),
+    ),
+    ("lgrpo/vocab_parallel dict", lambda: _lgrpo(vocab_parallel={"vocab_start": 0}), TypeError, VP + ("got dict",)),
+    (
+        "lgrpo/vocab_parallel one_pass",
+        lambda: _lgrpo(vocab_parallel=VocabShard(None, 0, V), mode="one_pass"),
+        ValueError,
+        ONE_PASS,
+    ),
+    (
+        "lppo/vocab_parallel one_pass",
+        lambda: _lppo(vocab_parallel=VocabShard(None, 0, V), mode="one_pass"),
+        ValueError,
+        ONE_PASS,
+    ),
+    ("ldpo/vocab_parallel int", lambda: _ldpo(vocab_parallel=2), TypeError, VP + ("got int",)),
+    (
+        "ldpo/vocab_parallel grad_filter_eps",
+        lambda: _ldpo(vocab_parallel=VocabShard(None, 0, V), grad_filter_eps=0.1),
+        ValueError,
+        ("grad_filter_eps is not supported with vocab_parallel; expected None", "got 0.1"),
+    ),
+    (
+        "linlp/vocab_parallel grad_filter_eps",
+        lambda: _linlp(vocab_parallel=VocabShard(None, 0, V), grad_filter_eps=0.5),
+        ValueError,
+        ("expected None", "got 0.5"),
+    ),
 ]
 
 for _name, _fn in (("surr", F.clipped_surrogate), ("surr_stats", F.clipped_surrogate_with_stats)):
@@ -836,6 +952,259 @@ CASES += [
     ),
 ]
 
+# peer options (issue 14): verl's KL kinds and PPO switches, TRL's VESPO / masks, the DPO family's types
+PEER = [
+    (
+        "kl/kind k2+",
+        lambda: F.kl_penalty(f(B, T), f(B, T), "k2+"),
+        ValueError,
+        ("kind must be one of", r"'k3\+'", r"got 'k2\+'"),
+    ),
+    (
+        "surr/log_ratio_clamp 0",
+        lambda: F.clipped_surrogate(f(B, T), f(B, T), f(B), log_ratio_clamp=0),
+        ValueError,
+        ("log_ratio_clamp must be None or > 0", "got 0"),
+    ),
+    (
+        "surr/log_ratio_clamp str",
+        lambda: F.clipped_surrogate(f(B, T), f(B, T), f(B), log_ratio_clamp="20"),
+        TypeError,
+        ("log_ratio_clamp must be None or a Python number", "got str"),
+    ),
+    (
+        "ppo_policy/aggregation",
+        lambda: _ppo_policy(aggregation="seq-mean-token-mean"),
+        ValueError,
+        ("aggregation must be one of", "'seq-mean-token-mean'"),
+    ),
+    (
+        "ppo_policy/rollout no logp",
+        lambda: _ppo_policy(rollout_correction="tis"),
+        ValueError,
+        ("needs rollout_logp", "got None"),
+    ),
+    (
+        "ppo_policy/rollout no correction",
+        lambda: _ppo_policy(rollout_logp=f(B, T)),
+        ValueError,
+        ("rollout_correction is None", "'tis' or 'icepop'"),
+    ),
+    (
+        "ppo_policy/rollout kind",
+        lambda: _ppo_policy(rollout_logp=f(B, T), rollout_correction="is"),
+        ValueError,
+        ("rollout_correction must be one of", "'is'"),
+    ),
+    (
+        "ppo_policy/rollout shape",
+        lambda: _ppo_policy(rollout_logp=f(B), rollout_correction="tis"),
+        ValueError,
+        ("rollout_logp", r"\(2, 3\)", r"\(2,\)"),
+    ),
+    (
+        "ppo_policy/rollout device",
+        lambda: _ppo_policy(rollout_logp=meta(B, T), rollout_correction="tis"),
+        ValueError,
+        ("same device", "rollout_logp on meta"),
+    ),
+    (
+        "ppo_policy/rollout max 0",
+        lambda: _ppo_policy(rollout_logp=f(B, T), rollout_correction="tis", rollout_ratio_max=0),
+        ValueError,
+        ("rollout_ratio_max must be > 0", "got 0"),
+    ),
+    ("ppo/aggregation", lambda: _ppo(aggregation="mean"), ValueError, ("aggregation must be one of", "'mean'")),
+    (
+        "lppo/rollout shape",
+        lambda: _lppo(rollout_logp=f(B, T + 1), rollout_correction="icepop"),
+        ValueError,
+        ("rollout_logp", r"\(2, 3\)", r"\(2, 4\)"),
+    ),
+    (
+        "lppo/log_ratio_clamp<0",
+        lambda: _lppo(log_ratio_clamp=-20.0),
+        ValueError,
+        ("log_ratio_clamp must be None or > 0", "got -20.0"),
+    ),
+    (
+        "grpo/iw 1-D length",
+        lambda: _grpo(importance_weights=f(B + 1)),
+        ValueError,
+        ("importance_weights", r"\(2,\)", r"\(3,\)"),
+    ),
+    (
+        "grpo/vespo delta",
+        lambda: _grpo(loss_type="vespo", delta=2.0),
+        ValueError,
+        ("does not apply to loss_type='vespo'", "delta=2.0"),
+    ),
+    (
+        "grpo/vespo k<0",
+        lambda: _grpo(loss_type="vespo", vespo_k_pos=-1.0),
+        ValueError,
+        ("vespo_k_pos must be >= 0", "got -1.0"),
+    ),
+    (
+        "grpo/opm threshold<0",
+        lambda: _grpo(off_policy_mask_threshold=-0.5),
+        ValueError,
+        ("off_policy_mask_threshold must be None or >= 0", "got -0.5"),
+    ),
+    (
+        "grpo/sampling without threshold",
+        lambda: _grpo(sampling_logp=f(B, T)),
+        ValueError,
+        ("pass off_policy_mask_threshold", "sampling_logp"),
+    ),
+    (
+        "grpo/sampling shape",
+        lambda: _grpo(sampling_logp=f(B), off_policy_mask_threshold=0.5),
+        ValueError,
+        ("sampling_logp", r"\(2, 3\)", r"\(2,\)"),
+    ),
+    (
+        "grpo/sampling device",
+        lambda: _grpo(sampling_logp=meta(B, T), off_policy_mask_threshold=0.5),
+        ValueError,
+        ("same device", "sampling_logp on meta"),
+    ),
+    (
+        "grpo/entropy quantile no entropy",
+        lambda: _grpo(top_entropy_quantile=0.2),
+        ValueError,
+        ("needs entropy", "got None"),
+    ),
+    (
+        "grpo/entropy quantile>1",
+        lambda: _grpo(top_entropy_quantile=1.2, entropy=f(B, T)),
+        ValueError,
+        (r"top_entropy_quantile must be in \[0, 1\]", "got 1.2"),
+    ),
+    (
+        "grpo/entropy shape",
+        lambda: _grpo(top_entropy_quantile=0.2, entropy=f(B, T + 1)),
+        ValueError,
+        ("entropy", r"\(2, 3\)", r"\(2, 4\)"),
+    ),
+    (
+        "grpo/entropy dtype",
+        lambda: _grpo(top_entropy_quantile=0.2, entropy=f(B, T, dtype=torch.long)),
+        TypeError,
+        ("entropy", FLOAT, I64),
+    ),
+    (
+        "lgrpo/vespo one_pass",
+        lambda: _lgrpo(loss_type="vespo", mode="one_pass"),
+        ValueError,
+        ("mode='one_pass' needs token-level", "got loss_type='vespo'"),
+    ),
+    (
+        "lgrpo/masks one_pass",
+        lambda: _lgrpo(top_entropy_quantile=0.5, mode="one_pass"),
+        ValueError,
+        ("mode='one_pass' needs token-level", "got top_entropy_quantile < 1"),
+    ),
+    (
+        "lgrpo/sampling shape",
+        lambda: _lgrpo(sampling_logp=f(B, T + 1), off_policy_mask_threshold=0.5),
+        ValueError,
+        ("sampling_logp", r"\(2, 3\)", r"\(2, 4\)"),
+    ),
+    (
+        "dpo/exo no smoothing",
+        lambda: _dpo(loss_type="exo_pair"),
+        ValueError,
+        (r"label_smoothing must be in \(0, 1\)", "got 0.0"),
+    ),
+    (
+        "dpo/smoothing apo",
+        lambda: _dpo(loss_type="apo_zero", label_smoothing=0.1),
+        ValueError,
+        ("only used by loss_type", "got 0.1 with 'apo_zero'"),
+    ),
+    (
+        "dpo/bco_delta not bco",
+        lambda: _dpo(bco_delta=0.1),
+        ValueError,
+        ("only used by loss_type 'bco_pair'", "loss_type='sigmoid'"),
+    ),
+    (
+        "dpo/bco_delta shape",
+        lambda: _dpo(loss_type="bco_pair", bco_delta=f(B)),
+        ValueError,
+        ("bco_delta must be a scalar", r"\(2,\)"),
+    ),
+    (
+        "dpo/bco_delta str",
+        lambda: _dpo(loss_type="bco_pair", bco_delta="0.1"),
+        TypeError,
+        ("bco_delta must be a Python number", "got str"),
+    ),
+    (
+        "dpo/discopop_tau 0",
+        lambda: _dpo(loss_type="discopop", discopop_tau=0.0),
+        ValueError,
+        ("discopop_tau must be > 0", "got 0.0"),
+    ),
+    ("dpo/nll no lengths", lambda: _dpo(nll_coef=1.0), ValueError, ("needs chosen_lengths", "got None")),
+    ("dpo/nll<0", lambda: _dpo(nll_coef=-1.0), ValueError, ("nll_coef must be >= 0", "got -1.0")),
+    (
+        "dpo/nll reduction none",
+        lambda: _dpo(nll_coef=1.0, chosen_lengths=torch.ones(B), rejected_lengths=torch.ones(B), reduction="none"),
+        ValueError,
+        ("reduction must be 'mean' or 'sum'", "got 'none'"),
+    ),
+    (
+        "dpo/average no lengths",
+        lambda: _dpo(average_log_prob=True),
+        ValueError,
+        ("needs chosen_lengths and rejected_lengths", "got None"),
+    ),
+    ("dpo/average int", lambda: _dpo(average_log_prob=1), TypeError, ("average_log_prob must be a bool", "got int")),
+    ("simpo/nll<0", lambda: _simpo(nll_coef=-0.5), ValueError, ("nll_coef must be >= 0", "got -0.5")),
+    (
+        "orpo/nll_logp only",
+        lambda: _orpo(nll_logp=f(B)),
+        ValueError,
+        ("pass both nll_logp and nll_lengths", "got only one"),
+    ),
+    (
+        "orpo/nll_logp shape",
+        lambda: _orpo(nll_logp=f(B + 1), nll_lengths=torch.ones(B)),
+        ValueError,
+        ("nll_logp", r"\(2,\)", r"\(3,\)"),
+    ),
+    (
+        "orpo/nll_lengths shape",
+        lambda: _orpo(nll_logp=f(B), nll_lengths=torch.ones(B + 1)),
+        ValueError,
+        ("nll_lengths", r"\(2,\)", r"\(3,\)"),
+    ),
+    ("kto/average no lengths", lambda: _kto(average_log_prob=True), ValueError, ("needs lengths", "got None")),
+    (
+        "kto/lengths without average",
+        lambda: _kto(lengths=torch.ones(B)),
+        ValueError,
+        ("only used with average_log_prob=True", "lengths"),
+    ),
+    (
+        "kto/average no kl_lengths",
+        lambda: _kto(average_log_prob=True, lengths=torch.ones(B), kl_logp=f(B), ref_kl_logp=f(B)),
+        ValueError,
+        ("needs kl_lengths", "got None"),
+    ),
+    (
+        "ldpo/loss_type",
+        lambda: _ldpo(
+            hidden=f(2 * B, T, D), targets=torch.randint(0, V, (2 * B, T)), mask=ones(2 * B, T), loss_type="aot"
+        ),
+        ValueError,
+        ("loss_type must be one of", "'aot'"),
+    ),
+]
+CASES += PEER
+
 
 def _bad_impl_triton_without_interpreter():
     pass
@@ -887,6 +1256,7 @@ _PREFIX = {
     "fastalign.losses.linear_grpo_loss": "lgrpo/",
     "fastalign.losses.linear_ppo_policy_loss": "lppo/",
     "fastalign.losses.linear_dpo_loss": "ldpo/",
+    "fastalign.losses.linear_cross_entropy": "lce/",
     "transformers.hidden_logprobs": "hidden/",
     "transformers.causal_lm_logprobs": "causal_lm/",
     "transformers.lm_head_of": "lm_head_of/",
@@ -919,6 +1289,8 @@ def test_empty_inputs_give_empty_results(impl):
     assert logp.shape == ent.shape == (B, 0)
     logp = F.linear_logprobs(f(0, D), f(V, D), f(0, dtype=torch.long), impl=impl)
     assert logp.shape == (0,)
+    loss, _ = L.linear_cross_entropy(f(0, D), f(V, D), f(0, dtype=torch.long), label_smoothing=0.1, impl=impl)
+    assert loss.item() == 0.0
     assert F.kl_penalty(e, e, impl=impl).shape == (0, T)
     assert F.k3_kl(f(B, 0), f(B, 0), impl=impl).shape == (B, 0)
     assert F.clipped_surrogate(e, e, f(0), impl=impl).shape == (0, T)

@@ -30,6 +30,7 @@ MODULES = [
     "fastalign.losses.ppo",
     "fastalign.losses.dpo",
     "fastalign.losses.fused",
+    "fastalign.losses.cross_entropy",
 ]
 
 # every public function of these modules must carry an example
@@ -47,6 +48,7 @@ PUBLIC = {
     "fastalign.losses.ppo": ["ppo_loss", "ppo_policy_loss", "value_loss"],
     "fastalign.losses.dpo": ["dpo_loss", "simpo_loss", "orpo_loss", "kto_loss", "reward_model_loss"],
     "fastalign.losses.fused": ["linear_grpo_loss", "linear_ppo_policy_loss", "linear_dpo_loss"],
+    "fastalign.losses.cross_entropy": ["linear_cross_entropy"],
 }
 
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE

@@ -114,7 +114,8 @@ def _rows(x, rank):
 def _fused_loss(model, ids, mask, adv, old, ref, via=None, naive=False):
     """The GRPO loss on fastalign: the backbone, then linear_grpo_loss as the lm_head's forward, all as
     the forward of the model the engine wraps. ``naive``: the backbone and the weight used directly, as
-    the drop-ins did in one process (no engine forward, no head forward)."""
+    the drop-ins did in one process (no engine forward, no head forward); ``"full_tensor"``: the model's
+    forward, but the sharded head all-gathered with ``DTensor.full_tensor()`` outside its own forward."""
     f32 = torch.float32
 
     def head_fn(h):
@@ -123,11 +124,19 @@ def _fused_loss(model, ids, mask, adv, old, ref, via=None, naive=False):
             h, head.weight, ids[:, P:], mask, adv.to(f32), old_logp=old.to(f32), ref_logp=ref.to(f32), beta=BETA
         )
 
+    def full_tensor_fn(h):  # the sharded head all-gathered by DTensor outside the head's forward
+        w = model.lm_head.weight
+        return linear_grpo_loss(
+            h, w.full_tensor(), ids[:, P:], mask, adv.to(f32), old_logp=old.to(f32), ref_logp=ref.to(f32), beta=BETA
+        )
+
     def body(ids):
         h = final_hidden_states(model, ids)[:, P - 1 : -1]
+        if naive == "full_tensor":
+            return full_tensor_fn(h)
         return head_fn(h) if naive else run_as_forward(model.lm_head, head_fn, h)
 
-    loss, _ = body(ids) if naive else run_as_forward(model, body, ids, via=via)
+    loss, _ = body(ids) if naive is True else run_as_forward(model, body, ids, via=via)
     return loss
 
 
@@ -195,7 +204,8 @@ def _op_level(rank, engine, device="cpu"):
     model = tiny_qwen2(vocab_size=V, seed=0).to(device)
     ddp = _wrap(engine, model)
     for _ in range(2):
-        loss = _fused_loss(model, ids, mask, adv, old, ref, via=ddp, naive=engine.endswith("naive"))
+        naive = "full_tensor" if engine.endswith("full-tensor") else engine.endswith("naive")
+        loss = _fused_loss(model, ids, mask, adv, old, ref, via=ddp, naive=naive)
         loss.backward()
         with torch.no_grad():
             for p in model.parameters():
@@ -352,7 +362,8 @@ def _worker(rank, port, path, tmp, out):
     )
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     torch.manual_seed(0)
-    res = {e: _op_level(rank, e) for e in ("ddp", "ddp-naive", "fsdp2", "fsdp2-root", "fsdp2-bf16")}
+    engines = ("ddp", "ddp-naive", "fsdp2", "fsdp2-root", "fsdp2-bf16", "fsdp2-full-tensor")
+    res = {e: _op_level(rank, e) for e in engines}
     res["fsdp2-naive"] = _fsdp2_naive_fails(rank)
     res.update(_trainer_level(rank, path, tmp))
     if rank == 0:
@@ -416,6 +427,9 @@ def test_the_engines_need_the_head_forward(distributed, fp64_params):
     assert _err(distributed["ddp-naive"], ref) > 1e-3
     # FSDP2: outside the units' forwards the parameters are sharded DTensors
     assert distributed["fsdp2-naive"] in ("TypeError", "RuntimeError")
+    # ... and all-gathering a separately sharded head with full_tensor() outside its forward gives each
+    # rank the slice of its OWN gradient (Replicate -> Shard is a local slice): no data-parallel average
+    assert _err(distributed["fsdp2-full-tensor"], ref) > 1e-3
 
 
 def _one_process_trainer(make, inputs_fn, path, tmp):

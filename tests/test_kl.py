@@ -3,6 +3,7 @@
 import pytest
 import torch
 from formulas import kl_fp64 as ref_kl
+from formulas import kl_verl_fp64
 
 import fastalign
 from fastalign import k3_kl, kl_penalty
@@ -104,6 +105,47 @@ def test_gradcheck_fp64(impl, kind):
     )
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kind", ["abs", "k1+", "k3+", "abs+"])
+@pytest.mark.parametrize("clamps", [False, True], ids=["no_clamp", "verl_clamps"])
+def test_verl_kinds_values_and_gradients(impl, kind, clamps):
+    """verl's ``abs`` and the straight-through ``k1+`` / ``k3+`` / ``abs+`` (``low_var_kl+`` with the
+    clamps 20 / 10): the estimator's value, k2's gradient of the raw log-ratio (verl's kl_penalty)."""
+    logp, ref = _inputs((4, 37), scale=12.0 if clamps else 1.0, seed=11)
+    logp.requires_grad_(True)
+    ref.requires_grad_(True)
+    kw = dict(clamp=10.0, log_ratio_clamp=20.0) if clamps else {}
+    out = kl_penalty(logp, ref, kind, impl=impl, **kw)
+    assert out.dtype == torch.float32 and out.shape == logp.shape
+    lp64 = logp.detach().double().requires_grad_(True)
+    rf64 = ref.detach().double().requires_grad_(True)
+    expect = kl_verl_fp64(lp64, rf64, kind, **({"clamp": 10.0, "lr_clamp": 20.0} if clamps else {}))
+    if clamps and kind == "k3+":
+        assert (expect.detach() == 10.0).any()  # the value clamp bites, the gradient ignores it
+    torch.testing.assert_close(out.double(), expect, rtol=1e-5, atol=1e-5)
+    g = torch.randn(4, 37)
+    out.backward(g)
+    expect.backward(g.double())
+    torch.testing.assert_close(logp.grad.double(), lp64.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ref.grad.double(), rf64.grad, rtol=1e-5, atol=1e-5)
+    if kind.endswith("+"):  # d/dlogp = g * x exactly (k2's slope), not the estimator's
+        x = logp.detach().double() - ref.detach().double()
+        torch.testing.assert_close(logp.grad.double(), g.double() * x, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_abs_gradcheck_and_zero_log_ratio(impl):
+    logp, ref = _inputs((3, 5), dtype=torch.float64, seed=12)
+    logp.requires_grad_(True)
+    ref.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: kl_penalty(a, b, "abs", clamp=1.5, impl=impl), (logp, ref))
+    # x = 0 exactly: value 0 and the subgradient 0 (torch.abs's convention), on both backends
+    z = torch.zeros(2, 3, requires_grad=True)
+    out = kl_penalty(z, torch.zeros(2, 3), "abs", impl=impl)
+    out.sum().backward()
+    assert out.abs().max().item() == 0.0 and z.grad.abs().max().item() == 0.0
+
+
 def test_only_one_input_requires_grad():
     logp, ref = _inputs((2, 9))
     ref.requires_grad_(True)
@@ -124,6 +166,8 @@ def test_bad_input():
         kl_penalty(logp, ref.int())
     with pytest.raises(ValueError, match="kind"):
         kl_penalty(logp, ref, "k4")
+    with pytest.raises(ValueError, match=r"kind must be one of .*'k3\+'.*got 'k2\+'"):
+        kl_penalty(logp, ref, "k2+")  # k2+ is k2 itself (verl): not a separate kind
     with pytest.raises(ValueError, match="clamp"):
         kl_penalty(logp, ref, clamp=-1.0)
     with pytest.raises(ValueError, match="log_ratio_clamp"):

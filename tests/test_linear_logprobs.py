@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from formulas import linear_logprobs_fp64, max_err
+from formulas import gather_logprobs_fp64, head_logits, linear_logits, linear_logprobs_fp64, max_err, row_stats_fp64
 
 import fastalign
 from fastalign.ops import lm_head
@@ -631,3 +631,135 @@ def test_cuda_autocast_and_memory_bound():
     hr, Wr = h.detach().bfloat16().double(), W.detach().bfloat16().double()
     r_lp, r_ent = linear_logprobs_fp64(hr[:256], Wr, t[:256])
     assert max_err(lp[:256], r_lp) <= 2e-3 and max_err(ent[:256], r_ent) <= 2e-3
+
+
+# ---- by-products of the walk (return_lse / mean_logits / log_sum_sq_probs / is_top1), [..., K] targets --
+
+_STATS = ("lse", "mean_logits", "log_sum_sq_probs", "is_top1")
+
+
+def _check_outputs(h, W, targets, impl, *, b=None, temperature=1.0, softcap=None, ignore_index=-100, floor=1e-5, **kw):
+    """Every output of ``linear_logprobs`` (log-probs of ``[...]`` or ``[..., K]`` targets, entropy and
+    the four statistics) against the fp64 formulas on the materialized logits, and the gradients of
+    the differentiable ones (logp, entropy, lse, mean_logits), within 2x the error of the same
+    formulas on ``F.linear`` logits in fp32 (what a trainer computes)."""
+    ins = [_leaf(h), _leaf(W), _leaf(b)]
+    flags = {f"return_{k}": True for k in ("entropy",) + _STATS}
+    lp, ent, lse, ml, lsq, top = fastalign.linear_logprobs(
+        ins[0], ins[1], targets, bias=ins[2], temperature=temperature, softcap=softcap,
+        ignore_index=ignore_index, impl=impl, **flags, **kw,
+    )  # fmt: skip
+
+    def outputs(hh, WW, bb, dtype):
+        if dtype == torch.float64:
+            x = head_logits(linear_logits(hh, WW, bb), temperature, softcap)
+        else:  # F.linear in the inputs' dtype, the rest in fp32
+            x = head_logits(torch.nn.functional.linear(hh, WW, bb).float(), temperature, softcap, torch.float32)
+        logp, entropy = gather_logprobs_fp64(x, targets, ignore_index=ignore_index, dtype=dtype)
+        return {"logp": logp, "entropy": entropy, **row_stats_fp64(x, targets, ignore_index)}
+
+    refs = [_leaf(x, torch.float64) for x in (h, W, b)]
+    mats = [_leaf(x) for x in (h, W, b)]
+    r, m = outputs(*refs, torch.float64), outputs(*mats, torch.float32)
+    got = {"logp": lp, "entropy": ent, "lse": lse, "mean_logits": ml, "log_sum_sq_probs": lsq, "is_top1": top}
+    lead = targets.shape[:-1] if targets.dim() == h.dim() else targets.shape
+    for k, v in got.items():
+        assert v.shape == (targets.shape if k in ("logp", "is_top1") else lead), k
+        if k == "is_top1":
+            assert v.dtype == torch.bool and torch.equal(v, r[k])
+            continue
+        assert v.dtype == lp.dtype
+        assert max_err(v, r[k]) <= 2 * max_err(m[k], r[k]) + floor, (k, max_err(v, r[k]), max_err(m[k], r[k]))
+    diff = ("logp", "entropy", "lse", "mean_logits")
+    gs = {k: torch.randn(r[k].shape, dtype=torch.float64) for k in diff}
+    sum(((r[k] * gs[k]).sum() for k in diff)).backward()
+    sum(((m[k] * gs[k].float()).sum() for k in diff)).backward()
+    sum(((got[k] * gs[k].to(lp.dtype)).sum() for k in diff)).backward()
+    for x, rr, mm in zip(ins, refs, mats):
+        if x is not None:
+            assert x.grad.dtype == x.dtype
+            assert max_err(x.grad, rr.grad) <= 2 * max_err(mm.grad, rr.grad) + floor, (
+                max_err(x.grad, rr.grad),
+                max_err(mm.grad, rr.grad),
+            )
+    assert lse.requires_grad and ml.requires_grad  # differentiable; the other two are constants
+    assert not lsq.requires_grad and not top.requires_grad
+    return got
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("compact", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_return_statistics(impl, compact, dtype):
+    """lse, mean_logits, log_sum_sq_probs, is_top1 as by-products of the walk: bias, softcap,
+    temperature, several row blocks and chunks (statistics carried across chunks), ignored rows (0 /
+    False); a third of the targets are the argmax."""
+    h, W, t, b = _inputs(13, 16, 97, dtype=dtype, bias=True, scale=3.0)
+    x = h.double() @ W.double().T + b.double()
+    t[::3] = x[::3].argmax(-1)
+    t[1::5] = -100
+    with fastalign.config(compact_ignored=compact):
+        got = _check_outputs(h, W, t, impl, b=b, softcap=3.0, temperature=0.8, chunk_size=32, row_block=5)
+    assert got["is_top1"].sum() >= 4
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_is_top1_ties_go_to_the_first_index(impl):
+    """Two columns share the row max, in different chunks (and, with one 40000-column chunk, in
+    different programs of the split fold, merged): only the first is top-1, as ``torch.argmax``."""
+    for V, chunk in ((200, 64), (40000, 40000)):
+        h = torch.zeros(3, 8)
+        W = torch.randn(V, 8)
+        b = torch.zeros(V)
+        first, second = (10, 150) if V == 200 else (20000, 36000)
+        b[[first, second]] = 30.0
+        t = torch.tensor([[first, second], [second, first], [5, -100]])
+        got = _check_outputs(h, W, t, impl, b=b, chunk_size=chunk)
+        assert got["is_top1"].tolist() == [[True, False], [False, True], [False, False]]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("compact", [True, False])
+def test_multi_index_targets(impl, compact):
+    """``[..., K]`` targets: K log-probs per position from one walk, ignored candidates (0, no gradient),
+    a position whose candidates are all ignored (skipped by the compaction), a repeated candidate,
+    non-contiguous hidden states."""
+    B, T, D, V, K = 2, 7, 16, 131, 3
+    big = torch.randn(T, B, 2 * D) * 2
+    h = big.transpose(0, 1)[..., ::2]
+    W = torch.randn(V, D) / 4
+    t = torch.randint(0, V, (B, T, K))
+    t[0, 1, 2] = -100
+    t[1, 3] = -100
+    t[1, 4, 1] = t[1, 4, 0]
+    with fastalign.config(compact_ignored=compact):
+        _check_outputs(h, W, t, impl, softcap=5.0, chunk_size=64)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gradcheck_fp64_statistics_and_candidates(impl):
+    N, D, V = 4, 3, 7
+    h = torch.randn(N, D, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(V, D, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(V, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([[0, 3], [6, -100], [-100, -100], [2, 2]])
+
+    def f(h, W, b):
+        lp, lse, ml = fastalign.linear_logprobs(
+            h, W, t, bias=b, temperature=0.5, softcap=2.5, return_lse=True, return_mean_logits=True, chunk_size=3,
+            impl=impl,
+        )  # fmt: skip
+        return lp, lse, ml
+
+    assert torch.autograd.gradcheck(f, (h, W, b))
+
+
+def test_option_errors():
+    h, W, t, _ = _inputs(4, 8, 10)
+    t2 = torch.zeros(4, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"grad_filter_eps needs targets of shape hidden.shape\[:-1\], got .*\(4, 2\)"):
+        fastalign.linear_logprobs(h, W, t2, grad_filter_eps=1e-3)
+    with pytest.raises(ValueError, match=r"\(4,\) or hidden.shape\[:-1\] \+ \(K,\) = \(4, K\), got \(3, 2\)"):
+        fastalign.linear_logprobs(h, W, t2[:3])
+    with pytest.raises(ValueError, match=r"targets must be in \[0, 10\) or ignore_index=-100, got 10"):
+        fastalign.linear_logprobs(h, W, torch.full((4, 2), 10))

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from formulas import logprobs_fp64, max_err
+from formulas import gather_logprobs_fp64, logprobs_fp64, max_err
 
 import fastalign
 from fastalign.kernels import tuning
@@ -371,7 +371,7 @@ from fastalign.kernels import logprobs, tuning
 
 V = 151665
 TYPES = {"logits_ptr": "*bf16", "grad_logits_ptr": "*bf16", "targets_ptr": "*i64", "V": "i32", "inner": "i32",
-         "stride_outer": "i32", "stride_inner": "i32", "inv_temp": "fp32", "ignore_index": "i32"}
+         "stride_outer": "i32", "stride_inner": "i32", "inv_temp": "fp32", "softcap": "fp32", "ignore_index": "i32"}
 
 def ptx(fn, constexprs, cfg):
     sig = {a: "constexpr" if a in constexprs else TYPES.get(a, "*fp32") for a in fn.arg_names}
@@ -395,10 +395,13 @@ def loop_body(text):
     return "\n".join(lines[heads[0]:end + 1])
 
 fwd_cfg, bwd_cfg = tuning.logprobs_fwd_config(V), tuning.logprobs_bwd_config(V)
-fwd = ptx(logprobs._logprobs_fwd_kernel, {"HAS_ENTROPY": True, "FP64": False, "BLOCK_V": fwd_cfg.block,
+# one target per row (n_k = 1, which a launch specializes as a constant), no softcap: the default launch
+fwd = ptx(logprobs._logprobs_fwd_kernel, {"HAS_ENTROPY": True, "HAS_SOFTCAP": False, "FP64": False, "n_k": 1,
+                                          "BLOCK_V": fwd_cfg.block, "BLOCK_K": 1,
                                           "NUM_STAGES": tuning.logprobs_fwd_stages(2)}, fwd_cfg)
 bwd = ptx(logprobs._logprobs_bwd_kernel,
-          {"HAS_GRAD_LOGP": True, "HAS_GRAD_ENTROPY": True, "FP64": False, "BLOCK_V": bwd_cfg.block}, bwd_cfg)
+          {"HAS_GRAD_LOGP": True, "HAS_GRAD_ENTROPY": True, "HAS_SOFTCAP": False, "MULTI": False, "FP64": False,
+           "n_k": 1, "BLOCK_V": bwd_cfg.block}, bwd_cfg)
 print(json.dumps({"fwd_loop": accesses(loop_body(fwd)), "bwd": accesses(bwd)}))
 """
 
@@ -443,3 +446,114 @@ def test_empty_logits_with_a_strided_vocabulary(impl):
         assert logp.shape == ent.shape == view(x).shape[:-1]
         (logp.sum() + ent.sum()).backward()
         assert x.grad.shape == x.shape
+
+
+# ---- softcap and [..., K] candidate targets ---------------------------------------------------
+
+
+def _check_options(logits, targets, impl, *, temperature=1.0, softcap=None, ignore_index=-100, floor=1e-5):
+    """logp / entropy and their gradient against :func:`gather_logprobs_fp64` (fp64), within 2x the
+    error of the same formula evaluated on the upcast logits in fp32 (what a trainer computes)."""
+    x = logits.detach().clone().requires_grad_()
+    logp, ent = fastalign.logprobs_from_logits(
+        x, targets, temperature=temperature, softcap=softcap, ignore_index=ignore_index, return_entropy=True, impl=impl
+    )
+    rx = logits.detach().double().requires_grad_()
+    r_lp, r_ent = gather_logprobs_fp64(rx, targets, temperature, softcap, ignore_index)
+    tx = logits.detach().clone().requires_grad_()
+    t_lp, t_ent = gather_logprobs_fp64(tx.float(), targets, temperature, softcap, ignore_index, dtype=torch.float32)
+    assert logp.shape == targets.shape and ent.shape == logits.shape[:-1]
+    assert max_err(logp, r_lp) <= 2 * max_err(t_lp, r_lp) + floor
+    assert max_err(ent, r_ent) <= 2 * max_err(t_ent, r_ent) + floor
+    g, g_ent = torch.randn_like(r_lp), torch.randn_like(r_ent)
+    ((r_lp * g).sum() + (r_ent * g_ent).sum()).backward()
+    ((t_lp * g.float()).sum() + (t_ent * g_ent.float()).sum()).backward()
+    ((logp * g.to(logp.dtype)).sum() + (ent * g_ent.to(ent.dtype)).sum()).backward()
+    assert x.grad.dtype == logits.dtype and x.grad.shape == logits.shape
+    assert max_err(x.grad, rx.grad) <= 2 * max_err(tx.grad, rx.grad) + floor, (
+        max_err(x.grad, rx.grad),
+        max_err(tx.grad, rx.grad),
+    )
+    ignored = targets == ignore_index
+    if ignored.any():
+        assert logp[ignored].abs().max() == 0
+    rows_ignored = ignored.all(-1) if targets.dim() == logits.dim() else ignored
+    if rows_ignored.any():
+        assert x.grad[rows_ignored].abs().max() == 0 and ent[rows_ignored].abs().max() == 0
+    return logp, ent
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("softcap,temperature", [(5.0, 1.0), (2.0, 0.7)])
+def test_softcap(impl, dtype, softcap, temperature):
+    """``c * tanh(z / c) / T``: logits well past the cap (|z| ~ 12) so the tanh saturates, an odd V
+    (ragged head and tail blocks: their masked lanes must stay out of the softmax, not become -c),
+    ignored rows; the gradient goes through the cap (1 - tanh^2)."""
+    logits = (torch.randn(13, 37) * 6).to(dtype)
+    targets = torch.randint(0, 37, (13,))
+    targets[::4] = -100
+    _check_options(logits, targets, impl, softcap=softcap, temperature=temperature)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_softcap_of_a_neg_inf_logit_is_minus_c(impl):
+    """The formula caps a -inf logit at -c (tanh(-inf) = -1): it keeps probability mass, unlike without
+    the cap, where it has none."""
+    logits = torch.randn(3, 11) * 2
+    logits[:, 4] = float("-inf")
+    targets = torch.tensor([4, 0, 7])
+    logp, _ = _check_options(logits, targets, impl, softcap=3.0)
+    assert torch.isfinite(logp).all()
+    assert torch.isinf(fastalign.logprobs_from_logits(logits, targets, impl=impl)[0])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_multi_index_gather(impl):
+    """``[..., K]`` targets (K candidates per position, TRL's ``selective_log_softmax`` index): the
+    shifted slice of a ``[B, L, V]`` tensor, ignored candidates, a position whose candidates are all
+    ignored, a candidate repeated in a row (its one-hot terms add), temperature and softcap."""
+    V = 37
+    logits = torch.randn(3, 6, V) * 3
+    targets = torch.randint(0, V, (3, 5, 4))
+    targets[0, 1, 2] = -100
+    targets[1, 2] = -100
+    targets[2, 3, 1] = targets[2, 3, 0]
+    _check_options(logits[:, :-1], targets, impl, temperature=0.8, softcap=4.0)
+    _check_options(logits[:, :-1], targets, impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_multi_index_top_k_and_k_equal_one(impl):
+    """The top-K candidates of each row, and K = 1 (``[..., 1]`` targets give ``[..., 1]`` log-probs,
+    equal to the ``[...]`` targets' ones)."""
+    logits = torch.randn(2, 7, 300, dtype=torch.bfloat16) * 4
+    top = logits.float().topk(5, -1).indices
+    _check_options(logits, top, impl, floor=1e-5)
+    t = top[..., 0]
+    one = fastalign.logprobs_from_logits(logits, t[..., None], impl=impl)
+    assert one.shape == (2, 7, 1)
+    assert torch.equal(one[..., 0], fastalign.logprobs_from_logits(logits, t, impl=impl))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gradcheck_fp64_softcap_and_candidates(impl):
+    logits = torch.randn(2, 2, 5, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([[[0, 3], [4, -100]], [[2, 2], [-100, -100]]])
+
+    def f(x):  # softcap 2.5 and temperature 0.5 are exact in fp32 (the kernels' hyperparameter dtype)
+        return fastalign.logprobs_from_logits(x, targets, temperature=0.5, softcap=2.5, return_entropy=True, impl=impl)
+
+    assert torch.autograd.gradcheck(f, (logits,), eps=1e-6, atol=1e-6)
+
+
+def test_bad_options():
+    logits = torch.randn(3, 5)
+    with pytest.raises(ValueError, match=r"softcap must be None or > 0, got 0"):
+        fastalign.logprobs_from_logits(logits, torch.tensor([0, 1, 2]), softcap=0.0)
+    with pytest.raises(TypeError, match=r"softcap must be None or a Python number, got str"):
+        fastalign.logprobs_from_logits(logits, torch.tensor([0, 1, 2]), softcap="1")
+    with pytest.raises(ValueError, match=r"\(3,\) or logits.shape\[:-1\] \+ \(K,\) = \(3, K\), got \(4, 2\)"):
+        fastalign.logprobs_from_logits(logits, torch.zeros(4, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"targets must be in \[0, 5\) or ignore_index=-100, got 5"):
+        fastalign.logprobs_from_logits(logits, torch.tensor([[0, 5], [1, 2], [3, -100]]))

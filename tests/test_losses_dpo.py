@@ -227,3 +227,123 @@ def test_kto_weights_keep_fp64():
     sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
     expected = torch.tensor([1.33 * (1 - sig(0.1 * 0.5)), 0.7 * (1 - sig(0.1 * 1.0))], dtype=torch.float64)
     torch.testing.assert_close(loss, expected, rtol=1e-14, atol=0)
+
+
+# ---- TRL / Liger options (issue 14): the other DPO loss types, length-normalised log-probs, NLL terms ----
+
+from formulas import dpo_peer_fp64, kto_fp64, orpo_fp64, simpo_fp64  # noqa: E402
+
+PEER_TYPES = [
+    dict(loss_type="apo_zero"),
+    dict(loss_type="apo_down"),
+    dict(loss_type="sppo_hard"),
+    dict(loss_type="nca_pair"),
+    dict(loss_type="bco_pair"),
+    dict(loss_type="bco_pair", bco_delta=0.35),
+    dict(loss_type="exo_pair", label_smoothing=1e-3),
+    dict(loss_type="exo_pair", label_smoothing=0.2),
+    dict(loss_type="discopop"),
+    dict(loss_type="discopop", discopop_tau=0.5),
+    dict(loss_type="sigmoid", average_log_prob=True),
+    dict(loss_type="apo_zero", average_log_prob=True, nll_coef=0.7),
+    dict(loss_type="sigmoid", nll_coef=1.0, ref=False),  # CPO: reference-free sigmoid + NLL
+    dict(loss_type="nca_pair", nll_coef=0.3, reduction="sum"),
+]
+
+
+@pytest.mark.parametrize("c", PEER_TYPES, ids=str)
+def test_trl_loss_types_match_formulas(c):
+    pc, pr, rc, rr, lc, lr = _pairs(B=6, seed=4)
+    pc, pr = pc / 6, pr / 6  # log-ratios of a few nats: every branch of every formula is used
+    beta = 0.4
+    c = dict(c)
+    use_ref = c.pop("ref", True)
+    pc_ = pc.clone().requires_grad_(True)
+    pr_ = pr.clone().requires_grad_(True)
+    kw = {k: v for k, v in c.items()}
+    loss, m = dpo_loss(pc_, pr_, rc if use_ref else None, rr if use_ref else None, beta=beta,
+                       chosen_lengths=lc, rejected_lengths=lr, **kw)  # fmt: skip
+    pc64, pr64 = pc.clone().requires_grad_(True), pr.clone().requires_grad_(True)
+    ref = dpo_peer_fp64(pc64, pr64, rc if use_ref else None, rr if use_ref else None, beta=beta, lc=lc, lr=lr,
+                        **{k: v for k, v in kw.items() if v is not None})  # fmt: skip
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    loss.backward()
+    ref.backward()
+    torch.testing.assert_close(pc_.grad, pc64.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(pr_.grad, pr64.grad, rtol=1e-12, atol=1e-12)
+    if c.get("nll_coef"):
+        torch.testing.assert_close(m["nll_loss"], -pc.sum() / lc.double().sum())
+    if c.get("average_log_prob"):
+        torch.testing.assert_close(m["logps/chosen"], (pc / lc).mean())
+
+
+def test_bco_delta_and_discopop_extremes():
+    pc, pr = torch.tensor([-1.0, -400.0], dtype=torch.float64), torch.tensor([-2.0, -1.0], dtype=torch.float64)
+    # a huge negative margin: DiscoPOP's exp(-z) term is weighted by sigma(z / tau) ~ 0, finite (TRL's
+    # direct product gives 0 * inf = NaN)
+    loss, _ = dpo_loss(pc, pr, beta=1.0, loss_type="discopop", reduction="none")
+    assert torch.isfinite(loss).all() and abs(loss[1].item() - 399.0) < 1e-9
+    # bco: delta from a tensor equals delta from a number; the metrics give the running-mean input
+    a, m = dpo_loss(pc[:1], pr[:1], beta=0.5, loss_type="bco_pair", bco_delta=torch.tensor(0.2))
+    b, _ = dpo_loss(pc[:1], pr[:1], beta=0.5, loss_type="bco_pair", bco_delta=0.2)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close((m["rewards/chosen"] + m["rewards/rejected"]) / 2, (0.5 * (pc[:1] + pr[:1]) / 2).mean())
+
+
+def test_simpo_orpo_kto_options():
+    pc, pr, rc, rr, lc, lr = _pairs(B=5, seed=6)
+    # SimPO + CPO's NLL (TRL's CPOTrainer cpo_alpha)
+    x = pc.clone().requires_grad_(True)
+    loss, m = simpo_loss(x, pr, lc, lr, nll_coef=0.5)
+    x64 = pc.clone().requires_grad_(True)
+    ref = simpo_fp64(x64, pr, lc, lr) + 0.5 * (-x64.sum() / lc.double().sum())
+    torch.testing.assert_close(loss, ref)
+    loss.backward()
+    ref.backward()
+    torch.testing.assert_close(x.grad, x64.grad)
+    torch.testing.assert_close(m["nll_loss"], -pc.sum() / lc.double().sum())
+    # ORPO with a separate NLL target (Liger's nll_target): the NLL is that target's token mean
+    pc_small, pr_small = pc / 40, pr / 40  # average log-probs in (-1, 0)
+    nll_lp = torch.tensor([-3.0, -7.0, -1.5, -9.0, -2.0], dtype=torch.float64, requires_grad=True)
+    nll_len = torch.tensor([4, 9, 2, 10, 3])
+    loss, m = orpo_loss(pc_small, pr_small, lc, lr, beta=0.2, nll_logp=nll_lp, nll_lengths=nll_len)
+    base = orpo_fp64(pc_small, pr_small, lc, lr, beta=0.2) - (-pc_small.sum() / lc.double().sum())
+    ref = base + (-nll_lp.detach().sum() / nll_len.double().sum())
+    torch.testing.assert_close(loss, ref)
+    loss.backward()
+    torch.testing.assert_close(nll_lp.grad, torch.full((5,), -1.0 / 28.0, dtype=torch.float64))
+    # KTO on length-normalised log-probs (Liger's average_log_prob)
+    d = torch.tensor([True, False, True, False, True])
+    kl_lp, ref_kl_lp = pc[:3] + 0.5, rc[:3]
+    kl_len = torch.tensor([3, 5, 7])
+    loss, m = kto_loss(pc, rc, d, beta=0.3, kl_logp=kl_lp, ref_kl_logp=ref_kl_lp, average_log_prob=True,
+                       lengths=lc, kl_lengths=kl_len)  # fmt: skip
+    n, nk = lc.double(), kl_len.double()
+    ref = kto_fp64(pc / n, rc / n, d, beta=0.3, kl_logp=kl_lp / nk, ref_kl_logp=ref_kl_lp / nk)
+    torch.testing.assert_close(loss, ref)
+
+
+def test_peer_option_errors():
+    pc, pr, rc, rr, lc, lr = _pairs(B=3)
+    with pytest.raises(ValueError, match=r"label_smoothing must be in \(0, 1\), got 0.0"):
+        dpo_loss(pc, pr, rc, rr, loss_type="exo_pair")
+    with pytest.raises(ValueError, match="bco_delta is only used by loss_type 'bco_pair'"):
+        dpo_loss(pc, pr, rc, rr, loss_type="sigmoid", bco_delta=0.1)
+    with pytest.raises(ValueError, match="nll_coef=1.0 needs chosen_lengths"):
+        dpo_loss(pc, pr, rc, rr, nll_coef=1.0)
+    with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum', got 'none'"):
+        dpo_loss(pc, pr, rc, rr, nll_coef=1.0, chosen_lengths=lc, rejected_lengths=lr, reduction="none")
+    with pytest.raises(ValueError, match="average_log_prob=True needs chosen_lengths"):
+        dpo_loss(pc, pr, rc, rr, average_log_prob=True)
+    with pytest.raises(ValueError, match="discopop_tau must be > 0"):
+        dpo_loss(pc, pr, rc, rr, loss_type="discopop", discopop_tau=0.0)
+    with pytest.raises(ValueError, match=r"bco_delta must be a scalar .*got shape \(2,\)"):
+        dpo_loss(pc, pr, rc, rr, loss_type="bco_pair", bco_delta=torch.zeros(2))
+    with pytest.raises(ValueError, match="pass both nll_logp and nll_lengths or neither"):
+        orpo_loss(pc / 40, pr / 40, lc, lr, nll_logp=pc)
+    with pytest.raises(ValueError, match="average_log_prob=True needs lengths"):
+        kto_loss(pc, rc, torch.tensor([1, 0, 1]), average_log_prob=True)
+    with pytest.raises(ValueError, match="lengths / kl_lengths are only used with average_log_prob=True"):
+        kto_loss(pc, rc, torch.tensor([1, 0, 1]), lengths=lc)
+    with pytest.raises(ValueError, match="loss_type must be one of"):
+        dpo_loss(pc, pr, rc, rr, loss_type="aot")

@@ -497,3 +497,142 @@ def test_one_pass_second_backward_refused():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backpropagates once per forward"):
         loss.backward()
+
+
+# ---- peer options (issue 14) on the fused forms -----------------------------------------------------
+
+from formulas import dpo_peer_fp64, grpo_peer_fp64, ppo_policy_peer_fp64  # noqa: E402
+
+FUSED_GRPO_CASES = [
+    dict(loss_type="vespo", iw="tok"),
+    dict(loss_type="dapo", off_policy_mask_threshold=0.02, sampling=True, beta=0.05),
+    dict(loss_type="bnpo", top_entropy_quantile=0.4, entropy_coef=0.1),
+    dict(loss_type="grpo", iw="seq", mode="one_pass"),
+]
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("c", FUSED_GRPO_CASES, ids=str)
+def test_linear_grpo_trl_options(impl, c):
+    """VESPO, TRL's two masks (two passes: 'auto' picks them) and [B] importance weights (one pass)
+    from hidden states, against the fp64 materialized logits + TRL's formulas, values and gradients."""
+    dtype = torch.float32 if impl == "triton" else torch.float64
+    h, W, b, tgt, mask, adv = _data(B=4, dtype=dtype)
+    with torch.no_grad():
+        lp0 = _logp_fp64(h, W, b, tgt, mask)
+    g = torch.Generator().manual_seed(3)
+    old = (lp0 + torch.randn(lp0.shape, generator=g, dtype=torch.float64) * 0.2).to(dtype)
+    ref = (lp0 + torch.randn(lp0.shape, generator=g, dtype=torch.float64) * 0.2).to(dtype)
+    sampling = (lp0 + torch.randn(lp0.shape, generator=g, dtype=torch.float64) * 0.4).to(dtype)
+    iw = {"tok": torch.rand(lp0.shape, generator=g, dtype=torch.float64) + 0.5,
+          "seq": torch.rand(4, generator=g, dtype=torch.float64) + 0.5}.get(c.get("iw"))  # fmt: skip
+    iw = None if iw is None else iw.to(dtype)
+    leaves = [t.clone().requires_grad_(True) for t in (h, W, b)]
+    loss, metrics = linear_grpo_loss(
+        *leaves[:2], tgt, mask, adv.to(dtype), bias=leaves[2], old_logp=old, ref_logp=ref,
+        beta=c.get("beta", 0.0), loss_type=c["loss_type"], importance_weights=iw,
+        off_policy_mask_threshold=c.get("off_policy_mask_threshold"),
+        sampling_logp=sampling if c.get("sampling") else None,
+        top_entropy_quantile=c.get("top_entropy_quantile", 1.0), entropy_coef=c.get("entropy_coef", 0.0),
+        mode=c.get("mode", "auto"), impl=impl,
+    )  # fmt: skip
+    got = _grads(loss, *leaves)
+    rl = [t.detach().double().requires_grad_(True) for t in (h, W, b)]
+    lp, ent = linear_logprobs_fp64(*rl[:2], torch.where(mask, tgt, -100), rl[2])
+    q = c.get("top_entropy_quantile", 1.0)
+    expected = grpo_peer_fp64(
+        lp, old, adv, mask, ref, beta=c.get("beta", 0.0), loss_type=c["loss_type"],
+        importance_weights=None if iw is None else iw.double(),
+        off_policy_mask_threshold=c.get("off_policy_mask_threshold"),
+        sampling=sampling.double() if c.get("sampling") else None, top_entropy_quantile=q, entropy=ent.detach(),
+    )  # fmt: skip
+    if c.get("entropy_coef"):
+        from formulas import entropy_mask_fp64
+
+        eff = entropy_mask_fp64(ent.detach(), mask, q)  # TRL: the bonus over the kept tokens
+        assert 0 < eff.sum() < mask.sum()
+        expected = expected - c["entropy_coef"] * (ent * eff).sum() / eff.sum()
+    want = _grads(expected, *rl)
+    tol = dict(rtol=2e-5, atol=2e-6) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(loss.double(), expected.detach(), **tol)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a.double(), e, **tol)
+    if c["loss_type"] == "vespo":
+        assert "vespo/phi_seq_mean" in metrics
+
+
+def test_linear_grpo_one_pass_refuses_coupled_options():
+    h, W, b, tgt, mask, adv = _data()
+    for kw, why in (
+        (dict(loss_type="vespo"), "loss_type='vespo'"),
+        (dict(off_policy_mask_threshold=0.5), "off_policy_mask_threshold"),
+        (dict(top_entropy_quantile=0.2), "top_entropy_quantile < 1"),
+    ):
+        with pytest.raises(ValueError, match=rf"mode='one_pass' needs token-level ratios .*got {why}.*two_pass"):
+            linear_grpo_loss(h, W, tgt, mask, adv, beta=0.0, mode="one_pass", **kw)
+
+
+FUSED_PPO_CASES = [
+    dict(log_ratio_clamp=0.15, aggregation="seq_mean_token_mean", dual_clip=2.0),
+    dict(correction="tis", ratio_max=1.1, aggregation="seq_mean_token_sum_norm"),
+    dict(correction="icepop", ratio_min=0.9, ratio_max=1.15, aggregation="seq_mean_token_sum"),
+]
+
+
+@pytest.mark.parametrize("mode,impl", [("one_pass", "torch"), ("two_pass", "torch"), ("one_pass", "triton")])
+@pytest.mark.parametrize("c", FUSED_PPO_CASES, ids=str)
+def test_linear_ppo_verl_options(mode, impl, c):
+    dtype = torch.float32 if impl == "triton" else torch.float64
+    h, W, b, tgt, mask, _ = _data(B=4, dtype=dtype, with_bias=False)
+    with torch.no_grad():
+        lp0 = _logp_fp64(h, W, None, tgt, mask)
+    g = torch.Generator().manual_seed(5)
+    old = (lp0 + 0.3 * torch.randn(lp0.shape, generator=g, dtype=torch.float64)).to(dtype)
+    rollout = (old.double() + 0.15 * torch.randn(lp0.shape, generator=g, dtype=torch.float64)).to(dtype)
+    advt = torch.randn(lp0.shape, generator=g, dtype=torch.float64).to(dtype)
+    kw = {k: v for k, v in c.items() if k not in ("correction", "ratio_min", "ratio_max")}
+    if "correction" in c:
+        kw.update(rollout_logp=rollout, rollout_correction=c["correction"],
+                  rollout_ratio_min=c.get("ratio_min", 0.0), rollout_ratio_max=c["ratio_max"])  # fmt: skip
+    hh, WW = h.clone().requires_grad_(True), W.clone().requires_grad_(True)
+    loss, m = linear_ppo_policy_loss(hh, WW, tgt, mask, advt, old, mode=mode, impl=impl, **kw)
+    got = (loss, *_grads(loss, hh, WW))
+    rh, rW = h.double().requires_grad_(True), W.double().requires_grad_(True)
+    lp = _logp_fp64(rh, rW, None, tgt, mask)
+    exp_ = ppo_policy_peer_fp64(lp, old.double(), advt.double(), mask, rollout=rollout.double(), **c)
+    want = (exp_, *_grads(exp_, rh, rW))
+    tol = dict(rtol=2e-5, atol=2e-6) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-11)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a.double(), e.detach(), **tol)
+    if "log_ratio_clamp" in c:
+        assert ((lp0 - old.double()).abs()[mask] > 0.15).any()  # the clamp acts
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize(
+    "c",
+    [dict(loss_type="apo_zero", average_log_prob=True, nll_coef=0.5), dict(loss_type="exo_pair", label_smoothing=0.1),
+     dict(loss_type="bco_pair", bco_delta=0.1), dict(loss_type="discopop", nll_coef=1.0)],
+    ids=str,
+)  # fmt: skip
+def test_linear_dpo_trl_options(impl, c):
+    dtype = torch.float32 if impl == "triton" else torch.float64
+    h, W, b, tgt, mask, _ = _data(B=4, dtype=dtype)
+    ref = (-torch.rand(4, dtype=torch.float64) * 10).to(dtype)
+    leaves = [t.clone().requires_grad_(True) for t in (h, W, b)]
+    loss, m = linear_dpo_loss(*leaves[:2], tgt, mask, ref, bias=leaves[2], beta=0.2, temperature=0.8, impl=impl, **c)
+    got = (loss, *_grads(loss, *leaves))
+    rl = [t.detach().double().requires_grad_(True) for t in (h, W, b)]
+    seq = linear_logprobs_fp64(*rl[:2], torch.where(mask, tgt, -100), rl[2], 0.8)[0].sum(-1)
+    n = mask.sum(-1)
+    exp_ = dpo_peer_fp64(seq[:2], seq[2:], ref[:2].double(), ref[2:].double(), beta=0.2, lc=n[:2], lr=n[2:], **c)
+    want = (exp_, *_grads(exp_, *rl))
+    tol = dict(rtol=2e-5, atol=2e-6) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-11)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a.double(), e.detach(), **tol)
+    # TRL's logits/* metrics: the masked mean of each position's vocabulary-mean logit / T
+    z = (h.double() @ W.double().T + b.double()) / 0.8
+    zm = z.mean(-1)
+    for key, rows in (("logits/chosen", slice(0, 2)), ("logits/rejected", slice(2, 4))):
+        mm = mask[rows].double()
+        torch.testing.assert_close(m[key].double(), (zm[rows] * mm).sum() / mm.sum(), **tol)

@@ -300,3 +300,188 @@ def test_sapo_temperatures_keep_fp64():
         gate = [4 / tau / (1 + math.exp(-tau * (math.exp(logp[i, t] - old[i, t]) - 1))) for t in range(2)]
         per.append(-sum(gate) / 2 * float(adv[i]))
     torch.testing.assert_close(loss, torch.tensor(sum(per) / 2, dtype=torch.float64), rtol=1e-14, atol=0)
+
+
+# ---- TRL 1.16 options (issue 14): VESPO, [B] importance weights, off-policy and entropy masks ---------
+
+from formulas import entropy_mask_fp64, grpo_peer_fp64, off_policy_mask_fp64, vespo_phi_fp64  # noqa: E402
+
+from fastalign.losses.grpo import high_entropy_mask, off_policy_mask, vespo_weights  # noqa: E402
+
+
+def _peer_inputs(B=6, T=7, seed=5, adv_shape="B"):
+    logp, old, ref, adv, mask = _inputs(B=B, T=T, seed=seed, adv_shape=adv_shape)
+    g = torch.Generator().manual_seed(seed + 100)
+    sampling = old + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.6
+    entropy = torch.rand(B, T, generator=g, dtype=torch.float64) * 4
+    iw_tok = torch.rand(B, T, generator=g, dtype=torch.float64) + 0.5
+    iw_seq = torch.rand(B, generator=g, dtype=torch.float64) + 0.5
+    return logp, old, ref, adv, mask, sampling, entropy, iw_tok, iw_seq
+
+
+PEER_CASES = [
+    dict(loss_type="vespo"),
+    dict(loss_type="vespo", beta=0.04, iw="tok", num_items=31.0),
+    dict(loss_type="vespo", iw="seq", vespo=(1.5, 2.5, 4.0, 1.0)),
+    dict(loss_type="grpo", iw="seq", beta=0.04),
+    dict(loss_type="dapo", off_policy_mask_threshold=0.05, sampling=True, beta=0.04),
+    dict(loss_type="grpo", off_policy_mask_threshold=0.0),
+    dict(loss_type="bnpo", top_entropy_quantile=0.2, iw="tok"),
+    dict(loss_type="grpo", top_entropy_quantile=0.0),
+    dict(loss_type="vespo", top_entropy_quantile=0.5, off_policy_mask_threshold=0.1, sampling=True, iw="tok"),
+]
+
+
+def _peer_call(logp, old, ref, adv, mask, sampling, entropy, iw_tok, iw_seq, c, impl):
+    iw = {"tok": iw_tok, "seq": iw_seq}.get(c.get("iw"))
+    k_pos, lam_pos, k_neg, lam_neg = c.get("vespo", (2.0, 3.0, 3.0, 2.0))
+    return grpo_loss(
+        logp,
+        old,
+        adv,
+        mask,
+        ref_logp=ref,
+        beta=c.get("beta", 0.0),
+        loss_type=c.get("loss_type", "grpo"),
+        num_items=c.get("num_items"),
+        importance_weights=iw,
+        vespo_k_pos=k_pos,
+        vespo_lambda_pos=lam_pos,
+        vespo_k_neg=k_neg,
+        vespo_lambda_neg=lam_neg,
+        off_policy_mask_threshold=c.get("off_policy_mask_threshold"),
+        sampling_logp=sampling if c.get("sampling") else None,
+        top_entropy_quantile=c.get("top_entropy_quantile", 1.0),
+        entropy=entropy if c.get("top_entropy_quantile", 1.0) < 1.0 else None,
+        impl=impl,
+    )
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("adv_shape", ["B", "BT"])
+@pytest.mark.parametrize("c", PEER_CASES, ids=str)
+def test_trl_options_match_reference(c, adv_shape, impl):
+    logp, old, ref, adv, mask, sampling, entropy, iw_tok, iw_seq = _peer_inputs(adv_shape=adv_shape)
+    lp = logp.clone().requires_grad_(True)
+    loss, metrics = _peer_call(lp, old, ref, adv, mask, sampling, entropy, iw_tok, iw_seq, c, impl)
+    lp64 = logp.clone().requires_grad_(True)
+    expect = grpo_peer_fp64(
+        lp64,
+        old,
+        adv,
+        mask,
+        ref,
+        beta=c.get("beta", 0.0),
+        loss_type=c.get("loss_type", "grpo"),
+        num_items=c.get("num_items"),
+        importance_weights={"tok": iw_tok, "seq": iw_seq}.get(c.get("iw")),
+        vespo=c.get("vespo", (2.0, 3.0, 3.0, 2.0)),
+        off_policy_mask_threshold=c.get("off_policy_mask_threshold"),
+        sampling=sampling if c.get("sampling") else None,
+        top_entropy_quantile=c.get("top_entropy_quantile", 1.0),
+        entropy=entropy,
+    )
+    torch.testing.assert_close(loss, expect, rtol=1e-10, atol=1e-12)
+    loss.backward()
+    expect.backward()
+    torch.testing.assert_close(lp.grad, lp64.grad, rtol=1e-10, atol=1e-12)
+    if c["loss_type"] == "vespo":
+        iw = {"tok": iw_tok, "seq": iw_seq}.get(c.get("iw"))
+        phi = vespo_phi_fp64(logp, old, adv, mask, iw, *c.get("vespo", (2.0, 3.0, 3.0, 2.0)))
+        mean = phi.sum() / phi.shape[0] if phi.shape[1] == 1 else (phi * mask).sum() / mask.sum()
+        torch.testing.assert_close(metrics["vespo/phi_seq_mean"], mean)
+
+
+def test_masks_act_and_match_definitions():
+    """The masks are not trivially all-ones on these inputs, and the helpers equal the loops."""
+    logp, old, ref, adv, mask, sampling, entropy, *_ = _peer_inputs(B=8, T=9, seed=7)
+    m = mask.double()
+    opm = off_policy_mask(logp, sampling, m, adv[:, None], 0.05)
+    expect = off_policy_mask_fp64(logp, sampling, adv, mask, 0.05)
+    torch.testing.assert_close(opm, expect)
+    assert 0 < expect.sum() < expect.numel()
+    nan_samp = sampling.clone()
+    nan_samp[0, 0] = float("nan")  # an unscorable token counts 0 (TRL)
+    torch.testing.assert_close(
+        off_policy_mask(logp, nan_samp, m, adv[:, None], 0.05), off_policy_mask_fp64(logp, nan_samp, adv, mask, 0.05)
+    )
+    for q in (0.0, 0.2, 0.5, 0.9, 1.0):
+        em = high_entropy_mask(entropy, m, q)
+        torch.testing.assert_close(em, entropy_mask_fp64(entropy, mask, q))
+    assert high_entropy_mask(entropy, m, 0.0).sum() == 1  # rho = 0: the one highest-entropy token
+    assert high_entropy_mask(entropy, torch.zeros_like(m), 0.2).sum() == 0  # no valid token: none kept
+    # vespo's weight: phi(1) = 1 (on-policy, no importance weights), the gamma shape elsewhere
+    z, o = torch.zeros(3, 4, dtype=torch.float64), torch.ones(3, 4, dtype=torch.float64)
+    a = torch.tensor([[1.0], [-1.0], [0.0]], dtype=torch.float64)
+    phi = vespo_weights(z, o, a, None, (2.0, 3.0, 3.0, 2.0))
+    torch.testing.assert_close(phi, torch.ones(3, 1, dtype=torch.float64))
+
+
+def test_vespo_gradient_is_phi_times_advantage():
+    """d loss / d logp = -phi A m / num_items: phi is a constant (TRL's no_grad gamma weights)."""
+    logp, old, ref, adv, mask, *_ = _peer_inputs()
+    lp = logp.clone().requires_grad_(True)
+    loss, _ = grpo_loss(lp, old, adv, mask, beta=0.0, loss_type="vespo", num_items=13.0)
+    loss.backward()
+    phi = vespo_phi_fp64(logp, old, adv, mask)
+    torch.testing.assert_close(lp.grad, -phi * adv[:, None] * mask / 13.0)
+
+
+def test_one_dim_importance_weights_equal_b1():
+    logp, old, ref, adv, mask, *_, iw_seq = _peer_inputs()
+    a, _ = grpo_loss(logp, old, adv, mask, ref_logp=ref, importance_weights=iw_seq)
+    b, _ = grpo_loss(logp, old, adv, mask, ref_logp=ref, importance_weights=iw_seq[:, None])
+    c, _ = grpo_loss(logp, old, adv, mask, ref_logp=ref, importance_weights=iw_seq[:, None].expand(6, 7))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(a, c)
+    assert not torch.allclose(a, grpo_loss(logp, old, adv, mask, ref_logp=ref)[0])
+
+
+def test_trl_option_errors():
+    logp, old, ref, adv, mask, sampling, entropy, *_ = _peer_inputs()
+    with pytest.raises(ValueError, match=r"top_entropy_quantile=0.2 needs entropy"):
+        grpo_loss(logp, old, adv, mask, beta=0.0, top_entropy_quantile=0.2)
+    with pytest.raises(ValueError, match=r"top_entropy_quantile must be in \[0, 1\], got 1.5"):
+        grpo_loss(logp, old, adv, mask, beta=0.0, top_entropy_quantile=1.5, entropy=entropy)
+    with pytest.raises(ValueError, match="sampling_logp is only used by the off-policy sequence mask"):
+        grpo_loss(logp, old, adv, mask, beta=0.0, sampling_logp=sampling)
+    with pytest.raises(ValueError, match=r"off_policy_mask_threshold must be None or >= 0, got -1"):
+        grpo_loss(logp, old, adv, mask, beta=0.0, off_policy_mask_threshold=-1)
+    with pytest.raises(ValueError, match=r"entropy must have shape \(6, 7\)"):
+        grpo_loss(logp, old, adv, mask, beta=0.0, top_entropy_quantile=0.2, entropy=entropy[:, :3])
+    with pytest.raises(ValueError, match=r"importance_weights must have shape \(6, 7\), \(6, 1\) or \(6,\)"):
+        grpo_loss(logp, old, adv, mask, beta=0.0, importance_weights=entropy[:2])
+    with pytest.raises(ValueError, match="delta .* does not apply to loss_type='vespo'"):
+        grpo_loss(logp, old, adv, mask, beta=0.0, loss_type="vespo", delta=1.5)
+    with pytest.raises(ValueError, match="vespo_lambda_neg must be >= 0"):
+        grpo_loss(logp, old, adv, mask, beta=0.0, loss_type="vespo", vespo_lambda_neg=-1.0)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_rloo_singleton_conventions(impl):
+    """fastalign's RLOO gives a group of one 0; verl's keeps r (leave-one-out baseline 0 for a lone
+    sample): group_advantages(..., baseline="loo", scale="none", singleton="raw"), as the docstring says."""
+    import fastalign
+
+    r = torch.tensor([1.0, 2.0, 4.0, 5.0, -3.0], dtype=torch.float64)
+    ids = torch.tensor([0, 0, 0, 1, 2])
+    ours = rloo_advantages(r, ids, impl=impl)
+    verl = fastalign.group_advantages(r, ids, baseline="loo", scale="none", singleton="raw", impl=impl)
+    loo = [1.0 - 3.0, 2.0 - 2.5, 4.0 - 1.5]
+    torch.testing.assert_close(ours, torch.tensor(loo + [0.0, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(verl, torch.tensor(loo + [5.0, -3.0], dtype=torch.float64))
+
+
+def test_luspo_normaliser_and_the_token_count_alternative():
+    """LUSPO follows TRL (mean over sequences of each one's token sum); the token-count normaliser of the
+    same sequence-level loss is loss_type='dapo' (num_items), as the docstring says."""
+    logp, old, ref, adv, mask = _inputs()
+    m = mask.double()
+    s = ((logp - old) * m).sum(-1) / m.sum(-1).clamp(min=1)
+    rs = torch.exp(s)[:, None]
+    A = adv[:, None]
+    per = -torch.minimum(rs * A, rs.clamp(0.8, 1.2) * A) * m
+    luspo, _ = grpo_loss(logp, old, adv, mask, beta=0.0, loss_type="luspo", level="sequence")
+    dapo, _ = grpo_loss(logp, old, adv, mask, beta=0.0, loss_type="dapo", level="sequence", num_items=19.0)
+    torch.testing.assert_close(luspo, per.sum(-1).mean())
+    torch.testing.assert_close(dapo, per.sum() / 19.0)

@@ -442,3 +442,81 @@ def test_linear_losses_ignore_nonfinite_padding(impl):
                 loss.backward()
                 res.append((loss, hh.grad))
             assert torch.isfinite(res[1][0]) and torch.equal(res[0][0], res[1][0]) and torch.equal(res[0][1], res[1][1])
+
+
+# ---------------------------------------------------------------------------- peer options (issue 14)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kind", ["abs", "k1+", "k3+", "abs+"])
+def test_verl_kl_kinds_with_infinite_and_huge_log_ratios(impl, kind):
+    """abs / the straight-through kinds: the base estimator's limits (NaN exactly where NaN in, the
+    same infinities), the verl clamps (20 / 10) keeping everything finite but NaN."""
+    lp, ref = torch.tensor(LOGP), torch.tensor(REF)
+    base = kind.rstrip("+")
+    for clamp, lr_clamp in ((None, None), (10.0, 20.0)):
+        out = F.kl_penalty(lp, ref, kind, clamp=clamp, log_ratio_clamp=lr_clamp, impl=impl)
+        if base == "abs":  # |x| of the (clamped) log-ratio, then the result clamp
+            want = _kl_expected("k1", None, lr_clamp).abs()
+            want = want if clamp is None else torch.where(torch.isnan(want), want, want.clamp(max=clamp))
+        else:
+            want = _kl_expected(base, clamp, lr_clamp)
+        assert torch.equal(torch.isnan(out), torch.isnan(want)), (out, want)
+        _close(out[~torch.isnan(want)], want[~torch.isnan(want)])
+        if clamp is not None:
+            assert torch.isfinite(out[~torch.isnan(want)]).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_surrogate_overflow_without_dual_clip_stays_inf(impl):
+    """Found writing the log-ratio clamp: a ratio of e^100 with A < 0 gives -r A = +inf; the Triton
+    kernel's "no dual clip" bound (3e38) used to bind there and return a wrong finite 3e38. The clamp
+    (verl's / OpenRLHF's 20) gives the finite e^20 on both backends."""
+    lp, old, adv = torch.tensor([[0.0, 0.0]]), torch.tensor([[-100.0, -0.1]]), torch.tensor([[-1.0, 1.0]])
+    out, stats = F.clipped_surrogate_with_stats(lp, old, adv, impl=impl)
+    assert out[0, 0].item() == INF and stats["dual_clip_frac"].item() == 0.0
+    out = F.clipped_surrogate(lp, old, adv, log_ratio_clamp=20.0, impl=impl)
+    assert out[0, 0].item() == pytest.approx(math.exp(20.0), rel=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("pad", [-INF, NAN])
+def test_peer_options_ignore_nonfinite_padding(impl, pad):
+    """VESPO, TRL's off-policy / entropy masks, [B] importance weights, PPO's TIS / IcePop and verl's
+    aggregations: -inf / NaN at mask-0 positions of every per-token input change nothing."""
+    lp, old, ref, adv, mask = _loss_inputs()
+    iw = torch.tensor([0.8, 1.2, 1.0])
+    cases = [
+        lambda lp, old, ref: L.grpo_loss(lp, old, adv, mask, beta=0.0, loss_type="vespo", importance_weights=iw,
+                                         impl=impl),
+        lambda lp, old, ref: L.grpo_loss(lp, old, adv, mask, ref_logp=ref, beta=0.04, off_policy_mask_threshold=0.0,
+                                         sampling_logp=ref, top_entropy_quantile=0.5, entropy=-old, impl=impl),
+        lambda lp, old, ref: L.ppo_policy_loss(lp, old, adv, mask, rollout_logp=ref, rollout_correction="icepop",
+                                               rollout_ratio_min=0.9, aggregation="seq_mean_token_mean",
+                                               log_ratio_clamp=20.0, impl=impl),
+        lambda lp, old, ref: L.ppo_policy_loss(lp, old, adv, mask, rollout_logp=ref, rollout_correction="tis",
+                                               aggregation="seq_mean_token_sum_norm", impl=impl),
+    ]  # fmt: skip
+    for fn in cases:
+        results = []
+        for v in (0.0, pad):
+            x = _with_padding(lp, mask, v).requires_grad_(True)
+            loss, metrics = fn(x, _with_padding(old, mask, v), _with_padding(ref, mask, v))
+            loss.backward()
+            results.append((loss, x.grad, metrics))
+        (l0, g0, m0), (l1, g1, m1) = results
+        assert torch.isfinite(l1) and torch.equal(l0, l1)
+        assert torch.equal(g0, g1) and torch.equal(g1[~mask], torch.zeros_like(g1[~mask]))
+        for k in m0:
+            if m0[k].numel() == 1:
+                assert torch.equal(m0[k], m1[k]), k
+
+
+def test_dpo_loss_types_huge_margins_stay_finite():
+    big = torch.tensor([1e4, -1e4])
+    for lt, kw in (("apo_zero", {}), ("apo_down", {}), ("nca_pair", {}), ("bco_pair", {"bco_delta": 0.5}),
+                   ("exo_pair", {"label_smoothing": 1e-3}), ("discopop", {})):  # fmt: skip
+        x = big.clone().requires_grad_(True)
+        loss, _ = L.dpo_loss(x, -big, torch.zeros(2), torch.zeros(2), beta=1.0, loss_type=lt, reduction="none", **kw)
+        loss.sum().backward()
+        assert torch.isfinite(loss).all() and torch.isfinite(x.grad).all(), (lt, loss, x.grad)

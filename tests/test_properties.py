@@ -24,6 +24,7 @@ from formulas import (
     group_advantages_fp64,
     grpo_fp64,
     kl_fp64,
+    kl_verl_fp64,
     kto_fp64,
     linear_logits,
     logprobs_fp64,
@@ -357,7 +358,7 @@ def _kl(data, impl, sizes):
     lp_dtype = data.draw(st.sampled_from(ALL_DTYPES), label="logp dtype")
     ref_dtype = data.draw(st.sampled_from(ALL_DTYPES), label="ref dtype")
     layouts = data.draw(st.tuples(st.sampled_from(LAYOUTS), st.sampled_from(LAYOUTS)), label="layouts")
-    kind = data.draw(st.sampled_from(["k1", "k2", "k3", "k3_kl"]), label="kind")
+    kind = data.draw(st.sampled_from(["k1", "k2", "k3", "k3_kl", "abs", "k1+", "k3+", "abs+"]), label="kind")
     clamp = data.draw(st.sampled_from([None, 0.5, 10.0]), label="clamp")
     lr_clamp = data.draw(st.sampled_from([None, 0.25, 20.0]), label="log_ratio_clamp")
     spread = data.draw(st.sampled_from([0.01, 0.3, 3.0, 10.0]), label="spread")
@@ -376,6 +377,8 @@ def _kl(data, impl, sizes):
         return (fastalign.kl_penalty(logp, ref, kind, clamp=clamp, log_ratio_clamp=lr_clamp, impl=impl),)
 
     def formula(dt, logp, ref):
+        if kind in ("abs", "k1+", "k3+", "abs+"):  # verl's kinds (issue 14)
+            return (kl_verl_fp64(logp, ref, kind, clamp, lr_clamp, dtype=dt),)
         return (kl_fp64(logp, ref, "k3" if kind == "k3_kl" else kind, clamp, lr_clamp, dtype=dt),)
 
     check("kl_penalty", run, formula, {"logp": logp, "ref": ref}, ("logp", "ref"), seed=seed)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from formulas import surrogate_fp64 as ref_loss
+from formulas import surrogate_lr_clamp_fp64
 
 import fastalign
 from fastalign import clipped_surrogate, clipped_surrogate_with_stats
@@ -48,6 +49,45 @@ def test_matches_reference(impl, level, opts, shape, seq_adv):
     expect.backward(g.double())
     torch.testing.assert_close(logp.grad.double(), lp64.grad, rtol=1e-5, atol=1e-6)
     assert (logp.grad[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("opts", [dict(), dict(eps_low=0.2, eps_high=0.28, dual_clip=3.0)], ids=["clip", "dual"])
+def test_log_ratio_clamp_matches_verl(impl, level, opts):
+    """verl / OpenRLHF clamp log(pi / pi_old) to [-20, 20] before exp: log-ratios of +-60 give the
+    clamped ratio's loss (finite; unclamped exp(60) overflows fp32) and no gradient there."""
+    logp, old, adv, mask = _inputs((4, 29), seed=21, spread=40.0)
+    assert ((logp - old).abs() > 20).any()
+    logp.requires_grad_(True)
+    out, stats = clipped_surrogate_with_stats(
+        logp, old, adv, mask=mask, level=level, log_ratio_clamp=20.0, impl=impl, **opts
+    )
+    lp64 = logp.detach().double().requires_grad_(True)
+    expect = surrogate_lr_clamp_fp64(lp64, old, adv, mask, 20.0, level=level, **opts)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), expect, rtol=1e-5, atol=1e-5)
+    g = torch.randn(4, 29)
+    out.backward(g)
+    expect.backward(g.double())
+    torch.testing.assert_close(logp.grad.double(), lp64.grad, rtol=1e-5, atol=1e-5)
+    if level == "token":
+        assert (logp.grad[(logp - old).abs().detach() > 20] == 0).all()
+    lr = torch.clamp(logp.detach().double() - old.double(), -20, 20)
+    m = mask.double()
+    torch.testing.assert_close(stats["approx_kl"].double(), ((torch.exp(lr) - 1 - lr) * m).sum() / m.sum())
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_log_ratio_clamp_gradcheck(impl, level):
+    logp, old, adv, mask = _inputs((3, 6), seed=12, dtype=torch.float64, spread=2.0)
+    logp.requires_grad_(True)
+
+    def fn(x):
+        return clipped_surrogate(x, old, adv, mask=mask, level=level, log_ratio_clamp=1.5, impl=impl)
+
+    assert torch.autograd.gradcheck(fn, (logp,))
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -2,6 +2,12 @@
 logits) sharded along the vocabulary across a tensor-parallel process group (Megatron's
 ``VocabParallelEmbedding`` / ``vocab_parallel_cross_entropy`` layout).
 
+Entry points: ``fastalign.linear_logprobs`` / ``fastalign.logprobs_from_logits`` and the two-pass
+``linear_*`` losses with ``vocab_parallel=VocabShard(...)`` (:mod:`fastalign.distributed.shard`) call
+the row-level :func:`apply_vocab_parallel_logprobs` / :func:`apply_vocab_parallel_logprobs_from_logits`
+after their own input checks; :func:`vocab_parallel_linear_logprobs` /
+:func:`vocab_parallel_logprobs_from_logits` take the shard as arguments.
+
 Layout (the caller's contract): every rank of ``group`` holds the rows ``[vocab_start, vocab_start +
 V_local)`` of a ``[vocab_size, D]`` head (or those columns of the logits); the shards partition
 ``[0, vocab_size)`` (uneven shards allowed, an empty one too); ``hidden`` / ``targets`` are the same
@@ -42,22 +48,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from fastalign._config import get_config, resolve
-from fastalign._dispatch import select_impl
-from fastalign._validation import (
-    check_float,
-    check_index_range,
-    check_int,
-    check_number,
-    check_same_device,
-)
+from fastalign._config import get_config
+from fastalign.distributed.shard import VocabShard, is_dtensor
 from fastalign.ops import lm_head
-from fastalign.ops.linear_logprobs import check_head_inputs, check_row_block
-from fastalign.ops.lm_head import HeadStats, HeadTransform
+from fastalign.ops.lm_head import HeadStats
 from fastalign.ops.logprobs import logprobs_bwd_op, logprobs_fwd_op
-
-_LIN = "vocab_parallel_linear_logprobs"
-_LOG = "vocab_parallel_logprobs_from_logits"
 
 # local target codes of the logits variant (the logprobs ops' ignore_index is -1 there)
 _IGNORED = -1
@@ -145,22 +140,26 @@ class VocabParallelLinearLogprobsFunction(torch.autograd.Function):
 
 
 class VocabParallelLogprobsFromLogitsFunction(torch.autograd.Function):
-    """``(logits [..., V_local], local targets [N] (-1 ignored, -2 another rank's), inv_temp,
+    """``(logits [..., V_local], local targets [N] (-1 ignored, -2 another rank's), inv_temp, softcap,
     with_entropy, backend, group)`` -> ``(logp [N], entropy [N] or [0])``."""
 
     @staticmethod
-    def forward(ctx, logits, local_targets, inv_temp, with_entropy, backend, group):
+    def forward(ctx, logits, local_targets, inv_temp, softcap, with_entropy, backend, group):
         if logits.shape[-1] == 0:  # an empty shard: no mass, no entropy term
             acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
             lse_loc = torch.full(local_targets.shape, float("-inf"), dtype=acc, device=logits.device)
             ent_loc = torch.zeros_like(lse_loc)
         else:
-            _, ent_loc, lse_loc = logprobs_fwd_op(logits, local_targets, inv_temp, _IGNORED, with_entropy, backend)
+            _, ent_loc, lse_loc = logprobs_fwd_op(
+                logits, local_targets, inv_temp, _IGNORED, with_entropy, backend, softcap
+            )
         acc = lse_loc.dtype
         tgt = torch.zeros_like(lse_loc)
         if logits.shape[-1] > 0:
             idx = local_targets.clamp(min=0).view(logits.shape[:-1] + (1,))
             x_t = logits.gather(-1, idx).reshape(-1).to(acc)  # N elements read: the target's logit
+            if softcap is not None:
+                x_t = softcap * torch.tanh(x_t / softcap)
             if inv_temp != 1.0:
                 x_t = x_t * inv_temp
             tgt = torch.where(local_targets >= 0, x_t, tgt)
@@ -169,7 +168,7 @@ class VocabParallelLogprobsFromLogitsFunction(torch.autograd.Function):
         logp = torch.where(valid, tgt - lse, torch.zeros_like(lse))
         out_ent = None if ent is None else torch.where(valid, ent, torch.zeros_like(ent))
         ctx.save_for_backward(logits, local_targets, lse, ent)
-        ctx.inv_temp, ctx.backend = inv_temp, backend
+        ctx.inv_temp, ctx.softcap, ctx.backend = inv_temp, softcap, backend
         ctx.set_materialize_grads(False)
         return logp, (lse.new_empty(0) if out_ent is None else out_ent)
 
@@ -179,124 +178,47 @@ class VocabParallelLogprobsFromLogitsFunction(torch.autograd.Function):
         if ent is None:
             g_ent = None
         if g_logp is None and g_ent is None:
-            return (None,) * 6
+            return (None,) * 7
         if logits.shape[-1] == 0:
-            return torch.zeros_like(logits), None, None, None, None, None
+            return (torch.zeros_like(logits),) + (None,) * 6
         acc = lse.dtype
 
         def prep(g):
             return None if g is None else g.reshape(-1).to(acc).contiguous()
 
         grad = logprobs_bwd_op(
-            logits, local_targets, lse, ent, prep(g_logp), prep(g_ent), ctx.inv_temp, _IGNORED, ctx.backend
-        )
-        return grad, None, None, None, None, None
+            logits, local_targets, lse, ent, prep(g_logp), prep(g_ent), ctx.inv_temp, _IGNORED, ctx.backend,
+            ctx.softcap,
+        )  # fmt: skip
+        return (grad,) + (None,) * 6
 
 
-# ---- checks -------------------------------------------------------------------------------------
+# ---- the collective layout check and the row-level entries -------------------------------------
 
 
-def _check_group(group, op: str):
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(f"{op}: torch.distributed must be initialized (dist.init_process_group), got none")
-    if group is None:
-        raise ValueError(
-            f"{op}: group must be the tensor-parallel ProcessGroup the vocabulary is sharded over "
-            "(dist.group.WORLD for all ranks), got None"
-        )
-    if not isinstance(group, dist.ProcessGroup):
-        raise TypeError(f"{op}: group must be a torch.distributed.ProcessGroup, got {type(group).__name__}")
-    return group
-
-
-def _check_int_arg(value, name: str, op: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
-    return value
-
-
-def _check_layout(vocab_start, vocab_size, v_local: int, op: str, what: str) -> tuple[int, int]:
-    vocab_start = _check_int_arg(vocab_start, "vocab_start", op)
-    vocab_size = _check_int_arg(vocab_size, "vocab_size", op)
-    if vocab_size <= 0:
-        raise ValueError(f"{op}: vocab_size must be > 0, got {vocab_size}")
-    if vocab_start < 0 or vocab_start + v_local > vocab_size:
-        raise ValueError(
-            f"{op}: the shard [vocab_start, vocab_start + {what}) must lie in [0, vocab_size = {vocab_size}), "
-            f"got [{vocab_start}, {vocab_start + v_local})"
-        )
-    return vocab_start, vocab_size
-
-
-def _check_group_layout(group, device, vocab_start: int, v_local: int, vocab_size: int, n: int, op: str) -> None:
+def check_group_layout(shard, device, v_local: int, n: int, op: str) -> None:
     """Across the group: the shards partition ``[0, vocab_size)`` and every rank has the same N (one
     ``all_gather`` of 4 ints per rank and one host sync; skipped with ``index_checks=False``)."""
     if not get_config().index_checks:
         return
-    mine = torch.tensor([vocab_start, v_local, vocab_size, n], dtype=torch.int64, device=device)
+    group = shard.group
+    mine = torch.tensor([shard.vocab_start, v_local, shard.vocab_size, n], dtype=torch.int64, device=device)
     every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(every, mine, group=group)
     rows = [t.tolist() for t in every]  # the host sync
-    sizes = {r[2] for r in rows}
-    if len(sizes) != 1:
+    if len({r[2] for r in rows}) != 1:
         raise ValueError(f"{op}: vocab_size must be the same on every rank, got {[r[2] for r in rows]}")
-    ns = {r[3] for r in rows}
-    if len(ns) != 1:
+    if len({r[3] for r in rows}) != 1:
         raise ValueError(f"{op}: every rank must pass the same number of rows N, got {[r[3] for r in rows]}")
     spans = sorted((r[0], r[0] + r[1]) for r in rows)
     end = 0
-    for a, b in spans:
+    for a, b in spans + [(shard.vocab_size, None)]:
         if a != end:
             raise ValueError(
-                f"{op}: the ranks' shards [vocab_start, vocab_start + V_local) must partition [0, {vocab_size}), "
-                f"got {spans}"
+                f"{op}: the ranks' shards [vocab_start, vocab_start + V_local) must partition "
+                f"[0, {shard.vocab_size}), got {spans}"
             )
         end = b
-    if end != vocab_size:
-        raise ValueError(
-            f"{op}: the ranks' shards [vocab_start, vocab_start + V_local) must partition [0, {vocab_size}), "
-            f"got {spans}"
-        )
-
-
-def _from_dtensor(weight, bias, group, vocab_start, vocab_size, op: str):
-    """A ``DTensor`` weight placed ``Shard(0)`` on a 1-D mesh: its local shard, group and offset
-    (``torch.chunk``'s split, as ``Shard(0)`` places rows)."""
-    from torch.distributed.tensor import DTensor, Shard
-
-    if not isinstance(weight, DTensor):
-        if isinstance(bias, DTensor):
-            raise TypeError(f"{op}: bias_shard is a DTensor, so weight_shard must be one too, got a plain tensor")
-        return weight, bias, group, vocab_start, vocab_size
-    mesh = weight.device_mesh
-    if mesh.ndim != 1 or tuple(weight.placements) != (Shard(0),):
-        raise ValueError(
-            f"{op}: a DTensor weight_shard must be placed (Shard(0),) on a 1-D mesh, "
-            f"got {tuple(weight.placements)} on a {mesh.ndim}-D mesh"
-        )
-    V = weight.shape[0]
-    world, rank = mesh.size(), mesh.get_local_rank()
-    chunk = -(-V // world)
-    start = min(rank * chunk, V)
-    local = weight.to_local()
-    if local.shape[0] != min(chunk, V - start):
-        raise ValueError(
-            f"{op}: expected the DTensor's local shard to hold rows [{start}, {min(start + chunk, V)}) "
-            f"(torch.chunk's split), got {local.shape[0]} rows"
-        )
-    mesh_group = mesh.get_group()
-    for name, given, derived in (("group", group, mesh_group), ("vocab_start", vocab_start, start)):
-        if given is not None and given != derived:
-            raise ValueError(f"{op}: {name} disagrees with the DTensor weight_shard's: expected {derived}, got {given}")
-    if vocab_size is not None and vocab_size != V:
-        raise ValueError(f"{op}: vocab_size disagrees with the DTensor weight_shard's: expected {V}, got {vocab_size}")
-    if isinstance(bias, DTensor):
-        if bias.device_mesh != mesh or tuple(bias.placements) != (Shard(0),):
-            raise ValueError(
-                f"{op}: a DTensor bias_shard must be placed (Shard(0),) on weight_shard's mesh, got {bias.placements}"
-            )
-        bias = bias.to_local()
-    return local, bias, mesh_group, start, V
 
 
 def _local_targets(flat: torch.Tensor, vocab_start: int, v_local: int, ignore_index: int, elsewhere: int, ignored):
@@ -308,14 +230,94 @@ def _local_targets(flat: torch.Tensor, vocab_start: int, v_local: int, ignore_in
     return out if ignored is None else torch.where(flat == ignore_index, torch.full_like(out, ignored), out)
 
 
-def _check_common(temperature, ignore_index, op: str) -> float:
-    inv_temp = 1.0 / check_number(temperature, "temperature", op, lo=0, lo_open=True)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"{op}: ignore_index must be an int, got {type(ignore_index).__name__}")
-    return inv_temp
+def apply_vocab_parallel_logprobs(
+    hidden2d: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    walk: lm_head.Walk,
+    shard,
+    *,
+    with_entropy: bool,
+    ignore_index: int,
+    compact_ignored: bool,
+    op: str,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows ``hidden2d [n, D]`` with global int64 ``targets [n]`` through this rank's checked local
+    ``weight [V_local, D]`` (``shard``: a checked :class:`~fastalign.distributed.VocabShard`) ->
+    ``(logp [n], entropy [n] or None)``, equal on every rank; ignored rows give 0 (gathered away
+    first when ``compact_ignored``: one host sync). The vocabulary-parallel twin of
+    :func:`fastalign.ops.linear_logprobs.apply_linear_logprobs`, used by ``linear_logprobs`` and the
+    two-pass ``linear_*`` losses. Starts with the collective layout check."""
+    n, v_local = targets.shape[0], weight.shape[0]
+    check_group_layout(shard, hidden2d.device, v_local, n, op)
+    local = _local_targets(targets, shard.vocab_start, v_local, ignore_index, -1, None)
+    valid = targets != ignore_index
+    idx = None
+    if compact_ignored:
+        found = valid.nonzero().squeeze(1)  # the host sync; the same rows on every rank (same targets)
+        if found.shape[0] < n:
+            idx = found
+    h, t, mask = (hidden2d, local, valid) if idx is None else (hidden2d.index_select(0, idx), local[idx], None)
+    logp, ent = VocabParallelLinearLogprobsFunction.apply(h, weight, bias, t, mask, walk, with_entropy, shard.group)
+    if idx is not None:  # back to [n], 0 at the ignored rows
+        logp = logp.new_zeros(n).index_copy(0, idx, logp)
+        ent = ent.new_zeros(n).index_copy(0, idx, ent) if with_entropy else ent
+    return logp, (ent if with_entropy else None)
 
 
-# ---- public functions ---------------------------------------------------------------------------
+def apply_vocab_parallel_logprobs_from_logits(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    shard,
+    *,
+    inv_temp: float,
+    softcap: float | None,
+    ignore_index: int,
+    with_entropy: bool,
+    backend: str,
+    op: str,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """This rank's checked ``logits [..., V_local]`` (read in place) with global int64 ``targets [N]``
+    -> ``(logp [N], entropy [N] or None)``, equal on every rank (``logprobs_from_logits``'s
+    vocabulary-parallel path). Starts with the collective layout check."""
+    if targets.dim() != 1:
+        raise ValueError(
+            f"{op}: vocab_parallel takes one target per position (targets of shape logits.shape[:-1]), "
+            f"got {targets.shape[-1]} candidates per position"
+        )
+    v_local = logits.shape[-1]
+    check_group_layout(shard, logits.device, v_local, targets.shape[0], op)
+    local = _local_targets(targets, shard.vocab_start, v_local, ignore_index, _ELSEWHERE, _IGNORED)
+    logp, ent = VocabParallelLogprobsFromLogitsFunction.apply(
+        logits, local, inv_temp, softcap, with_entropy, backend, shard.group
+    )
+    return logp, (ent if with_entropy else None)
+
+
+def vocab_mean(weight: torch.Tensor, bias: torch.Tensor | None, shard) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(mean_v W_v [D], mean_v b_v [] or None)`` over the global vocabulary from this rank's rows:
+    one ``all_reduce(SUM)`` of the ``D (+ 1)`` local row sums, divided by ``vocab_size`` (no autograd;
+    ``linear_dpo_loss``'s mean-logits metrics)."""
+    parts = [weight.sum(0)] + ([] if bias is None else [bias.sum().reshape(1)])
+    total = torch.cat(parts)
+    dist.all_reduce(total, group=shard.group)
+    total = total / shard.vocab_size
+    D = weight.shape[1]
+    return total[:D], (None if bias is None else total[D])
+
+
+# ---- the explicit-argument forms ----------------------------------------------------------------
+
+
+def _shard_of(x, group, vocab_start, vocab_size):
+    """A :class:`VocabShard` from explicit arguments; a DTensor's own values fill those left None."""
+    if is_dtensor(x):
+        d = VocabShard.of(x)
+        group = d.group if group is None else group
+        vocab_start = d.vocab_start if vocab_start is None else vocab_start
+        vocab_size = d.vocab_size if vocab_size is None else vocab_size
+    return VocabShard(group, vocab_start, vocab_size)
 
 
 def vocab_parallel_linear_logprobs(
@@ -336,129 +338,84 @@ def vocab_parallel_linear_logprobs(
     compact_ignored=None,
     impl="auto",
 ):
-    """:func:`fastalign.linear_logprobs` over a head sharded along the vocabulary across ``group``.
+    """``fastalign.linear_logprobs(hidden, weight_shard, targets, bias=bias_shard,
+    vocab_parallel=VocabShard(group, vocab_start, vocab_size), ...)``, the shard given as arguments.
 
     Args:
         hidden: ``[..., D]`` float, the same on every rank of ``group``.
         weight_shard: ``[V_local, D]``: rows ``[vocab_start, vocab_start + V_local)`` of the
             ``[vocab_size, D]`` head (``V_local`` may differ between ranks, and be 0); or a
             ``torch.distributed.tensor.DTensor`` of the whole head placed ``(Shard(0),)`` on a 1-D
-            mesh (then ``group`` / ``vocab_start`` / ``vocab_size`` come from it).
+            mesh (``group`` / ``vocab_start`` / ``vocab_size`` left None come from it).
         targets: ``[...]`` global token ids in ``[0, vocab_size)`` or ``ignore_index``, the same on
             every rank.
         group: the tensor-parallel ``ProcessGroup`` (required for a plain tensor).
         vocab_start, vocab_size: this rank's first row and the global vocabulary size.
-        bias_shard: optional ``[V_local]`` (a DTensor with a DTensor weight).
+        bias_shard: optional ``[V_local]`` (or a DTensor on the weight's mesh).
         temperature, softcap, ignore_index, return_entropy, chunk_size, row_block, compact_ignored,
         impl: as :func:`fastalign.linear_logprobs`.
 
     Returns:
         ``logp [...]`` (fp32; fp64 for fp64 inputs), or ``(logp, entropy)``, equal on every rank.
         Gradients: dH (all-reduced: the same on every rank), each rank's dW / db for its shard.
-
-    Collective calls: every rank must call it with the same N (checked with
-    ``fastalign.config(index_checks=True)``, the default: one small ``all_gather`` and a host sync).
     """
-    weight_shard, bias_shard, group, vocab_start, vocab_size = _from_dtensor(
-        weight_shard, bias_shard, group, vocab_start, vocab_size, _LIN
-    )
-    group = _check_group(group, _LIN)
-    device, v_local, D = check_head_inputs(
-        _LIN, hidden, weight_shard, targets, bias_shard, names=("weight_shard", "bias_shard")
-    )
-    vocab_start, vocab_size = _check_layout(vocab_start, vocab_size, v_local, _LIN, "weight_shard.shape[0]")
-    inv_temp = _check_common(temperature, ignore_index, _LIN)
-    softcap = check_number(softcap, "softcap", _LIN, lo=0, lo_open=True, optional=True)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
-        raise ValueError(f"{_LIN}: chunk_size must be a positive int or None, got {chunk_size!r}")
-    row_block = check_row_block(row_block, _LIN)
-    compact = resolve("compact_ignored", compact_ignored, _LIN)
-    backend = select_impl(impl, device, op=_LIN)
+    from fastalign.ops.linear_logprobs import linear_logprobs
 
-    flat = targets.reshape(-1).long()
-    n = flat.shape[0]
-    _check_group_layout(group, device, vocab_start, v_local, vocab_size, n, _LIN)
-    allowed = f"[0, {vocab_size}) or ignore_index={ignore_index}"
-    check_index_range(flat, vocab_size, "targets", _LIN, ignore=ignore_index, allowed=allowed)  # a host sync
-    hidden2d = hidden.reshape(-1, D)
-    walk = lm_head.make_walk(
+    return linear_logprobs(
         hidden,
         weight_shard,
-        HeadTransform(inv_temp=inv_temp, softcap=softcap),
-        backend,
+        targets,
+        bias=bias_shard,
+        temperature=temperature,
+        softcap=softcap,
+        ignore_index=ignore_index,
+        return_entropy=return_entropy,
         chunk_size=chunk_size,
         row_block=row_block,
+        compact_ignored=compact_ignored,
+        impl=impl,
+        vocab_parallel=_shard_of(weight_shard, group, vocab_start, vocab_size),
     )
-    local = _local_targets(flat, vocab_start, v_local, ignore_index, -1, None)
-    valid = flat != ignore_index
-    idx = None
-    if compact:
-        found = valid.nonzero().squeeze(1)  # the host sync; the same rows on every rank (same targets)
-        if found.shape[0] < n:
-            idx = found
-    h, t, mask = (hidden2d, local, valid) if idx is None else (hidden2d.index_select(0, idx), local[idx], None)
-    logp, ent = VocabParallelLinearLogprobsFunction.apply(
-        h, weight_shard, bias_shard, t, mask, walk, bool(return_entropy), group
-    )
-    if idx is not None:  # back to [n], 0 at the ignored rows
-        logp = logp.new_zeros(n).index_copy(0, idx, logp)
-        ent = ent.new_zeros(n).index_copy(0, idx, ent) if return_entropy else ent
-    logp = logp.view(targets.shape)
-    if return_entropy:
-        return logp, ent.view(targets.shape)
-    return logp
 
 
 def vocab_parallel_logprobs_from_logits(
     logits_shard,
     targets,
     *,
-    group,
-    vocab_start,
-    vocab_size,
+    group=None,
+    vocab_start=None,
+    vocab_size=None,
     temperature=1.0,
+    softcap=None,
     ignore_index=-100,
     return_entropy=False,
     impl="auto",
 ):
-    """:func:`fastalign.logprobs_from_logits` over logits sharded along the vocabulary across ``group``.
+    """``fastalign.logprobs_from_logits(logits_shard, targets, vocab_parallel=VocabShard(group,
+    vocab_start, vocab_size), ...)``, the shard given as arguments.
 
     Args:
         logits_shard: ``[..., V_local]``: columns ``[vocab_start, vocab_start + V_local)`` of the
-            ``[..., vocab_size]`` logits (e.g. a column-parallel head's output); read in place.
+            ``[..., vocab_size]`` logits (e.g. a column-parallel head's output), read in place; or a
+            DTensor placed ``(Shard(-1),)`` on a 1-D mesh.
         targets: ``[...]`` global token ids in ``[0, vocab_size)`` or ``ignore_index``, the same on
             every rank.
         group, vocab_start, vocab_size: as :func:`vocab_parallel_linear_logprobs`.
-        temperature, ignore_index, return_entropy, impl: as :func:`fastalign.logprobs_from_logits`.
+        temperature, softcap, ignore_index, return_entropy, impl: as :func:`fastalign.logprobs_from_logits`.
 
     Returns:
         ``logp [...]`` or ``(logp, entropy)``, equal on every rank; the gradient of each rank's
         shard (no communication in the backward).
     """
-    group = _check_group(group, _LOG)
-    check_float(logits_shard, "logits_shard", _LOG)
-    check_int(targets, "targets", _LOG)
-    if logits_shard.dim() < 1:
-        raise ValueError(f"{_LOG}: logits_shard must have at least 1 dim [..., V_local], got a 0-dim tensor")
-    if tuple(targets.shape) != tuple(logits_shard.shape[:-1]):
-        raise ValueError(
-            f"{_LOG}: targets must have shape logits_shard.shape[:-1] = {tuple(logits_shard.shape[:-1])}, "
-            f"got {tuple(targets.shape)}"
-        )
-    device = check_same_device(_LOG, logits_shard=logits_shard, targets=targets)
-    v_local = logits_shard.shape[-1]
-    vocab_start, vocab_size = _check_layout(vocab_start, vocab_size, v_local, _LOG, "logits_shard.shape[-1]")
-    inv_temp = _check_common(temperature, ignore_index, _LOG)
-    backend = select_impl(impl, device, op=_LOG)
-    flat = targets.reshape(-1).to(torch.int64)
-    _check_group_layout(group, device, vocab_start, v_local, vocab_size, flat.shape[0], _LOG)
-    allowed = f"[0, {vocab_size}) or ignore_index={ignore_index}"
-    check_index_range(flat, vocab_size, "targets", _LOG, ignore=ignore_index, allowed=allowed)  # a host sync
-    local = _local_targets(flat, vocab_start, v_local, ignore_index, _ELSEWHERE, _IGNORED)
-    logp, ent = VocabParallelLogprobsFromLogitsFunction.apply(
-        logits_shard, local, inv_temp, bool(return_entropy), backend, group
+    from fastalign.ops.logprobs import logprobs_from_logits
+
+    return logprobs_from_logits(
+        logits_shard,
+        targets,
+        temperature=temperature,
+        softcap=softcap,
+        ignore_index=ignore_index,
+        return_entropy=return_entropy,
+        impl=impl,
+        vocab_parallel=_shard_of(logits_shard, group, vocab_start, vocab_size),
     )
-    lead = logits_shard.shape[:-1]
-    if return_entropy:
-        return logp.view(lead), ent.view(lead)
-    return logp.view(lead)

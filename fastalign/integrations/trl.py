@@ -6,17 +6,21 @@ weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None, lo
 outputs=OPTIONAL_OUTPUTS)`` (it is ``trl.kernels.ChunkedLogProbFunction``), which returns
 ``(logprobs, entropy, log_sum_sq_probs, mean_logits, is_top1)``, the optional ones ``None`` unless
 named in ``outputs``. :func:`patch` replaces that class, wherever TRL's modules hold it, by
-:class:`FastalignChunkedLogProbFunction`, whose ``.apply`` has the same signature and return tuple:
+:class:`FastalignChunkedLogProbFunction`, whose ``.apply`` has the same signature and return tuple,
+every output computed by fastalign's LM-head engine (:mod:`fastalign.ops.lm_head`), never by TRL:
 
-* log-probs and entropy come from fastalign's chunked kernels (``z = logit_scale * (h @ W.T + b)``,
-  softcap, ``/ T``; the GEMM in the autocast dtype, or hidden's dtype without autocast, as TRL does);
-* ``log_sum_sq_probs``, ``mean_logits`` and ``is_top1`` are not computed by fastalign: a call that
-  asks for any of them runs TRL's original function (``fallbacks`` counts those calls);
-* targets outside ``[0, V)`` score ``-logsumexp`` with gradient ``-p``, exactly as in TRL (TRL clamps
-  or compacts its labels before the call, so this does not arise in the trainers);
+* log-probs and entropy (differentiable): ``z = logit_scale * (h @ W.T + b)``, softcap, ``/ T``
+  (the GEMM in the autocast dtype, or hidden's dtype without autocast, as TRL does);
+* ``log_sum_sq_probs = log sum_v p_v^2``, ``mean_logits = mean_v x_v`` (of the transformed, tempered
+  logits) and ``is_top1`` (the target is the first index of the max, TRL's tie rule): statistics of
+  the same forward walk (``lm_head.forward(..., with_stats=True)``), constants (no gradient) as in TRL;
+* targets outside ``[0, V)`` score ``-logsumexp`` with gradient ``-p``, exactly as in TRL, and are
+  never top-1 (TRL clamps or compacts its labels before the call, so neither arises in the trainers);
 * ``chunk_size`` (TRL's tile width) is accepted and ignored: fastalign's own tile sizes
   (``fastalign.kernels.tuning``) bound its memory;
 * the backward gathers a ZeRO-3-partitioned lm_head like TRL's (``maybe_gather_lm_head_ctx``).
+
+An output name TRL does not define is a ``ValueError``.
 
 Usage::
 
@@ -39,8 +43,8 @@ from fastalign._dispatch import select_impl
 from fastalign.ops import lm_head
 from fastalign.ops.lm_head import HeadStats, HeadTransform
 
-_SUPPORTED_OUTPUTS = frozenset({"log_probs", "entropy"})
 _TRL_OPTIONAL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+_OUTPUT_NAMES = frozenset(("log_probs",) + _TRL_OPTIONAL_OUTPUTS)
 
 # (module, attribute name) -> original object, for unpatch()
 _patched: dict[tuple[str, str], object] = {}
@@ -53,11 +57,23 @@ def _trl_compute_dtype(hidden: torch.Tensor) -> torch.dtype:
 
 
 class TRLLinearLogprobsFunction(torch.autograd.Function):
-    """TRL's argument order and outputs, the LM-head engine's walks (:mod:`fastalign.ops.lm_head`)."""
+    """TRL's argument order and outputs, the LM-head engine's walks (:mod:`fastalign.ops.lm_head`):
+    ``(logp, entropy or None, log_sum_sq_probs, mean_logits, is_top1)`` (the last three None without
+    ``with_stats``; constants)."""
 
     @staticmethod
     def forward(
-        ctx, hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping, logit_scale, with_entropy
+        ctx,
+        hidden,
+        weight,
+        bias,
+        targets,
+        temperature,
+        chunk_size,
+        final_logit_softcapping,
+        logit_scale,
+        with_entropy,
+        with_stats,
     ):
         ctx.set_materialize_grads(False)
         backend = select_impl("auto", hidden.device, op="trl.ChunkedLogProbFunction")
@@ -65,13 +81,17 @@ class TRLLinearLogprobsFunction(torch.autograd.Function):
         head = HeadTransform(scale=float(logit_scale), inv_temp=1.0 / float(temperature), softcap=softcap)
         walk = lm_head.make_walk(hidden, weight, head, backend, compute_dtype=_trl_compute_dtype(hidden))
         targets = targets.long()
-        stats = lm_head.forward(hidden, weight, bias, targets, walk, with_entropy=with_entropy)
-        ctx.save_for_backward(hidden, weight, bias, targets, *stats)
+        stats = lm_head.forward(hidden, weight, bias, targets, walk, with_entropy=with_entropy, with_stats=with_stats)
+        ctx.save_for_backward(hidden, weight, bias, targets, *stats[:4])
         ctx.walk = walk
-        return stats.target_x - stats.lse, stats.entropy
+        extra = (None, None, None)
+        if with_stats:
+            extra = (stats.log_sum_sq, stats.x_sum / weight.shape[0], stats.argmax == targets)
+            ctx.mark_non_differentiable(*extra)
+        return (stats.target_x - stats.lse, stats.entropy) + extra
 
     @staticmethod
-    def backward(ctx, g_logp, g_ent):
+    def backward(ctx, g_logp, g_ent, *_):
         hidden, weight, bias, targets, *stats = ctx.saved_tensors
         stats = HeadStats(*stats)
         from trl.trainer.utils import maybe_gather_lm_head_ctx
@@ -91,14 +111,13 @@ class TRLLinearLogprobsFunction(torch.autograd.Function):
                 need_weight=ctx.needs_input_grad[1],
                 need_bias=bias is not None and ctx.needs_input_grad[2],
             )
-        return d_h, d_w, d_b, None, None, None, None, None, None
+        return (d_h, d_w, d_b) + (None,) * 7
 
 
 class FastalignChunkedLogProbFunction:
     """Stands in for ``trl.kernels.ChunkedLogProbFunction``: same ``.apply`` signature and return tuple."""
 
-    calls = 0  # calls served by fastalign
-    fallbacks = 0  # calls handed to TRL's original (outputs fastalign does not compute)
+    calls = 0  # calls served by fastalign (all of them: no output falls back to TRL)
 
     @staticmethod
     def apply(
@@ -112,19 +131,13 @@ class FastalignChunkedLogProbFunction:
         logit_scale: float = 1.0,
         outputs: tuple[str, ...] = _TRL_OPTIONAL_OUTPUTS,
     ):
-        unsupported = [o for o in outputs if o not in _SUPPORTED_OUTPUTS]
-        if unsupported:
-            if _original_cls is None:
-                raise ValueError(
-                    f"fastalign's TRL drop-in computes only log_probs and entropy; got outputs "
-                    f"{tuple(outputs)} and TRL's original function is not available"
-                )
-            FastalignChunkedLogProbFunction.fallbacks += 1
-            return _original_cls.apply(
-                hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping, logit_scale, outputs
+        unknown = [o for o in outputs if o not in _OUTPUT_NAMES]
+        if unknown:
+            raise ValueError(
+                f"FastalignChunkedLogProbFunction: outputs must be among {sorted(_OUTPUT_NAMES)}, got {tuple(outputs)}"
             )
         FastalignChunkedLogProbFunction.calls += 1
-        logp, entropy = TRLLinearLogprobsFunction.apply(
+        logp, entropy, log_sum_sq, mean_logits, is_top1 = TRLLinearLogprobsFunction.apply(
             hidden,
             weight,
             bias,
@@ -134,8 +147,15 @@ class FastalignChunkedLogProbFunction:
             final_logit_softcapping,
             logit_scale,
             "entropy" in outputs,
+            any(o in outputs for o in ("log_sum_sq_probs", "mean_logits", "is_top1")),
         )
-        return logp, entropy, None, None, None
+        return (
+            logp,
+            entropy,
+            log_sum_sq if "log_sum_sq_probs" in outputs else None,
+            mean_logits if "mean_logits" in outputs else None,
+            is_top1 if "is_top1" in outputs else None,
+        )
 
 
 def _trl_original():

@@ -1,10 +1,13 @@
-"""KL estimators k1 / k2 / k3 between per-token log-probs: one elementwise pass each way.
+"""KL estimators k1 / k2 / k3 / abs between per-token log-probs: one elementwise pass each way.
 
 With ``x = logp - ref_logp`` (clamped to ``[-lr_clamp, lr_clamp]`` first when asked):
-``k1 = x``, ``k2 = x^2 / 2``, ``k3 = exp(-x) + x - 1`` (= exp(ref - logp) - (ref - logp) - 1); the
-result is then clamped to ``[-out_clamp, out_clamp]`` when asked. Clamps are runtime fp32 args
-(+inf = off), and so is ``kind`` (1, 2 or 3): one compiled kernel per dtype and tile.
-Gradients follow torch.clamp: zero where a clamp is active (strictly outside its range).
+``k1 = x``, ``k2 = x^2 / 2``, ``k3 = exp(-x) + x - 1`` (= exp(ref - logp) - (ref - logp) - 1),
+``abs = |x|``; the result is then clamped to ``[-out_clamp, out_clamp]`` when asked. Clamps are
+runtime fp32 args (+inf = off), and so is ``kind`` (1, 2, 3, 4; plus ``ST`` = 8 for the
+straight-through variants): one compiled kernel per dtype and tile.
+Gradients follow torch.clamp: zero where a clamp is active (strictly outside its range). A
+straight-through kind (``kind >= ST``, verl's ``k1+`` / ``k3+`` / ``abs+``) has the value of its
+estimator and the gradient of k2 of the raw log-ratio, ``dx = g * x`` (no clamp acts on it).
 
 Tensors are addressed as ``[R, T]`` through two strides each (inputs and the upstream gradient are
 read in place, expanded stride-0 gradients included); outputs are written contiguous ``[R, T]``.
@@ -20,9 +23,13 @@ import triton.language as tl
 from fastalign.kernels import tuning
 from fastalign.kernels.token_tiles import load_tile, tile_coords
 
+# kind codes: the estimator, plus ST for the straight-through variants (value of the estimator,
+# gradient of k2): k1 1, k2 2, k3 3, abs 4; k1+ 9, k3+ 11, abs+ 12
+K1, K2, K3, ABS, ST = 1, 2, 3, 4, 8
+
 
 @triton.jit
-def _clamp_nan(x, c):
+def clamp_nan(x, c):
     """``x`` clamped to ``[-c, c]``, NaN kept NaN."""
     x = tl.maximum(x, -c, propagate_nan=tl.PropagateNan.ALL)
     return tl.minimum(x, c, propagate_nan=tl.PropagateNan.ALL)
@@ -30,15 +37,17 @@ def _clamp_nan(x, c):
 
 @triton.jit
 def _kl_value_and_slope(x, kind, out_clamp):
-    """(estimator value, d value / d x) for the runtime ``kind``; slope 0 where the result clamp bites."""
+    """(estimator value, d value / d x) for the runtime base ``kind`` (1..4); slope 0 where the result
+    clamp bites."""
     e = tl.exp(-x)
     # k3 at x = -inf (or where exp(-x) overflows) is +inf, not inf - inf = NaN
     k3 = tl.where(e == float("inf"), e, e + x - 1.0)
-    val = tl.where(kind == 1, x, tl.where(kind == 2, 0.5 * x * x, k3))
-    slope = tl.where(kind == 1, 1.0, tl.where(kind == 2, x, 1.0 - e))
+    sign = tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
+    val = tl.where(kind == 1, x, tl.where(kind == 2, 0.5 * x * x, tl.where(kind == 3, k3, tl.abs(x))))
+    slope = tl.where(kind == 1, 1.0, tl.where(kind == 2, x, tl.where(kind == 3, 1.0 - e, sign)))
     inside = (val >= -out_clamp) & (val <= out_clamp)
     # NaN in, NaN out: the default min / max would return the other operand (a wrong finite value)
-    val = _clamp_nan(val, out_clamp)
+    val = clamp_nan(val, out_clamp)
     slope = tl.where(inside, slope, 0.0)
     return val, slope
 
@@ -66,8 +75,8 @@ def _kl_fwd_kernel(
     x = load_tile(logp_ptr, rows, cols, s_lp_r, s_lp_t, inb, acc) - load_tile(
         ref_ptr, rows, cols, s_ref_r, s_ref_t, inb, acc
     )
-    x = _clamp_nan(x, lr_clamp)
-    val, _ = _kl_value_and_slope(x, kind, out_clamp)
+    x = clamp_nan(x, lr_clamp)
+    val, _ = _kl_value_and_slope(x, kind % 8, out_clamp)
     tl.store(out_ptr + rows * T + cols, val, mask=inb)
 
 
@@ -101,10 +110,14 @@ def _kl_bwd_kernel(
     x_raw = load_tile(logp_ptr, rows, cols, s_lp_r, s_lp_t, inb, acc) - load_tile(
         ref_ptr, rows, cols, s_ref_r, s_ref_t, inb, acc
     )
-    x_inside = (x_raw >= -lr_clamp) & (x_raw <= lr_clamp)
-    x = _clamp_nan(x_raw, lr_clamp)
-    _, slope = _kl_value_and_slope(x, kind, out_clamp)
-    dx = tl.where(x_inside, g * slope, 0.0)
+    # a runtime branch, not a select: one path's registers live at a time (fp64 tiles spill otherwise)
+    if kind >= 8:
+        dx = g * x_raw  # straight-through: the gradient of k2 = x^2 / 2 at the raw log-ratio
+    else:
+        x_inside = (x_raw >= -lr_clamp) & (x_raw <= lr_clamp)
+        x = clamp_nan(x_raw, lr_clamp)
+        _, slope = _kl_value_and_slope(x, kind, out_clamp)
+        dx = tl.where(x_inside, g * slope, 0.0)
     out = rows * T + cols
     # (scalar flags folded into the column bound: scalar & block masks trip the interpreter)
     tl.store(dlogp_ptr + out, dx, mask=(rows < R) & (cols < T * want_dlogp))

@@ -126,7 +126,39 @@ def _logprobs_cases() -> list[Case]:
             lambda: _logprobs(3, 7, 1000, FP32, True, True, ((False, True),)),
         )
     )
+    # the options' specializations: softcap (HAS_SOFTCAP), [..., K] candidates (MULTI, BLOCK_K)
+    for dtype in (BF16, FP32):
+        cases.append(
+            Case(
+                f"logprobs gemma-2-9b {NAME[dtype]} logits[:, :-1], softcap; top-4 candidates, softcap",
+                lambda dtype=dtype: (
+                    _logprobs_options(4, 4096, HEADS["gemma-2-9b"][0], dtype, 30.0, 1),
+                    _logprobs_options(4, 4096, HEADS["gemma-2-9b"][0], dtype, 30.0, 4),
+                ),
+            )
+        )
+    cases.append(
+        Case(
+            "logprobs qwen2.5-tokenizer bf16 logits[:, :-1], 20 candidates",
+            lambda: _logprobs_options(4, 4096, HEADS["qwen2.5-tokenizer"][0], BF16, None, 20),
+        )
+    )
     return cases
+
+
+def _logprobs_options(batch: int, length: int, V: int, dtype: torch.dtype, softcap: float | None, k: int) -> None:
+    """``logprobs_from_logits(logits[:, :-1], targets, softcap=...)`` with ``[B, L]`` targets (k = 1) or
+    ``[B, L, k]`` candidates: forward with entropy, backward with both gradients."""
+    rows, layout = rows_of(_meta(batch, length + 1, V, dtype=dtype)[:, :length])
+    n = batch * length
+    targets = _meta(n, dtype=torch.long) if k == 1 else _meta(n, k, dtype=torch.long)
+    logp, ent, lse = logprobs_fwd(
+        rows, layout.inner, layout.stride_outer, layout.stride_inner, targets, 1.0, -100, True, softcap
+    )
+    logprobs_bwd(
+        rows, layout.inner, layout.stride_outer, layout.stride_inner, targets, lse, ent, torch.empty_like(logp),
+        torch.empty_like(lse), 1.0, -100, softcap,
+    )  # fmt: skip
 
 
 # ---- log-probs from hidden states ---------------------------------------------------------------
@@ -285,7 +317,80 @@ def _linear_cases() -> list[Case]:
                 lambda dtype=dtype: _one_pass(300, 40000, dtype, None, False),
             )
         )
+    # the options' specializations (HAS_STATS, HAS_COL_WEIGHT, HAS_GRAD_LSE, HAS_GRAD_SUM, n_k > 1):
+    # linear_cross_entropy (z-loss; label smoothing; with class weights; token accuracy), the TRL
+    # drop-in's statistics, linear_logprobs with [..., K] candidates; on a real head and on a split fold
+    V, _, _ = HEADS["qwen2.5-7b"]
+    for n, vocab, chunk, tag in ((N_TOKENS, V, None, "qwen2.5-7b"), (300, 40000, 40000, "N 300 V 40000 split fold")):
+        opts = dict(chunk=chunk)
+        cases += [
+            Case(
+                f"linear_cross_entropy {tag} bf16, z-loss",
+                lambda n=n, vocab=vocab, o=opts: _linear_options(n, vocab, BF16, grads=("logp", "lse"), **o),
+            ),
+            Case(
+                f"linear_cross_entropy {tag} bf16, label smoothing (+ class weights) + z-loss, accuracy",
+                lambda n=n, vocab=vocab, o=opts: (
+                    _linear_options(n, vocab, BF16, stats=True, grads=("logp", "lse", "sum"), **o),
+                    _linear_options(n, vocab, BF16, stats=True, col_weight=True, grads=("logp", "lse", "sum"), **o),
+                    _linear_options(n, vocab, BF16, stats=True, grads=("logp",), **o),
+                ),
+            ),
+            Case(
+                f"trl drop-in {tag} bf16, entropy + log_sum_sq_probs / mean_logits / is_top1",
+                lambda n=n, vocab=vocab, o=opts: _linear_options(
+                    n, vocab, BF16, stats=True, entropy=True, grads=("logp", "ent"), **o
+                ),
+            ),
+            Case(
+                f"linear_logprobs {tag} bf16, 4 candidates per row",
+                lambda n=n, vocab=vocab, o=opts: _linear_options(n, vocab, BF16, k=4, grads=("logp",), **o),
+            ),
+        ]
     return cases
+
+
+def _linear_options(
+    n: int,
+    V: int,
+    dtype: torch.dtype,
+    *,
+    k: int = 1,
+    stats: bool = False,
+    col_weight: bool = False,
+    entropy: bool = False,
+    grads: tuple[str, ...] = ("logp",),
+    chunk: int | None = None,
+) -> None:
+    """The LM-head epilogues as the options launch them on CUDA (fp32 tiles, dZ in the compute dtype):
+    the fold with the statistics (``stats``; ``col_weight``: a weighted logit sum) and ``k`` targets per
+    row, then the dZ pass with the gradients named in ``grads`` (of ``"logp"``, ``"ent"``, ``"lse"``,
+    ``"sum"``); ``chunk``: the columns per tile (a chunk wider than the fold's columns is split and
+    merged)."""
+    rows, cols = tuning.linear_logprobs_chunking("cuda", V, n, chunk)
+    tile_buf = _meta(min(rows, n) * cols)
+    dz_buf = _meta(min(rows, n) * cols, dtype=dtype)
+    targets = _meta(n, dtype=torch.long) if k == 1 else _meta(n, k, dtype=torch.long)
+    m, s, lse = _meta(n), _meta(n), _meta(n)
+    tgt = _meta(*targets.shape)
+    t = _meta(n) if entropy else None
+    u = _meta(V) if col_weight else None
+    fs = (_meta(n), _meta(n), _meta(n, dtype=torch.long), u) if stats else None
+    g = {name: (_meta(*targets.shape) if name == "logp" else _meta(n)) for name in grads}
+    for r0, r1, v0, v1 in _tiles(n, rows, V, cols):
+        tile = tile_buf[: (r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0)
+        dz = dz_buf[: (r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0)
+        row_fs = None if fs is None else (fs[0][r0:r1], fs[1][r0:r1], fs[2][r0:r1], u)
+        linear_logprobs_tile_fwd(
+            tile, targets[r0:r1], m[r0:r1], s[r0:r1], None if t is None else t[r0:r1], tgt[r0:r1], None, v0,
+            1.0, 1.0, None, stats=row_fs,
+        )  # fmt: skip
+        linear_logprobs_tile_bwd(
+            tile, dz, targets[r0:r1], lse[r0:r1], None if t is None else t[r0:r1],
+            g["logp"][r0:r1] if "logp" in g else None, g["ent"][r0:r1] if "ent" in g else None, v0, 1.0, 1.0, None,
+            g_lse=g["lse"][r0:r1] if "lse" in g else None, g_sum=g["sum"][r0:r1] if "sum" in g else None,
+            u=u if "sum" in g else None,
+        )  # fmt: skip
 
 
 # ---- KL, clipped surrogate, GAE: [R, T] token tensors -----------------------------------------
@@ -318,8 +423,10 @@ def _surrogate(
     adv = adv if adv.dim() == 2 else adv.reshape(R, 1).expand(R, T)
     mask = _meta(R, T, dtype=torch.uint8) if masked else _meta(1, 1, dtype=torch.uint8).expand(R, T)
     dual = 3.0 if dual_clip else math.inf
-    _, _, seq_lr, seq_n = surrogate_fwd(logp, logp, adv, mask, 0.8, 1.28, dual, sequence, acc)
-    surrogate_bwd(logp, logp, adv, mask, _grad(R, T, acc, expanded_grad), seq_lr, seq_n, 0.8, 1.28, dual, sequence, acc)
+    lr_clamp = 20.0 if dual_clip else math.inf  # verl's log-ratio clamp goes with its dual clip
+    _, _, seq_lr, seq_n = surrogate_fwd(logp, logp, adv, mask, 0.8, 1.28, dual, lr_clamp, sequence, acc)
+    grad = _grad(R, T, acc, expanded_grad)
+    surrogate_bwd(logp, logp, adv, mask, grad, seq_lr, seq_n, 0.8, 1.28, dual, lr_clamp, sequence, acc)
 
 
 def _gae(R: int, T: int, dtype: torch.dtype, masked: bool, bootstrap: bool) -> None:
@@ -343,6 +450,10 @@ def _token_cases() -> list[Case]:
         Case(
             f"kl k3 clamped, bf16 ref, B {B} T {T} [:, :-1] slices",
             lambda: _kl(sliced, _meta(B, T + 1, dtype=BF16)[:, :T], 3, True, False),
+        ),
+        Case(
+            f"kl abs / k3+ clamped (verl's abs, low_var_kl+) B {B} T {T}",
+            lambda: (_kl(full, full, 4, False, True), _kl(sliced, sliced, 11, True, False)),
         ),
         Case(f"surrogate GRPO B {B} T {T}", lambda: _surrogate(full, _meta(B), True, False, False)),
         Case(

@@ -15,6 +15,11 @@ to a small ``[programs, 8]`` buffer; the caller sums it (no host sync). Advantag
 read through a stride-0 time axis; an absent mask is a stride-0 ones tensor. The clip bounds and
 the dual-clip constant are runtime fp32 args ("no dual clip" is a 3e38 bound, never active).
 fp64 inputs compute in fp64 (``FP64`` flag).
+
+``lr_clamp`` (runtime, +inf = off; verl's / OpenRLHF's ``[-20, 20]``): the log-ratio that makes the
+ratio (the token's, or the row's mean at sequence level) is clamped to ``[-lr_clamp, lr_clamp]``
+before ``exp``, and so is the token log-ratio of the ``approx_kl`` statistic; the gradient is 0
+where the clamp is active (torch.clamp's convention).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import triton
 import triton.language as tl
 
 from fastalign.kernels import tuning
+from fastalign.kernels.kl import clamp_nan
 from fastalign.kernels.token_tiles import load_mask_tile, load_tile, tile_coords
 
 # The partial sums each forward program writes, in order (and the torch path's stats); "pad" is always 0.
@@ -43,7 +49,9 @@ def _surrogate_terms(r, A, lo, hi, dual_c):
     loss1 = tl.maximum(s1, s2, propagate_nan=tl.PropagateNan.ALL)
     neg = A < 0
     bound = -dual_c * A
-    dual = neg & (bound < loss1)
+    # "no dual clip" (dual_c = _NO_DUAL = 3e38) never binds, not even above an overflowed loss1 = inf
+    has_dual = (tl.zeros_like(A) + dual_c) < 3.0e38
+    dual = neg & (bound < loss1) & has_dual
     loss = tl.where(dual, bound, loss1)
     active = (s1 >= s2) & (dual == 0)
     slope = tl.where(active, -A, 0.0)
@@ -118,6 +126,7 @@ def _surrogate_token_fwd_kernel(
     lo,
     hi,
     dual_c,
+    lr_clamp,
     FP64: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -142,6 +151,7 @@ def _surrogate_token_fwd_kernel(
         s_m_t,
         acc,
     )
+    lr = clamp_nan(lr, lr_clamp)
     r = tl.exp(lr)
     loss, _, low, high, dual = _surrogate_terms(r, A, lo, hi, dual_c)
     zero = tl.zeros_like(loss)
@@ -184,6 +194,7 @@ def _surrogate_token_bwd_kernel(
     lo,
     hi,
     dual_c,
+    lr_clamp,
     FP64: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -209,10 +220,12 @@ def _surrogate_token_bwd_kernel(
         acc,
     )
     g = load_tile(grad_ptr, rows, cols, s_g_r, s_g_t, inb, acc)
-    r = tl.exp(lr)
+    clamped = (lr < -lr_clamp) | (lr > lr_clamp)
+    r = tl.exp(clamp_nan(lr, lr_clamp))
     _, slope, _, _, _ = _surrogate_terms(r, A, lo, hi, dual_c)
     # slope 0 (the clipped term is active) gives 0 even for an overflowed ratio r = inf (not 0 * inf)
-    tl.store(dlogp_ptr + rows * T + cols, tl.where(valid & (slope != 0), g * slope * r, 0.0), mask=inb)
+    d = tl.where(valid & (slope != 0) & (clamped == 0), g * slope * r, 0.0)
+    tl.store(dlogp_ptr + rows * T + cols, d, mask=inb)
 
 
 @triton.jit
@@ -237,6 +250,7 @@ def _surrogate_sequence_fwd_kernel(
     lo,
     hi,
     dual_c,
+    lr_clamp,
     FP64: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
@@ -272,7 +286,7 @@ def _surrogate_sequence_fwd_kernel(
     seq_lr = tl.sum(s_acc) / tl.maximum(n, 1.0)
     tl.store(seq_lr_ptr + row, seq_lr)
     tl.store(seq_n_ptr + row, n)
-    r = tl.exp(seq_lr)
+    r = tl.exp(clamp_nan(seq_lr, lr_clamp))
     loss_acc = zero
     kl_acc = zero
     low_acc = zero
@@ -303,6 +317,7 @@ def _surrogate_sequence_fwd_kernel(
         loss = tl.where(valid, loss, zero)
         tl.store(loss_ptr + row * T + cols, loss, mask=inb)
         loss_acc += loss
+        lr = clamp_nan(lr, lr_clamp)
         kl_acc += tl.where(valid, (tl.exp(lr) - 1.0) - lr, zero)
         low_acc += tl.where(valid & low, zero + 1.0, zero)
         high_acc += tl.where(valid & high, zero + 1.0, zero)
@@ -330,6 +345,7 @@ def _surrogate_sequence_bwd_kernel(
     lo,
     hi,
     dual_c,
+    lr_clamp,
     FP64: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
@@ -337,7 +353,10 @@ def _surrogate_sequence_bwd_kernel(
     acc: tl.constexpr = tl.float64 if FP64 else tl.float32
     offs = tl.arange(0, BLOCK_T).to(tl.int64)
     zero = tl.zeros((BLOCK_T,), acc)
-    r = tl.exp(tl.load(seq_lr_ptr + row).to(acc))
+    seq_lr = tl.load(seq_lr_ptr + row).to(acc)
+    # the clamp of the row's log-ratio is active: no gradient for the row (torch.clamp's convention)
+    live = tl.where((seq_lr < -lr_clamp) | (seq_lr > lr_clamp), 0.0, 1.0)
+    r = tl.exp(clamp_nan(seq_lr, lr_clamp))
     n = tl.load(seq_n_ptr + row).to(acc)
     d_acc = zero
     for start in range(0, T, BLOCK_T):
@@ -349,7 +368,7 @@ def _surrogate_sequence_bwd_kernel(
         _, slope, _, _, _ = _surrogate_terms(zero + r, A, lo, hi, dual_c)
         d_acc += tl.where(valid, g * slope, zero)
     # d loss / d seq_lr, spread over the row's valid tokens (seq_lr is their mean log-ratio)
-    d_tok = tl.sum(d_acc) * r / tl.maximum(n, 1.0)
+    d_tok = tl.where(live != 0, tl.sum(d_acc) * r / tl.maximum(n, 1.0), 0.0)
     for start in range(0, T, BLOCK_T):
         cols = start + offs
         inb = cols < T
@@ -361,8 +380,11 @@ def _strides(x: torch.Tensor):
     return x.stride(0), x.stride(1)
 
 
-def surrogate_fwd(logp, old, adv, mask, lo: float, hi: float, dual_c: float, sequence: bool, acc: torch.dtype):
-    """All inputs [R, T] (any strides; adv / mask may have stride-0 axes; mask uint8).
+def surrogate_fwd(
+    logp, old, adv, mask, lo: float, hi: float, dual_c: float, lr_clamp: float, sequence: bool, acc: torch.dtype
+):
+    """All inputs [R, T] (any strides; adv / mask may have stride-0 axes; mask uint8); ``lr_clamp``
+    +inf when off.
 
     Returns ``(loss [R, T] acc, partial stats [programs, 8] acc, seq_lr [R] or None, seq_n [R] or None)``.
     """
@@ -395,6 +417,7 @@ def surrogate_fwd(logp, old, adv, mask, lo: float, hi: float, dual_c: float, seq
             lo,
             hi,
             dual_c,
+            lr_clamp,
             FP64=fp64,
             BLOCK_T=cfg.block,
             num_warps=cfg.num_warps,
@@ -421,6 +444,7 @@ def surrogate_fwd(logp, old, adv, mask, lo: float, hi: float, dual_c: float, seq
         lo,
         hi,
         dual_c,
+        lr_clamp,
         FP64=fp64,
         BLOCK_R=cfg.block_r,
         BLOCK_T=cfg.block_t,
@@ -430,7 +454,19 @@ def surrogate_fwd(logp, old, adv, mask, lo: float, hi: float, dual_c: float, seq
 
 
 def surrogate_bwd(
-    logp, old, adv, mask, grad, seq_lr, seq_n, lo: float, hi: float, dual_c: float, sequence: bool, acc: torch.dtype
+    logp,
+    old,
+    adv,
+    mask,
+    grad,
+    seq_lr,
+    seq_n,
+    lo: float,
+    hi: float,
+    dual_c: float,
+    lr_clamp: float,
+    sequence: bool,
+    acc: torch.dtype,
 ) -> torch.Tensor:
     """d loss / d logp as a contiguous [R, T] tensor in logp's dtype."""
     R, T = logp.shape
@@ -455,6 +491,7 @@ def surrogate_bwd(
             lo,
             hi,
             dual_c,
+            lr_clamp,
             FP64=fp64,
             BLOCK_T=cfg.block,
             num_warps=cfg.num_warps,
@@ -479,6 +516,7 @@ def surrogate_bwd(
         lo,
         hi,
         dual_c,
+        lr_clamp,
         FP64=fp64,
         BLOCK_R=cfg.block_r,
         BLOCK_T=cfg.block_t,

@@ -46,8 +46,13 @@ def logprobs_bwd_config(vocab: int) -> RowConfig:
 LOGPROBS_FWD_STAGES = 3
 
 
-def logprobs_fwd_stages(itemsize: int) -> int:
-    return 1 if itemsize == 8 else LOGPROBS_FWD_STAGES
+def logprobs_fwd_stages(itemsize: int, candidates: bool = False) -> int:
+    """``candidates``: ``[..., K]`` targets (K > 1 read per row after the loop): 2 stages, whose smaller
+    pipeline leaves the registers the row's K targets need (3 spills 8 B per thread at fp32 with a
+    softcap, 16 warps, sm_80: ``fastalign check-kernels``)."""
+    if itemsize == 8:
+        return 1
+    return 2 if candidates else LOGPROBS_FWD_STAGES
 
 
 # Torch path: rows per chunk so that one chunk's fp32 temporaries stay near this many elements.

@@ -37,6 +37,10 @@ def rloo_advantages(
     """RLOO: ``A_i = r_i - (sum_g - r_i) / (n_g - 1)`` (a group of one gets 0; NaN rewards get 0 and
     are left out of the baselines).
 
+    A group of one has no leave-one-out baseline: fastalign gives it 0 on purpose (no signal without
+    a comparison); verl's RLOO keeps its raw reward ``r_i`` (baseline 0):
+    ``fastalign.group_advantages(rewards, group_ids, baseline="loo", scale="none", singleton="raw")``.
+
     Args:
         rewards, group_ids, group_size, impl: as in :func:`grpo_advantages` (ids of any values,
             unsorted; exactly one of ``group_ids`` / ``group_size``).

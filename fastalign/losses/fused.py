@@ -28,7 +28,7 @@ accumulator cast once instead).
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -43,6 +43,7 @@ from fastalign._validation import (
     check_number,
     check_same_device,
 )
+from fastalign.distributed.shard import vocab_parallel_head
 from fastalign.losses._common import as_compute, compute_dtype, masked_mean
 from fastalign.losses.dpo import DPOLossType, dpo_loss
 from fastalign.losses.grpo import (
@@ -53,13 +54,27 @@ from fastalign.losses.grpo import (
     grpo_loss,
     grpo_normalize,
     grpo_per_token,
+    high_entropy_mask,
+    needs_full_rows,
     validate_grpo_args,
+    validate_grpo_options,
 )
-from fastalign.losses.ppo import ppo_policy_loss, ppo_policy_per_token, validate_ppo_policy_args
+from fastalign.losses.ppo import (
+    Aggregation,
+    RolloutCorrection,
+    ppo_aggregate,
+    ppo_policy_loss,
+    ppo_policy_per_token,
+    rollout_weights,
+    validate_ppo_policy_args,
+)
 from fastalign.ops import lm_head
 from fastalign.ops._library import Op, autograd_inside
 from fastalign.ops.linear_logprobs import apply_linear_logprobs, check_grad_filter_eps, check_row_block
 from fastalign.ops.lm_head import HeadTransform, Walk
+
+if TYPE_CHECKING:
+    from fastalign.distributed.shard import VocabShard
 
 Mode = Literal["auto", "one_pass", "two_pass"]
 
@@ -109,8 +124,9 @@ def _grpo_token_loss(take, lp, adv, old, ref, iw, params, loss_type, impl):
 
 
 def _ppo_token_loss(take, lp, adv, old, ref, iw, params, loss_type, impl):
-    """PPO's clipped surrogate (level "token"); params: eps_low, eps_high, dual_clip."""
-    eps_low, eps_high, dual_clip = params
+    """PPO's clipped surrogate (level "token"); params: eps_low, eps_high, dual_clip[, log_ratio_clamp];
+    ``iw``: the rollout correction's constant weights (TIS / IcePop) or None."""
+    eps_low, eps_high, dual_clip, *rest = params
     lp2 = lp.unsqueeze(1)
     per_tok, _ = ppo_policy_per_token(
         lp2,
@@ -121,8 +137,10 @@ def _ppo_token_loss(take, lp, adv, old, ref, iw, params, loss_type, impl):
         eps_high=eps_high,
         dual_clip=_opt(dual_clip),
         level="token",
+        log_ratio_clamp=_opt(rest[0]) if rest else None,
     )
-    return per_tok.squeeze(1)
+    per_tok = per_tok.squeeze(1)
+    return per_tok if iw is None else per_tok * take(iw)
 
 
 # family -> per-token loss ``f(take, lp, advantages, old_logp, ref_logp, importance_weights, params,
@@ -280,7 +298,7 @@ fused_token_loss_fwd_op = Op(
 # ---- shared input handling -----------------------------------------------------------------------
 
 
-def _prep_head(op, hidden, weight, targets, mask, bias, temperature, softcap, impl, compact_ignored):
+def _prep_head(op, hidden, weight, targets, mask, bias, temperature, softcap, impl, compact_ignored, shard=None):
     check_float(hidden, "hidden", op)
     check_float(weight, "weight", op)
     check_int(targets, "targets", op)
@@ -309,13 +327,25 @@ def _prep_head(op, hidden, weight, targets, mask, bias, temperature, softcap, im
     valid = mask.bool()
     # masked positions are scored as ignored: log-prob 0, no gradient (and no FLOPs when compacted)
     targets_ig = targets.long().masked_fill(~valid, -100)
+    V = V if shard is None else shard.vocab_size  # a vocabulary-parallel head: global ids
     check_index_range(targets_ig, V, "targets at mask-1 positions", op, ignore=-100)  # host sync unless disabled
     return B, T, V, D, inv_temp, softcap, backend, valid, targets_ig, compact
 
 
-def _unfused_logp(hidden, weight, targets_ig, bias, walk, compact, with_entropy=False, grad_filter_eps=None):
-    """``linear_logprobs`` with masked positions ignored ([B, T], 0 there); ``(logp, entropy or None)``."""
+def _unfused_logp(
+    hidden, weight, targets_ig, bias, walk, compact, with_entropy=False, grad_filter_eps=None, shard=None, op=""
+):
+    """``linear_logprobs`` with masked positions ignored ([B, T], 0 there); ``(logp, entropy or None)``.
+    ``shard``: a vocabulary-parallel head's (``fastalign.distributed``; its row statistics exchanged)."""
     D = weight.shape[1]
+    if shard is not None:
+        from fastalign.distributed.vocab_parallel import apply_vocab_parallel_logprobs
+
+        logp, ent = apply_vocab_parallel_logprobs(
+            hidden.reshape(-1, D), weight, bias, targets_ig.reshape(-1), walk, shard,
+            with_entropy=with_entropy, ignore_index=-100, compact_ignored=compact, op=op,
+        )  # fmt: skip
+        return logp.view(targets_ig.shape), None if ent is None else ent.view(targets_ig.shape)
     logp, ent = apply_linear_logprobs(
         hidden.reshape(-1, D),
         weight,
@@ -437,6 +467,13 @@ def linear_grpo_loss(
     importance_weights: torch.Tensor | None = None,
     sapo_temperature_pos: float = 1.0,
     sapo_temperature_neg: float = 1.05,
+    vespo_k_pos: float = 2.0,
+    vespo_lambda_pos: float = 3.0,
+    vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
+    off_policy_mask_threshold: float | None = None,
+    sampling_logp: torch.Tensor | None = None,
+    top_entropy_quantile: float = 1.0,
     entropy_coef: float = 0.0,
     mode: Mode = "auto",
     return_entropy: bool = False,
@@ -444,6 +481,7 @@ def linear_grpo_loss(
     row_block: int | None = None,
     compact_ignored: bool | None = None,
     impl: Impl = "auto",
+    vocab_parallel: VocabShard | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """:func:`fastalign.losses.grpo_loss` on the log-probs of ``softmax(f(hidden @ weight.T + bias) / T)``.
 
@@ -456,13 +494,17 @@ def linear_grpo_loss(
         ref_logp: ``[B, T]``, needed when ``beta != 0``.
         temperature, softcap, logit_scale: the head's transform
             ``z = softcap * tanh(logit_scale * z / softcap) / temperature`` (as TRL's fused head).
-        beta ... sapo_temperature_neg: as :func:`fastalign.losses.grpo_loss`.
+        beta ... sapo_temperature_neg, vespo_k_pos ... vespo_lambda_neg, off_policy_mask_threshold,
+            sampling_logp, top_entropy_quantile: as :func:`fastalign.losses.grpo_loss` (the entropy mask
+            from this pass's entropies).
         entropy_coef: >= 0; adds ``- entropy_coef * mean_mask(entropy)`` (an entropy bonus, the
-            token mean over the mask whatever the loss type, as TRL's ``entropy_coef``); in the
-            one-pass form its gradient is formed in the same pass.
+            token mean over the mask whatever the loss type, as TRL's ``entropy_coef``; over the mask
+            times the entropy mask when ``top_entropy_quantile < 1``, as TRL); in the one-pass form its
+            gradient is formed in the same pass.
         mode: ``"one_pass"`` (token-level only), ``"two_pass"`` (``linear_logprobs`` + ``grpo_loss``),
-            ``"auto"``: one pass for token-level ratios, two for sequence-level (eager and compiled
-            alike: both forms are registered ops, docs/contract.md).
+            ``"auto"``: one pass for token-level ratios, two for sequence-level ratios, VESPO and TRL's
+            two masks, which need every log-prob / entropy first (``"one_pass"`` with them is a
+            ``ValueError``; eager and compiled alike: both forms are registered ops, docs/contract.md).
         return_entropy: also report the token entropies (a by-product of the same pass, for
             monitoring: ``metrics["entropies"]`` ``[B, T]`` and their masked mean ``metrics["entropy"]``).
         chunk_size: vocabulary columns per tile of the two-pass form (the one-pass form's tiles span
@@ -471,6 +513,11 @@ def linear_grpo_loss(
         compact_ignored: True: masked rows are gathered away before the GEMMs (one host sync);
             False: every row is computed, no sync; None: ``fastalign.get_config().compact_ignored``.
         impl: backend of the epilogues and of the ops the loss calls (:func:`fastalign.k3_kl`).
+        vocab_parallel: None, or a :class:`fastalign.distributed.VocabShard`: ``weight`` / ``bias``
+            are this rank's shard of a head sharded along the vocabulary (as
+            :func:`fastalign.linear_logprobs`; ``targets`` global ids, every input the same on every
+            rank). Two passes: ``linear_logprobs``' vocabulary-parallel path, then the loss from its
+            log-probs; ``mode="auto"`` picks them, ``"one_pass"`` is a ``ValueError``.
 
     Host syncs (docs/host-syncs.md): the target-range check (``fastalign.config(index_checks=False)``
     skips it) and the row compaction (``compact_ignored=False``); none with both off.
@@ -491,8 +538,9 @@ def linear_grpo_loss(
         True
     """
     op = "linear_grpo_loss"
+    shard, weight, bias = vocab_parallel_head(op, vocab_parallel, weight, bias, one_pass=mode == "one_pass")
     B, T, V, D, inv_temp, softcap, backend, valid, targets_ig, compact = _prep_head(
-        op, hidden, weight, targets, mask, bias, temperature, softcap, impl, compact_ignored
+        op, hidden, weight, targets, mask, bias, temperature, softcap, impl, compact_ignored, shard
     )
     scale = check_number(logit_scale, "logit_scale", op, lo=0, lo_open=True)
     check_choice(mode, "mode", op, ("auto", "one_pass", "two_pass"))
@@ -511,6 +559,10 @@ def linear_grpo_loss(
                 raise ValueError(f"{op}: {name} must have shape {(B, T)}, got {tuple(t.shape)}")
     check_advantages(advantages, op, B, T)
     check_importance_weights(importance_weights, op, B, T)
+    if sampling_logp is not None:
+        check_float(sampling_logp, "sampling_logp", op)
+        if tuple(sampling_logp.shape) != (B, T):
+            raise ValueError(f"{op}: sampling_logp must have shape {(B, T)}, got {tuple(sampling_logp.shape)}")
     check_same_device(
         op,
         hidden=hidden,
@@ -518,6 +570,17 @@ def linear_grpo_loss(
         old_logp=old_logp,
         ref_logp=ref_logp,
         importance_weights=importance_weights,
+        sampling_logp=sampling_logp,
+    )
+    _, opm_threshold, top_q = validate_grpo_options(
+        op,
+        vespo_k_pos=vespo_k_pos,
+        vespo_lambda_pos=vespo_lambda_pos,
+        vespo_k_neg=vespo_k_neg,
+        vespo_lambda_neg=vespo_lambda_neg,
+        off_policy_mask_threshold=off_policy_mask_threshold,
+        has_sampling=sampling_logp is not None,
+        top_entropy_quantile=top_entropy_quantile,
     )
     beta, eps_low_, eps_high_, delta_, _, _ = validate_grpo_args(
         op,
@@ -533,11 +596,13 @@ def linear_grpo_loss(
         sapo_temperature_pos=sapo_temperature_pos,
         sapo_temperature_neg=sapo_temperature_neg,
     )
-    if mode == "one_pass" and level == "sequence":
+    two_pass_reason = needs_full_rows(loss_type, level, opm_threshold, top_q)
+    if mode == "one_pass" and two_pass_reason is not None:
         raise ValueError(
-            f"{op}: mode='one_pass' needs token-level ratios; sequence-level (GSPO) ratios take two passes"
+            f"{op}: mode='one_pass' needs token-level ratios and no sequence or batch coupling, got "
+            f"{two_pass_reason}: use mode='two_pass' (or 'auto', which picks it)"
         )
-    one_pass = mode == "one_pass" or (mode == "auto" and level == "token")
+    one_pass = shard is None and (mode == "one_pass" or (mode == "auto" and two_pass_reason is None))
 
     entropy_coef = check_number(entropy_coef, "entropy_coef", op, lo=0)
     loss_kw = dict(
@@ -554,15 +619,25 @@ def linear_grpo_loss(
         importance_weights=importance_weights,
         sapo_temperature_pos=sapo_temperature_pos,
         sapo_temperature_neg=sapo_temperature_neg,
+        vespo_k_pos=vespo_k_pos,
+        vespo_lambda_pos=vespo_lambda_pos,
+        vespo_k_neg=vespo_k_neg,
+        vespo_lambda_neg=vespo_lambda_neg,
+        off_policy_mask_threshold=off_policy_mask_threshold,
+        sampling_logp=sampling_logp,
+        top_entropy_quantile=top_entropy_quantile,
         impl=impl,
     )
     if not one_pass:
         logp, ent = _unfused_logp(
-            hidden, weight, targets_ig, bias, walk, compact, with_entropy=return_entropy or entropy_coef != 0.0
-        )
-        loss, metrics = grpo_loss(logp, old_logp, advantages, mask, **loss_kw)
+            hidden, weight, targets_ig, bias, walk, compact,
+            with_entropy=return_entropy or entropy_coef != 0.0 or top_q < 1.0, shard=shard, op=op,
+        )  # fmt: skip
+        loss, metrics = grpo_loss(logp, old_logp, advantages, mask, entropy=ent if top_q < 1.0 else None, **loss_kw)
         if entropy_coef != 0.0:
-            loss = loss - entropy_coef * masked_mean(ent, valid)
+            # TRL: the bonus acts on the tokens the entropy mask keeps
+            eff = valid if top_q == 1.0 else high_entropy_mask(ent, valid.to(ent.dtype), top_q)
+            loss = loss - entropy_coef * masked_mean(ent, eff)
         metrics["logp"] = logp.detach()
         return loss, _entropy_metrics(metrics, ent, valid)
 
@@ -571,11 +646,12 @@ def linear_grpo_loss(
     adv_bt = as_compute(advantages, dt).detach()
     adv_bt = (adv_bt.reshape(B, 1) if adv_bt.dim() == 1 else adv_bt).expand(B, T)
     flat = lambda t: None if t is None else as_compute(t, dt).detach().expand(B, T).reshape(-1)  # noqa: E731
+    iw = importance_weights
     old_f, ref_f, adv_f, iw_f = (
         flat(old_logp),
         flat(ref_logp if beta != 0.0 else None),
         adv_bt.reshape(-1),
-        flat(importance_weights),
+        flat(iw.reshape(B, 1) if iw is not None and iw.dim() == 1 else iw),
     )
 
     w = _normalizer_weights(m, lambda x: grpo_normalize(x, m, loss_type, max_completion_length, num_items))
@@ -624,6 +700,12 @@ def linear_ppo_policy_loss(
     eps_high: float | None = None,
     dual_clip: float | None = None,
     level: Level = "token",
+    log_ratio_clamp: float | None = None,
+    aggregation: Aggregation = "token_mean",
+    rollout_logp: torch.Tensor | None = None,
+    rollout_correction: RolloutCorrection | None = None,
+    rollout_ratio_min: float = 0.0,
+    rollout_ratio_max: float = 2.0,
     entropy_coef: float = 0.0,
     mode: Mode = "auto",
     return_entropy: bool = False,
@@ -631,6 +713,7 @@ def linear_ppo_policy_loss(
     row_block: int | None = None,
     compact_ignored: bool | None = None,
     impl: Impl = "auto",
+    vocab_parallel: VocabShard | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """:func:`fastalign.losses.ppo_policy_loss` (token-mean clipped surrogate, dual-clip optional) on the
     log-probs of ``hidden [B, T, D]`` through ``weight [V, D]`` at ``targets [B, T]``, minus
@@ -643,9 +726,12 @@ def linear_ppo_policy_loss(
     Args:
         hidden, weight, targets, mask: as :func:`linear_grpo_loss`. advantages: ``[B, T]`` (or
             ``[B]`` / ``[B, 1]``); old_logp: ``[B, T]``.
-        bias, temperature, softcap: the head. eps_low, eps_high, dual_clip, level: as
-            :func:`ppo_policy_loss`. entropy_coef: >= 0, the entropy bonus.
-        mode, return_entropy, chunk_size, row_block, compact_ignored, impl: as :func:`linear_grpo_loss`.
+        bias, temperature, softcap: the head. eps_low, eps_high, dual_clip, level, log_ratio_clamp,
+            aggregation, rollout_logp, rollout_correction, rollout_ratio_min, rollout_ratio_max: as
+            :func:`ppo_policy_loss` (all of them one pass at token level). entropy_coef: >= 0, the
+            entropy bonus (a token mean over the mask whatever the aggregation).
+        mode, return_entropy, chunk_size, row_block, compact_ignored, impl, vocab_parallel: as
+            :func:`linear_grpo_loss`.
 
     Returns:
         ``(loss, metrics)`` as :func:`ppo_policy_loss`, plus ``logp`` ``[B, T]`` (detached) and, with an
@@ -664,8 +750,9 @@ def linear_ppo_policy_loss(
         True
     """
     op = "linear_ppo_policy_loss"
+    shard, weight, bias = vocab_parallel_head(op, vocab_parallel, weight, bias, one_pass=mode == "one_pass")
     B, T, V, D, inv_temp, softcap, backend, valid, targets_ig, compact = _prep_head(
-        op, hidden, weight, targets, mask, bias, temperature, softcap, impl, compact_ignored
+        op, hidden, weight, targets, mask, bias, temperature, softcap, impl, compact_ignored, shard
     )
     check_choice(mode, "mode", op, ("auto", "one_pass", "two_pass"))
     walk = lm_head.make_walk(
@@ -676,21 +763,48 @@ def linear_ppo_policy_loss(
         chunk_size=chunk_size,
         row_block=check_row_block(row_block, op),
     )
-    check_float(old_logp, "old_logp", op)
-    if tuple(old_logp.shape) != (B, T):
-        raise ValueError(f"{op}: old_logp must have shape {(B, T)}, got {tuple(old_logp.shape)}")
+    for name, t in (("old_logp", old_logp), ("rollout_logp", rollout_logp)):
+        if t is not None or name == "old_logp":
+            check_float(t, name, op)
+            if tuple(t.shape) != (B, T):
+                raise ValueError(f"{op}: {name} must have shape {(B, T)}, got {tuple(t.shape)}")
     check_advantages(advantages, op, B, T)
-    check_same_device(op, hidden=hidden, advantages=advantages, old_logp=old_logp)
-    eps_low_, eps_high_, dual_ = validate_ppo_policy_args(op, eps_low, eps_high, dual_clip, level)
+    check_same_device(op, hidden=hidden, advantages=advantages, old_logp=old_logp, rollout_logp=rollout_logp)
+    eps_low_, eps_high_, dual_, lr_clamp_, rmin, rmax = validate_ppo_policy_args(
+        op,
+        eps_low,
+        eps_high,
+        dual_clip,
+        level,
+        log_ratio_clamp,
+        aggregation,
+        rollout_correction,
+        rollout_ratio_min,
+        rollout_ratio_max,
+        has_rollout=rollout_logp is not None,
+    )
     if mode == "one_pass" and level == "sequence":
         raise ValueError(f"{op}: mode='one_pass' needs token-level ratios; level='sequence' takes two passes")
-    one_pass = mode == "one_pass" or (mode == "auto" and level == "token")
+    one_pass = shard is None and (mode == "one_pass" or (mode == "auto" and level == "token"))
     entropy_coef = check_number(entropy_coef, "entropy_coef", op, lo=0)
-    kw = dict(eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, level=level, impl=impl)
+    kw = dict(
+        eps_low=eps_low,
+        eps_high=eps_high,
+        dual_clip=dual_clip,
+        level=level,
+        log_ratio_clamp=log_ratio_clamp,
+        aggregation=aggregation,
+        rollout_logp=rollout_logp,
+        rollout_correction=rollout_correction,
+        rollout_ratio_min=rollout_ratio_min,
+        rollout_ratio_max=rollout_ratio_max,
+        impl=impl,
+    )
     if not one_pass:
         logp, ent = _unfused_logp(
-            hidden, weight, targets_ig, bias, walk, compact, with_entropy=return_entropy or entropy_coef != 0.0
-        )
+            hidden, weight, targets_ig, bias, walk, compact, with_entropy=return_entropy or entropy_coef != 0.0,
+            shard=shard, op=op,
+        )  # fmt: skip
         loss, metrics = ppo_policy_loss(logp, old_logp, advantages, mask, **kw)
         if entropy_coef != 0.0:
             loss = loss - entropy_coef * masked_mean(ent, valid)
@@ -701,9 +815,16 @@ def linear_ppo_policy_loss(
     m = valid.to(dt)
     adv = as_compute(advantages, dt).detach()
     adv_f = (adv.reshape(B, 1) if adv.dim() == 1 else adv).expand(B, T).reshape(-1)
-    old_f = as_compute(old_logp, dt).detach().reshape(-1)
+    old_bt = as_compute(old_logp, dt).detach()
+    old_f = old_bt.reshape(-1)
+    iw_f = None
+    if rollout_correction is not None:
+        pad = ~valid  # padding may hold -inf / NaN: zeroed first (docs/contract.md)
+        roll = as_compute(rollout_logp, dt).detach().masked_fill(pad, 0.0)
+        iw_f, _ = rollout_weights(old_bt.masked_fill(pad, 0.0), roll, m, rollout_correction, rmin, rmax)
+        iw_f = iw_f.reshape(-1)
 
-    w = m / m.sum().clamp(min=1.0)
+    w = _normalizer_weights(m, lambda x: ppo_aggregate(x, m, aggregation))
 
     def finalize_fn(logp_bt):
         loss, metrics = ppo_policy_loss(logp_bt, old_logp, advantages, mask, **kw)
@@ -718,8 +839,8 @@ def linear_ppo_policy_loss(
         valid,
         "ppo_policy",
         "",
-        (eps_low_, eps_high_, _NONE if dual_ is None else dual_),
-        (adv_f, old_f, None, None),
+        (eps_low_, eps_high_, _NONE if dual_ is None else dual_, _NONE if lr_clamp_ is None else lr_clamp_),
+        (adv_f, old_f, None, iw_f),
         w,
         finalize_fn,
         walk=walk,
@@ -746,11 +867,16 @@ def linear_dpo_loss(
     beta: float = 0.1,
     loss_type: DPOLossType = "sigmoid",
     label_smoothing: float = 0.0,
+    average_log_prob: bool = False,
+    nll_coef: float = 0.0,
+    bco_delta: torch.Tensor | float | None = None,
+    discopop_tau: float = 0.05,
     chunk_size: int | None = None,
     row_block: int | None = None,
     grad_filter_eps: float | None = None,
     compact_ignored: bool | None = None,
     impl: Impl = "auto",
+    vocab_parallel: VocabShard | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """:func:`fastalign.losses.dpo_loss` from hidden states: rows ``[:B]`` are the chosen completions,
     rows ``[B:]`` the rejected ones (TRL's batch layout).
@@ -759,15 +885,24 @@ def linear_dpo_loss(
         hidden: ``[2B, T, D]``; weight ``[V, D]``; targets ``[2B, T]``; mask ``[2B, T]`` (completion
             tokens). ref_logp: ``[2B]`` summed reference log-probs (chosen first) or None
             (reference-free).
-        beta, loss_type, label_smoothing: as :func:`dpo_loss` (``"ipo"`` uses the mask's lengths).
+        beta, loss_type, label_smoothing, average_log_prob, nll_coef, bco_delta, discopop_tau: as
+            :func:`dpo_loss`, with the mask's lengths (``"ipo"``, ``average_log_prob``: Liger's
+            ``average_log_prob``; ``nll_coef``: Liger's ``compute_nll_loss`` / ``alpha``, the chosen
+            rows' token-mean NLL). ``ref_logp`` are sums; ``average_log_prob`` divides them too.
         chunk_size, row_block, compact_ignored, impl: as :func:`linear_grpo_loss` (and its host syncs).
-        grad_filter_eps: as :func:`fastalign.linear_logprobs` (None: exact gradients).
+        grad_filter_eps: as :func:`fastalign.linear_logprobs` (None: exact gradients; not with
+            ``vocab_parallel``).
+        vocab_parallel: as :func:`linear_grpo_loss` (a head sharded along the vocabulary).
 
     Two passes over the vocabulary (``linear_logprobs`` forward and backward): a sequence's
     log-prob couples all of its tokens, so no token's gradient is known before the pass ends.
 
     Returns:
-        ``(loss, metrics)`` as :func:`dpo_loss`.
+        ``(loss, metrics)`` as :func:`dpo_loss`, plus TRL's ``logits/chosen`` / ``logits/rejected``: the
+        mean over the chosen / rejected mask-1 tokens of the vocabulary mean of the logits divided by
+        the temperature, ``(h . mean_v W_v + mean_v b_v) / T`` (exact and cheap: the mean is linear;
+        not reported with ``softcap``, whose mean needs another vocabulary pass; with ``vocab_parallel`` the
+        vocabulary mean of the head is one ``all_reduce`` of ``D + 1`` elements).
 
     Example:
         >>> import torch
@@ -782,8 +917,9 @@ def linear_dpo_loss(
         True
     """
     op = "linear_dpo_loss"
+    shard, weight, bias = vocab_parallel_head(op, vocab_parallel, weight, bias, grad_filter_eps=grad_filter_eps)
     B2, T, V, D, inv_temp, softcap, backend, valid, targets_ig, compact = _prep_head(
-        op, hidden, weight, targets, mask, bias, temperature, softcap, impl, compact_ignored
+        op, hidden, weight, targets, mask, bias, temperature, softcap, impl, compact_ignored, shard
     )
     if B2 % 2:
         raise ValueError(f"{op}: hidden must hold chosen rows then rejected rows (an even count), got {B2} rows")
@@ -801,13 +937,14 @@ def linear_dpo_loss(
         row_block=check_row_block(row_block, op),
     )
     logp, _ = _unfused_logp(
-        hidden, weight, targets_ig, bias, walk, compact, grad_filter_eps=check_grad_filter_eps(grad_filter_eps, op)
-    )
+        hidden, weight, targets_ig, bias, walk, compact, grad_filter_eps=check_grad_filter_eps(grad_filter_eps, op),
+        shard=shard, op=op,
+    )  # fmt: skip
     seq = logp.sum(-1)
     lengths = valid.sum(-1)
     B = B2 // 2
     rc, rr = (None, None) if ref_logp is None else (ref_logp[:B], ref_logp[B:])
-    return dpo_loss(
+    loss, metrics = dpo_loss(
         seq[:B],
         seq[B:],
         rc,
@@ -817,4 +954,34 @@ def linear_dpo_loss(
         label_smoothing=label_smoothing,
         chosen_lengths=lengths[:B],
         rejected_lengths=lengths[B:],
+        average_log_prob=average_log_prob,
+        nll_coef=nll_coef,
+        bco_delta=bco_delta,
+        discopop_tau=discopop_tau,
     )
+    if softcap is None:
+        metrics.update(_mean_logits_metrics(hidden, weight, bias, inv_temp, valid, B, shard))
+    return loss, metrics
+
+
+def _mean_logits_metrics(hidden, weight, bias, inv_temp, valid, B, shard=None) -> dict[str, torch.Tensor]:
+    """TRL's ``logits/chosen`` / ``logits/rejected`` without the logits: the vocabulary mean of
+    ``(h W^T + b) / T`` is ``(h . mean_v W_v + mean_v b_v) / T`` per position; its masked means over the
+    chosen rows ``[:B]`` and the rejected rows ``[B:]``. fp32 (fp64) in row chunks of at most 2^22
+    elements (no fp32 copy of ``hidden``); padding is zeroed, not read."""
+    with torch.no_grad():
+        dt = compute_dtype(hidden, weight)
+        D = weight.shape[1]
+        if shard is None:
+            w_mean = weight.to(dt).mean(0)
+            b_mean = 0.0 if bias is None else bias.to(dt).mean()
+        else:  # a vocabulary-parallel head: the ranks' row sums, all-reduced
+            from fastalign.distributed.vocab_parallel import vocab_mean
+
+            w_mean, b_mean = vocab_mean(weight.to(dt), None if bias is None else bias.to(dt), shard)
+            b_mean = 0.0 if b_mean is None else b_mean
+        h = hidden.reshape(-1, D)
+        step = max(1, (1 << 22) // max(D, 1))
+        z = torch.cat([h[i : i + step].to(dt) @ w_mean for i in range(0, h.shape[0], step)] or [w_mean[:0]])
+        z = torch.where(valid.reshape(-1), (z + b_mean) * inv_temp, 0.0).view(valid.shape)
+        return {"logits/chosen": masked_mean(z[:B], valid[:B]), "logits/rejected": masked_mean(z[B:], valid[B:])}

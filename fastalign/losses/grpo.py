@@ -1,4 +1,5 @@
-"""The GRPO family of policy losses (GRPO, BNPO, Dr. GRPO, DAPO, CISPO; token- or sequence-level ratios).
+"""The GRPO family of policy losses (GRPO, BNPO, Dr. GRPO, DAPO, CISPO, SAPO, LUSPO, VESPO; token- or
+sequence-level ratios; TRL's off-policy sequence mask and high-entropy token mask).
 
 From per-token log-probabilities ``[B, T]``; the fused form from hidden states is
 :func:`fastalign.losses.linear_grpo_loss`. The math is TRL 1.16's ``GRPOTrainer._compute_loss``
@@ -9,6 +10,7 @@ with the k3 KL estimator.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -19,9 +21,9 @@ from fastalign.losses._common import as_compute, compute_dtype, masked_mean, zer
 from fastalign.ops.kl import k3_kl
 from fastalign.ops.surrogate import Level
 
-GRPOLossType = Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"]
+GRPOLossType = Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"]
 
-GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 LEVELS = ("token", "sequence")
 
 
@@ -42,12 +44,110 @@ def check_advantages(adv, op: str, B: int, T: int) -> None:
 
 
 def check_importance_weights(w, op: str, B: int, T: int) -> None:
-    """Optional per-token ``[B, T]`` or per-sequence ``[B, 1]`` importance weights."""
+    """Optional per-token ``[B, T]`` or per-sequence ``[B, 1]`` / ``[B]`` importance weights."""
     if w is None:
         return
     check_float(w, "importance_weights", op)
-    if w.shape not in ((B, T), (B, 1)):
-        raise ValueError(f"{op}: importance_weights must have shape {(B, T)} or {(B, 1)}, got {tuple(w.shape)}")
+    if w.shape not in ((B, T), (B, 1), (B,)):
+        raise ValueError(f"{op}: importance_weights must have shape {(B, T)}, {(B, 1)} or ({B},), got {tuple(w.shape)}")
+
+
+def validate_grpo_options(
+    op: str,
+    *,
+    vespo_k_pos,
+    vespo_lambda_pos,
+    vespo_k_neg,
+    vespo_lambda_neg,
+    off_policy_mask_threshold,
+    has_sampling: bool,
+    top_entropy_quantile,
+):
+    """Checks of VESPO's constants and TRL's two masks, shared by :func:`grpo_loss` and the fused form;
+    returns ``(vespo, off_policy_mask_threshold, top_entropy_quantile)`` with ``vespo`` the tuple
+    ``(k_pos, lambda_pos, k_neg, lambda_neg)``."""
+    vespo = (
+        check_number(vespo_k_pos, "vespo_k_pos", op, lo=0.0),
+        check_number(vespo_lambda_pos, "vespo_lambda_pos", op, lo=0.0),
+        check_number(vespo_k_neg, "vespo_k_neg", op, lo=0.0),
+        check_number(vespo_lambda_neg, "vespo_lambda_neg", op, lo=0.0),
+    )
+    thr = check_number(off_policy_mask_threshold, "off_policy_mask_threshold", op, lo=0.0, optional=True)
+    if has_sampling and thr is None:
+        raise ValueError(
+            f"{op}: sampling_logp is only used by the off-policy sequence mask: pass off_policy_mask_threshold "
+            "(e.g. 0.5) or leave sampling_logp None"
+        )
+    q = check_number(top_entropy_quantile, "top_entropy_quantile", op, lo=0.0, hi=1.0)
+    return vespo, thr, q
+
+
+def needs_full_rows(loss_type: str, level: str, off_policy_mask_threshold, top_entropy_quantile) -> str | None:
+    """Why a per-token loss needs every log-prob of a row (or of the batch) before any token's gradient
+    (so the fused form takes two passes), or None."""
+    if level == "sequence":
+        return "sequence-level (GSPO) ratios"
+    if loss_type == "vespo":
+        return "loss_type='vespo' (its weight is a function of the sequence's summed log-ratio)"
+    if off_policy_mask_threshold is not None:
+        return "off_policy_mask_threshold (a sequence's mean log-ratio decides its mask)"
+    if top_entropy_quantile < 1.0:
+        return "top_entropy_quantile < 1 (the entropy quantile is over the whole batch)"
+    return None
+
+
+def vespo_weights(log_ratio, m, advantages, importance_weights, vespo):
+    """VESPO's sequence weight ``phi(w) = exp(lambda + k log w - lambda w)`` (``phi(1) = 1``; VESPO paper,
+    arXiv 2602.10693, as TRL 1.16's ``get_gamma_weights`` documents it), detached.
+
+    ``log w = clamp(sum_t m clamp(log_ratio, -20, 20) + sum_t m clamp(log iw, log 1e-8, 20), log 1e-8, 20)``
+    (the summed, not mean, sequence log-ratio; token importance weights ``iw`` enter in log space,
+    a ``[B, 1]`` / ``[B]`` one once per sequence); ``(k, lambda)`` is ``(k_pos, lambda_pos)`` where
+    ``A >= 0`` else ``(k_neg, lambda_neg)``, ``lambda`` floored at 1e-4; a non-finite ``phi`` is 0."""
+    k_pos, lam_pos, k_neg, lam_neg = vespo
+    lo = math.log(1e-8)
+    with torch.no_grad():
+        seq = (torch.clamp(log_ratio, -20.0, 20.0) * m).sum(-1, keepdim=True)
+        if importance_weights is not None:
+            log_iw = torch.clamp(torch.log(importance_weights), lo, 20.0)
+            seq = seq + (log_iw * m if log_iw.shape[-1] == m.shape[-1] else log_iw).sum(-1, keepdim=True)
+        log_w = torch.clamp(seq, lo, 20.0)
+        nonneg = advantages >= 0
+        # in the compute dtype (torch.where of two Python floats would round them to fp32)
+        k = torch.full_like(advantages, k_neg, dtype=log_w.dtype).masked_fill_(nonneg, k_pos)
+        lam = torch.full_like(advantages, max(lam_neg, 1e-4), dtype=log_w.dtype).masked_fill_(
+            nonneg, max(lam_pos, 1e-4)
+        )
+        phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+        return torch.nan_to_num(phi, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def off_policy_mask(logp, sampling_logp, m, advantages, threshold: float) -> torch.Tensor:
+    """DeepSeek-V3.2's off-policy sequence mask (arXiv 2512.02556, Eq. 9; TRL 1.16's
+    ``get_off_policy_mask``): 1 where ``A >= 0`` or ``mean_t m (sampling_logp - sg(logp)) <= threshold``,
+    else 0 (``[B, 1]``, or ``[B, T]`` for per-token advantages). A NaN difference (a token the sampler
+    could not score) counts 0, as TRL."""
+    kl = torch.nan_to_num(sampling_logp - logp.detach(), nan=0.0)
+    avg = (kl * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
+    return ((advantages >= 0) | (avg <= threshold)).to(m.dtype)
+
+
+def high_entropy_mask(entropy, m, top_entropy_quantile: float) -> torch.Tensor:
+    """TRL 1.16's ``get_high_entropy_mask`` ("Beyond the 80/20 rule", arXiv 2506.01939): 1 at the mask-1
+    tokens whose entropy is ``>=`` the ``1 - top_entropy_quantile`` quantile (linear interpolation, as
+    ``torch.quantile``) of the mask-1 entropies, else 0. Sync-free (a sort and a gather). The quantile
+    is over this call's tokens: TRL gathers every process's entropies first."""
+    valid = m != 0
+    e = entropy.detach()
+    n = valid.sum()
+    vals = torch.where(valid, e, torch.full_like(e, math.inf)).reshape(-1).sort().values
+    pos = (1.0 - top_entropy_quantile) * (n - 1).clamp(min=0).to(e.dtype)
+    lo_i, hi_i = pos.floor().long().reshape(1), pos.ceil().long().reshape(1)
+    if vals.numel() == 0:
+        return torch.zeros_like(m)
+    thr = torch.lerp(vals.gather(0, lo_i), vals.gather(0, hi_i), pos - lo_i.to(e.dtype))
+    # no mask-1 token: thr is inf (or NaN), nothing kept
+    return ((e * m >= thr) & valid & (n > 0)).to(m.dtype)
 
 
 def validate_grpo_args(
@@ -81,7 +181,7 @@ def validate_grpo_args(
     else:
         eps_high = eps_low if eps_high is None else check_number(eps_high, "eps_high", op, lo=0.0)
     if delta is not None:
-        if loss_type in ("cispo", "sapo"):
+        if loss_type in ("cispo", "sapo", "vespo"):
             raise ValueError(
                 f"{op}: delta (two-sided clipping) does not apply to loss_type={loss_type!r}, got delta={delta}"
             )
@@ -123,7 +223,7 @@ def grpo_normalize(per_token: torch.Tensor, m: torch.Tensor, loss_type: str, max
     if loss_type == "dr_grpo":
         L = T if max_completion_length is None else max_completion_length
         return masked.sum() / float(max(B, 1) * L)
-    # dapo / cispo: the global token count of the accumulated batch (the local one when not given)
+    # dapo / cispo / vespo: the global token count of the accumulated batch (the local one when not given)
     if num_items is None:
         denom = m.sum().clamp(min=1.0)
     elif isinstance(num_items, torch.Tensor):
@@ -150,15 +250,21 @@ def grpo_per_token(
     importance_weights: torch.Tensor | None,
     sapo_temperature_pos: float = 1.0,
     sapo_temperature_neg: float = 1.05,
+    vespo: tuple[float, float, float, float] = (2.0, 3.0, 3.0, 2.0),
+    token_weights: torch.Tensor | None = None,
     impl: Impl = "auto",
 ):
-    """Per-token GRPO loss ``[B, T]`` (or ``[B, 1]``-broadcast) and the tensors its metrics need.
+    """Per-token GRPO loss ``[B, T]`` (or ``[B, 1]``-broadcast) and the tensors its metrics need
+    (``(per_token, kl, coef_1, advantages, phi or None)``).
 
     All inputs are already in the compute dtype; ``m`` is the float mask. The k3 KL is
-    :func:`fastalign.k3_kl` on ``impl``.
+    :func:`fastalign.k3_kl` on ``impl``. ``token_weights`` (TRL's off-policy / entropy masks) multiply
+    the policy term, as ``importance_weights`` do (except for VESPO, whose weight takes them in).
     """
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(1)
+    if importance_weights is not None and importance_weights.dim() == 1:
+        importance_weights = importance_weights.unsqueeze(1)
     log_ratio = logp - old_logp
     if level == "token":
         log_w = log_ratio
@@ -172,10 +278,16 @@ def grpo_per_token(
         if kl_bias_correction:
             per_token_kl = per_token_kl * coef_1
 
+    phi = None
     if loss_type == "cispo":
         capped = torch.clamp(coef_1, max=eps_high).detach()
         per_token = -capped * advantages * logp
         ratio_for_metrics = coef_1
+    elif loss_type == "vespo":
+        phi = vespo_weights(log_ratio, m, advantages, importance_weights, vespo)
+        per_token = -phi * advantages * logp
+        ratio_for_metrics = coef_1
+        importance_weights = None  # inside phi (TRL does not multiply them again)
     elif loss_type == "sapo":
         # soft gate instead of a hard clip: sigmoid(tau (r - 1)) * 4 / tau, tau by the advantage's sign
         # in the compute dtype (torch.where of two Python floats would round them to fp32)
@@ -189,14 +301,18 @@ def grpo_per_token(
             coef_1 = torch.clamp(coef_1, max=delta)
         per_token = -torch.min(coef_1 * advantages, coef_2 * advantages)
         ratio_for_metrics = coef_1
+    if token_weights is not None:
+        per_token = per_token * token_weights
     if importance_weights is not None:
         per_token = per_token * importance_weights
     if beta != 0.0:
         per_token = per_token + beta * per_token_kl
-    return per_token, per_token_kl, ratio_for_metrics, advantages
+    return per_token, per_token_kl, ratio_for_metrics, advantages, phi
 
 
-def grpo_metrics(per_token_kl, coef_1, advantages, m, *, loss_type, eps_low, eps_high) -> dict[str, torch.Tensor]:
+def grpo_metrics(
+    per_token_kl, coef_1, advantages, m, *, loss_type, eps_low, eps_high, phi=None
+) -> dict[str, torch.Tensor]:
     """TRL's logged statistics (local, detached): masked means over tokens (over sequences when ``[B, 1]``)."""
 
     def gmean(x):
@@ -214,6 +330,8 @@ def grpo_metrics(per_token_kl, coef_1, advantages, m, *, loss_type, eps_low, eps
         out["cispo_clip_ratio"] = gmean(((c > eps_high) & (a > 0)).to(m.dtype))
     elif loss_type == "sapo":
         pass  # no hard clip to report (TRL logs none)
+    elif loss_type == "vespo":
+        out["vespo/phi_seq_mean"] = gmean(phi)
     else:
         low = (c < 1.0 - eps_low) & (a < 0)
         high = (c > 1.0 + eps_high) & (a > 0)
@@ -242,6 +360,14 @@ def grpo_loss(
     importance_weights: torch.Tensor | None = None,
     sapo_temperature_pos: float = 1.0,
     sapo_temperature_neg: float = 1.05,
+    vespo_k_pos: float = 2.0,
+    vespo_lambda_pos: float = 3.0,
+    vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
+    off_policy_mask_threshold: float | None = None,
+    sampling_logp: torch.Tensor | None = None,
+    top_entropy_quantile: float = 1.0,
+    entropy: torch.Tensor | None = None,
     impl: Impl = "auto",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO-family policy loss from per-token log-probabilities.
@@ -252,7 +378,16 @@ def grpo_loss(
     ``"cispo"``: ``-sg(min(coef_1, eps_high)) A logp`` (``eps_high`` is an absolute cap here).
     ``"sapo"``: ``-sigmoid(tau (coef_1 - 1)) * 4 / tau * A`` with ``tau = sapo_temperature_pos`` where
     ``A > 0`` else ``sapo_temperature_neg`` (SAPO's soft gate; no clip, no delta).
-    ``importance_weights`` (e.g. TRL's vLLM importance-sampling ratio) multiply the policy term.
+    ``"vespo"``: ``-sg(phi) A logp`` with VESPO's gamma weight of the sequence's summed log-ratio,
+    ``phi(w) = exp(lambda + k log w - lambda w)`` (:func:`vespo_weights`; ``k, lambda`` by the sign of
+    ``A``: ``vespo_k_pos`` / ``vespo_lambda_pos`` where ``A >= 0``, else the ``_neg`` pair; TRL 1.16's
+    defaults 2, 3, 3, 2); the importance weights enter ``w`` (log space) instead of multiplying.
+    ``importance_weights`` (e.g. TRL's vLLM importance-sampling ratio: ``[B, T]`` token modes,
+    ``[B]`` / ``[B, 1]`` sequence modes) multiply the policy term. TRL's two masks multiply it too:
+    ``off_policy_mask_threshold=delta`` keeps a sequence where ``A >= 0`` or
+    ``mean_t (sampling_logp - sg(logp)) <= delta`` (:func:`off_policy_mask`, DeepSeek-V3.2);
+    ``top_entropy_quantile=rho < 1`` keeps the tokens whose ``entropy`` is in the top ``rho`` of the
+    batch's mask-1 entropies (:func:`high_entropy_mask`, the quantile of this call's tokens).
     KL (when ``beta != 0``): k3 ``exp(ref - logp) - (ref - logp) - 1``, times ``coef_1`` when
     ``kl_bias_correction``; added as ``+ beta * kl``. Normalizers over the mask ``m``:
 
@@ -261,8 +396,12 @@ def grpo_loss(
       sequence-level ratios)
     - ``"bnpo"``: ``sum m l / max(sum m, 1)``
     - ``"dr_grpo"``: ``sum m l / (B * max_completion_length)`` (``T`` when None)
-    - ``"dapo"``, ``"cispo"``: ``sum m l / num_items`` (the accumulated batch's token count; the
-      local ``sum m`` when None)
+    - ``"dapo"``, ``"cispo"``, ``"vespo"``: ``sum m l / num_items`` (the accumulated batch's token
+      count; the local ``sum m`` when None)
+
+    LUSPO's normaliser is TRL's (the paper's per-sequence length scaling as TRL implements it: a mean
+    over sequences of each one's token sum); for a token-count normaliser of the same sequence-level
+    loss use ``loss_type="dapo"`` (with ``num_items``) and ``level="sequence"``.
 
     Args:
         logp: ``[B, T]`` float, the policy's per-token log-probs (differentiable).
@@ -276,14 +415,23 @@ def grpo_loss(
         max_completion_length: ``dr_grpo``'s constant. num_items: ``dapo``/``cispo``'s denominator
             (number or one-element tensor; no host sync).
         kl_bias_correction: TRL's ``use_bias_correction_kl``.
-        importance_weights: optional ``[B, T]`` or ``[B, 1]`` float multiplier of the policy term.
+        importance_weights: optional ``[B, T]``, ``[B, 1]`` or ``[B]`` float multiplier of the policy
+            term (constant).
         sapo_temperature_pos, sapo_temperature_neg: SAPO's gate temperatures (> 0).
+        vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: VESPO's ``k`` and ``lambda``
+            (>= 0; TRL's ``vespo_*``).
+        off_policy_mask_threshold: None (off) or ``delta >= 0``: TRL's off-policy sequence mask.
+        sampling_logp: ``[B, T]`` float or None: the sampler's log-probs for that mask (TRL's
+            ``sampling_per_token_logps``, vLLM's); None: ``old_logp`` (as TRL).
+        top_entropy_quantile: ``rho`` in ``[0, 1]``; 1 (default) keeps every token.
+        entropy: ``[B, T]`` float per-token entropies (constant), needed when ``rho < 1``.
         impl: backend of the k3 KL term (:func:`fastalign.k3_kl`).
 
     Returns:
         ``(loss, metrics)``: metrics (detached 0-d) ``policy_loss`` (the loss itself), ``kl`` (when
         ``ref_logp`` is given and ``beta != 0``), ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
-        ``clip_ratio/region_mean`` (or ``cispo_clip_ratio``), as TRL logs them on one process.
+        ``clip_ratio/region_mean`` (or ``cispo_clip_ratio``; ``vespo/phi_seq_mean`` for VESPO), as TRL
+        logs them on one process.
 
     Example:
         >>> import torch
@@ -310,6 +458,10 @@ def grpo_loss(
     if tuple(mask.shape) != (B, T):
         raise ValueError(f"{op}: mask must have shape {(B, T)} (like logp), got {tuple(mask.shape)}")
     check_importance_weights(importance_weights, op, B, T)
+    if sampling_logp is not None:
+        _check_token_tensor(sampling_logp, "sampling_logp", op, logp.shape)
+    if entropy is not None:
+        _check_token_tensor(entropy, "entropy", op, logp.shape)
     check_same_device(
         op,
         logp=logp,
@@ -318,6 +470,8 @@ def grpo_loss(
         mask=mask,
         ref_logp=ref_logp,
         importance_weights=importance_weights,
+        sampling_logp=sampling_logp,
+        entropy=entropy,
     )
     beta, eps_low, eps_high, delta, sapo_temperature_pos, sapo_temperature_neg = validate_grpo_args(
         op,
@@ -333,6 +487,18 @@ def grpo_loss(
         sapo_temperature_pos=sapo_temperature_pos,
         sapo_temperature_neg=sapo_temperature_neg,
     )
+    vespo, opm_threshold, top_q = validate_grpo_options(
+        op,
+        vespo_k_pos=vespo_k_pos,
+        vespo_lambda_pos=vespo_lambda_pos,
+        vespo_k_neg=vespo_k_neg,
+        vespo_lambda_neg=vespo_lambda_neg,
+        off_policy_mask_threshold=off_policy_mask_threshold,
+        has_sampling=sampling_logp is not None,
+        top_entropy_quantile=top_entropy_quantile,
+    )
+    if top_q < 1.0 and entropy is None:
+        raise ValueError(f"{op}: top_entropy_quantile={top_q} needs entropy (the per-token entropies [B, T]), got None")
     select_impl(impl, logp.device, op=op)  # checks impl even where no op runs (beta == 0)
     dt = compute_dtype(logp, old_logp, advantages, ref_logp)
     # padding (mask 0) may hold -inf / NaN log-probs: zeroed before any arithmetic (docs/contract.md)
@@ -342,8 +508,9 @@ def grpo_loss(
     adv = zero_masked(as_compute(advantages, dt).detach(), mask)
     m = mask.to(dt)
     iw = None if importance_weights is None else zero_masked(as_compute(importance_weights, dt).detach(), mask)
+    token_weights = token_masks(lp, old, m, adv, sampling_logp, entropy, mask, opm_threshold, top_q)
 
-    per_token, per_token_kl, coef_1, adv2 = grpo_per_token(
+    per_token, per_token_kl, coef_1, adv2, phi = grpo_per_token(
         lp,
         old,
         adv,
@@ -359,9 +526,28 @@ def grpo_loss(
         importance_weights=iw,
         sapo_temperature_pos=sapo_temperature_pos,
         sapo_temperature_neg=sapo_temperature_neg,
+        vespo=vespo,
+        token_weights=token_weights,
         impl=impl,
     )
     loss = grpo_normalize(per_token, m, loss_type, max_completion_length, num_items)
     metrics = {"policy_loss": loss.detach()}
-    metrics.update(grpo_metrics(per_token_kl, coef_1, adv2, m, loss_type=loss_type, eps_low=eps_low, eps_high=eps_high))
+    metrics.update(
+        grpo_metrics(per_token_kl, coef_1, adv2, m, loss_type=loss_type, eps_low=eps_low, eps_high=eps_high, phi=phi)
+    )
     return loss, metrics
+
+
+def token_masks(lp, old, m, adv, sampling_logp, entropy, mask, threshold, top_q) -> torch.Tensor | None:
+    """The product of TRL's off-policy sequence mask and high-entropy token mask (None when both are
+    off), from compute-dtype ``lp`` / ``old`` / ``adv`` (``[B]`` or wider) and the raw ``sampling_logp``
+    / ``entropy`` (zeroed at padding here)."""
+    w = None
+    if threshold is not None:
+        samp = old if sampling_logp is None else zero_masked(as_compute(sampling_logp, lp.dtype).detach(), mask)
+        a = adv.unsqueeze(1) if adv.dim() == 1 else adv
+        w = off_policy_mask(lp, samp, m, a, threshold)
+    if top_q < 1.0:
+        em = high_entropy_mask(zero_masked(as_compute(entropy, lp.dtype).detach(), mask), m, top_q)
+        w = em if w is None else w * em
+    return w

@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 from fastalign._dispatch import Impl
@@ -22,22 +24,97 @@ def _check_bt(x, name, op, shape):
         raise ValueError(f"{op}: {name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
 
 
-def validate_ppo_policy_args(op, eps_low, eps_high, dual_clip, level):
+Aggregation = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"]
+RolloutCorrection = Literal["tis", "icepop"]
+
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
+ROLLOUT_CORRECTIONS = ("tis", "icepop")
+
+
+def validate_ppo_policy_args(
+    op,
+    eps_low,
+    eps_high,
+    dual_clip,
+    level,
+    log_ratio_clamp=None,
+    aggregation="token_mean",
+    rollout_correction=None,
+    rollout_ratio_min=0.0,
+    rollout_ratio_max=2.0,
+    has_rollout=False,
+):
+    """Checks shared by :func:`ppo_policy_loss` and the fused form; returns the resolved
+    ``(eps_low, eps_high, dual_clip, log_ratio_clamp, rollout_ratio_min, rollout_ratio_max)``."""
     eps_low = check_number(eps_low, "eps_low", op, lo=0.0)
     eps_high = eps_low if eps_high is None else check_number(eps_high, "eps_high", op, lo=0.0)
     if dual_clip is not None:
         dual_clip = check_number(dual_clip, "dual_clip", op, lo=1.0, lo_open=True)
     check_choice(level, "level", op, ("token", "sequence"))
-    return eps_low, eps_high, dual_clip
+    log_ratio_clamp = check_number(log_ratio_clamp, "log_ratio_clamp", op, lo=0.0, lo_open=True, optional=True)
+    check_choice(aggregation, "aggregation", op, AGGREGATIONS)
+    if rollout_correction is not None:
+        check_choice(rollout_correction, "rollout_correction", op, ROLLOUT_CORRECTIONS)
+        if not has_rollout:
+            raise ValueError(
+                f"{op}: rollout_correction={rollout_correction!r} needs rollout_logp (the inference engine's "
+                "log-probs of the sampled tokens, e.g. vLLM's), got None"
+            )
+    elif has_rollout:
+        raise ValueError(f"{op}: rollout_logp is given but rollout_correction is None: pass 'tis' or 'icepop'")
+    rmin = check_number(rollout_ratio_min, "rollout_ratio_min", op, lo=0.0)
+    rmax = check_number(rollout_ratio_max, "rollout_ratio_max", op, lo=0.0, lo_open=True)
+    if rmin > rmax:
+        raise ValueError(f"{op}: rollout_ratio_min must be <= rollout_ratio_max={rmax}, got {rmin}")
+    return eps_low, eps_high, dual_clip, log_ratio_clamp, rmin, rmax
 
 
-def ppo_policy_per_token(lp, old, adv, m, *, eps_low, eps_high, dual_clip, level):
+def ppo_aggregate(per_token: torch.Tensor, m: torch.Tensor, aggregation: str) -> torch.Tensor:
+    """verl's ``loss_agg_mode`` over the float mask ``m`` ``[B, T]`` (``max(count, 1)`` denominators):
+    ``token_mean`` ``sum m l / sum m``; ``seq_mean_token_mean`` ``mean_b (sum_t m l / sum_t m)``;
+    ``seq_mean_token_sum`` ``mean_b sum_t m l``; ``seq_mean_token_sum_norm`` ``sum m l / T``."""
+    masked = per_token * m
+    B, T = m.shape
+    if aggregation == "token_mean":
+        return masked.sum() / m.sum().clamp(min=1.0)
+    if aggregation == "seq_mean_token_sum_norm":
+        return masked.sum() / float(max(T, 1))
+    per_seq = masked.sum(-1)
+    if aggregation == "seq_mean_token_mean":
+        per_seq = per_seq / m.sum(-1).clamp(min=1.0)
+    return per_seq.sum() / float(max(B, 1))
+
+
+def rollout_weights(old, rollout, m, correction: str, ratio_min: float, ratio_max: float):
+    """The vLLM / inference-engine mismatch correction (constant per-token weights) and its metrics.
+
+    ``k = exp(old_logp - rollout_logp)`` (trainer over inference engine, both at the sampling policy):
+    ``"tis"``: ``clamp(k, ratio_min, ratio_max)`` (truncated importance sampling, Yao et al. 2025,
+    "Your efficient RL framework secretly brings you off-policy RL training"; verl's
+    ``tis_imp_ratio_cap`` is ``ratio_max``); ``"icepop"``: ``k`` where ``ratio_min <= k <= ratio_max``,
+    else 0 (IcePop, Ling team 2025: tokens with a large mismatch are masked out, the others keep the
+    correction). Inputs in the compute dtype, detached."""
+    k = torch.exp(old - rollout)
+    inside = (k >= ratio_min) & (k <= ratio_max)
+    if correction == "tis":
+        w = k.clamp(ratio_min, ratio_max)
+        frac_key = "rollout_trunc_frac"
+    else:
+        w = torch.where(inside, k, torch.zeros_like(k))
+        frac_key = "rollout_mask_frac"
+    metrics = {"rollout_ratio_mean": masked_mean(k, m), frac_key: masked_mean((~inside).to(m.dtype), m)}
+    return w, metrics
+
+
+def ppo_policy_per_token(lp, old, adv, m, *, eps_low, eps_high, dual_clip, level, log_ratio_clamp=None):
     """Per-token clipped surrogate ``[B, T]`` and the ratio; inputs in the compute dtype."""
     if adv.dim() == 1:
         adv = adv.unsqueeze(1)
     log_ratio = lp - old
     if level == "sequence":
         log_ratio = ((log_ratio * m).sum(-1) / m.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    if log_ratio_clamp is not None:
+        log_ratio = torch.clamp(log_ratio, -log_ratio_clamp, log_ratio_clamp)
     ratio = torch.exp(log_ratio)
     surr = torch.max(-ratio * adv, -torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv)
     if dual_clip is not None:
@@ -56,25 +133,50 @@ def ppo_policy_loss(
     eps_high: float | None = None,
     dual_clip: float | None = None,
     level: Level = "token",
+    log_ratio_clamp: float | None = None,
+    aggregation: Aggregation = "token_mean",
+    rollout_logp: torch.Tensor | None = None,
+    rollout_correction: RolloutCorrection | None = None,
+    rollout_ratio_min: float = 0.0,
+    rollout_ratio_max: float = 2.0,
     impl: Impl = "auto",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO-Clip policy loss, token-mean over ``mask``.
+    """PPO-Clip policy loss, token-mean over ``mask`` (or verl's other aggregations).
 
-    ``r = exp(logp - old_logp)`` (``level="sequence"``: exp of the masked mean log-ratio per row);
+    ``r = exp(logp - old_logp)`` (``level="sequence"``: exp of the masked mean log-ratio per row;
+    with ``log_ratio_clamp=c`` the log-ratio is clamped to ``[-c, c]`` first, verl's / OpenRLHF's 20);
     per token ``max(-r A, -clip(r, 1 - eps_low, 1 + eps_high) A)``; with ``dual_clip=c`` (> 1) the
-    loss is additionally bounded by ``-c A`` where ``A < 0``; loss ``sum m l / max(sum m, 1)``.
+    loss is additionally bounded by ``-c A`` where ``A < 0`` (Ye et al. 2020; verl's ``clip_ratio_c``);
+    with a rollout correction each token's loss is multiplied by the constant weight
+    :func:`rollout_weights` gives (TIS or IcePop, from ``k = exp(old_logp - rollout_logp)``).
+    Aggregation (verl's ``loss_agg_mode``, the same words with ``_``; empty rows count 0, no NaN):
+
+    - ``"token_mean"`` (default): ``sum m l / max(sum m, 1)``;
+    - ``"seq_mean_token_mean"``: ``mean_b (sum_t m l / max(sum_t m, 1))`` (GRPO's per-sequence mean);
+    - ``"seq_mean_token_sum"``: ``mean_b sum_t m l``;
+    - ``"seq_mean_token_sum_norm"``: ``sum m l / T`` (verl's Dr. GRPO form: ``T`` the padded length,
+      no ``1 / B``; :func:`grpo_loss` ``loss_type="dr_grpo"`` divides by ``B * max_completion_length``).
 
     Args:
         logp: ``[B, T]`` float (differentiable). old_logp: ``[B, T]`` float (constant).
         advantages: ``[B, T]``, ``[B]`` or ``[B, 1]`` float (constant). mask: ``[B, T]`` bool or 0/1.
         eps_low, eps_high: clip range ``[1 - eps_low, 1 + eps_high]`` (``eps_high`` defaults to ``eps_low``).
         dual_clip: None or ``c > 1``. level: ``"token"`` or ``"sequence"`` (GSPO ratio).
+        log_ratio_clamp: None or ``c > 0`` (:func:`fastalign.clipped_surrogate`).
+        aggregation: see above.
+        rollout_logp: ``[B, T]`` float or None, the inference engine's log-probs of the sampled
+            tokens (vLLM's); needs ``rollout_correction``.
+        rollout_correction: None, ``"tis"`` or ``"icepop"`` (:func:`rollout_weights`).
+        rollout_ratio_min, rollout_ratio_max: the range of ``k`` (TIS truncates to it, IcePop masks
+            outside it; ``0 <= min <= max``, ``max > 0``; e.g. TIS ``max=2``, IcePop ``[0.5, 5]``).
         impl: backend of the per-token surrogate (:func:`fastalign.clipped_surrogate`).
 
     Returns:
         ``(loss, metrics)`` with ``approx_kl`` (``mean(r - 1 - log r)``, token ratio), ``clip_frac``
         (= ``clip_frac_low`` (``r < 1 - eps_low``, ``A < 0``) + ``clip_frac_high`` (``r > 1 + eps_high``,
-        ``A > 0``): the tokens whose gradient the clip zeroes) and, with dual-clip, ``dual_clip_frac``.
+        ``A > 0``): the tokens whose gradient the clip zeroes) and, with dual-clip, ``dual_clip_frac``;
+        with a rollout correction ``rollout_ratio_mean`` (mean ``k``) and ``rollout_trunc_frac``
+        (TIS) or ``rollout_mask_frac`` (IcePop): the share of tokens with ``k`` outside the range.
 
     Example:
         >>> import torch
@@ -100,8 +202,22 @@ def ppo_policy_loss(
     check_mask(mask, "mask", op)
     if tuple(mask.shape) != (B, T):
         raise ValueError(f"{op}: mask must have shape {(B, T)}, got {tuple(mask.shape)}")
-    check_same_device(op, logp=logp, old_logp=old_logp, advantages=advantages, mask=mask)
-    eps_low, eps_high, dual_clip = validate_ppo_policy_args(op, eps_low, eps_high, dual_clip, level)
+    if rollout_logp is not None:
+        _check_bt(rollout_logp, "rollout_logp", op, logp.shape)
+    check_same_device(op, logp=logp, old_logp=old_logp, advantages=advantages, mask=mask, rollout_logp=rollout_logp)
+    eps_low, eps_high, dual_clip, log_ratio_clamp, rmin, rmax = validate_ppo_policy_args(
+        op,
+        eps_low,
+        eps_high,
+        dual_clip,
+        level,
+        log_ratio_clamp,
+        aggregation,
+        rollout_correction,
+        rollout_ratio_min,
+        rollout_ratio_max,
+        has_rollout=rollout_logp is not None,
+    )
     # the per-token surrogate is fastalign.clipped_surrogate (Triton on CUDA), stats from the same pass
     per_token, stats = clipped_surrogate_with_stats(
         logp,
@@ -112,9 +228,10 @@ def ppo_policy_loss(
         dual_clip=dual_clip,
         mask=mask,
         level=level,
+        log_ratio_clamp=log_ratio_clamp,
         impl=impl,
     )
-    loss = masked_mean(per_token, mask)
+    m = mask.to(per_token.dtype)
     metrics = {
         "approx_kl": stats["approx_kl"],
         "clip_frac": stats["clip_frac"],
@@ -123,7 +240,14 @@ def ppo_policy_loss(
     }
     if dual_clip is not None:
         metrics["dual_clip_frac"] = stats["dual_clip_frac"]
-    return loss, metrics
+    if rollout_correction is not None:
+        dt = per_token.dtype
+        old = zero_masked(as_compute(old_logp, dt).detach(), mask)
+        w, rm = rollout_weights(old, zero_masked(as_compute(rollout_logp, dt).detach(), mask), m,
+                                rollout_correction, rmin, rmax)  # fmt: skip
+        per_token = per_token * w
+        metrics.update(rm)
+    return ppo_aggregate(per_token, m, aggregation), metrics
 
 
 def value_loss(
@@ -135,6 +259,9 @@ def value_loss(
     value_clip: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Value loss ``mean_m (V - R)^2`` (the tutorial's, without a 1/2 factor).
+
+    On purpose: verl and OpenRLHF (and TRL's PPOTrainer) use ``0.5 * (V - R)^2``; for their
+    convention halve the weight (``ppo_loss(..., value_coef=0.5 * theirs)``, or ``0.5 * value_loss``).
 
     With ``value_clip`` (needs ``old_values``): ``mean_m max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2)``
     (PPO2's clipped value loss).
@@ -200,6 +327,12 @@ def ppo_loss(
     value_clip: float | None = None,
     value_coef: float = 0.5,
     entropy_coef: float = 0.01,
+    log_ratio_clamp: float | None = None,
+    aggregation: Aggregation = "token_mean",
+    rollout_logp: torch.Tensor | None = None,
+    rollout_correction: RolloutCorrection | None = None,
+    rollout_ratio_min: float = 0.0,
+    rollout_ratio_max: float = 2.0,
     impl: Impl = "auto",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Full PPO objective of the tutorial: ``policy + value_coef * value - entropy_coef * entropy``.
@@ -212,6 +345,9 @@ def ppo_loss(
     Args:
         logp, old_logp, advantages, mask, eps_low, eps_high, dual_clip, impl: as in
             :func:`ppo_policy_loss` (token-level ratios).
+        log_ratio_clamp, aggregation, rollout_logp, rollout_correction, rollout_ratio_min,
+            rollout_ratio_max: the policy term's options (:func:`ppo_policy_loss`); the value loss and
+            the entropy bonus stay token means.
         values, returns: ``[B, T]`` float or None (both or neither); ``values`` differentiable.
         old_values, value_clip: the value clip of :func:`value_loss`.
         entropy: ``[B, T]`` float or None, per-token entropy (differentiable).
@@ -238,7 +374,20 @@ def ppo_loss(
     if (values is None) != (returns is None):
         raise ValueError(f"{op}: pass both values and returns or neither, got only one")
     pol, metrics = ppo_policy_loss(
-        logp, old_logp, advantages, mask, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, impl=impl
+        logp,
+        old_logp,
+        advantages,
+        mask,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        dual_clip=dual_clip,
+        log_ratio_clamp=log_ratio_clamp,
+        aggregation=aggregation,
+        rollout_logp=rollout_logp,
+        rollout_correction=rollout_correction,
+        rollout_ratio_min=rollout_ratio_min,
+        rollout_ratio_max=rollout_ratio_max,
+        impl=impl,
     )
     loss = pol
     metrics = {"policy": pol.detach(), **metrics}

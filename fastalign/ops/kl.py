@@ -14,13 +14,15 @@ import torch
 from fastalign._dispatch import Impl, select_impl
 from fastalign._validation import check_choice, check_float, check_number, check_same_device
 from fastalign.kernels.dtypes import acc_dtype
+from fastalign.kernels.kl import ABS, K1, K2, K3, ST
 from fastalign.ops._library import Op
 from fastalign.ops._tokens import as_rows
 
 _OP = "kl_penalty"
-_KINDS = {"k1": 1, "k2": 2, "k3": 3}
+# the kernels' kind codes (kernels.kl: K1 .. ABS, + ST for the straight-through variants)
+_KINDS = {"k1": K1, "k2": K2, "k3": K3, "abs": ABS, "k1+": K1 + ST, "k3+": K3 + ST, "abs+": ABS + ST}
 
-KLKind = Literal["k1", "k2", "k3"]
+KLKind = Literal["k1", "k2", "k3", "abs", "k1+", "k3+", "abs+"]
 
 
 # ---- torch path ---------------------------------------------------------------------------------
@@ -28,27 +30,37 @@ KLKind = Literal["k1", "k2", "k3"]
 
 def kl_fwd_torch(logp, ref, kind: int, lr_clamp: float, out_clamp: float, acc: torch.dtype, want_grad: bool = True):
     """(estimator, d estimator / d logp or None); d / d ref is the negative. torch.clamp's gradient
-    convention: zero where a clamp is active."""
-    x = logp.to(acc) - ref.to(acc)
+    convention: zero where a clamp is active. A straight-through ``kind`` (``>= ST``) has the slope of
+    k2 at the raw log-ratio, ``x``, whatever the clamps."""
+    straight = kind >= ST
+    kind = kind % ST
+    x_raw = logp.to(acc) - ref.to(acc)
+    x = x_raw
     keep = None
     if math.isfinite(lr_clamp):
         keep = (x >= -lr_clamp) & (x <= lr_clamp)
         x = x.clamp(-lr_clamp, lr_clamp)
-    if kind == 1:
+    want_slope = want_grad and not straight
+    if kind == K1:
         val = x
-        slope = torch.ones_like(x) if want_grad else None
-    elif kind == 2:
+        slope = torch.ones_like(x) if want_slope else None
+    elif kind == K2:
         val = 0.5 * x * x
-        slope = x if want_grad else None
+        slope = x if want_slope else None
+    elif kind == ABS:
+        val = x.abs()
+        slope = torch.sign(x) if want_slope else None
     else:
         e = torch.exp(-x)
         val = e.add(x).sub_(1.0)
         val = torch.where(torch.isinf(e), e, val)  # k3(-inf) = +inf, not inf - inf = NaN
-        slope = e.neg_().add_(1.0) if want_grad else None  # 1 - exp(-x), reusing e's buffer
+        slope = e.neg_().add_(1.0) if want_slope else None  # 1 - exp(-x), reusing e's buffer
     if math.isfinite(out_clamp):
         inside = (val >= -out_clamp) & (val <= out_clamp)
         keep = inside if keep is None else keep & inside
         val = val.clamp(-out_clamp, out_clamp)
+    if straight:  # (a fresh tensor when k1's value is x_raw itself: op outputs never alias)
+        return val, (None if not want_grad else x_raw.clone() if val is x_raw else x_raw)
     if want_grad and keep is not None:
         slope = torch.where(keep, slope, 0.0)
     return val, slope
@@ -150,24 +162,31 @@ def kl_penalty(
     log_ratio_clamp: float | None = None,
     impl: Impl = "auto",
 ) -> torch.Tensor:
-    """Per-token KL estimator between the policy and the reference (Schulman's k1 / k2 / k3).
+    """Per-token KL estimator between the policy and the reference (Schulman's k1 / k2 / k3, verl's abs).
 
     With ``x = logp - ref_logp``:
-      * ``"k1"``: ``x``  (unbiased, can be negative);
-      * ``"k2"``: ``x^2 / 2``;
+      * ``"k1"``: ``x``  (unbiased, can be negative; verl's ``kl`` / ``k1``);
+      * ``"k2"``: ``x^2 / 2`` (verl's ``mse`` / ``k2``);
       * ``"k3"``: ``exp(ref - logp) - (ref - logp) - 1 = exp(-x) + x - 1``  (non-negative, low variance;
-        the GRPO / TRL / verl ``low_var_kl`` estimator).
+        the GRPO / TRL / verl ``low_var_kl`` estimator);
+      * ``"abs"``: ``|x|`` (verl's ``abs``; gradient ``sign(x)``, 0 at ``x = 0``);
+      * ``"k1+"``, ``"k3+"``, ``"abs+"``: straight-through (verl's ``k1+`` / ``k3+`` / ``abs+``, from
+        Schulman's note that k2's gradient is the unbiased one): the value of ``k1`` / ``k3`` / ``abs``
+        (with the clamps) and the gradient of ``k2`` at the raw log-ratio, ``d/dlogp = x``, as
+        ``k2 + sg(estimator - k2)``; the clamps act on the value only (at an infinite log-ratio the
+        value is the estimator's, where verl's expression gives ``inf - inf = NaN``).
 
     Clamps (both off by default), in this order:
       1. ``log_ratio_clamp=c``: ``x`` is clamped to ``[-c, c]`` *before* the estimator;
       2. ``clamp=c``: the estimator's *result* is clamped to ``[-c, c]``.
-    verl's ``low_var_kl`` is ``kind="k3", log_ratio_clamp=20, clamp=10``. Gradients follow
-    ``torch.clamp``: zero where a clamp is active.
+    verl's ``low_var_kl`` is ``kind="k3", log_ratio_clamp=20, clamp=10`` (``low_var_kl+``: ``"k3+"``
+    with the same clamps). Gradients follow ``torch.clamp``: zero where a clamp is active (not for
+    the straight-through kinds).
 
     Args:
         logp: ``[...]`` fp16 / bf16 / fp32 / fp64 log-probs of the sampled tokens under the policy.
         ref_logp: ``[...]`` same shape, any float dtype: the reference model's log-probs.
-        kind: ``"k1" | "k2" | "k3"``.
+        kind: ``"k1" | "k2" | "k3" | "abs" | "k1+" | "k3+" | "abs+"``.
         clamp: ``None`` or ``c > 0``: clamp of the result.
         log_ratio_clamp: ``None`` or ``c > 0``: clamp of ``logp - ref_logp`` before the estimator.
         impl: ``"auto" | "triton" | "torch"``.

@@ -11,17 +11,25 @@ API (used by ``ops/linear_logprobs.py``, ``losses/fused.py``, ``integrations/trl
 * :class:`HeadTransform`: the transform as a value (forward map, derivative, kernel arguments);
 * :class:`Walk`: how one call walks its tiles (transform, compute dtype, epilogue backend, tile
   shape, precision options), fixed in the forward and reused by its backward; :func:`make_walk`;
-* :func:`forward` -> :class:`HeadStats`: the forward tile walk (online LSE, target logit, entropy,
-  optionally each tile's row max for the grad filter);
-* :func:`backward`: the backward tile walk (dH, dW, db), optionally gradient-filtered;
+* :func:`forward` -> :class:`HeadStats`: the forward tile walk (online LSE, target logit(s), entropy,
+  optionally each tile's row max for the grad filter, and with ``with_stats`` the running
+  ``q = sum exp(2 (x - m))`` (a second online logsumexp: ``log sum_v p_v^2 = log q - 2 log s``), the
+  logit sum ``sum_v u_v x_v`` (``u``: optional column weights) and the first index of the row max);
+* :func:`backward`: the backward tile walk (dH, dW, db), optionally gradient-filtered; besides the
+  gradients w.r.t. log-probs and entropy it takes per-row gradients w.r.t. ``lse`` and the logit sum,
+  so a loss built on those (label smoothing, z-loss: ``losses/cross_entropy.py``) needs no other walk;
 * :func:`one_pass`: the fused losses' walk (full-vocabulary tiles: log-probs, the loss gradient per
   token, then dH / dW / db from the same tile).
 
 Epilogue contract (both backends: the torch functions here and the Triton launchers of
 :mod:`fastalign.kernels.linear_logprobs`): ``fold(tile, ...)`` reads the logits tile and never writes
-it (it updates the per-row state, the target logit and, if asked, the row max, in place);
-``dlogits(tile, dz, ...)`` writes dLoss/dZ into ``dz``, which may be the tile itself, and leaves the
-tile's contents undefined (each element is read before anything is written over it).
+it (it updates the per-row state, the target logit(s) and, if asked, the row max and the
+:class:`FoldStats`, in place); ``dlogits(tile, dz, ...)`` writes dLoss/dZ,
+``dx_v = sum_k g_k [v = t_k] + (g_lse - sum_k g_k) p_v - g_ent p_v (log p_v + H) + g_sum u_v`` chained
+through ``f'(z)``, into ``dz``, which may be the tile itself, and leaves the tile's contents undefined
+(each element is read before anything is written over it). Targets are ``[n]`` or ``[n, K]`` (K
+candidates per row: K target logits per row, K one-hot terms in dZ). The statistics and the extra
+gradient terms are constexpr specializations of the Triton epilogues: the default launches compute none.
 
 Tile walk: rows outer (blocks of ``R``), vocabulary chunks of ``C`` columns inner
 (``tuning.linear_logprobs_chunking``, or the ops' ``row_block`` / ``chunk_size``). Per tile the
@@ -61,11 +69,13 @@ Gradient filter (``grad_filter_eps``, opt-in; None = exact): the forward saves e
 of x (``[n_chunks, N]`` fp32); a backward tile whose rows all have
 ``p_max = exp(x_max - lse) < eps`` skips its recompute and GEMMs. The target's one-hot term is kept
 exactly (added to dH / dW / db rows without the tile). Dropped per element of a skipped tile:
-``|dZ_ij| <= (|g_i| eps + |g_ent,i| eps (|ln eps| + H_i)) * scale / T`` (the softcap factor is
-<= 1), so ``|ΔdH_i| <= (|g_i| + |g_ent,i| (|ln eps| + H_i)) * scale / T * P_i * max_j |W_j|``
-with ``P_i <= min(1, eps * skipped columns)`` the probability mass skipped, and
-``|ΔdW_j| <= eps * scale / T * sum_i (|g_i| + |g_ent,i| (|ln eps| + H_i)) |h_i|``. The skip decision
-reads the ``[row blocks, chunks]`` mask on the host: one sync per backward.
+``|dZ_ij| <= (|g_i| eps + |g_lse,i| eps + |g_ent,i| eps (|ln eps| + H_i)) * scale / T`` (the softcap
+factor is <= 1), so ``|ΔdH_i| <= (|g_i| + |g_lse,i| + |g_ent,i| (|ln eps| + H_i)) * scale / T * P_i *
+max_j |W_j|`` with ``P_i <= min(1, eps * skipped columns)`` the probability mass skipped, and
+``|ΔdW_j| <= eps * scale / T * sum_i (|g_i| + |g_lse,i| + |g_ent,i| (|ln eps| + H_i)) |h_i|``. The
+skip decision reads the ``[row blocks, chunks]`` mask on the host: one sync per backward. A gradient
+w.r.t. the logit sum (``g_sum``: label smoothing, ``mean_logits``) reaches every column, so with it
+nothing is skipped; ``[n, K]`` targets are not filtered.
 
 Ignored rows, index checks and compaction are the callers' (``ops/linear_logprobs.py``,
 ``losses/fused.py``); autocast is off inside the walks (the compute dtype is chosen by the caller,
@@ -289,6 +299,22 @@ def make_walk(
 # ---- epilogues ----------------------------------------------------------------------------------
 
 
+class FoldStats(NamedTuple):
+    """The fold's optional per-row statistics (``[n]`` each, updated in place): ``q = sum exp(2 (x - m))``
+    (with m the running max: ``log sum_v p_v^2 = log q - 2 log s``), ``x_sum = sum_v u_v x_v``,
+    ``argmax`` (int64: the first vocabulary index of the row's max, -1 before any finite value) and
+    ``u``: the whole ``[V]`` column weights, or None for u = 1."""
+
+    q: torch.Tensor
+    x_sum: torch.Tensor
+    argmax: torch.Tensor
+    u: torch.Tensor | None
+
+
+def _as_2d(targets: torch.Tensor) -> torch.Tensor:
+    return targets.unsqueeze(1) if targets.dim() == 1 else targets
+
+
 def linear_logprobs_tile_fwd_torch(
     tile: torch.Tensor,
     targets: torch.Tensor,
@@ -299,18 +325,28 @@ def linear_logprobs_tile_fwd_torch(
     tile_max: torch.Tensor | None,
     vocab_start: int,
     head: HeadTransform,
+    stats: FoldStats | None = None,
 ) -> None:
     """Fold one ``[n, C]`` logits tile into the running online-LSE state (see kernels/logsumexp.py:
-    t relative to m); never writes the tile."""
+    t relative to m) and, with ``stats``, the :class:`FoldStats`; never writes the tile. ``targets`` /
+    ``tgt``: ``[n]`` or ``[n, K]``."""
     n, n_cols = tile.shape
     if n == 0 or n_cols == 0:
         return
     x = head.apply(tile)
-    local = targets - vocab_start
+    local = _as_2d(targets) - vocab_start
     hit = (local >= 0) & (local < n_cols)
-    picked = x.gather(1, local.clamp(0, n_cols - 1).unsqueeze(1)).squeeze(1)
-    tgt.copy_(torch.where(hit, picked, tgt))
-    x_max = x.amax(1)
+    picked = x.gather(1, local.clamp(0, n_cols - 1))
+    tgt2 = _as_2d(tgt)
+    tgt2.copy_(torch.where(hit, picked, tgt2))
+    if stats is not None:
+        x_max, arg = x.max(1)  # the first index of the max
+        # a later chunk's max replaces the running one only when larger: the first index overall
+        stats.argmax.copy_(torch.where(x_max > m, arg + vocab_start, stats.argmax))
+        u = None if stats.u is None else stats.u[vocab_start : vocab_start + n_cols].to(x.dtype)
+        stats.x_sum.add_(x.sum(1) if u is None else x @ u)
+    else:
+        x_max = x.amax(1)
     if tile_max is not None:
         tile_max.copy_(x_max)
     m_new = torch.maximum(m, x_max)
@@ -326,6 +362,8 @@ def linear_logprobs_tile_fwd_torch(
     else:
         e = xs.exp_()
     s.mul_(alpha).add_(e.sum(1))
+    if stats is not None:
+        stats.q.mul_(alpha * alpha).add_(torch.linalg.vecdot(e, e))
     m.copy_(m_new)
 
 
@@ -339,43 +377,63 @@ def linear_logprobs_tile_bwd_torch(
     g_ent: torch.Tensor | None,
     vocab_start: int,
     head: HeadTransform,
+    g_lse: torch.Tensor | None = None,
+    g_sum: torch.Tensor | None = None,
+    u: torch.Tensor | None = None,
 ) -> None:
     """dLoss/dZ of one tile into ``dz`` (computed in the tile, copied when ``dz`` is another buffer):
-    ``dx = g (onehot - p) - g_ent p (logp + H)``, then ``dz = dx f'(z)``."""
+    ``dx = sum_k g_k onehot_k + (g_lse - sum_k g_k) p - g_ent p (logp + H) + g_sum u``, then
+    ``dz = dx f'(z)``. ``g_logp`` has ``targets``' shape (``[n]`` or ``[n, K]``); ``u``: the whole
+    ``[V]`` column weights of ``g_sum``'s sum, or None (u = 1)."""
     n, n_cols = tile.shape
     x = head.apply(tile, out=tile)
     logp = x.sub_(lse.unsqueeze(1)) if head.softcap is None else x - lse.unsqueeze(1)
+    g2 = None if g_logp is None else _as_2d(g_logp)
+    coef = None  # the coefficient of p: g_lse - sum_k g_k
+    if g2 is not None:
+        coef = -g2.sum(1)
+    if g_lse is not None:
+        coef = g_lse if coef is None else coef + g_lse
     if g_ent is not None:
         p = torch.exp(logp)
         d = logp.add_(entropy.unsqueeze(1)).mul_(g_ent.unsqueeze(1))
-        if g_logp is not None:
-            d.add_(g_logp.unsqueeze(1))
+        if coef is not None:
+            d.sub_(coef.unsqueeze(1))
         d.mul_(p).masked_fill_(p == 0, 0.0).neg_()  # p == 0 (a -inf logit): no term, not 0 * -inf
+    elif coef is not None:
+        d = logp.exp_().mul_(coef.unsqueeze(1))
     else:
-        d = logp.exp_().mul_(g_logp.neg().unsqueeze(1))
-    if g_logp is not None:
-        local = targets - vocab_start
+        d = logp.zero_()
+    if g_sum is not None:
+        if u is None:
+            d.add_(g_sum.unsqueeze(1))
+        else:
+            d.addcmul_(g_sum.unsqueeze(1), u[vocab_start : vocab_start + n_cols].to(d.dtype).unsqueeze(0))
+    if g2 is not None:
+        local = _as_2d(targets) - vocab_start
         hit = (local >= 0) & (local < n_cols)
-        d.scatter_add_(
-            1, local.clamp(0, n_cols - 1).unsqueeze(1), torch.where(hit, g_logp, torch.zeros_like(g_logp)).unsqueeze(1)
-        )
+        d.scatter_add_(1, local.clamp(0, n_cols - 1), torch.where(hit, g2, torch.zeros_like(g2)))
     d = head.chain_(d, x)
     if d is not dz:
         dz.copy_(d)
 
 
-def _linear_logprobs_tile_fwd_triton(tile, targets, m, s, t, tgt, tile_max, vocab_start, head: HeadTransform) -> None:
+def _linear_logprobs_tile_fwd_triton(
+    tile, targets, m, s, t, tgt, tile_max, vocab_start, head: HeadTransform, stats: FoldStats | None = None
+) -> None:
     from fastalign.kernels.linear_logprobs import linear_logprobs_tile_fwd
 
-    linear_logprobs_tile_fwd(tile, targets, m, s, t, tgt, tile_max, vocab_start, *head.args)
+    linear_logprobs_tile_fwd(tile, targets, m, s, t, tgt, tile_max, vocab_start, *head.args, stats=stats)
 
 
 def _linear_logprobs_tile_bwd_triton(
-    tile, dz, targets, lse, entropy, g_logp, g_ent, vocab_start, head: HeadTransform
+    tile, dz, targets, lse, entropy, g_logp, g_ent, vocab_start, head: HeadTransform, g_lse=None, g_sum=None, u=None
 ) -> None:
     from fastalign.kernels.linear_logprobs import linear_logprobs_tile_bwd
 
-    linear_logprobs_tile_bwd(tile, dz, targets, lse, entropy, g_logp, g_ent, vocab_start, *head.args)
+    linear_logprobs_tile_bwd(
+        tile, dz, targets, lse, entropy, g_logp, g_ent, vocab_start, *head.args, g_lse=g_lse, g_sum=g_sum, u=u
+    )
 
 
 # ---- the walks ----------------------------------------------------------------------------------
@@ -383,13 +441,18 @@ def _linear_logprobs_tile_bwd_triton(
 
 class HeadStats(NamedTuple):
     """The forward's per-row results, ``[n]`` in the accumulation dtype: ``logp = target_x - lse``
-    (target_x is 0 for a target outside [0, V)); ``entropy`` or None; ``tile_max`` ``[n_chunks, n]``
-    (the grad filter's bound) or None."""
+    (``target_x`` has the targets' shape, ``[n]`` or ``[n, K]``; 0 for a target outside [0, V));
+    ``entropy`` or None; ``tile_max`` ``[n_chunks, n]`` (the grad filter's bound) or None; with
+    ``with_stats``: ``log_sum_sq = log sum_v p_v^2``, ``x_sum = sum_v u_v x_v`` (u: ``col_weight`` or 1)
+    and ``argmax`` (int64, the first index of the row's max), else None."""
 
     target_x: torch.Tensor
     lse: torch.Tensor
     entropy: torch.Tensor | None
     tile_max: torch.Tensor | None
+    log_sum_sq: torch.Tensor | None = None
+    x_sum: torch.Tensor | None = None
+    argmax: torch.Tensor | None = None
 
 
 def _tiles(n: int, V: int, rows: int, cols: int):
@@ -427,8 +490,12 @@ def forward(
     *,
     with_entropy: bool,
     save_tile_max: bool = False,
+    with_stats: bool = False,
+    col_weight: torch.Tensor | None = None,
 ) -> HeadStats:
-    """Rows of ``hidden [n, D]`` (any strides) against ``weight [V, D]``; ``targets [n]`` int64."""
+    """Rows of ``hidden [n, D]`` (any strides) against ``weight [V, D]``; ``targets [n]`` or ``[n, K]``
+    int64. ``with_stats``: also the :class:`HeadStats` ``log_sum_sq`` / ``x_sum`` / ``argmax``
+    (``col_weight [V]``: the weights of ``x_sum``, None for 1)."""
     n, _ = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
@@ -436,11 +503,26 @@ def forward(
     m = torch.full((n,), float("-inf"), dtype=acc, device=dev)
     s = torch.zeros(n, dtype=acc, device=dev)
     t = torch.zeros(n, dtype=acc, device=dev) if with_entropy else None
-    tgt = torch.zeros(n, dtype=acc, device=dev)
+    tgt = torch.zeros(targets.shape, dtype=acc, device=dev)
+    fs = None
+    if with_stats:
+        u = None if col_weight is None else col_weight.to(acc).contiguous()
+        fs = FoldStats(
+            torch.zeros(n, dtype=acc, device=dev),
+            torch.zeros(n, dtype=acc, device=dev),
+            torch.full((n,), -1, dtype=torch.int64, device=dev),
+            u,
+        )
     rows, cols = tuning.linear_logprobs_chunking(dev.type, V, n, walk.chunk_size, walk.row_block)
     tile_max = torch.empty((-(-V // cols), n), dtype=acc, device=dev) if save_tile_max else None
+
+    def finish(lse: torch.Tensor, ent: torch.Tensor | None, log_s: torch.Tensor) -> HeadStats:
+        if fs is None:
+            return HeadStats(tgt, lse, ent, tile_max)
+        return HeadStats(tgt, lse, ent, tile_max, torch.log(fs.q) - 2 * log_s, fs.x_sum, fs.argmax)
+
     if n == 0 or V == 0:
-        return HeadStats(tgt, m, t, tile_max)
+        return finish(m, t, torch.log(s))
     fold, _ = walk.epilogues()
     targets = targets.contiguous()
     gd = gemm_dtype(walk.compute_dtype, dev)
@@ -449,6 +531,7 @@ def forward(
         tile_buf = torch.empty(min(rows, n) * cols, dtype=walk.tile_dtype(), device=dev)
         for _, r0, r1, chunks in _tiles(n, V, rows, cols):
             sl = slice(r0, r1)
+            row_stats = None if fs is None else FoldStats(fs.q[sl], fs.x_sum[sl], fs.argmax[sl], fs.u)
             for c, v0, v1 in chunks:
                 tile = _view(tile_buf, r1 - r0, v1 - v0)
                 _logits_into(
@@ -464,16 +547,17 @@ def forward(
                     None if tile_max is None else tile_max[c, sl],
                     v0,
                     walk.head,
+                    row_stats,
                 )
     log_s = torch.log(s)
-    return HeadStats(tgt, m + log_s, None if t is None else log_s - t / s, tile_max)
+    return finish(m + log_s, None if t is None else log_s - t / s, log_s)
 
 
-def _skip_mask(stats: HeadStats, g_logp, g_ent, eps: float, rows: int, n: int) -> list[list[bool]]:
+def _skip_mask(stats: HeadStats, g_logp, g_ent, g_lse, eps: float, rows: int, n: int) -> list[list[bool]]:
     """``[row blocks][chunks]``: True where every row of the tile has ``exp(x_max - lse) < eps`` (rows
     without gradient do not count). One host sync (the ``tolist``)."""
     live = torch.zeros(n, dtype=torch.bool, device=stats.lse.device)
-    for g in (g_logp, g_ent):
+    for g in (g_logp, g_ent, g_lse):
         if g is not None:
             live |= g != 0
     p_max = torch.where(
@@ -513,22 +597,27 @@ def backward(
     need_weight: bool,
     need_bias: bool,
     grad_filter_eps: float | None = None,
+    g_lse: torch.Tensor | None = None,
+    g_sum: torch.Tensor | None = None,
+    col_weight: torch.Tensor | None = None,
 ):
     """Gradients ``(d_hidden [n, D], d_weight [V, D], d_bias [V])`` in the inputs' dtypes (None where
-    not needed). ``g_logp`` / ``g_ent`` are ``[n]`` in the accumulation dtype, already zero on rows
-    that must not contribute; None means no gradient flows through that output. ``grad_filter_eps``
-    needs ``stats.tile_max`` (the module doc has the bound)."""
+    not needed). ``g_logp`` (the targets' shape), ``g_ent``, ``g_lse`` and ``g_sum`` (``[n]``: the
+    gradients w.r.t. the row's lse and its ``sum_v u_v x_v``, ``u = col_weight`` or 1) are in the
+    accumulation dtype, already zero where they must not contribute; None means no gradient flows
+    through that output. ``grad_filter_eps`` needs ``stats.tile_max`` (the module doc has the bound)
+    and single targets ``[n]``; with ``g_sum`` (whose dZ term is not small) it filters nothing."""
     n, D = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
     acc = walk.acc
-    nothing = n == 0 or V == 0 or (g_logp is None and g_ent is None)
+    nothing = n == 0 or V == 0 or all(g is None for g in (g_logp, g_ent, g_lse, g_sum))
     if nothing or not (need_hidden or need_weight or need_bias):
         return _zeros_if(need_hidden, hidden), _zeros_if(need_weight, weight), _zeros_if(need_bias, bias)
     _, dlogits = walk.epilogues()
     targets = targets.contiguous()
-    g_logp = None if g_logp is None else g_logp.contiguous()
-    g_ent = None if g_ent is None else g_ent.contiguous()
+    g_logp, g_ent, g_lse, g_sum = (None if g is None else g.contiguous() for g in (g_logp, g_ent, g_lse, g_sum))
+    u = None if col_weight is None or g_sum is None else col_weight.to(acc).contiguous()
     rows, cols = tuning.linear_logprobs_chunking(dev.type, V, n, walk.chunk_size, walk.row_block)
     gd = gemm_dtype(walk.compute_dtype, dev)
     d_h = torch.empty((n, D), dtype=hidden.dtype, device=dev) if need_hidden else None
@@ -537,10 +626,12 @@ def backward(
     d_w = torch.empty((V, D), dtype=acc if dw_fp32 else weight.dtype, device=dev) if need_weight else None
     d_b = torch.zeros(V, dtype=acc, device=dev) if need_bias else None
     skip = None
-    if grad_filter_eps is not None:
+    if grad_filter_eps is not None and g_sum is None:
         if stats.tile_max is None:
             raise ValueError("lm_head.backward: grad_filter_eps needs the forward's tile maxima (save_tile_max=True)")
-        skip = _skip_mask(stats, g_logp, g_ent, grad_filter_eps, rows, n)
+        if targets.dim() != 1:
+            raise ValueError(f"lm_head.backward: grad_filter_eps needs targets [n], got {tuple(targets.shape)}")
+        skip = _skip_mask(stats, g_logp, g_ent, g_lse, grad_filter_eps, rows, n)
     written = [False] * (-(-V // cols))  # dW chunks written so far (the first write has beta = 0)
     with torch.autocast(dev.type, enabled=False):
         h = _operand(hidden, walk.compute_dtype, gd)
@@ -569,6 +660,9 @@ def backward(
                     None if g_ent is None else g_ent[sl],
                     v0,
                     walk.head,
+                    None if g_lse is None else g_lse[sl],
+                    None if g_sum is None else g_sum[sl],
+                    u,
                 )
                 if dh_r is not None:
                     _mm_into(dh_r, dz, w_c, accumulate=dh_written)

@@ -41,20 +41,32 @@ def _terms(r, A, lo, hi, dual_c):
     return loss, active, dual
 
 
-def surrogate_fwd_torch(logp, old, adv, mask, lo, hi, dual_c, sequence, acc, want_grad=True, want_stats=True):
+def _clamped(x, c):
+    """``(clamp(x, -c, c), where the clamp is active or None)``; NaN stays NaN (torch.clamp)."""
+    if not math.isfinite(c):
+        return x, None
+    return x.clamp(-c, c), (x < -c) | (x > c)
+
+
+def surrogate_fwd_torch(
+    logp, old, adv, mask, lo, hi, dual_c, sequence, acc, want_grad=True, want_stats=True, lr_clamp=math.inf
+):
     """Returns (loss, stats [1, 8] or None, seq_lr, seq_n, grad factor or None).
 
     The grad factor makes the backward one multiply: token level ``dlogp = g * factor``;
-    sequence level ``dlogp_t = m_t * sum_t' g_t' factor_t'``.
+    sequence level ``dlogp_t = m_t * sum_t' g_t' factor_t'``. ``lr_clamp`` clamps the log-ratio of
+    the ratio (and of ``approx_kl``) before ``exp``; no gradient where it is active.
     """
     valid = mask != 0
-    lr = logp.to(acc) - old.to(acc)
+    lr_raw = logp.to(acc) - old.to(acc)
+    lr, tok_out = _clamped(lr_raw, lr_clamp)
     A = adv.to(acc)
     seq_lr = seq_n = None
     if sequence:
         seq_n = valid.sum(-1).to(acc)
-        seq_lr = torch.where(valid, lr, 0.0).sum(-1) / seq_n.clamp(min=1.0)
-        r = torch.exp(seq_lr)[:, None].expand_as(lr)
+        seq_lr = torch.where(valid, lr_raw, 0.0).sum(-1) / seq_n.clamp(min=1.0)
+        seq_c, seq_out = _clamped(seq_lr, lr_clamp)
+        r = torch.exp(seq_c)[:, None].expand_as(lr)
     else:
         r = torch.exp(lr)
     loss, active, dual = _terms(r, A, lo, hi, dual_c)
@@ -62,6 +74,9 @@ def surrogate_fwd_torch(logp, old, adv, mask, lo, hi, dual_c, sequence, acc, wan
     factor = None
     if want_grad:
         keep = active & valid
+        clamped = (seq_out[:, None] if sequence else tok_out) if math.isfinite(lr_clamp) else None
+        if clamped is not None:
+            keep = keep & ~clamped
         if sequence:
             factor = torch.where(keep, -A, 0.0) * (r[:, :1] / seq_n.clamp(min=1.0)[:, None])
         else:
@@ -103,6 +118,7 @@ def _surrogate_fwd_impl(
     lo: float,
     hi: float,
     dual_c: float,
+    lr_clamp: float,
     sequence: bool,
     backend: str,
     want_grad: bool,
@@ -112,16 +128,15 @@ def _surrogate_fwd_impl(
     ``seq_lr`` / ``seq_n`` are empty at token level, ``factor`` (the torch path's one saved gradient
     factor, instead of a recompute in backward) is empty on the Triton path or without a gradient."""
     acc = acc_dtype(logp.dtype, old.dtype, adv.dtype)
-    args = (lo, hi, dual_c, sequence, acc)
     factor = None
     if backend == "triton":
         from fastalign.kernels.surrogate import surrogate_fwd
 
-        loss, parts, seq_lr, seq_n = surrogate_fwd(logp, old, adv, mask, *args)
+        loss, parts, seq_lr, seq_n = surrogate_fwd(logp, old, adv, mask, lo, hi, dual_c, lr_clamp, sequence, acc)
         stats = parts.sum(0)
     else:
         loss, parts, seq_lr, seq_n, factor = surrogate_fwd_torch(
-            logp, old, adv, mask, *args, want_grad=want_grad, want_stats=want_stats
+            logp, old, adv, mask, lo, hi, dual_c, sequence, acc, want_grad, want_stats, lr_clamp
         )
         stats = parts.sum(0) if parts is not None else loss.new_zeros(N_STATS)
 
@@ -131,7 +146,7 @@ def _surrogate_fwd_impl(
     return loss, stats, or_empty(seq_lr), or_empty(seq_n), or_empty(factor)
 
 
-def _surrogate_fwd_fake(logp, old, adv, mask, lo, hi, dual_c, sequence, backend, want_grad, want_stats):
+def _surrogate_fwd_fake(logp, old, adv, mask, lo, hi, dual_c, lr_clamp, sequence, backend, want_grad, want_stats):
     acc = acc_dtype(logp.dtype, old.dtype, adv.dtype)
     R = logp.shape[0]
     factor_shape = logp.shape if backend != "triton" and want_grad else (0,)
@@ -156,16 +171,17 @@ def _surrogate_bwd_impl(
     lo: float,
     hi: float,
     dual_c: float,
+    lr_clamp: float,
     sequence: bool,
 ) -> torch.Tensor:
     """The Triton backward: ``dlogp`` ``[R, T]`` in logp's dtype."""
     from fastalign.kernels.surrogate import surrogate_bwd
 
     acc = acc_dtype(logp.dtype, old.dtype, adv.dtype)
-    return surrogate_bwd(logp, old, adv, mask, grad, seq_lr, seq_n, lo, hi, dual_c, sequence, acc)
+    return surrogate_bwd(logp, old, adv, mask, grad, seq_lr, seq_n, lo, hi, dual_c, lr_clamp, sequence, acc)
 
 
-def _surrogate_bwd_fake(logp, old, adv, mask, grad, seq_lr, seq_n, lo, hi, dual_c, sequence):
+def _surrogate_bwd_fake(logp, old, adv, mask, grad, seq_lr, seq_n, lo, hi, dual_c, lr_clamp, sequence):
     return logp.new_empty(logp.shape)
 
 
@@ -173,7 +189,7 @@ surrogate_bwd_op = Op("surrogate_bwd", _surrogate_bwd_impl, _surrogate_bwd_fake)
 
 
 def _surrogate_setup(ctx, inputs, output):
-    logp, old, adv, mask, lo, hi, dual_c, sequence, backend, _, _ = inputs
+    logp, old, adv, mask, lo, hi, dual_c, lr_clamp, sequence, backend, _, _ = inputs
     _, stats, seq_lr, seq_n, factor = output
     if backend == "triton":
         seq = (seq_lr, seq_n) if sequence else (None, None)
@@ -181,11 +197,11 @@ def _surrogate_setup(ctx, inputs, output):
     else:
         ctx.save_for_backward(mask, factor)
     ctx.mark_non_differentiable(stats, seq_lr, seq_n, factor)
-    ctx.args, ctx.backend, ctx.logp_dtype = (lo, hi, dual_c, sequence), backend, logp.dtype
+    ctx.args, ctx.backend, ctx.logp_dtype = (lo, hi, dual_c, lr_clamp, sequence), backend, logp.dtype
 
 
 def _surrogate_backward(ctx, grad_loss, *_):
-    none = (None,) * 10
+    none = (None,) * 11
     if not ctx.needs_input_grad[0]:
         return (None, *none)
     if ctx.backend == "triton":
@@ -193,7 +209,7 @@ def _surrogate_backward(ctx, grad_loss, *_):
         d = surrogate_bwd_op(logp, old, adv, mask, grad_loss.contiguous(), seq_lr, seq_n, *ctx.args)
     else:  # one multiply (and a row sum at sequence level): plain torch, traceable
         mask, factor = ctx.saved_tensors
-        d = surrogate_bwd_torch(mask, grad_loss, factor, ctx.args[3], ctx.logp_dtype)
+        d = surrogate_bwd_torch(mask, grad_loss, factor, ctx.args[4], ctx.logp_dtype)
     return (d, *none)
 
 
@@ -209,7 +225,7 @@ surrogate_fwd_op = Op(
 # ---- public functions ---------------------------------------------------------------------------
 
 
-def _prepare(logp, old_logp, advantages, eps_low, eps_high, dual_clip, mask, level, impl):
+def _prepare(logp, old_logp, advantages, eps_low, eps_high, dual_clip, mask, level, impl, log_ratio_clamp):
     check_float(logp, "logp", _OP)
     check_float(old_logp, "old_logp", _OP)
     check_float(advantages, "advantages", _OP)
@@ -232,6 +248,8 @@ def _prepare(logp, old_logp, advantages, eps_low, eps_high, dual_clip, mask, lev
     eps_high = eps_low if eps_high is None else check_number(eps_high, "eps_high", _OP, lo=0)
     dual_c = check_number(dual_clip, "dual_clip", _OP, lo=1, lo_open=True, optional=True)
     dual_c = math.inf if dual_c is None else dual_c
+    lr_clamp = check_number(log_ratio_clamp, "log_ratio_clamp", _OP, lo=0, lo_open=True, optional=True)
+    lr_clamp = math.inf if lr_clamp is None else lr_clamp
     device = check_same_device(_OP, logp=logp, old_logp=old_logp, advantages=advantages, mask=mask)
     backend = select_impl(impl, device, op=_OP)
 
@@ -242,7 +260,7 @@ def _prepare(logp, old_logp, advantages, eps_low, eps_high, dual_clip, mask, lev
     else:
         adv2 = advantages.reshape(R, 1).expand(R, T)  # per-sequence: stride-0 time axis
     m2 = ones_u8(R, T, device) if mask is None else as_rows(mask_u8(mask))
-    return lp2, old2, adv2, m2, 1.0 - eps_low, 1.0 + eps_high, dual_c, level == "sequence", backend
+    return lp2, old2, adv2, m2, 1.0 - eps_low, 1.0 + eps_high, dual_c, lr_clamp, level == "sequence", backend
 
 
 def _want_grad(logp: torch.Tensor) -> bool:
@@ -277,6 +295,7 @@ def clipped_surrogate_with_stats(
     dual_clip: float | None = None,
     mask: torch.Tensor | None = None,
     level: Level = "token",
+    log_ratio_clamp: float | None = None,
     impl: Impl = "auto",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """:func:`clipped_surrogate` plus its monitoring statistics, from the same pass (no host sync).
@@ -286,15 +305,16 @@ def clipped_surrogate_with_stats(
     whole batch (0 when there are none):
       * ``loss_mean``: the per-token loss;
       * ``ratio_mean``: the ratio used in the loss (per token, or the row's sequence ratio);
-      * ``approx_kl``: ``(r - 1) - log r`` with the *token* ratio ``r = exp(logp - old_logp)``;
+      * ``approx_kl``: ``(r - 1) - log r`` with the *token* ratio ``r = exp(logp - old_logp)`` (its
+        log-ratio clamped by ``log_ratio_clamp``);
       * ``clip_frac_low``: ``r < 1 - eps_low`` and ``A < 0`` (the lower clip zeroes the gradient);
       * ``clip_frac_high``: ``r > 1 + eps_high`` and ``A > 0``; ``clip_frac`` is their sum;
       * ``dual_clip_frac``: ``A < 0`` and the dual-clip bound ``-c A`` is the loss;
       * ``n_tokens``: the number of valid tokens (a float tensor).
 
     Args:
-        logp, old_logp, advantages, eps_low, eps_high, dual_clip, mask, level, impl: as in
-            :func:`clipped_surrogate`.
+        logp, old_logp, advantages, eps_low, eps_high, dual_clip, mask, level, log_ratio_clamp, impl:
+            as in :func:`clipped_surrogate`.
 
     Returns:
         ``(loss, stats)`` as above.
@@ -307,7 +327,7 @@ def clipped_surrogate_with_stats(
         >>> {k: round(stats[k].item(), 4) for k in ("clip_frac_low", "clip_frac_high", "loss_mean", "n_tokens")}
         {'clip_frac_low': 0.3333, 'clip_frac_high': 0.3333, 'loss_mean': -0.8, 'n_tokens': 3.0}
     """
-    prepared = _prepare(logp, old_logp, advantages, eps_low, eps_high, dual_clip, mask, level, impl)
+    prepared = _prepare(logp, old_logp, advantages, eps_low, eps_high, dual_clip, mask, level, impl, log_ratio_clamp)
     loss, stats, *_ = surrogate_fwd_op(*prepared, _want_grad(logp), True)
     return loss.view(logp.shape), _stats_dict(stats)
 
@@ -322,6 +342,7 @@ def clipped_surrogate(
     dual_clip: float | None = None,
     mask: torch.Tensor | None = None,
     level: Level = "token",
+    log_ratio_clamp: float | None = None,
     impl: Impl = "auto",
 ) -> torch.Tensor:
     """PPO clipped surrogate per token: ``-min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)``.
@@ -341,6 +362,10 @@ def clipped_surrogate(
         level: ``"token"``: ``r = exp(logp - old_logp)`` per token; ``"sequence"`` (GSPO):
             ``r_b = exp(sum_t m (logp - old) / max(sum_t m, 1))`` shared by the row's tokens, the
             gradient flowing through the mean.
+        log_ratio_clamp: ``None`` (off) or ``c > 0``: the log-ratio is clamped to ``[-c, c]`` before
+            ``exp`` (the token's; at level ``"sequence"`` the row's mean), as verl and OpenRLHF do with
+            ``c = 20`` (without it a log-ratio of 100 gives a ratio of ``inf``); the gradient is 0
+            where the clamp is active (torch.clamp's convention).
         impl: ``"auto" | "triton" | "torch"``.
 
     Returns:
@@ -357,6 +382,6 @@ def clipped_surrogate(
         >>> [round(v, 4) for v in fastalign.clipped_surrogate(logp, old, torch.tensor([1.0]), mask=mask)[0].tolist()]
         [-1.2, -0.5, 0.0]
     """
-    prepared = _prepare(logp, old_logp, advantages, eps_low, eps_high, dual_clip, mask, level, impl)
+    prepared = _prepare(logp, old_logp, advantages, eps_low, eps_high, dual_clip, mask, level, impl, log_ratio_clamp)
     loss, *_ = surrogate_fwd_op(*prepared, _want_grad(logp), False)
     return loss.view(logp.shape)
