@@ -114,7 +114,8 @@ def test_grpo_dropin_refuses_what_it_cannot_reproduce(tiny_path, tmp_path):
     ds = datasets.Dataset.from_dict({"prompt": ["a b"] * 4})
     for kw, msg in (
         (dict(entropy_coef=0.01, use_adaptive_entropy=True), "use_adaptive_entropy"),
-        (dict(loss_type="vespo"), "loss_type='vespo' is not supported"),
+        (dict(loss_type="vespo", top_entropy_quantile=0.5), "loss_type='vespo' with the high-entropy token mask"),
+        (dict(loss_type="vespo", off_policy_mask_threshold=0.1), "loss_type='vespo' with the high-entropy token mask"),
     ):
         with pytest.raises(ValueError, match=msg):
             FastalignGRPOTrainer(
@@ -257,6 +258,8 @@ SETTINGS = [
     dict(loss_type="dapo", off_policy_mask_threshold=0.02, top_entropy_quantile=0.5),
     dict(loss_type="sapo", use_vllm=True),
     dict(loss_type="luspo", importance_sampling_level="sequence", delta=1.1),
+    dict(loss_type="vespo"),
+    dict(loss_type="vespo", beta=0.0, entropy_coef=0.05),
 ]
 
 
@@ -278,6 +281,9 @@ def test_grpo_compute_loss_equals_trl(grpo_pair, setting, monkeypatch):
     monkeypatch.setattr(tr, "entropy_coef", coef)
     monkeypatch.setattr(tr, "_entropy_bonus_enabled", coef != 0.0)
     inputs = _synthetic_batch(tr)
+    if tr.loss_type == "vespo":  # TRL builds the vLLM ratio from masked log-prob differences: 1 at padding
+        is_ratio = inputs["importance_sampling_ratio"]
+        inputs["importance_sampling_ratio"] = is_ratio.masked_fill(inputs["completion_mask"] == 0, 1.0)
     if "old" in s and s.pop("old") is None:
         inputs.pop("old_per_token_logps")
     assert not s

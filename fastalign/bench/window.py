@@ -287,11 +287,9 @@ def run_step_case(
     shapes = step_shapes(device, dry)
     results: list[BenchResult] = []
     for case in step.cases_for(device, shapes, algos=("grpo",)):
-        if time.monotonic() > deadline:
-            results.append(_skipped(case, "not run: the step case's time ran out"))
+        res = _measure_in_time(case, device, results, deadline, budget_s, "the step case's")
+        if res is None:
             continue
-        res = measure(case, device, budget_s=budget_s)
-        results.append(res)
         ms = "-" if res.median_ms is None else f"{res.median_ms:.1f} ms"
         peak = "-" if res.peak_mb is None else f"{res.peak_mb:.1f} MiB"
         print(f"[window]   {case.name}: {ms}, peak {peak}{' ' + res.error if res.error else ''}", flush=True)
@@ -350,6 +348,17 @@ def _skipped(case: BenchCase, why: str) -> BenchResult:
     return BenchResult(case.suite, case.op, case.shape, case.impl, case.kind, None, None, error=why)
 
 
+def _measure_in_time(case: BenchCase, device, results: list, deadline: float, budget_s: float, whose: str):
+    """``measure(case)`` appended to ``results`` and returned; past ``deadline`` (``time.monotonic()``)
+    a skipped row ("not run: {whose} time ran out") appended instead, and None."""
+    if time.monotonic() > deadline:
+        results.append(_skipped(case, f"not run: {whose} time ran out"))
+        return None
+    res = measure(case, device, budget_s=budget_s)
+    results.append(res)
+    return res
+
+
 def run_benchmarks(
     device: torch.device, dry: bool, info: dict, out_dir: Path, deadline: float, budget_s: float, sweep: bool = False
 ) -> list[BenchResult]:
@@ -366,11 +375,9 @@ def run_benchmarks(
     for group, cases in groups:
         print(f"[window] {group}: {len(cases)} cases", flush=True)
         for case in cases:
-            if time.monotonic() > deadline:
-                results.append(_skipped(case, "not run: the window's time ran out"))
+            res = _measure_in_time(case, device, results, deadline, budget_s, "the window's")
+            if res is None:
                 continue
-            res = measure(case, device, budget_s=budget_s)
-            results.append(res)
             ms = "-" if res.median_ms is None else f"{res.median_ms:.3f} ms"
             print(f"[window]   {case.name}: {ms}{' ' + res.error if res.error else ''}", flush=True)
             write()

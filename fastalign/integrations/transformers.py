@@ -14,9 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fastalign._config import resolve
-from fastalign._dispatch import Impl, select_impl
-from fastalign._validation import check_float, check_index_range, check_int, check_number, check_same_device
+from fastalign._dispatch import Impl
+from fastalign._validation import check_number
 
 _OP = "fastalign.integrations.transformers"
 
@@ -125,7 +124,13 @@ def hidden_logprobs(
     The same as ``log_softmax(softcap(scale * lm_head(hidden)) / T)[targets]`` without the logits.
     Host syncs, ``compact_ignored`` and ``grad_filter_eps`` as :func:`fastalign.linear_logprobs`."""
     from fastalign.ops import lm_head
-    from fastalign.ops.linear_logprobs import apply_linear_logprobs, check_grad_filter_eps, linear_logprobs
+    from fastalign.ops.linear_logprobs import (
+        apply_linear_logprobs,
+        check_grad_filter_eps,
+        check_head_inputs,
+        head_walk,
+        linear_logprobs,
+    )
 
     if head.logit_scale == 1.0:
         return linear_logprobs(
@@ -143,40 +148,12 @@ def hidden_logprobs(
             impl=impl,
         )
     inv_temp = 1.0 / check_number(temperature, "temperature", _OP, lo=0, lo_open=True)
-    check_float(hidden, "hidden", _OP)
-    check_float(head.weight, "head.weight", _OP)
-    check_int(targets, "targets", _OP)
-    if head.bias is not None:
-        check_float(head.bias, "head.bias", _OP)
-    check_same_device(_OP, hidden=hidden, weight=head.weight, targets=targets, bias=head.bias)
-    if head.weight.dim() != 2:
-        raise ValueError(f"{_OP}: head.weight must have shape [V, D], got {tuple(head.weight.shape)}")
-    V, D = head.weight.shape
-    if hidden.dim() < 1 or hidden.shape[-1] != D:
-        raise ValueError(
-            f"{_OP}: hidden must have shape [..., D] with D = head.weight.shape[1] = {D}, got {tuple(hidden.shape)}"
-        )
-    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(
-            f"{_OP}: targets must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, got {tuple(targets.shape)}"
-        )
-    if head.bias is not None and tuple(head.bias.shape) != (V,):
-        raise ValueError(f"{_OP}: head.bias must have shape ({V},), got {tuple(head.bias.shape)}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"{_OP}: ignore_index must be an int, got {type(ignore_index).__name__}")
-    compact = resolve("compact_ignored", compact_ignored, _OP)
-    backend = select_impl(impl, hidden.device, op=_OP)
+    _, V, D = check_head_inputs(_OP, hidden, head.weight, targets, head.bias, ("head.weight", "head.bias"))
     targets_flat = targets.reshape(-1).long()
-    check_index_range(
-        targets_flat, V, "targets", _OP, ignore=ignore_index, allowed=f"[0, {V}) or ignore_index={ignore_index}"
-    )  # host sync unless index_checks=False
-    walk = lm_head.make_walk(
-        hidden,
-        head.weight,
-        lm_head.HeadTransform(float(head.logit_scale), inv_temp, head.softcap),
-        backend,
-        chunk_size=chunk_size,
-    )
+    compact, walk = head_walk(
+        _OP, hidden, head.weight, lm_head.HeadTransform(float(head.logit_scale), inv_temp, head.softcap),
+        targets_flat, V, ignore_index, compact_ignored, impl, chunk_size=chunk_size,
+    )  # fmt: skip
     logp, ent = apply_linear_logprobs(
         hidden.reshape(-1, D),
         head.weight,

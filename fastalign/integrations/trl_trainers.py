@@ -4,8 +4,8 @@
   :func:`fastalign.losses.linear_grpo_loss` on its final hidden states and lm_head (one pass over
   the vocabulary for token-level ratios: the loss gradient of each token is formed as soon as its
   log-prob is). It reproduces ``GRPOTrainer._compute_loss`` for ``loss_type`` in ``grpo``, ``bnpo``,
-  ``dr_grpo``, ``dapo``, ``cispo``, ``sapo``, ``luspo`` (normalizers, gradient-accumulation scaling, ``delta``,
-  ``use_bias_correction_kl``, token/sequence importance sampling, the vLLM importance-sampling
+  ``dr_grpo``, ``dapo``, ``cispo``, ``sapo``, ``luspo``, ``vespo`` (normalizers, gradient-accumulation
+  scaling, ``delta``, ``use_bias_correction_kl``, token/sequence importance sampling, the vLLM importance-sampling
   ratio, a static ``entropy_coef`` bonus, its gradient formed in the same pass; the high-entropy token
   mask and the off-policy sequence mask, which need all log-probs first, in two passes) and logs the same
   ``kl`` / ``entropy`` / ``clip_ratio/*`` / ``policy_loss`` / ``entropy_coef`` metrics.
@@ -15,7 +15,8 @@
   (weighted combinations included), as ``DPOTrainer._compute_loss``.
 
 What they cannot reproduce is refused with a ``ValueError`` at construction (or at the first batch
-for per-batch inputs), never silently changed: GRPO's adaptive entropy control, other loss types,
+for per-batch inputs), never silently changed: GRPO's adaptive entropy control, VESPO with the
+token masks, other loss types,
 MoE aux loss, vision inputs; DPO's other loss types, f-divergences, WPO weighting, LD-DPO, MoE aux
 loss, vision inputs, ``return_outputs``.
 The DPO drop-in logs TRL's metrics except ``mean_token_accuracy`` (an argmax over the vocabulary:
@@ -80,7 +81,7 @@ class FastalignGRPOTrainer(GRPOTrainer):
     :func:`linear_grpo_loss`) and ``fastalign_impl`` (``"auto" | "triton" | "torch"``).
     """
 
-    SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
+    SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 
     def __init__(self, *args, fastalign_mode: str = "auto", fastalign_impl: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
@@ -102,6 +103,14 @@ class FastalignGRPOTrainer(GRPOTrainer):
             )
         if self.aux_loss_enabled:
             raise ValueError(f"{name}: MoE router aux loss (router_aux_loss_coef != 0) is not supported")
+        if self.loss_type == "vespo" and (
+            self.top_entropy_quantile < 1.0 or self.off_policy_mask_threshold is not None
+        ):
+            raise ValueError(
+                f"{name}: loss_type='vespo' with the high-entropy token mask or the off-policy mask is not supported "
+                f"(top_entropy_quantile={self.top_entropy_quantile}, off_policy_mask_threshold="
+                f"{self.off_policy_mask_threshold}); use trl.GRPOTrainer for it"
+            )
 
     def _compute_loss(self, model, inputs):
         name = type(self).__name__
@@ -122,19 +131,21 @@ class FastalignGRPOTrainer(GRPOTrainer):
 
         loss_type = self.loss_type
         num_items = None
-        if loss_type in ("dapo", "cispo"):
+        if loss_type in ("dapo", "cispo", "vespo"):
             num_items = inputs["num_items_in_batch"].clamp(min=1.0) / _world_devices(self)
             if mode == "train":
                 num_items = num_items * self.current_gradient_accumulation_steps / self.args.steps_per_generation
         iw = None
         if self.use_vllm and self.vllm_importance_sampling_correction:
             iw = inputs["importance_sampling_ratio"]
+        if loss_type == "vespo":  # TRL's VESPO folds the ratio into its sequence weight whenever it is there
+            iw = inputs.get("importance_sampling_ratio")
         # TRL's bonus is - coef * mean_mask(H) / accumulation steps; the non-dapo/cispo types divide everything below
         accum = self.current_gradient_accumulation_steps if mode == "train" else 1
         entropy_coef = (
             float(getattr(self, "entropy_coef", 0.0)) if getattr(self, "_entropy_bonus_enabled", False) else 0.0
         )
-        if loss_type in ("dapo", "cispo"):
+        if loss_type in ("dapo", "cispo", "vespo"):
             entropy_coef = entropy_coef / accum
         cast_fp32 = getattr(self.args, "cast_lm_head_to_fp32", False)
         token_masks = self.top_entropy_quantile < 1.0 or self.off_policy_mask_threshold is not None
@@ -190,7 +201,7 @@ class FastalignGRPOTrainer(GRPOTrainer):
             beta=self.beta,
             eps_low=self.epsilon_low,
             eps_high=self.epsilon_high,
-            delta=None if loss_type in ("cispo", "sapo") else self.args.delta,
+            delta=None if loss_type in ("cispo", "sapo", "vespo") else self.args.delta,
             loss_type=loss_type,
             level=self.importance_sampling_level,
             max_completion_length=self.max_completion_length,
@@ -199,6 +210,16 @@ class FastalignGRPOTrainer(GRPOTrainer):
             importance_weights=importance_weights,
             sapo_temperature_pos=self.args.sapo_temperature_pos,
             sapo_temperature_neg=self.args.sapo_temperature_neg,
+            **(
+                dict(
+                    vespo_k_pos=self.args.vespo_k_pos,
+                    vespo_lambda_pos=self.args.vespo_lambda_pos,
+                    vespo_k_neg=self.args.vespo_k_neg,
+                    vespo_lambda_neg=self.args.vespo_lambda_neg,
+                )
+                if loss_type == "vespo"
+                else {}
+            ),
         )
 
     def _fastalign_masked_loss(self, hidden, head, completion_ids, mask, inputs, iw, num_items, entropy_coef):
@@ -276,6 +297,12 @@ class FastalignGRPOTrainer(GRPOTrainer):
         if self.loss_type == "cispo":
             clipped = ((coef_1 > self.epsilon_high) & (adv > 0)).float()
             self._metrics[mode]["cispo_clip_ratio"].append(global_masked_mean(clipped))
+            return
+        if self.loss_type == "vespo":  # phi is one value per sequence: a global mean over sequences
+            n = float(logp.shape[0])
+            local = torch.stack([metrics["vespo/phi_seq_mean"] * n, torch.tensor(n, device=logp.device)])
+            tot = self.accelerator.reduce(local, reduction="sum")
+            self._metrics[mode]["vespo/phi_seq_mean"].append((tot[0] / tot[1].clamp(min=1.0)).item())
             return
         if self.loss_type == "sapo":
             return

@@ -26,15 +26,14 @@ from typing import Literal
 
 import torch
 
-from fastalign._config import resolve
-from fastalign._dispatch import Impl, select_impl
-from fastalign._validation import check_choice, check_float, check_index_range, check_number, check_same_device
+from fastalign._dispatch import Impl
+from fastalign._validation import check_choice, check_float, check_number, check_same_device
 from fastalign.distributed.shard import is_dtensor
-from fastalign.ops import lm_head
 from fastalign.ops.linear_logprobs import (
     check_grad_filter_eps,
     check_head_inputs,
     check_row_block,
+    head_walk,
     linear_head_outputs,
 )
 from fastalign.ops.lm_head import HeadTransform
@@ -140,23 +139,11 @@ def linear_cross_entropy(
             f"{_OP}: grad_filter_eps needs label_smoothing == 0 (smoothing gives every column a gradient), "
             f"got label_smoothing={label_smoothing}"
         )
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"{_OP}: ignore_index must be an int, got {type(ignore_index).__name__}")
-    compact = resolve("compact_ignored", compact_ignored, _OP)
-    backend = select_impl(impl, device, op=_OP)
-
     targets_flat = targets.reshape(-1).long()
-    check_index_range(
-        targets_flat, V, "targets", _OP, ignore=ignore_index, allowed=f"[0, {V}) or ignore_index={ignore_index}"
-    )  # host sync unless index_checks=False
-    walk = lm_head.make_walk(
-        hidden,
-        weight,
-        HeadTransform(inv_temp=inv_temp, softcap=softcap),
-        backend,
-        chunk_size=chunk_size,
-        row_block=row_block,
-    )
+    compact, walk = head_walk(
+        _OP, hidden, weight, HeadTransform(inv_temp=inv_temp, softcap=softcap), targets_flat, V, ignore_index,
+        compact_ignored, impl, chunk_size=chunk_size, row_block=row_block,
+    )  # fmt: skip
     smooth = eps > 0
     out = linear_head_outputs(
         hidden.reshape(-1, D),

@@ -62,10 +62,10 @@ from fastalign.losses.grpo import (
 from fastalign.losses.ppo import (
     Aggregation,
     RolloutCorrection,
+    masked_rollout_weights,
     ppo_aggregate,
     ppo_policy_loss,
     ppo_policy_per_token,
-    rollout_weights,
     validate_ppo_policy_args,
 )
 from fastalign.ops import lm_head
@@ -572,39 +572,6 @@ def linear_grpo_loss(
         importance_weights=importance_weights,
         sampling_logp=sampling_logp,
     )
-    _, opm_threshold, top_q = validate_grpo_options(
-        op,
-        vespo_k_pos=vespo_k_pos,
-        vespo_lambda_pos=vespo_lambda_pos,
-        vespo_k_neg=vespo_k_neg,
-        vespo_lambda_neg=vespo_lambda_neg,
-        off_policy_mask_threshold=off_policy_mask_threshold,
-        has_sampling=sampling_logp is not None,
-        top_entropy_quantile=top_entropy_quantile,
-    )
-    beta, eps_low_, eps_high_, delta_, _, _ = validate_grpo_args(
-        op,
-        beta=beta,
-        eps_low=eps_low,
-        eps_high=eps_high,
-        delta=delta,
-        loss_type=loss_type,
-        level=level,
-        max_completion_length=max_completion_length,
-        num_items=num_items,
-        has_ref=ref_logp is not None,
-        sapo_temperature_pos=sapo_temperature_pos,
-        sapo_temperature_neg=sapo_temperature_neg,
-    )
-    two_pass_reason = needs_full_rows(loss_type, level, opm_threshold, top_q)
-    if mode == "one_pass" and two_pass_reason is not None:
-        raise ValueError(
-            f"{op}: mode='one_pass' needs token-level ratios and no sequence or batch coupling, got "
-            f"{two_pass_reason}: use mode='two_pass' (or 'auto', which picks it)"
-        )
-    one_pass = shard is None and (mode == "one_pass" or (mode == "auto" and two_pass_reason is None))
-
-    entropy_coef = check_number(entropy_coef, "entropy_coef", op, lo=0)
     loss_kw = dict(
         ref_logp=ref_logp,
         beta=beta,
@@ -628,6 +595,17 @@ def linear_grpo_loss(
         top_entropy_quantile=top_entropy_quantile,
         impl=impl,
     )
+    _, opm_threshold, top_q = validate_grpo_options(op, has_sampling=sampling_logp is not None, **loss_kw)
+    beta, eps_low_, eps_high_, delta_, _, _ = validate_grpo_args(op, has_ref=ref_logp is not None, **loss_kw)
+    two_pass_reason = needs_full_rows(loss_type, level, opm_threshold, top_q)
+    if mode == "one_pass" and two_pass_reason is not None:
+        raise ValueError(
+            f"{op}: mode='one_pass' needs token-level ratios and no sequence or batch coupling, got "
+            f"{two_pass_reason}: use mode='two_pass' (or 'auto', which picks it)"
+        )
+    one_pass = shard is None and (mode == "one_pass" or (mode == "auto" and two_pass_reason is None))
+
+    entropy_coef = check_number(entropy_coef, "entropy_coef", op, lo=0)
     if not one_pass:
         logp, ent = _unfused_logp(
             hidden, weight, targets_ig, bias, walk, compact,
@@ -770,23 +748,6 @@ def linear_ppo_policy_loss(
                 raise ValueError(f"{op}: {name} must have shape {(B, T)}, got {tuple(t.shape)}")
     check_advantages(advantages, op, B, T)
     check_same_device(op, hidden=hidden, advantages=advantages, old_logp=old_logp, rollout_logp=rollout_logp)
-    eps_low_, eps_high_, dual_, lr_clamp_, rmin, rmax = validate_ppo_policy_args(
-        op,
-        eps_low,
-        eps_high,
-        dual_clip,
-        level,
-        log_ratio_clamp,
-        aggregation,
-        rollout_correction,
-        rollout_ratio_min,
-        rollout_ratio_max,
-        has_rollout=rollout_logp is not None,
-    )
-    if mode == "one_pass" and level == "sequence":
-        raise ValueError(f"{op}: mode='one_pass' needs token-level ratios; level='sequence' takes two passes")
-    one_pass = shard is None and (mode == "one_pass" or (mode == "auto" and level == "token"))
-    entropy_coef = check_number(entropy_coef, "entropy_coef", op, lo=0)
     kw = dict(
         eps_low=eps_low,
         eps_high=eps_high,
@@ -800,6 +761,13 @@ def linear_ppo_policy_loss(
         rollout_ratio_max=rollout_ratio_max,
         impl=impl,
     )
+    eps_low_, eps_high_, dual_, lr_clamp_, rmin, rmax = validate_ppo_policy_args(
+        op, has_rollout=rollout_logp is not None, **kw
+    )
+    if mode == "one_pass" and level == "sequence":
+        raise ValueError(f"{op}: mode='one_pass' needs token-level ratios; level='sequence' takes two passes")
+    one_pass = shard is None and (mode == "one_pass" or (mode == "auto" and level == "token"))
+    entropy_coef = check_number(entropy_coef, "entropy_coef", op, lo=0)
     if not one_pass:
         logp, ent = _unfused_logp(
             hidden, weight, targets_ig, bias, walk, compact, with_entropy=return_entropy or entropy_coef != 0.0,
@@ -815,14 +783,10 @@ def linear_ppo_policy_loss(
     m = valid.to(dt)
     adv = as_compute(advantages, dt).detach()
     adv_f = (adv.reshape(B, 1) if adv.dim() == 1 else adv).expand(B, T).reshape(-1)
-    old_bt = as_compute(old_logp, dt).detach()
-    old_f = old_bt.reshape(-1)
+    old_f = as_compute(old_logp, dt).detach().reshape(-1)
     iw_f = None
     if rollout_correction is not None:
-        pad = ~valid  # padding may hold -inf / NaN: zeroed first (docs/contract.md)
-        roll = as_compute(rollout_logp, dt).detach().masked_fill(pad, 0.0)
-        iw_f, _ = rollout_weights(old_bt.masked_fill(pad, 0.0), roll, m, rollout_correction, rmin, rmax)
-        iw_f = iw_f.reshape(-1)
+        iw_f = masked_rollout_weights(old_logp, rollout_logp, valid, m, rollout_correction, rmin, rmax)[0].reshape(-1)
 
     w = _normalizer_weights(m, lambda x: ppo_aggregate(x, m, aggregation))
 

@@ -62,8 +62,10 @@ def validate_grpo_options(
     off_policy_mask_threshold,
     has_sampling: bool,
     top_entropy_quantile,
+    **_,
 ):
-    """Checks of VESPO's constants and TRL's two masks, shared by :func:`grpo_loss` and the fused form;
+    """Checks of VESPO's constants and TRL's two masks, shared by :func:`grpo_loss` and the fused form
+    (other keywords of :func:`grpo_loss` are ignored);
     returns ``(vespo, off_policy_mask_threshold, top_entropy_quantile)`` with ``vespo`` the tuple
     ``(k_pos, lambda_pos, k_neg, lambda_neg)``."""
     vespo = (
@@ -164,8 +166,10 @@ def validate_grpo_args(
     has_ref: bool,
     sapo_temperature_pos,
     sapo_temperature_neg,
+    **_,
 ):
-    """Checks shared by :func:`grpo_loss` and the fused form; returns the resolved scalars
+    """Checks shared by :func:`grpo_loss` and the fused form (other keywords of :func:`grpo_loss` are
+    ignored); returns the resolved scalars
     ``(beta, eps_low, eps_high, delta, sapo_temperature_pos, sapo_temperature_neg)``."""
     check_choice(loss_type, "loss_type", op, GRPO_LOSS_TYPES)
     check_choice(level, "level", op, LEVELS)

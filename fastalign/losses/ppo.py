@@ -43,8 +43,10 @@ def validate_ppo_policy_args(
     rollout_ratio_min=0.0,
     rollout_ratio_max=2.0,
     has_rollout=False,
+    **_,
 ):
-    """Checks shared by :func:`ppo_policy_loss` and the fused form; returns the resolved
+    """Checks shared by :func:`ppo_policy_loss` and the fused form (other keywords of
+    :func:`ppo_policy_loss` are ignored); returns the resolved
     ``(eps_low, eps_high, dual_clip, log_ratio_clamp, rollout_ratio_min, rollout_ratio_max)``."""
     eps_low = check_number(eps_low, "eps_low", op, lo=0.0)
     eps_high = eps_low if eps_high is None else check_number(eps_high, "eps_high", op, lo=0.0)
@@ -104,6 +106,13 @@ def rollout_weights(old, rollout, m, correction: str, ratio_min: float, ratio_ma
         frac_key = "rollout_mask_frac"
     metrics = {"rollout_ratio_mean": masked_mean(k, m), frac_key: masked_mean((~inside).to(m.dtype), m)}
     return w, metrics
+
+
+def masked_rollout_weights(old_logp, rollout_logp, mask, m, correction: str, ratio_min: float, ratio_max: float):
+    """:func:`rollout_weights` of ``old_logp`` / ``rollout_logp`` ``[B, T]`` in ``m``'s dtype, detached, the
+    mask-0 positions (padding may hold -inf / NaN, docs/contract.md) zeroed first."""
+    old, roll = (zero_masked(as_compute(t, m.dtype).detach(), mask) for t in (old_logp, rollout_logp))
+    return rollout_weights(old, roll, m, correction, ratio_min, ratio_max)
 
 
 def ppo_policy_per_token(lp, old, adv, m, *, eps_low, eps_high, dual_clip, level, log_ratio_clamp=None):
@@ -241,10 +250,7 @@ def ppo_policy_loss(
     if dual_clip is not None:
         metrics["dual_clip_frac"] = stats["dual_clip_frac"]
     if rollout_correction is not None:
-        dt = per_token.dtype
-        old = zero_masked(as_compute(old_logp, dt).detach(), mask)
-        w, rm = rollout_weights(old, zero_masked(as_compute(rollout_logp, dt).detach(), mask), m,
-                                rollout_correction, rmin, rmax)  # fmt: skip
+        w, rm = masked_rollout_weights(old_logp, rollout_logp, mask, m, rollout_correction, rmin, rmax)
         per_token = per_token * w
         metrics.update(rm)
     return ppo_aggregate(per_token, m, aggregation), metrics

@@ -438,34 +438,10 @@ def linear_head_outputs(
     return HeadOutputs(logp, ent if with_entropy else None, lse, x_sum, log_sum_sq, argmax)
 
 
-def apply_linear_logprobs(
-    hidden2d: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    walk: Walk,
-    *,
-    with_entropy: bool,
-    ignore_index: int | None,
-    compact_ignored: bool,
-    grad_filter_eps: float | None = None,
-):
-    """Rows ``hidden2d [n, D]`` with int64 ``targets [n]`` -> ``(logp [n], entropy [n] or None)``.
-
-    With ``ignore_index`` not None, ignored rows give 0: gathered away first when ``compact_ignored``
-    (one host sync: the ``nonzero``), else masked. Used by the public function, the two-pass losses
-    and the transformers integration."""
-    out = linear_head_outputs(
-        hidden2d,
-        weight,
-        bias,
-        targets,
-        walk,
-        with_entropy=with_entropy,
-        ignore_index=ignore_index,
-        compact_ignored=compact_ignored,
-        grad_filter_eps=grad_filter_eps,
-    )
+def apply_linear_logprobs(hidden2d, weight, bias, targets, walk, **kw):
+    """:func:`linear_head_outputs` (same arguments, ``targets [n]``) -> ``(logp [n], entropy [n] or None)``.
+    Used by the public function, the two-pass losses and the transformers integration."""
+    out = linear_head_outputs(hidden2d, weight, bias, targets, walk, **kw)
     return out.logp, out.entropy
 
 
@@ -476,6 +452,21 @@ def check_grad_filter_eps(eps, op: str) -> float | None:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 < float(eps) < 1.0:
         raise ValueError(f"{op}: grad_filter_eps must be None or a float in (0, 1), got {eps!r}")
     return float(eps)
+
+
+def head_walk(op: str, hidden, weight, transform: HeadTransform, targets_flat, V: int, ignore_index, compact_ignored,
+              impl, *, chunk_size=None, row_block=None) -> tuple[bool, Walk]:  # fmt: skip
+    """Checks ``ignore_index`` (an int) and the flat int64 targets' range ``[0, V)`` (host sync unless
+    ``index_checks=False``); returns the resolved ``compact_ignored`` and the head's :class:`Walk`."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{op}: ignore_index must be an int, got {type(ignore_index).__name__}")
+    compact = resolve("compact_ignored", compact_ignored, op)
+    backend = select_impl(impl, hidden.device, op=op)
+    check_index_range(
+        targets_flat, V, "targets", op, ignore=ignore_index, allowed=f"[0, {V}) or ignore_index={ignore_index}"
+    )
+    walk = lm_head.make_walk(hidden, weight, transform, backend, chunk_size=chunk_size, row_block=row_block)
+    return compact, walk
 
 
 def check_head_inputs(
@@ -686,24 +677,12 @@ def linear_logprobs(
             f"{_OP}: grad_filter_eps needs targets of shape hidden.shape[:-1], got [..., K] targets "
             f"{tuple(targets.shape)}"
         )
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"{_OP}: ignore_index must be an int, got {type(ignore_index).__name__}")
-    compact = resolve("compact_ignored", compact_ignored, _OP)
-    backend = select_impl(impl, device, op=_OP)
-
     targets_flat = (targets.reshape(-1, targets.shape[-1]) if multi else targets.reshape(-1)).long()
-    check_index_range(
-        targets_flat, V, "targets", _OP, ignore=ignore_index, allowed=f"[0, {V}) or ignore_index={ignore_index}"
-    )  # host sync unless index_checks=False
+    compact, walk = head_walk(
+        _OP, hidden, weight, HeadTransform(inv_temp=inv_temp, softcap=softcap), targets_flat, V, ignore_index,
+        compact_ignored, impl, chunk_size=chunk_size, row_block=row_block,
+    )  # fmt: skip
     hidden2d = hidden.reshape(-1, D)
-    walk = lm_head.make_walk(
-        hidden,
-        weight,
-        HeadTransform(inv_temp=inv_temp, softcap=softcap),
-        backend,
-        chunk_size=chunk_size,
-        row_block=row_block,
-    )
     if shard is not None:
         from fastalign.distributed.vocab_parallel import apply_vocab_parallel_logprobs
 
