@@ -229,7 +229,9 @@ def _fsdp2_naive_fails(rank):
 # ---- trainer level ---------------------------------------------------------------------------------
 
 
-def _grpo_trainer(path, tmp):
+def _grpo_trainer(path, tmp, stock=False):
+    """The GRPO drop-in, or (``stock``) TRL's own GRPOTrainer, to be run under ``fastalign.integrations.trl``'s
+    patch (its fused LM head through fastalign's kernels)."""
     import datasets
     import trl
 
@@ -250,7 +252,7 @@ def _grpo_trainer(path, tmp):
         gradient_checkpointing=False,
     )
     ds = datasets.Dataset.from_dict({"prompt": ["a b"] * 4})
-    tr = FastalignGRPOTrainer(
+    tr = (trl.GRPOTrainer if stock else FastalignGRPOTrainer)(
         model=path,
         reward_funcs=lambda completions, **kw: [0.0] * len(completions),
         args=args,
@@ -332,22 +334,33 @@ def _trainer_steps(tr, model, inputs_fn, rank):
 def _trainer_level(rank, path, tmp):
     from torch.distributed.fsdp import fully_shard
 
+    from fastalign.integrations import trl as fa_trl
+
     out = {}
-    for name, make, inputs_fn in (("grpo", _grpo_trainer, _grpo_inputs), ("dpo", _dpo_trainer, _dpo_inputs)):
+    cases = (
+        ("grpo", _grpo_trainer, _grpo_inputs),
+        ("dpo", _dpo_trainer, _dpo_inputs),
+        ("grpo-patch", lambda p, t: _grpo_trainer(p, t, stock=True), _grpo_inputs),
+    )
+    for name, make, inputs_fn in cases:
         tr = make(path, tmp)
         init = {k: v.clone() for k, v in tr.model.state_dict().items()}
         assert tr.accelerator.num_processes == WORLD
         ddp = tr.accelerator.prepare_model(tr.model)
         assert isinstance(ddp, torch.nn.parallel.DistributedDataParallel)
-        _trainer_steps(tr, ddp, inputs_fn, rank)
-        out[f"{name}-ddp"] = _full_params(tr.model)
-        tr.model.load_state_dict(init)
-        for layer in tr.model.model.layers:
-            fully_shard(layer)
-        fully_shard(tr.model.lm_head)
-        fully_shard(tr.model)
-        _trainer_steps(tr, tr.model, inputs_fn, rank)
-        out[f"{name}-fsdp2"] = _full_params(tr.model)
+        with fa_trl.patched():
+            calls = fa_trl.FastalignChunkedLogProbFunction.calls
+            _trainer_steps(tr, ddp, inputs_fn, rank)
+            out[f"{name}-ddp"] = _full_params(tr.model)
+            tr.model.load_state_dict(init)
+            for layer in tr.model.model.layers:
+                fully_shard(layer)
+            if name != "grpo-patch":  # TRL's fused head reads a separately sharded head with full_tensor()
+                fully_shard(tr.model.lm_head)
+            fully_shard(tr.model)
+            _trainer_steps(tr, tr.model, inputs_fn, rank)
+            out[f"{name}-fsdp2"] = _full_params(tr.model)
+            out[f"{name}-patch-calls"] = fa_trl.FastalignChunkedLogProbFunction.calls - calls
     return out
 
 
@@ -433,15 +446,26 @@ def test_the_engines_need_the_head_forward(distributed, fp64_params):
 
 
 def _one_process_trainer(make, inputs_fn, path, tmp):
+    from fastalign.integrations import trl as fa_trl
+
     tr = make(path, tmp)
-    _trainer_steps(tr, tr.model, lambda rank: inputs_fn(), None)
+    with fa_trl.patched():
+        _trainer_steps(tr, tr.model, lambda rank: inputs_fn(), None)
     return {n: p.detach().double() for n, p in tr.model.named_parameters()}
 
 
-@pytest.mark.parametrize("algo", ["grpo", "dpo"])
+@pytest.mark.parametrize("algo", ["grpo", "dpo", "grpo-patch"])
 @pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
 def test_trainer_dropin_under_engine_equals_one_process(distributed, tiny_path, tmp_path, algo, engine):
-    make, inputs_fn = (_grpo_trainer, _grpo_inputs) if algo == "grpo" else (_dpo_trainer, _dpo_inputs)
+    """The drop-ins, and stock TRL under fastalign's patch (``grpo-patch``: TRL's fused LM head on
+    fastalign's kernels, called through the engine by TRL itself)."""
+    make, inputs_fn = {
+        "grpo": (_grpo_trainer, _grpo_inputs),
+        "dpo": (_dpo_trainer, _dpo_inputs),
+        "grpo-patch": (lambda p, t: _grpo_trainer(p, t, stock=True), _grpo_inputs),
+    }[algo]
+    if algo == "grpo-patch":  # the old / ref log-probs are inputs: TRL's fused head runs for the policy only
+        assert distributed["grpo-patch-patch-calls"] >= 4, "the patched TRL function did not run"
     one = _one_process_trainer(make, inputs_fn, tiny_path, str(tmp_path))
     init = {n: p.double() for n, p in tiny_qwen2(vocab_size=V, seed=0).named_parameters()}
     assert _err(one, init) > 1e-3  # the steps moved the parameters
