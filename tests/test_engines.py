@@ -18,7 +18,6 @@ One spawned group runs every distributed check (a spawn costs seconds)."""
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 
 import pytest
@@ -26,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from formulas import grpo_fp64
+from spawn_env import free_port, set_rank_env
 
 from fastalign.integrations.engines import run_as_forward
 from fastalign.integrations.transformers import final_hidden_states, lm_head_of
@@ -365,14 +365,7 @@ def _trainer_level(rank, path, tmp):
 
 
 def _worker(rank, port, path, tmp, out):
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
-        LOCAL_WORLD_SIZE=str(WORLD),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
+    set_rank_env(rank, WORLD, port)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     torch.manual_seed(0)
     engines = ("ddp", "ddp-naive", "fsdp2", "fsdp2-root", "fsdp2-bf16", "fsdp2-full-tensor")
@@ -383,12 +376,6 @@ def _worker(rank, port, path, tmp, out):
         torch.save(res, out)
     dist.barrier()
     dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -406,7 +393,7 @@ def distributed(tiny_path):
     pytest.importorskip("trl")
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "res.pt")
-        mp.spawn(_worker, args=(_free_port(), tiny_path, d, out), nprocs=WORLD)
+        mp.spawn(_worker, args=(free_port(), tiny_path, d, out), nprocs=WORLD)
         return torch.load(out)
 
 
@@ -474,7 +461,7 @@ def test_trainer_dropin_under_engine_equals_one_process(distributed, tiny_path, 
 
 
 def _nccl_worker(rank, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    set_rank_env(rank, WORLD, port)
     torch.cuda.set_device(rank)
     torch.backends.cuda.matmul.allow_tf32 = False
     dist.init_process_group("nccl", rank=rank, world_size=WORLD)
@@ -493,7 +480,7 @@ def test_op_level_nccl_engines_equal_one_process(fp64_params):
     torch.backends.cuda.matmul.allow_tf32 = False
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "res.pt")
-        mp.spawn(_nccl_worker, args=(_free_port(), out), nprocs=WORLD)
+        mp.spawn(_nccl_worker, args=(free_port(), out), nprocs=WORLD)
         res = torch.load(out)
     bar = 4 * _err(_one_process_fp32("cuda:0"), fp64_params) + 1e-7
     for engine, params in res.items():

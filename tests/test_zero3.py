@@ -33,7 +33,6 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-import socket
 import sys
 import tempfile
 
@@ -42,6 +41,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from formulas import grpo_fp64
+from spawn_env import free_port, set_rank_env
 
 from fastalign.integrations.engines import run_as_forward
 from fastalign.integrations.transformers import final_hidden_states, lm_head_of
@@ -227,16 +227,7 @@ def _train(algo, fastalign, path, tmp):
 
 
 def _worker(rank, port, path, tmp, out):
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
-        LOCAL_WORLD_SIZE=str(WORLD),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        DS_ACCELERATOR="cpu",
-        ACCELERATE_USE_DEEPSPEED="true",
-    )
+    set_rank_env(rank, WORLD, port, DS_ACCELERATOR="cpu", ACCELERATE_USE_DEEPSPEED="true")
     sys.stdout = sys.stderr = open(os.path.join(tmp, f"log{rank}.txt"), "w")  # DeepSpeed's chatter
     import deepspeed
     import deepspeed.ops
@@ -255,12 +246,6 @@ def _worker(rank, port, path, tmp, out):
         torch.save(res, out)
     dist.barrier()
     dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -282,7 +267,7 @@ def zero3(tiny_path):
         with tempfile.TemporaryDirectory() as d:
             out = os.path.join(d, "res.pt")
             try:
-                mp.spawn(_worker, args=(_free_port(), tiny_path, d, out), nprocs=WORLD)
+                mp.spawn(_worker, args=(free_port(), tiny_path, d, out), nprocs=WORLD)
             except Exception:
                 for r in range(WORLD):
                     log = os.path.join(d, f"log{r}.txt")
@@ -366,14 +351,7 @@ def test_trainer_dropin_under_zero3_equals_stock_trl(zero3, algo):
 
 
 def _cuda_worker(rank, world, port, out):
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
+    set_rank_env(rank, world, port)
     import deepspeed
 
     torch.cuda.set_device(rank)
@@ -396,7 +374,7 @@ def test_op_level_zero3_cuda_equals_one_process_fp64():
     world = min(WORLD, torch.cuda.device_count())
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "res.pt")
-        mp.spawn(_cuda_worker, args=(world, _free_port(), out), nprocs=world)
+        mp.spawn(_cuda_worker, args=(world, free_port(), out), nprocs=world)
         res = torch.load(out)
     for name, r in res.items():
         tied = name == "tied"
